@@ -1,0 +1,13 @@
+"""Protein data: records, batches, parsing, graphs, transforms."""
+from . import constants
+from .graph import (AlphaCarbonNode, GraphConstruction, KNNEdge, LineGraph, SequentialEdge, SpatialEdge,
+                    SpatialLineGraph)
+from .io import StructureError, load_structure, load_structures
+from .protein import Protein, ProteinBatch, collate
+from .transforms import Compose, ProteinView, TruncateProtein
+
+__all__ = [
+    "constants", "AlphaCarbonNode", "GraphConstruction", "KNNEdge", "LineGraph", "SequentialEdge", "SpatialEdge",
+    "SpatialLineGraph", "StructureError", "load_structure", "load_structures", "Protein", "ProteinBatch",
+    "collate", "Compose", "ProteinView", "TruncateProtein",
+]

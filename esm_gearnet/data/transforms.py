@@ -1,0 +1,93 @@
+"""Dataset item transforms, with the original config names.
+
+Items are dicts as datasets return them, `{"graph": Protein, ...}`; a bare `Protein` is accepted too.
+Transforms return new items and never change their input.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import torch
+
+from ..registry import register
+from .protein import Protein
+
+
+def _apply(item, keys, fn):
+    if isinstance(item, Protein):
+        return fn(item)
+    new_item = dict(item)
+    for key in keys:
+        new_item[key] = fn(item[key])
+    return new_item
+
+
+def _keys(keys: Union[str, Sequence[str]]):
+    return (keys,) if isinstance(keys, str) else tuple(keys)
+
+
+@register
+class ProteinView:
+    """Chooses the node view of the protein. Only the residue view exists here: models work on residues.
+
+    Args:
+        view: "residue" ("atom" views of the original are not supported).
+    """
+
+    def __init__(self, view: str = "residue", keys: Union[str, Sequence[str]] = "graph"):
+        if view != "residue":
+            raise ValueError(f"ProteinView: view {view!r} is not supported; esm_gearnet models work on residues, "
+                             "use view: residue.")
+        self.view = view
+        self.keys = _keys(keys)
+
+    def __call__(self, item):
+        return item
+
+    def __repr__(self):
+        return f"ProteinView(view={self.view!r})"
+
+
+@register
+class TruncateProtein:
+    """Keeps at most `max_length` consecutive residues: the first ones, or a random window when `random`.
+
+    Args:
+        max_length: the longest protein kept whole.
+        random: draw the window start uniformly (torch's generator, so DataLoader workers are seeded).
+        keys: item keys holding proteins.
+    """
+
+    def __init__(self, max_length: int = None, random: bool = False, keys: Union[str, Sequence[str]] = "graph"):
+        self.max_length = max_length
+        self.random = random
+        self.keys = _keys(keys)
+
+    def truncate(self, protein: Protein) -> Protein:
+        length = protein.num_residue
+        if self.max_length is None or length <= self.max_length:
+            return protein
+        start = int(torch.randint(length - self.max_length + 1, ())) if self.random else 0
+        return protein.subresidue(torch.arange(start, start + self.max_length))
+
+    def __call__(self, item):
+        return _apply(item, self.keys, self.truncate)
+
+    def __repr__(self):
+        return f"TruncateProtein(max_length={self.max_length}, random={self.random})"
+
+
+@register
+class Compose:
+    """Applies transforms one after the other."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, item):
+        for transform in self.transforms:
+            item = transform(item)
+        return item
+
+    def __repr__(self):
+        return f"Compose({self.transforms!r})"
