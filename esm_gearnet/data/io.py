@@ -144,6 +144,8 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None):
     if len(structure) == 0:
         raise StructureError(f"{path}: the file holds no atoms (no model).")
     model = structure[0]
+    if model.has_hydrogen():
+        model.remove_hydrogens()  # in C++: NMR models carry as many hydrogens as heavy atoms
     import gemmi
 
     non_polymer = gemmi.EntityType.NonPolymer

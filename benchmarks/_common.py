@@ -1,0 +1,33 @@
+"""Shared helpers of the benchmark scripts: where the real data is, timing, and the result line."""
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+SHARED_DATA = Path(os.environ.get("ESM_GEARNET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def real_structure_files():
+    folders = [SHARED_DATA / "structures", SHARED_DATA / "alphafold"]
+    if not folders[0].exists():
+        raise SystemExit(f"{folders[0]} is absent: the benchmarks run on the real structures in ../shared/data "
+                         "(set ESM_GEARNET_SHARED_DATA to another copy).")
+    return [p for folder in folders for p in sorted(folder.iterdir())]
+
+
+def median_time(fn, repeats=5, warmup=1):
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(name, **figures):
+    """Print one machine-readable line: `RESULT {"benchmark": name, ...}`."""
+    print("RESULT " + json.dumps({"benchmark": name, **figures}, sort_keys=True))
