@@ -1,0 +1,276 @@
+"""ESM-2 protein language model as a residue encoder.
+
+The weights live in fair-esm's `ESM2` module (`self.model`), so state dicts use fair-esm's names and the
+original's checkpoints (`sequence_model.model.*`) load directly. Two forward paths share those weights:
+fair-esm's own, and a fast path through `scaled_dot_product_attention` with ESM-2's rotary embeddings
+(flash / memory-efficient kernels on CUDA). They agree to 1e-5 in fp32 (tests/test_esm.py).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import constants
+from ..data.protein import ProteinBatch
+from ..layers import functional
+from ..registry import register
+
+logger = logging.getLogger(__name__)
+
+URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"
+REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{}-contact-regression.pt"
+# config name -> (checkpoint stem, layers, embedding dim, heads)
+ARCHITECTURES = {
+    "ESM-2-8M": ("esm2_t6_8M_UR50D", 6, 320, 20),
+    "ESM-2-35M": ("esm2_t12_35M_UR50D", 12, 480, 20),
+    "ESM-2-150M": ("esm2_t30_150M_UR50D", 30, 640, 20),
+    "ESM-2-650M": ("esm2_t33_650M_UR50D", 33, 1280, 20),
+    "ESM-2-3B": ("esm2_t36_3B_UR50D", 36, 2560, 40),
+    "ESM-2-15B": ("esm2_t48_15B_UR50D", 48, 5120, 40),
+    "ESM-1b": ("esm1b_t33_650M_UR50S", 33, 1280, 20),
+}
+MAX_RESIDUES = 1022  # ESM-2 was trained on 1024 positions, cls and eos included
+
+
+class WeightError(FileNotFoundError):
+    """A missing or unreadable weight file; the message says where it was looked for and what to do."""
+
+
+def load_esm_checkpoint(path: str) -> dict:
+    """Load an official fair-esm checkpoint without unpickling arbitrary code.
+
+    The files hold an `argparse.Namespace` (fairseq config), which `torch.load(weights_only=True)` refuses by
+    default; exactly that class is allow-listed here.
+    """
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_esm2(num_layers: int, embed_dim: int, attention_heads: int, token_dropout: bool = True):
+    """A fair-esm ESM2 module (random weights) and its alphabet."""
+    import esm
+
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    model = esm.model.esm2.ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
+                                alphabet=alphabet, token_dropout=token_dropout)
+    return model, alphabet
+
+
+def load_esm_model(path: str, stem: str):
+    """Model and alphabet from `<path>/<stem>.pt` in fair-esm's format (the contact-regression file optional)."""
+    import esm
+
+    file = os.path.join(os.path.expanduser(str(path)), stem + ".pt")
+    if not os.path.isfile(file):
+        url = URL.format(stem)
+        raise WeightError(f"ESM weights {stem}.pt not found in {os.path.dirname(file) or '.'}; download {url} "
+                          f"into that folder (or set `path:`), or set `pretrained: false` for random weights.")
+    try:
+        model_data = load_esm_checkpoint(file)
+    except Exception as error:  # a damaged or non-checkpoint file
+        raise WeightError(f"{file}: not a readable fair-esm checkpoint ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); download it again from "
+                          f"{URL.format(stem)}.") from None
+    regression_file = os.path.join(os.path.dirname(file), stem + "-contact-regression.pt")
+    regression_data = load_esm_checkpoint(regression_file) if os.path.isfile(regression_file) else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*contact.*")
+        if regression_data is None:
+            # contacts are not used here: give the contact head the keys it expects so the load stays strict
+            model_data = dict(model_data)
+            model_data["model"] = dict(model_data["model"])
+            regression_data = {"model": {}}
+            cfg = model_data["cfg"]["model"] if "cfg" in model_data else model_data["args"]
+            layers = getattr(cfg, "encoder_layers", getattr(cfg, "layers", 33))
+            heads = getattr(cfg, "encoder_attention_heads", getattr(cfg, "attention_heads", 20))
+            regression_data["model"]["contact_head.regression.weight"] = torch.zeros(1, layers * heads)
+            regression_data["model"]["contact_head.regression.bias"] = torch.zeros(1)
+        return esm.pretrained.load_model_and_alphabet_core(stem, model_data, regression_data)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotary(length: int, inv_freq: torch.Tensor, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    t = torch.arange(length, device=inv_freq.device, dtype=inv_freq.dtype)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx: int, mask_idx: int) -> torch.Tensor:
+    """ESM-2 representations of layer `repr_layer` through `scaled_dot_product_attention`.
+
+    Args:
+        model: a fair-esm `ESM2` (its weights are used as they are).
+        tokens: [B, T] token ids, `<cls>` ... `<eos>` then padding.
+    Returns:
+        [B, T, D]; the last layer's output goes through `emb_layer_norm_after`, as in fair-esm.
+    """
+    padding = tokens.eq(padding_idx)  # [B, T]
+    x = model.embed_scale * model.embed_tokens(tokens)
+    if model.token_dropout:
+        is_mask = tokens.eq(mask_idx)
+        x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+        mask_ratio_train = 0.15 * 0.8
+        lengths = (~padding).sum(-1)
+        mask_ratio_observed = is_mask.sum(-1).to(x.dtype) / lengths
+        x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[:, None, None]
+    x = x * (~padding).unsqueeze(-1).to(x.dtype)
+    batch, length, dim = x.shape
+    heads = model.attention_heads
+    head_dim = dim // heads
+    attn_mask = None if not padding.any() else (~padding)[:, None, None, :]
+    cos = sin = None
+    for index, layer in enumerate(model.layers[:repr_layer]):
+        attn = layer.self_attn
+        if cos is None:
+            cos, sin = _rotary(length, attn.rot_emb.inv_freq, x.dtype)
+        h = layer.self_attn_layer_norm(x)
+        q = attn.q_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + attn.out_proj(h.transpose(1, 2).reshape(batch, length, dim))
+        h = layer.final_layer_norm(x)
+        x = x + layer.fc2(F.gelu(layer.fc1(h)))
+    if repr_layer == len(model.layers):
+        x = model.emb_layer_norm_after(x)
+    return x
+
+
+@register
+class ESM(nn.Module):
+    """ESM protein language model over the residues of a ProteinBatch.
+
+    Args:
+        path: folder of the official weight files (`esm2_t33_650M_UR50D.pt`, ...).
+        model: ESM-2-8M, -35M, -150M, -650M, -3B, -15B or ESM-1b; or a checkpoint file stem in `path`.
+        readout: "mean" or "sum" over residues (special tokens excluded).
+        pretrained: False builds the architecture with random weights (no file needed; ESM-2 names only).
+        repr_layer: layer whose output is the residue feature (default: the last).
+        attention: "sdpa" (fast path) or "esm" (fair-esm's own forward).
+        architecture: (num_layers, embed_dim, heads) for a custom random-weight ESM-2 (pretrained False).
+    Forward:
+        batch: ProteinBatch with `residue_type` [N]; `residue_mask` [N] bool (optional) marks residues that
+        get ESM's `<mask>` token.
+        Returns residue_feature [N, D] and graph_feature [B, D].
+
+    DEVIATION: proteins longer than 1022 residues were truncated by the original, which then failed in
+    serial fusion (fewer ESM features than residues). Here they are cut into consecutive windows of at most
+    1022 residues, each run with its own `<cls>`/`<eos>`, so every residue gets a feature (a warning says so).
+    """
+
+    def __init__(self, path: Optional[str] = None, model: str = "ESM-2-650M", readout: str = "mean",
+                 pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
+                 architecture: Optional[Tuple[int, int, int]] = None):
+        super().__init__()
+        if readout not in ("mean", "sum"):
+            raise ValueError(f"ESM: readout must be 'mean' or 'sum', got {readout!r}.")
+        if attention not in ("sdpa", "esm"):
+            raise ValueError(f"ESM: attention must be 'sdpa' or 'esm', got {attention!r}.")
+        if architecture is not None:
+            if pretrained:
+                raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
+            esm_model, alphabet = build_esm2(*architecture)
+        elif model in ARCHITECTURES or not pretrained:
+            if model not in ARCHITECTURES:
+                raise ValueError(f"ESM: unknown model {model!r}; choose one of {', '.join(ARCHITECTURES)}.")
+            stem, layers, dim, heads = ARCHITECTURES[model]
+            if pretrained:
+                if path is None:
+                    raise WeightError(f"ESM: no `path` given for the {model} weights; set `path:` to the folder "
+                                      f"holding {stem}.pt (download {URL.format(stem)}), or `pretrained: false`.")
+                esm_model, alphabet = load_esm_model(path, stem)
+            elif model == "ESM-1b":
+                raise ValueError("ESM: random weights are built for ESM-2 models only; use an ESM-2 name.")
+            else:
+                esm_model, alphabet = build_esm2(layers, dim, heads)
+        else:
+            if path is None:
+                raise WeightError(f"ESM: no `path` given for the checkpoint {model!r}.")
+            esm_model, alphabet = load_esm_model(path, model)
+        self.model = esm_model
+        self.alphabet = alphabet
+        self.readout = readout
+        self.attention = attention
+        self.is_esm2 = type(esm_model).__name__ == "ESM2"
+        num_layers = esm_model.num_layers
+        self.repr_layer = num_layers if repr_layer is None else repr_layer
+        if not 0 <= self.repr_layer <= num_layers:
+            raise ValueError(f"ESM: repr_layer must be within 0..{num_layers}, got {repr_layer}.")
+        self.output_dim = esm_model.embed_dim
+        self.register_buffer("mapping", self._mapping(alphabet), persistent=False)
+
+    @staticmethod
+    def _mapping(alphabet) -> torch.Tensor:
+        """Token id of each residue type; unknown -> `<unk>`."""
+        tokens = [alphabet.get_idx(c) for c in constants.RESIDUE_LETTERS] + [alphabet.unk_idx]
+        return torch.tensor(tokens, dtype=torch.long)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The original saved a `mapping` buffer (unknown residues -> -1, which ESM cannot embed). It must agree
+        # with ours on the 20 amino acids; ours is kept.
+        key = prefix + "mapping"
+        if key in state_dict:
+            theirs = state_dict.pop(key)
+            if not torch.equal(theirs[:constants.NUM_RESIDUE_TYPES].cpu(), self.mapping[:constants.NUM_RESIDUE_TYPES].cpu()):
+                raise ValueError(f"{key}: the checkpoint maps residues to ESM tokens in another order than this "
+                                 "framework (G A S P V T C I L N D Q K E M H F R Y W); it cannot be loaded as is.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def tokenize(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
+        """Padded ESM tokens of the batch, long proteins split into windows of at most 1022 residues.
+
+        Returns:
+            tokens [W, T], and the (window row, column) of every packed residue ([N], [N]).
+        """
+        alphabet = self.alphabet
+        ids = self.mapping[batch.residue_type]
+        if residue_mask is not None:
+            ids = ids.masked_fill(residue_mask, alphabet.mask_idx)
+        position = functional.position_in_segment(batch.num_residues, batch.residue2graph)
+        windows_per_protein = (batch.num_residues + MAX_RESIDUES - 1) // MAX_RESIDUES
+        if bool((batch.num_residues > MAX_RESIDUES).any()):
+            warnings.warn(f"ESM: proteins longer than {MAX_RESIDUES} residues are embedded in windows of "
+                          f"{MAX_RESIDUES} residues.", stacklevel=3)
+        window = functional.offsets(windows_per_protein)[batch.residue2graph] + position // MAX_RESIDUES
+        column = position % MAX_RESIDUES + int(alphabet.prepend_bos)
+        num_windows = int(windows_per_protein.sum())
+        window_length = torch.bincount(window, minlength=num_windows)
+        length = int(window_length.max()) + int(alphabet.prepend_bos) + int(alphabet.append_eos) if num_windows else 0
+        tokens = ids.new_full((num_windows, length), alphabet.padding_idx)
+        tokens[window, column] = ids
+        rows = torch.arange(num_windows, device=ids.device)
+        if alphabet.prepend_bos:
+            tokens[:, 0] = alphabet.cls_idx
+        if alphabet.append_eos:
+            tokens[rows, window_length + int(alphabet.prepend_bos)] = alphabet.eos_idx
+        return tokens, window, column
+
+    def forward(self, batch: ProteinBatch, input: Optional[torch.Tensor] = None,
+                residue_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        tokens, window, column = self.tokenize(batch, residue_mask)
+        if self.attention == "sdpa" and self.is_esm2:
+            hidden = esm2_forward_sdpa(self.model, tokens, self.repr_layer, self.alphabet.padding_idx,
+                                       self.alphabet.mask_idx)
+        else:
+            hidden = self.model(tokens, repr_layers=[self.repr_layer])["representations"][self.repr_layer]
+        residue_feature = hidden[window, column]
+        if self.readout == "mean":
+            graph_feature = functional.segment_mean(residue_feature, batch.residue2graph, batch.batch_size)
+        else:
+            graph_feature = functional.segment_sum(residue_feature, batch.residue2graph, batch.batch_size)
+        return {"residue_feature": residue_feature, "graph_feature": graph_feature}

@@ -1,0 +1,138 @@
+"""GearNet and GearNet-Edge: geometric relational graph convolutions over the residue graph.
+
+Parameter names are TorchDrug's (`layers.{i}.linear`, `layers.{i}.self_loop`, `layers.{i}.batch_norm`,
+`batch_norms.{i}`, `edge_layers.{i}.*`), so the original's checkpoints load directly.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..data.graph import SpatialLineGraph
+from ..data.protein import ProteinBatch
+from ..layers import functional
+from ..registry import register
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def relational_sum(x: torch.Tensor, edge_list: torch.Tensor, num_node: int, num_relation: int) -> torch.Tensor:
+    """Per relation, the sum of source features over incoming edges, relations side by side.
+
+    Args:
+        x: [N, D] node features; edge_list: [E, 3] (source, target, relation).
+    Returns:
+        [N, R * D]: block r of row i = sum of x[j] over the edges j -> i of relation r.
+    """
+    source, target, relation = edge_list.unbind(-1)
+    out = x.new_zeros(num_node * num_relation, x.shape[-1])
+    out.index_add_(0, target * num_relation + relation, x[source])
+    return out.view(num_node, num_relation * x.shape[-1])
+
+
+class GeometricRelationalGraphConv(nn.Module):
+    """h' = activation(BN(linear([sum over edges of relation r]_r) + self_loop(h)))."""
+
+    def __init__(self, input_dim: int, output_dim: int, num_relation: int, batch_norm: bool = False,
+                 activation: Optional[str] = "relu"):
+        super().__init__()
+        self.input_dim, self.output_dim, self.num_relation = input_dim, output_dim, num_relation
+        self.self_loop = nn.Linear(input_dim, output_dim)
+        self.linear = nn.Linear(num_relation * input_dim, output_dim)
+        self.batch_norm = nn.BatchNorm1d(output_dim) if batch_norm else None
+        self.activation = ACTIVATIONS[activation]() if activation else None
+
+    def forward(self, x: torch.Tensor, edge_list: torch.Tensor) -> torch.Tensor:
+        update = relational_sum(x, edge_list, len(x), self.num_relation)
+        output = self.linear(update) + self.self_loop(x)
+        if self.batch_norm is not None:
+            output = self.batch_norm(output)
+        if self.activation is not None:
+            output = self.activation(output)
+        return output
+
+
+@register
+class GearNet(nn.Module):
+    """Geometry-aware relational graph network (GearNet; GearNet-Edge with `num_angle_bin`).
+
+    Args:
+        input_dim: D_in of the residue input features.
+        hidden_dims: output width of each layer.
+        num_relation: R of the residue graph (7 for the EC graph).
+        edge_input_dim: width of the graph's edge features (GearNet-Edge: 59 for "gearnet" features).
+        num_angle_bin: turns on edge message passing over the spatial line graph (GearNet-Edge).
+        short_cut: add the layer input when shapes match.
+        batch_norm: batch norm in each conv and after each layer.
+        activation: name of the activation.
+        concat_hidden: the residue feature concatenates every layer's output (else the last one).
+        readout: "sum" or "mean" over residues.
+    Forward:
+        batch: ProteinBatch after graph construction; input: [N, D_in].
+        Returns residue_feature [N, output_dim], graph_feature [B, output_dim].
+    """
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_relation: int,
+                 edge_input_dim: Optional[int] = None, num_angle_bin: Optional[int] = None,
+                 short_cut: bool = False, batch_norm: bool = False, activation: str = "relu",
+                 concat_hidden: bool = False, readout: str = "sum"):
+        super().__init__()
+        if readout not in ("sum", "mean"):
+            raise ValueError(f"GearNet: readout must be 'sum' or 'mean', got {readout!r}.")
+        if num_angle_bin and not edge_input_dim:
+            raise ValueError("GearNet: num_angle_bin (GearNet-Edge) needs edge_input_dim, the width of the edge "
+                             "features (59 with graph_construction_model.edge_feature: gearnet).")
+        self.input_dim = input_dim
+        self.dims = [input_dim] + list(hidden_dims)
+        self.output_dim = sum(hidden_dims) if concat_hidden else hidden_dims[-1]
+        self.num_relation = num_relation
+        self.num_angle_bin = num_angle_bin
+        self.short_cut, self.concat_hidden, self.readout = short_cut, concat_hidden, readout
+        self.layers = nn.ModuleList(
+            GeometricRelationalGraphConv(self.dims[i], self.dims[i + 1], num_relation, batch_norm, activation)
+            for i in range(len(hidden_dims)))
+        if num_angle_bin:
+            self.spatial_line_graph = SpatialLineGraph(num_angle_bin)
+            edge_dims = [edge_input_dim] + self.dims[:-1]
+            self.edge_layers = nn.ModuleList(
+                GeometricRelationalGraphConv(edge_dims[i], edge_dims[i + 1], num_angle_bin, batch_norm, activation)
+                for i in range(len(hidden_dims)))
+        self.batch_norms = nn.ModuleList(nn.BatchNorm1d(d) for d in hidden_dims) if batch_norm else None
+
+    def forward(self, batch: ProteinBatch, input: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if batch.edge_list is None:
+            raise ValueError("GearNet needs a graph: run the batch through GraphConstruction first.")
+        if batch.num_relation != self.num_relation:
+            raise ValueError(f"GearNet was built for num_relation {self.num_relation} but the graph has "
+                             f"{batch.num_relation} relations; set num_relation: {batch.num_relation}.")
+        if input.shape[-1] != self.input_dim:
+            raise ValueError(f"GearNet: input features have {input.shape[-1]} channels but input_dim is "
+                             f"{self.input_dim}; set input_dim: {input.shape[-1]}.")
+        edge_list = batch.edge_list
+        if self.num_angle_bin:
+            line_graph = self.spatial_line_graph(batch)
+            edge_input = batch.edge_feature.float()
+        hiddens = []
+        layer_input = input
+        for i, layer in enumerate(self.layers):
+            hidden = layer(layer_input, edge_list)
+            if self.short_cut and hidden.shape == layer_input.shape:
+                hidden = hidden + layer_input
+            if self.num_angle_bin:
+                edge_hidden = self.edge_layers[i](edge_input, line_graph.edge_list)
+                # edge messages scattered to their target residue, per relation, through the conv's linear map
+                update = relational_sum(edge_hidden, torch.stack(
+                    [torch.arange(len(edge_list), device=edge_list.device), edge_list[:, 1], edge_list[:, 2]], -1),
+                    len(hidden), self.num_relation)
+                hidden = hidden + layer.activation(layer.linear(update))
+                edge_input = edge_hidden
+            if self.batch_norms is not None:
+                hidden = self.batch_norms[i](hidden)
+            hiddens.append(hidden)
+            layer_input = hidden
+        residue_feature = torch.cat(hiddens, -1) if self.concat_hidden else hiddens[-1]
+        reduce = functional.segment_sum if self.readout == "sum" else functional.segment_mean
+        return {"residue_feature": residue_feature,
+                "graph_feature": reduce(residue_feature, batch.residue2graph, batch.batch_size)}
