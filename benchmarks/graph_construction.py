@@ -8,12 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from _common import median_time, real_structure_files, report  # noqa: E402
+from benchmarks._common import median_time, real_structure_files, report  # noqa: E402
 from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, ProteinBatch, SequentialEdge,  # noqa: E402
                               SpatialEdge, SpatialLineGraph, load_structure)
 

@@ -12,12 +12,11 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gemmi  # noqa: E402
 
-from _common import median_time, real_structure_files, report  # noqa: E402
+from benchmarks._common import median_time, real_structure_files, report  # noqa: E402
 from esm_gearnet.data import load_structure, load_structures  # noqa: E402
 
 TORCHDRUG_SECONDS = {"2N2U-A.pdb": 0.043, "5YH2-A.pdb": 0.974}

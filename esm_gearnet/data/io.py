@@ -75,22 +75,35 @@ def _residue_type(code: str) -> Optional[int]:
     return result
 
 
+def _first_model_only(data: bytes) -> bytes:
+    """PDB text up to the end of the first model: gemmi need not parse the rest of an NMR ensemble."""
+    end = data.find(b"\nENDMDL")
+    if end < 0:
+        return data
+    line_end = data.find(b"\n", end + 1)
+    return data if line_end < 0 else data[: line_end + 1]
+
+
 def _read_gemmi(path: Path, fmt: str):
     import gemmi
 
     try:
-        if path.suffix.lower() == ".gz":
-            # gemmi reads .gz itself, but a truncated stream must be an error, not a silently short protein
+        if fmt == "pdb":
+            if path.suffix.lower() == ".gz":
+                # gemmi reads .gz itself, but a truncated stream must be an error, not a silently short protein
+                with gzip.open(path, "rb") as handle:
+                    data = handle.read()
+            else:
+                data = path.read_bytes()
+            structure = gemmi.read_pdb_string(_first_model_only(data).decode("latin-1"))
+            structure.setup_entities()
+        elif path.suffix.lower() == ".gz":
             with gzip.open(path, "rb") as handle:
                 data = handle.read()
-            if fmt == "pdb":
-                structure = gemmi.read_pdb_string(data.decode("latin-1"))
-                structure.setup_entities()
-            else:
-                structure = gemmi.make_structure_from_block(gemmi.cif.read_string(data.decode("latin-1")).sole_block())
-                structure.setup_entities()
+            structure = gemmi.make_structure_from_block(gemmi.cif.read_string(data.decode("latin-1")).sole_block())
+            structure.setup_entities()
         else:
-            structure = gemmi.read_structure(str(path), format=gemmi.CoorFormat.Pdb if fmt == "pdb" else gemmi.CoorFormat.Mmcif)
+            structure = gemmi.read_structure(str(path), format=gemmi.CoorFormat.Mmcif)
     except (EOFError, gzip.BadGzipFile, OSError) as error:
         raise StructureError(f"{path}: the compressed file is damaged or truncated ({_first_line(error)}).") from None
     except UnicodeDecodeError:
