@@ -1,0 +1,67 @@
+"""Structure encoders: forward + backward time per batch of 8 real proteins (proteins/s).
+
+GearNet 6 x 512 on the EC graph (input 21, as in parallel fusion), GearNet-Edge (3 x 512, line graph), and
+GVP-GNN with the original's settings on its radius graph; CPU, and CUDA when present. Graph construction is
+done once outside the timing. Median of repeats after warm-up.
+
+    python benchmarks/encoders.py [--batch-size 8] [--repeats 3]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks._common import median_time, real_structure_files, report  # noqa: E402
+from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, ProteinBatch, SequentialEdge,  # noqa: E402
+                              SpatialEdge, load_structure)
+from esm_gearnet.models import GVPGNN, GearNet, residue_one_hot  # noqa: E402
+
+
+def encoders():
+    ec = GraphConstruction([AlphaCarbonNode()], [SequentialEdge(2), SpatialEdge(10.0, 5), KNNEdge(10, 5)],
+                           edge_feature="gearnet")
+    radius = GraphConstruction([AlphaCarbonNode()], [SpatialEdge(10.0, 0)])
+    return {
+        "GearNet-6x512": (ec, lambda: GearNet(21, [512] * 6, 7, batch_norm=True, concat_hidden=True,
+                                              short_cut=True, readout="sum")),
+        "GearNet-Edge-3x512": (ec, lambda: GearNet(21, [512] * 3, 7, edge_input_dim=59, num_angle_bin=8,
+                                                   batch_norm=True, concat_hidden=True, short_cut=True)),
+        "GVP-GNN": (radius, lambda: GVPGNN([21, 0], [256, 16], [16, 1], [64, 1], readout="mean", num_layers=5,
+                                           drop_rate=0.1, vector_gate=True)),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    proteins = [load_structure(p) for p in real_structure_files()][: args.batch_size]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        for name, (graph_model, make) in encoders().items():
+            torch.manual_seed(0)
+            model = make().to(device).train()
+            graph = graph_model(ProteinBatch.pack(proteins).to(device))
+            features = residue_one_hot(graph)
+
+            def step():
+                out = model(graph, features)
+                out["graph_feature"].sum().backward()
+                model.zero_grad(set_to_none=True)
+                sync()
+
+            seconds = median_time(step, args.repeats)
+            print(f"{device} {name:>20s}: {seconds:.3f} s per batch of {len(proteins)} "
+                  f"({graph.num_residue} residues, {len(graph.edge_list)} edges) -> {len(proteins) / seconds:.1f} proteins/s")
+            report("encoders", device=device, encoder=name, batch_size=len(proteins), residues=graph.num_residue,
+                   seconds_per_batch=round(seconds, 4), proteins_per_s=round(len(proteins) / seconds, 2),
+                   threads=torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()
