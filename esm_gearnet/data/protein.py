@@ -38,8 +38,38 @@ def _sequence(residue_type: torch.Tensor) -> str:
     return "".join(letters[i] for i in residue_type.tolist())
 
 
+class _ResidueFields:
+    """Views shared by Protein and ProteinBatch, over the per-residue fields."""
+
+    @property
+    def num_residue(self) -> int:
+        return len(self.residue_type)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """[L or N, 3] CA coordinates (Å)."""
+        return self.atom_pos[:, 1]
+
+    @property
+    def backbone(self) -> torch.Tensor:
+        """[L or N, 4, 3] N, CA, C, O coordinates (Å); see `backbone_mask` for missing atoms."""
+        return self.atom_pos[:, :4]
+
+    @property
+    def backbone_mask(self) -> torch.Tensor:
+        """[L or N, 4] bool."""
+        return self.atom_mask[:, :4]
+
+    def residue_fields(self) -> Dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in RESIDUE_FIELDS}
+
+    def replace(self, **changes):
+        """A copy with some fields changed (objects are never changed in place)."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True, eq=False)
-class Protein:
+class Protein(_ResidueFields):
     """Residue-level record of one structure (see the module docstring for the fields).
 
     Attributes besides the per-residue fields:
@@ -88,10 +118,6 @@ class Protein:
         )
 
     # ---- views --------------------------------------------------------------------------------------------
-    @property
-    def num_residue(self) -> int:
-        return len(self.residue_type)
-
     def __len__(self) -> int:
         return self.num_residue
 
@@ -99,21 +125,6 @@ class Protein:
     def sequence(self) -> str:
         """One-letter sequence, `X` for unknown residues."""
         return _sequence(self.residue_type)
-
-    @property
-    def pos(self) -> torch.Tensor:
-        """[L, 3] CA coordinates (Å)."""
-        return self.atom_pos[:, 1]
-
-    @property
-    def backbone(self) -> torch.Tensor:
-        """[L, 4, 3] N, CA, C, O coordinates (Å); see `backbone_mask` for missing atoms."""
-        return self.atom_pos[:, :4]
-
-    @property
-    def backbone_mask(self) -> torch.Tensor:
-        """[L, 4] bool."""
-        return self.atom_mask[:, :4]
 
     @property
     def chain(self) -> List[str]:
@@ -125,13 +136,7 @@ class Protein:
         """Insertion code of every residue as one string, a space where there is none."""
         return bytes(self.insertion_code.tolist()).decode("ascii")
 
-    def residue_fields(self) -> Dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in RESIDUE_FIELDS}
-
     # ---- derived objects ----------------------------------------------------------------------------------
-    def replace(self, **changes) -> "Protein":
-        return dataclasses.replace(self, **changes)
-
     def subresidue(self, index: torch.Tensor) -> "Protein":
         """The protein restricted to some residues.
 
@@ -149,7 +154,7 @@ class Protein:
 
 
 @dataclass(frozen=True, eq=False)
-class ProteinBatch:
+class ProteinBatch(_ResidueFields):
     """Packed batch of proteins: per-residue fields concatenated over B proteins (N rows in all).
 
     Attributes besides the per-residue fields (same names and meaning as in `Protein`):
@@ -207,10 +212,6 @@ class ProteinBatch:
         return self.batch_size
 
     @property
-    def num_residue(self) -> int:
-        return len(self.residue_type)
-
-    @property
     def device(self) -> torch.device:
         return self.residue_type.device
 
@@ -218,16 +219,6 @@ class ProteinBatch:
     def offsets(self) -> torch.Tensor:
         """[B] index of each protein's first residue in the packed rows."""
         return functional.offsets(self.num_residues)
-
-    @property
-    def pos(self) -> torch.Tensor:
-        """[N, 3] CA coordinates (Å)."""
-        return self.atom_pos[:, 1]
-
-    @property
-    def backbone(self) -> torch.Tensor:
-        """[N, 4, 3] N, CA, C, O coordinates (Å)."""
-        return self.atom_pos[:, :4]
 
     @property
     def global_chain(self) -> torch.Tensor:
@@ -248,13 +239,7 @@ class ProteinBatch:
         bounds = np.cumsum([0] + self.num_residues.tolist())
         return [text[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def residue_fields(self) -> Dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in RESIDUE_FIELDS}
-
     # ---- derived objects ----------------------------------------------------------------------------------
-    def replace(self, **changes) -> "ProteinBatch":
-        return dataclasses.replace(self, **changes)
-
     def subresidue(self, mask: torch.Tensor) -> "ProteinBatch":
         """Keep the residues where `mask [N]` is True; edges between kept residues survive, renumbered.
 

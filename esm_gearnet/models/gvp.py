@@ -110,23 +110,24 @@ def _cat(*features: Features) -> Features:
     return torch.cat([f[0] for f in features], -1), torch.cat([f[1] for f in features], -2)
 
 
+def gvp_stack(in_dims, hidden_dims, out_dims, n_layers, activations, vector_gate) -> nn.Sequential:
+    """n GVPs in -> hidden -> ... -> hidden -> out; the last one without activations."""
+    if n_layers == 1:
+        return nn.Sequential(GVP(in_dims, out_dims, activations=(None, None), vector_gate=vector_gate))
+    dims = [in_dims] + [hidden_dims] * (n_layers - 1)
+    layers = [GVP(dims[i], dims[i + 1], activations=activations, vector_gate=vector_gate) for i in range(n_layers - 1)]
+    layers.append(GVP(hidden_dims, out_dims, activations=(None, None), vector_gate=vector_gate))
+    return nn.Sequential(*layers)
+
+
 class GVPConv(nn.Module):
     """Messages GVP([s_j, s_e, s_i], [V_j, V_e, V_i]) over edges j -> i, averaged at each target i."""
 
     def __init__(self, in_dims, out_dims, edge_dims, n_layers=3, activations=(F.relu, torch.sigmoid),
                  vector_gate=False):
         super().__init__()
-        si, vi = in_dims
-        se, ve = edge_dims
-        message_in = (2 * si + se, 2 * vi + ve)
-        if n_layers == 1:
-            modules = [GVP(message_in, out_dims, activations=(None, None), vector_gate=vector_gate)]
-        else:
-            modules = [GVP(message_in, out_dims, activations=activations, vector_gate=vector_gate)]
-            modules += [GVP(out_dims, out_dims, activations=activations, vector_gate=vector_gate)
-                        for _ in range(n_layers - 2)]
-            modules.append(GVP(out_dims, out_dims, activations=(None, None), vector_gate=vector_gate))
-        self.message_func = nn.Sequential(*modules)
+        message_in = (2 * in_dims[0] + edge_dims[0], 2 * in_dims[1] + edge_dims[1])
+        self.message_func = gvp_stack(message_in, out_dims, out_dims, n_layers, activations, vector_gate)
 
     def forward(self, x: Features, edge_list: torch.Tensor, edge_attr: Features) -> Features:
         source, target = edge_list[:, 0], edge_list[:, 1]
@@ -149,14 +150,7 @@ class GVPConvLayer(nn.Module):
         self.norm = nn.ModuleList(GVPLayerNorm(node_dims) for _ in range(2))
         self.dropout = nn.ModuleList(GVPDropout(drop_rate) for _ in range(2))
         hidden = (4 * node_dims[0], 2 * node_dims[1])
-        if n_feedforward == 1:
-            ff = [GVP(node_dims, node_dims, activations=(None, None), vector_gate=vector_gate)]
-        else:
-            ff = [GVP(node_dims, hidden, activations=activations, vector_gate=vector_gate)]
-            ff += [GVP(hidden, hidden, activations=activations, vector_gate=vector_gate)
-                   for _ in range(n_feedforward - 2)]
-            ff.append(GVP(hidden, node_dims, activations=(None, None), vector_gate=vector_gate))
-        self.ff_func = nn.Sequential(*ff)
+        self.ff_func = gvp_stack(node_dims, hidden, node_dims, n_feedforward, activations, vector_gate)
 
     def forward(self, x: Features, edge_list: torch.Tensor, edge_attr: Features) -> Features:
         dh = self.dropout[0](self.conv(x, edge_list, edge_attr))
