@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, ProteinBatch, SequentialEdge, SpatialEdge,
+from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, Protein, ProteinBatch, SequentialEdge, SpatialEdge,
                               load_structure)
 from esm_gearnet.models import ESM, FusionNetwork, GearNet, residue_one_hot
 from esm_gearnet.models.esm import WeightError, build_esm2
@@ -138,7 +138,7 @@ def test_missing_weights_say_where_and_how(tmp_path):
 
 def test_gearnet_on_a_hand_computed_graph():
     # 5 residues, 2 relations, identity-like weights: the numbers can be worked out by hand
-    batch = ProteinBatch.pack([load_structure.__globals__["Protein"].from_sequence("GASPV", ca=torch.zeros(5, 3))])
+    batch = ProteinBatch.pack([Protein.from_sequence("GASPV", ca=torch.zeros(5, 3))])
     edges = torch.tensor([[0, 1, 0], [2, 1, 0], [3, 1, 1], [4, 0, 1], [1, 4, 0]])
     batch = batch.replace(edge_list=edges, num_relation=2)
     model = GearNet(input_dim=1, hidden_dims=[1], num_relation=2, activation=None, readout="sum")
