@@ -6,6 +6,7 @@ batch 4 x 550 residues; fp32 on CPU, fp32 and bf16 autocast on CUDA. Median of r
     python benchmarks/esm.py [--repeats 3] [--batch 4] [--length 550]
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from benchmarks._common import median_time, report  # noqa: E402
-from esm_gearnet.data import Protein, ProteinBatch  # noqa: E402
+from esm_gearnet.data import Protein, ProteinBatch, constants  # noqa: E402
 from esm_gearnet.models import ESM  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def main():
     parser.add_argument("--length", type=int, default=550)
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
-    letters = "GASPVTCILNDQKEMHFRYW"
+    letters = constants.RESIDUE_LETTERS
     proteins = [Protein.from_sequence("".join(letters[i] for i in torch.randint(20, (args.length,), generator=generator)))
                 for _ in range(args.batch)]
     settings = [("cpu", (6, 320, 20), None), ("cpu", (12, 480, 20), None)]
@@ -42,15 +43,18 @@ def main():
             torch.manual_seed(0)
             models[attention] = ESM(pretrained=False, architecture=arch, attention=attention).to(device)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        def precision():
+            return torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
+
         times = {}
         for attention, model in models.items():
             def forward():
-                with torch.no_grad(), (torch.autocast(device, dtype=dtype) if dtype else torch.enable_grad()):
+                with torch.no_grad(), precision():
                     model(batch)
                 sync()
 
             def forward_backward():
-                with torch.autocast(device, dtype=dtype) if dtype else torch.enable_grad():
+                with precision():
                     out = model(batch)["residue_feature"]
                 out.float().sum().backward()
                 model.zero_grad(set_to_none=True)
@@ -58,10 +62,10 @@ def main():
 
             times[attention] = (median_time(forward, args.repeats), median_time(forward_backward, args.repeats))
         name = f"{arch[0]}L-{arch[1]}d"
-        precision = "bf16" if dtype else "fp32"
+        label = "bf16" if dtype else "fp32"
         for attention, (fwd, fwdbwd) in times.items():
-            print(f"{device} {precision} {name} {attention:>4s}: fwd {fwd:.3f} s  fwd+bwd {fwdbwd:.3f} s")
-        report("esm", device=device, precision=precision, model=name, batch=args.batch, length=args.length,
+            print(f"{device} {label} {name} {attention:>4s}: fwd {fwd:.3f} s  fwd+bwd {fwdbwd:.3f} s")
+        report("esm", device=device, precision=label, model=name, batch=args.batch, length=args.length,
                fair_esm_fwd_s=round(times["esm"][0], 4), fair_esm_fwd_bwd_s=round(times["esm"][1], 4),
                sdpa_fwd_s=round(times["sdpa"][0], 4), sdpa_fwd_bwd_s=round(times["sdpa"][1], 4),
                speedup_fwd=round(times["esm"][0] / times["sdpa"][0], 2),

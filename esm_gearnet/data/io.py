@@ -87,23 +87,21 @@ def _first_model_only(data: bytes) -> bytes:
 def _read_gemmi(path: Path, fmt: str):
     import gemmi
 
+    compressed = path.suffix.lower() == ".gz"
     try:
-        if fmt == "pdb":
-            if path.suffix.lower() == ".gz":
-                # gemmi reads .gz itself, but a truncated stream must be an error, not a silently short protein
-                with gzip.open(path, "rb") as handle:
-                    data = handle.read()
-            else:
-                data = path.read_bytes()
-            structure = gemmi.read_pdb_string(_first_model_only(data).decode("latin-1"))
-            structure.setup_entities()
-        elif path.suffix.lower() == ".gz":
+        if fmt == "cif" and not compressed:
+            return gemmi.read_structure(str(path), format=gemmi.CoorFormat.Mmcif)
+        # gemmi reads .gz itself, but a truncated stream must be an error, not a silently short protein
+        if compressed:
             with gzip.open(path, "rb") as handle:
                 data = handle.read()
-            structure = gemmi.make_structure_from_block(gemmi.cif.read_string(data.decode("latin-1")).sole_block())
-            structure.setup_entities()
         else:
-            structure = gemmi.read_structure(str(path), format=gemmi.CoorFormat.Mmcif)
+            data = path.read_bytes()
+        if fmt == "pdb":
+            structure = gemmi.read_pdb_string(_first_model_only(data).decode("latin-1"))
+        else:
+            structure = gemmi.make_structure_from_block(gemmi.cif.read_string(data.decode("latin-1")).sole_block())
+        structure.setup_entities()
     except (EOFError, gzip.BadGzipFile, OSError) as error:
         raise StructureError(f"{path}: the compressed file is damaged or truncated ({_first_line(error)}).") from None
     except UnicodeDecodeError:

@@ -261,22 +261,21 @@ class ProteinBatch(_ResidueFields):
                 changes["edge_feature"] = self.edge_feature[keep]
         return self.replace(**changes)
 
-    def to(self, device, non_blocking: bool = False) -> "ProteinBatch":
-        def move(v):
-            return v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+    def _map_tensors(self, fn) -> "ProteinBatch":
+        """A copy with `fn` applied to every tensor field and tensor label."""
+        def apply(v):
+            return fn(v) if isinstance(v, torch.Tensor) else v
 
-        changes = {f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        changes["labels"] = {k: move(v) for k, v in self.labels.items()}
+        changes = {f.name: apply(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        changes["labels"] = {k: apply(v) for k, v in self.labels.items()}
         return self.replace(**changes)
+
+    def to(self, device, non_blocking: bool = False) -> "ProteinBatch":
+        return self._map_tensors(lambda v: v.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "ProteinBatch":
         """Called by DataLoader(pin_memory=True)."""
-        def pin(v):
-            return v.pin_memory() if isinstance(v, torch.Tensor) else v
-
-        changes = {f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        changes["labels"] = {k: pin(v) for k, v in self.labels.items()}
-        return self.replace(**changes)
+        return self._map_tensors(torch.Tensor.pin_memory)
 
     def unpack(self) -> List[Protein]:
         """The proteins of the batch, one by one (edges are not carried over)."""

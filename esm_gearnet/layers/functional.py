@@ -75,6 +75,15 @@ def segment_sum(x: torch.Tensor, residue2graph: torch.Tensor, batch_size: int) -
     return out.index_add_(0, residue2graph, x)
 
 
+def readout(x: torch.Tensor, residue2graph: torch.Tensor, batch_size: int, kind: str) -> torch.Tensor:
+    """[B, *] "sum" or "mean" of each protein's rows: the protein feature of the encoders."""
+    if kind == "sum":
+        return segment_sum(x, residue2graph, batch_size)
+    if kind == "mean":
+        return segment_mean(x, residue2graph, batch_size)
+    raise ValueError(f"readout must be 'sum' or 'mean', got {kind!r}.")
+
+
 def segment_mean(x: torch.Tensor, residue2graph: torch.Tensor, batch_size: int) -> torch.Tensor:
     """[B, *] mean of the rows of x [N, *] of each protein (0 for a protein without rows)."""
     total = segment_sum(x, residue2graph, batch_size)

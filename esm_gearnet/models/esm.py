@@ -3,13 +3,11 @@
 The weights live in fair-esm's `ESM2` module (`self.model`), so state dicts use fair-esm's names and the
 original's checkpoints (`sequence_model.model.*`) load directly. Two forward paths share those weights:
 fair-esm's own, and a fast path through `scaled_dot_product_attention` with ESM-2's rotary embeddings
-(flash / memory-efficient kernels on CUDA). They agree to 1e-5 in fp32 (tests/test_esm.py).
+(flash / memory-efficient kernels on CUDA). They agree to 1e-5 in fp32 (tests/test_models.py).
 """
 from __future__ import annotations
 
 import argparse
-import logging
-import math
 import os
 import warnings
 from typing import Dict, Optional, Tuple
@@ -23,10 +21,7 @@ from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
 
-logger = logging.getLogger(__name__)
-
 URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"
-REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{}-contact-regression.pt"
 # config name -> (checkpoint stem, layers, embedding dim, heads)
 ARCHITECTURES = {
     "ESM-2-8M": ("esm2_t6_8M_UR50D", 6, 320, 20),
@@ -85,14 +80,11 @@ def load_esm_model(path: str, stem: str):
         warnings.filterwarnings("ignore", message=".*contact.*")
         if regression_data is None:
             # contacts are not used here: give the contact head the keys it expects so the load stays strict
-            model_data = dict(model_data)
-            model_data["model"] = dict(model_data["model"])
-            regression_data = {"model": {}}
             cfg = model_data["cfg"]["model"] if "cfg" in model_data else model_data["args"]
             layers = getattr(cfg, "encoder_layers", getattr(cfg, "layers", 33))
             heads = getattr(cfg, "encoder_attention_heads", getattr(cfg, "attention_heads", 20))
-            regression_data["model"]["contact_head.regression.weight"] = torch.zeros(1, layers * heads)
-            regression_data["model"]["contact_head.regression.bias"] = torch.zeros(1)
+            regression_data = {"model": {"contact_head.regression.weight": torch.zeros(1, layers * heads),
+                                         "contact_head.regression.bias": torch.zeros(1)}}
         return esm.pretrained.load_model_and_alphabet_core(stem, model_data, regression_data)
 
 
@@ -131,11 +123,10 @@ def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx:
     heads = model.attention_heads
     head_dim = dim // heads
     attn_mask = None if not padding.any() else (~padding)[:, None, None, :]
-    cos = sin = None
-    for index, layer in enumerate(model.layers[:repr_layer]):
+    if repr_layer:
+        cos, sin = _rotary(length, model.layers[0].self_attn.rot_emb.inv_freq, x.dtype)
+    for layer in model.layers[:repr_layer]:
         attn = layer.self_attn
-        if cos is None:
-            cos, sin = _rotary(length, attn.rot_emb.inv_freq, x.dtype)
         h = layer.self_attn_layer_norm(x)
         q = attn.q_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
         k = attn.k_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
@@ -269,8 +260,6 @@ class ESM(nn.Module):
         else:
             hidden = self.model(tokens, repr_layers=[self.repr_layer])["representations"][self.repr_layer]
         residue_feature = hidden[window, column]
-        if self.readout == "mean":
-            graph_feature = functional.segment_mean(residue_feature, batch.residue2graph, batch.batch_size)
-        else:
-            graph_feature = functional.segment_sum(residue_feature, batch.residue2graph, batch.batch_size)
-        return {"residue_feature": residue_feature, "graph_feature": graph_feature}
+        return {"residue_feature": residue_feature,
+                "graph_feature": functional.readout(residue_feature, batch.residue2graph, batch.batch_size,
+                                                    self.readout)}

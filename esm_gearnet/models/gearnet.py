@@ -114,6 +114,9 @@ class GearNet(nn.Module):
         if self.num_angle_bin:
             line_graph = self.spatial_line_graph(batch)
             edge_input = batch.edge_feature.float()
+            # each edge's message goes to its target residue, under its relation
+            edge_to_node = torch.stack([torch.arange(len(edge_list), device=edge_list.device),
+                                        edge_list[:, 1], edge_list[:, 2]], -1)
         hiddens = []
         layer_input = input
         for i, layer in enumerate(self.layers):
@@ -123,9 +126,7 @@ class GearNet(nn.Module):
             if self.num_angle_bin:
                 edge_hidden = self.edge_layers[i](edge_input, line_graph.edge_list)
                 # edge messages scattered to their target residue, per relation, through the conv's linear map
-                update = relational_sum(edge_hidden, torch.stack(
-                    [torch.arange(len(edge_list), device=edge_list.device), edge_list[:, 1], edge_list[:, 2]], -1),
-                    len(hidden), self.num_relation)
+                update = relational_sum(edge_hidden, edge_to_node, len(hidden), self.num_relation)
                 hidden = hidden + layer.activation(layer.linear(update))
                 edge_input = edge_hidden
             if self.batch_norms is not None:
@@ -133,6 +134,6 @@ class GearNet(nn.Module):
             hiddens.append(hidden)
             layer_input = hidden
         residue_feature = torch.cat(hiddens, -1) if self.concat_hidden else hiddens[-1]
-        reduce = functional.segment_sum if self.readout == "sum" else functional.segment_mean
         return {"residue_feature": residue_feature,
-                "graph_feature": reduce(residue_feature, batch.residue2graph, batch.batch_size)}
+                "graph_feature": functional.readout(residue_feature, batch.residue2graph, batch.batch_size,
+                                                    self.readout)}

@@ -218,7 +218,7 @@ class GVPGNN(nn.Module):
         for layer in self.layers:
             h_node = layer(h_node, edge_list, h_edge)
         residue_feature = self.W_out(h_node)
-        reduce = functional.segment_sum if self.readout == "sum" else functional.segment_mean
         return {"residue_feature": residue_feature,
-                "graph_feature": reduce(residue_feature, batch.residue2graph, batch.batch_size),
+                "graph_feature": functional.readout(residue_feature, batch.residue2graph, batch.batch_size,
+                                                    self.readout),
                 "vector_feature": h_node[1]}
