@@ -1,7 +1,8 @@
 """Structure encoders: forward + backward time per batch of 8 real proteins (proteins/s).
 
 GearNet 6 x 512 on the EC graph (input 21, as in parallel fusion), GearNet-Edge (3 x 512, line graph), and
-GVP-GNN with the original's settings on its radius graph; CPU, and CUDA when present. Graph construction is
+GVP-GNN with the original's settings on its radius graph, CDConv with the original's settings (its own
+radius graphs, built inside the timed step); CPU, and CUDA when present. Graph construction is
 done once outside the timing. Median of repeats after warm-up.
 
     python benchmarks/encoders.py [--batch-size 8] [--repeats 3]
@@ -17,7 +18,7 @@ import torch  # noqa: E402
 from benchmarks._common import median_time, real_structure_files, report  # noqa: E402
 from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, ProteinBatch, SequentialEdge,  # noqa: E402
                               SpatialEdge, load_structure)
-from esm_gearnet.models import GVPGNN, GearNet, residue_one_hot  # noqa: E402
+from esm_gearnet.models import CDConv, GVPGNN, GearNet, residue_one_hot  # noqa: E402
 
 
 def encoders():
@@ -31,6 +32,8 @@ def encoders():
                                                    batch_norm=True, concat_hidden=True, short_cut=True)),
         "GVP-GNN": (radius, lambda: GVPGNN([21, 0], [256, 16], [16, 1], [64, 1], readout="mean", num_layers=5,
                                            drop_rate=0.1, vector_gate=True)),
+        "CDConv": (AlphaCarbonNode(), lambda: CDConv(21, 16, [256, 512, 1024, 2048], [8.0, 12.0, 16.0, 20.0], 21,
+                                                     [32], base_width=16.0, dropout=0.2)),
     }
 
 
@@ -57,7 +60,7 @@ def main():
 
             seconds = median_time(step, args.repeats)
             print(f"{device} {name:>20s}: {seconds:.3f} s per batch of {len(proteins)} "
-                  f"({graph.num_residue} residues, {len(graph.edge_list)} edges) -> {len(proteins) / seconds:.1f} proteins/s")
+                  f"({graph.num_residue} residues) -> {len(proteins) / seconds:.1f} proteins/s")
             report("encoders", device=device, encoder=name, batch_size=len(proteins), residues=graph.num_residue,
                    seconds_per_batch=round(seconds, 4), proteins_per_s=round(len(proteins) / seconds, 2),
                    threads=torch.get_num_threads())

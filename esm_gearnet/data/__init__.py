@@ -4,10 +4,10 @@ from .graph import (AlphaCarbonNode, GraphConstruction, KNNEdge, LineGraph, Sequ
                     SpatialLineGraph)
 from .io import StructureError, load_structure, load_structures
 from .protein import Protein, ProteinBatch, collate
-from .transforms import Compose, ProteinView, TruncateProtein
+from .transforms import Compose, Orientation, ProteinView, ResidueGraph, TruncateProtein
 
 __all__ = [
     "constants", "AlphaCarbonNode", "GraphConstruction", "KNNEdge", "LineGraph", "SequentialEdge", "SpatialEdge",
     "SpatialLineGraph", "StructureError", "load_structure", "load_structures", "Protein", "ProteinBatch",
-    "collate", "Compose", "ProteinView", "TruncateProtein",
+    "collate", "Compose", "Orientation", "ProteinView", "ResidueGraph", "TruncateProtein",
 ]

@@ -78,6 +78,34 @@ def nearest_neighbours(pos: torch.Tensor, num_residues: torch.Tensor, k: int):
     return index, distance
 
 
+def radius_edges(pos: torch.Tensor, num_residues: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Every pair of residues of one protein closer than `cutoff` Å, self-pairs included.
+
+    Args:
+        pos: [N, 3] packed positions; num_residues: [B] residues per protein.
+    Returns:
+        [E, 2] long (source, target) packed indices, sorted by target then source.
+    """
+    device = pos.device
+    if len(pos) == 0:
+        return torch.zeros(0, 2, dtype=torch.long, device=device)
+    padded, mask = functional.to_padded(pos, num_residues)
+    batch_size, length = mask.shape
+    start = functional.offsets(num_residues.to(device))
+    pieces = []
+    rows = max(1, _PAIR_BLOCK // max(1, batch_size * length))
+    for lo in range(0, length, rows):  # blocks of target positions, all proteins at once
+        hi = min(length, lo + rows)
+        dist = torch.cdist(padded[:, lo:hi], padded, compute_mode="donot_use_mm_for_euclid_dist")
+        close = (dist < cutoff) & mask[:, lo:hi, None] & mask[:, None, :]
+        graph, target, source = close.nonzero(as_tuple=True)
+        pieces.append(torch.stack([source + start[graph], target + lo + start[graph]], -1))
+    edges = torch.cat(pieces)
+    if len(pieces) > 1:  # blocks run over positions of all proteins at once: restore packed target order
+        edges = edges[torch.argsort(edges[:, 1] * len(pos) + edges[:, 0])]
+    return edges
+
+
 def _sequence_distance_filter(edge_list: torch.Tensor, min_distance: int, max_distance: Optional[int]):
     gap = (edge_list[:, 0] - edge_list[:, 1]).abs()
     keep = gap >= min_distance

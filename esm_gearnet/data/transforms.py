@@ -78,6 +78,41 @@ class TruncateProtein:
 
 
 @register
+class ResidueGraph:
+    """Removes residues without a CA atom (the nodes of CDConv are CA atoms)."""
+
+    def __init__(self, keys: Union[str, Sequence[str]] = "graph"):
+        self.keys = _keys(keys)
+
+    @staticmethod
+    def keep_alpha_carbons(protein: Protein) -> Protein:
+        has_ca = protein.atom_mask[:, 1]
+        return protein if bool(has_ca.all()) else protein.subresidue(has_ca)
+
+    def __call__(self, item):
+        return _apply(item, self.keys, self.keep_alpha_carbons)
+
+    def __repr__(self):
+        return "ResidueGraph()"
+
+
+@register
+class Orientation:
+    """Accepted for the original CDConv configs, and returns items unchanged: CDConv computes the residue
+    frames itself on the device from the CA positions it is given (`esm_gearnet.models.cdconv.local_frames`),
+    which gives the same frames as computing them here after truncation."""
+
+    def __init__(self, keys: Union[str, Sequence[str]] = "graph"):
+        self.keys = _keys(keys)
+
+    def __call__(self, item):
+        return item
+
+    def __repr__(self):
+        return "Orientation()"
+
+
+@register
 class Compose:
     """Applies transforms one after the other."""
 
