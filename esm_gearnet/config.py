@@ -29,8 +29,14 @@ def _read(path: str) -> str:
         return handle.read()
 
 
+def _finalize(value: Any) -> Any:
+    # None renders as YAML null (the original rendered the text "null"), while `{{ x | default(1, true) }}`
+    # still sees a missing variable as None; other values are inserted as they are
+    return "null" if value is None else value
+
+
 def _parse_template(text: str, path: str):
-    environment = jinja2.Environment()
+    environment = jinja2.Environment(finalize=_finalize)
     try:
         return environment, environment.parse(text)
     except jinja2.TemplateSyntaxError as error:
@@ -54,17 +60,11 @@ def literal(value: Any) -> Any:
         return value
 
 
-def _render_value(value: Any) -> Any:
-    # None renders as YAML null (the original rendered the text "null"); strings are inserted as they are
-    return "null" if value is None else value
-
-
 def render_config(path: str, variables: Optional[Dict[str, Any]] = None) -> str:
     """The config text after Jinja rendering."""
     text = _read(path)
     environment, _ = _parse_template(text, path)
-    context = {k: _render_value(v) for k, v in (variables or {}).items()}
-    return environment.from_string(text).render(context)
+    return environment.from_string(text).render(dict(variables or {}))
 
 
 def load_config(path: str, variables: Optional[Dict[str, Any]] = None) -> easydict.EasyDict:

@@ -1,5 +1,5 @@
 """Protein data: records, batches, parsing, graphs, transforms."""
-from . import constants
+from . import constants, datasets
 from .graph import (AlphaCarbonNode, GraphConstruction, KNNEdge, LineGraph, SequentialEdge, SpatialEdge,
                     SpatialLineGraph)
 from .io import StructureError, load_structure, load_structures
@@ -7,7 +7,7 @@ from .protein import Protein, ProteinBatch, collate
 from .transforms import Compose, Orientation, ProteinView, ResidueGraph, TruncateProtein
 
 __all__ = [
-    "constants", "AlphaCarbonNode", "GraphConstruction", "KNNEdge", "LineGraph", "SequentialEdge", "SpatialEdge",
+    "constants", "datasets", "AlphaCarbonNode", "GraphConstruction", "KNNEdge", "LineGraph", "SequentialEdge", "SpatialEdge",
     "SpatialLineGraph", "StructureError", "load_structure", "load_structures", "Protein", "ProteinBatch",
     "collate", "Compose", "Orientation", "ProteinView", "ResidueGraph", "TruncateProtein",
 ]

@@ -203,6 +203,13 @@ class ESM(nn.Module):
         if not 0 <= self.repr_layer <= num_layers:
             raise ValueError(f"ESM: repr_layer must be within 0..{num_layers}, got {repr_layer}.")
         self.output_dim = esm_model.embed_dim
+        # the language-model and contact heads are never used for features: frozen, so DDP finds no unused
+        # parameters (lm_head.weight is the token embedding itself, which stays trainable)
+        shared = {id(p) for p in esm_model.embed_tokens.parameters()}
+        for head in ("lm_head", "contact_head"):
+            for parameter in getattr(esm_model, head).parameters() if hasattr(esm_model, head) else ():
+                if id(parameter) not in shared:
+                    parameter.requires_grad_(False)
         self.register_buffer("mapping", self._mapping(alphabet), persistent=False)
 
     @staticmethod

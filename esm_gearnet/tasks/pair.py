@@ -1,0 +1,58 @@
+"""`MSP`: mutation stability from a wild-type / mutant pair of structures."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import metrics
+from ..layers import MLP, functional
+from ..registry import register
+from .base import Task
+
+
+@register
+class MSP(Task):
+    """One shared encoder on the wild type (`graph1`) and the mutant (`graph2`); each side's residue features
+    are averaged over the mutated positions (where the residue types differ), concatenated, passed through an
+    MLP; binary cross entropy. Metrics "auroc [label]" and "auprc [label]".
+
+    Args:
+        model: encoder; task: target names (["label"], from the dataset); num_mlp_layer: MLP depth;
+        graph_construction_model: applied to both structures on the device.
+    """
+
+    def __init__(self, model: nn.Module, task=("label",), num_mlp_layer: int = 1,
+                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
+        super().__init__(model, graph_construction_model)
+        self.task = list(task) if not isinstance(task, str) else [task]
+        hidden = [model.output_dim] * (num_mlp_layer - 1)
+        self.mlp = MLP(2 * model.output_dim, hidden + [1])
+
+    def _mutated_mean(self, graph, mutated) -> torch.Tensor:
+        feature = self.encode(graph)["residue_feature"]
+        mask = mutated.unsqueeze(-1).to(feature.dtype)
+        total = functional.segment_sum(feature * mask, graph.residue2graph, graph.batch_size)
+        count = functional.segment_sum(mask, graph.residue2graph, graph.batch_size)
+        return total / (count + 1e-10)
+
+    def predict(self, batch) -> torch.Tensor:
+        wild, mutant = batch["graph1"], batch["graph2"]
+        if wild.num_residue != mutant.num_residue or not torch.equal(wild.num_residues, mutant.num_residues):
+            raise ValueError("MSP: the wild-type and mutant structures of a pair must have the same residues "
+                             "(same lengths); check the dataset's pairing or TruncateProteinPair.")
+        mutated = wild.residue_type != mutant.residue_type
+        return self.mlp(torch.cat([self._mutated_mean(wild, mutated), self._mutated_mean(mutant, mutated)], -1))
+
+    def target(self, batch) -> torch.Tensor:
+        return batch["targets"].float().reshape(-1, 1)
+
+    def loss(self, pred, target) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(pred, target)
+
+    def evaluate(self, pred, target, extra=None) -> Dict[str, float]:
+        name = self.task[0]
+        return {f"auroc [{name}]": float(metrics.auroc(pred, target)),
+                f"auprc [{name}]": float(metrics.auprc(pred, target))}

@@ -1,0 +1,177 @@
+"""From a config to a running fine-tuning job: run directory, seeds, task, optimizer groups, engine.
+
+`script/downstream.py` is a thin wrapper around `run_downstream`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint, distributed
+from .config import base_parser, parse_args, load_config, render_config
+from .engine import Engine, lower_is_better
+from .registry import build
+
+logger = logging.getLogger("esm_gearnet")
+
+
+def downstream_parser(description: str) -> argparse.ArgumentParser:
+    parser = base_parser(description)
+    parser.add_argument("--ckpt", default=None,
+                        help="model weights to fine-tune from (the original's .pth or a checkpoint of this framework)")
+    parser.add_argument("--resume", default=None, help="run directory (or its last.pth) to continue exactly")
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch
+    return parser
+
+
+def seed_everything(seed: int) -> None:
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def setup_logging(run_dir: Optional[Path]) -> None:
+    """INFO to stderr and run_dir/log.txt on rank 0, warnings only on the other ranks."""
+    log = logging.getLogger("esm_gearnet")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if distributed.rank() == 0 else logging.WARNING)
+    form = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and distributed.rank() == 0:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    for handler in handlers:
+        handler.setFormatter(form)
+        log.addHandler(handler)
+
+
+def make_run_dir(cfg, resume: Optional[str]) -> Path:
+    """output_dir/Task/Dataset/Model/time, created by rank 0 and broadcast (no working-directory race);
+    the resumed run's own directory when resuming."""
+    if resume is not None:
+        path = Path(os.path.expanduser(resume))
+        return path.parent if path.is_file() else path
+    name = None
+    if distributed.rank() == 0:
+        base = Path(os.path.expanduser(str(cfg.get("output_dir") or "output")))
+        base = base / cfg.task["class"] / cfg.dataset["class"] / cfg.task.model["class"]
+        stamp = time.strftime("%Y-%m-%d-%H-%M-%S")
+        for suffix in [""] + [f"-{i}" for i in range(1, 1000)]:
+            candidate = base / (stamp + suffix)
+            try:
+                candidate.mkdir(parents=True, exist_ok=False)
+                name = str(candidate)
+                break
+            except FileExistsError:
+                continue
+    return Path(distributed.broadcast_object(name))
+
+
+def runtime_task_list(cfg, dataset) -> List[Any]:
+    """What the original filled into `task.task`: term indices for EC/GO, target names otherwise."""
+    tasks = list(dataset.tasks)
+    return list(range(len(tasks))) if cfg.task["class"] == "MultipleBinaryClassification" else tasks
+
+
+def parameter_groups(cfg, task: torch.nn.Module, lr: float) -> List[Dict[str, Any]]:
+    """Optimizer groups from `sequence_model_lr_ratio` / `lr_ratio` / `fix_sequence_model`.
+
+    A ratio of 0 (or `fix_sequence_model`) freezes those parameters: requires_grad False, so they get no
+    gradients and no optimizer state.
+    """
+    scaled, ratio = None, None
+    if cfg.get("lr_ratio") is not None:  # esm.yaml: the whole encoder vs the head
+        scaled, ratio = task.model, float(cfg.lr_ratio)
+    if cfg.get("sequence_model_lr_ratio") is not None or cfg.get("fix_sequence_model"):
+        if not hasattr(task.model, "sequence_model"):
+            raise ValueError("sequence_model_lr_ratio / fix_sequence_model need task.model to be a FusionNetwork "
+                             "(it has no sequence_model); remove the key or use lr_ratio.")
+        scaled = task.model.sequence_model
+        ratio = 0.0 if cfg.get("fix_sequence_model") else float(cfg.sequence_model_lr_ratio)
+    if scaled is None:
+        return [{"params": [p for p in task.parameters() if p.requires_grad]}]
+    if ratio == 0:
+        scaled.requires_grad_(False)
+    scaled_ids = {id(p) for p in scaled.parameters()}
+    groups = [{"params": [p for p in task.parameters() if p.requires_grad and id(p) not in scaled_ids], "lr": lr}]
+    if ratio != 0:
+        groups.insert(0, {"params": [p for p in scaled.parameters() if p.requires_grad], "lr": lr * ratio})
+    return groups
+
+
+def build_scheduler(cfg, optimizer, metric: str):
+    if cfg.get("scheduler") is None:
+        return None
+    options = {}
+    if cfg.scheduler["class"].split(".")[-1] == "ReduceLROnPlateau" and "mode" not in cfg.scheduler:
+        # DEVIATION: the original built ReduceLROnPlateau in its default "min" mode and stepped it on f1_max,
+        # which it wants to maximise, so the rate fell while the metric improved; the mode follows the metric.
+        options["mode"] = "min" if lower_is_better(metric) else "max"
+    return build(cfg.scheduler, "scheduler", optimizer=optimizer, **options)
+
+
+def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str] = None,
+                     progress: bool = True) -> Engine:
+    """Dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer, engine."""
+    dataset = build(cfg.dataset, "dataset")
+    train_set, valid_set, test_set = dataset.split()
+    logger.info("%s: train %d, valid %d, test %d", dataset, len(train_set), len(valid_set), len(test_set))
+    task = build(cfg.task, "task", task=runtime_task_list(cfg, dataset))
+    weights = ckpt or cfg.get("model_checkpoint")
+    if weights:
+        logger.info("loading model weights from %s", weights)
+        state = checkpoint.model_weights(checkpoint.load(weights))
+        checkpoint.load_state_dict_checked(task.model, state, str(weights))
+    task.preprocess(train_set)
+    lr = float(cfg.optimizer.get("lr", 1e-3))
+    optimizer = build(cfg.optimizer, "optimizer", params=parameter_groups(cfg, task, lr))
+    metric = cfg.get("metric") or next(iter(task.metric))
+    scheduler = build_scheduler(cfg, optimizer, metric)
+    return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir,
+                  config=cfg, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
+
+
+def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    parser = downstream_parser("Fine-tune a model on a downstream task (EC, GO, PSR, MSP, your own folder).")
+    args, variables = parse_args(argv, parser)
+    if args.ckpt is not None and "ckpt" in variables:
+        variables["ckpt"] = args.ckpt
+    cfg = load_config(args.config, variables)
+    resume = args.resume or cfg.get("checkpoint")
+    distributed.init()
+    try:
+        run_dir = make_run_dir(cfg, resume)
+        setup_logging(run_dir)
+        if distributed.rank() == 0 and resume is None:
+            (run_dir / "config.yaml").write_text(render_config(args.config, variables))
+        logger.info("config %s, run directory %s, %d process(es)", args.config, run_dir, distributed.world_size())
+        seed_everything(args.seed)  # same initial weights on every rank
+        engine = build_downstream(cfg, run_dir, args.seed, ckpt=args.ckpt)
+        torch.manual_seed(args.seed + distributed.rank())  # per-rank streams for dropout and augmentation
+        if resume:
+            path = Path(os.path.expanduser(str(resume)))
+            engine.resume(path / "last.pth" if path.is_dir() else path)
+            logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
+        metric = cfg.get("metric") or next(iter(engine.task.metric))
+        result = engine.fit(int(cfg.train.num_epoch), metric)
+        logger.info("test metrics of the best validation epoch (%s): %s", engine.best["epoch"], result)
+    except BaseException:
+        distributed.shutdown(wait=False)
+        raise
+    distributed.shutdown()
+    return result
+
+
+__all__ = ["build_downstream", "downstream_parser", "parameter_groups", "run_downstream", "seed_everything"]
