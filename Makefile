@@ -11,6 +11,7 @@ install:
 
 demo: install
 	$(PYTHON) script/demo.py
+	$(PYTHON) script/downstream.py -c config/demo/esm_gearnet.yaml --output_dir output/demo
 
 test: install
 	$(PYTHON) -m pytest -q tests
