@@ -1,4 +1,6 @@
 """Datasets with the original config names; items are dicts {"graph": Protein, "targets": [T], ...}."""
+from .base import StructureDataset
+from .deepfri import EnzymeCommission, GeneOntology
 from .demo import DemoFolds
 
-__all__ = ["DemoFolds"]
+__all__ = ["DemoFolds", "EnzymeCommission", "GeneOntology", "StructureDataset"]

@@ -1,0 +1,40 @@
+"""What structure datasets share: packed proteins from the cache, targets, splits, transforms."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from .cache import PackedProteins
+
+
+class StructureDataset(torch.utils.data.Dataset):
+    """Items are {"graph": Protein, "targets": [T] float}; `split()` gives (train, valid, test) subsets.
+
+    Subclasses set `proteins` (PackedProteins), `targets` ([n, T] tensor), `tasks` (names) and
+    `split_indices` (three index lists), and may set `transform`.
+    """
+
+    proteins: PackedProteins
+    targets: torch.Tensor
+    tasks: List[str]
+    split_indices: List[List[int]]
+    transform = None
+
+    def __len__(self) -> int:
+        return len(self.proteins)
+
+    def __getitem__(self, index: int) -> Dict:
+        item = {"graph": self.proteins[index], "targets": self.targets[index]}
+        return self.transform(item) if self.transform is not None else item
+
+    def split(self) -> Sequence[torch.utils.data.Subset]:
+        return [torch.utils.data.Subset(self, indices) for indices in self.split_indices]
+
+    @property
+    def num_samples(self) -> List[int]:
+        return [len(indices) for indices in self.split_indices]
+
+    def __repr__(self) -> str:
+        train, valid, test = self.num_samples
+        return f"{type(self).__name__}(proteins={len(self)}, tasks={len(self.tasks)}, split={train}/{valid}/{test})"
