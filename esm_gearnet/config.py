@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
-from typing import Any, Dict, Iterable, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import easydict
 import jinja2

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from esm_gearnet import checkpoint
+from esm_gearnet.data import collate
 from esm_gearnet.config import load_config
 from esm_gearnet.training import build_downstream, build_scheduler, parameter_groups
 
@@ -138,7 +139,7 @@ def test_ckpt_round_trip_and_readable_mismatch(single_run):
     torch.save(engine.task.model.state_dict(), bare)
     again = build_downstream(_config(), None, seed=1, ckpt=str(bare), progress=False)
     batch = next(iter(torch.utils.data.DataLoader(engine.sets["test"], batch_size=3,
-                                                  collate_fn=__import__("esm_gearnet").data.collate)))
+                                                  collate_fn=collate)))
     engine.task.eval(), again.task.eval()
     with torch.no_grad():
         torch.testing.assert_close(engine.task.encode(batch["graph"])["graph_feature"],
@@ -161,7 +162,7 @@ def test_lr_ratio_zero_freezes_the_sequence_model():
     assert not any(p.requires_grad for p in task.model.sequence_model.parameters())
     optimizer = torch.optim.Adam(groups, lr=1e-3)
     batch = next(iter(torch.utils.data.DataLoader(engine.sets["train"], batch_size=4,
-                                                  collate_fn=__import__("esm_gearnet").data.collate)))
+                                                  collate_fn=collate)))
     loss, _ = task(batch)
     loss.backward()
     optimizer.step()

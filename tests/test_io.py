@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from esm_gearnet.data import StructureError, constants, load_structure, load_structures
-from conftest import STRUCTURES, structure_files
+from conftest import structure_files
 
 MODIFIED = {"MSE": "M", "TPO": "T", "SEP": "S", "PTR": "Y", "CSO": "C", "CME": "C", "MLY": "K", "HYP": "P"}
 
