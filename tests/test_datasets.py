@@ -156,3 +156,53 @@ def test_download_checks_md5_and_extraction_stays_inside(tmp_path):
         extract(link, tmp_path / "y")
     with pytest.raises(DownloadError, match="cannot download"):
         download((tmp_path / "missing.zip").as_uri(), tmp_path / "dl3")
+
+
+def _folder_with_labels(tmp_path, rows, header):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in sorted(STRUCTURES.glob("*.pdb"))[:6]:
+        shutil.copy(name, folder / name.name)
+    (folder / "corrupt.pdb").write_text("not a structure\n")
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return folder, labels
+
+
+def test_protein_folder_regression_with_a_given_split(tmp_path):
+    if not STRUCTURES.exists():
+        pytest.skip("../shared/data is absent")
+    from esm_gearnet.data.datasets import ProteinFolder
+    names = [p.name[:-4] for p in sorted(STRUCTURES.glob("*.pdb"))[:6]]
+    splits = ["train", "train", "train", "valid", "test", "test"]
+    rows = [[n, str(i * 0.5), "" if i == 2 else str(-i), s] for i, (n, s) in enumerate(zip(names, splits))]
+    rows.append(["corrupt", "1.0", "1.0", "test"])
+    rows.append(["no_such_file", "1.0", "1.0", "train"])
+    folder, labels = _folder_with_labels(tmp_path, rows, ["id", "stability", "activity", "split"])
+    dataset = ProteinFolder(folder, labels, task="regression", split="split", progress=False)
+    assert dataset.tasks == ["stability", "activity"] and len(dataset) == 6  # the corrupt file is skipped
+    assert [p for p, _ in dataset.skipped] == [str(folder / "corrupt.pdb")]
+    assert dataset.num_samples == [3, 1, 2]
+    item = dataset[1]
+    assert item["graph"].name == names[1] and item["targets"].tolist() == [0.5, -1.0]
+    assert torch.isnan(dataset[2]["targets"][1])
+
+
+def test_protein_folder_multi_label_random_split(tmp_path):
+    if not STRUCTURES.exists():
+        pytest.skip("../shared/data is absent")
+    from esm_gearnet.data.datasets import ProteinFolder
+    names = [p.name[:-4] for p in sorted(STRUCTURES.glob("*.pdb"))[:6]]
+    rows = [[n, ["kinase;binding", "binding", "", "transport", "kinase", "binding;transport"][i]]
+            for i, n in enumerate(names)]
+    folder, labels = _folder_with_labels(tmp_path, rows, ["id", "function"])
+    dataset = ProteinFolder(folder, labels, task="multi_label", split=[0.5, 0.25, 0.25], seed=3, progress=False)
+    assert dataset.tasks == ["binding", "kinase", "transport"]
+    assert dataset.targets.tolist()[0] == [1, 1, 0] and dataset.targets.tolist()[2] == [0, 0, 0]
+    again = ProteinFolder(folder, labels, task="multi_label", split=[0.5, 0.25, 0.25], seed=3, progress=False)
+    assert again.split_indices == dataset.split_indices and sorted(sum(dataset.split_indices, [])) == list(range(6))
+    with pytest.raises(ValueError, match="reads one label column"):
+        ProteinFolder(folder, labels, task="classification", columns=["id", "function"], progress=False)

@@ -2,5 +2,6 @@
 from .base import StructureDataset
 from .deepfri import EnzymeCommission, GeneOntology
 from .demo import DemoFolds
+from .folder import ProteinFolder
 
-__all__ = ["DemoFolds", "EnzymeCommission", "GeneOntology", "StructureDataset"]
+__all__ = ["DemoFolds", "EnzymeCommission", "GeneOntology", "ProteinFolder", "StructureDataset"]
