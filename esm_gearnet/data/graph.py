@@ -35,6 +35,22 @@ from .protein import ProteinBatch
 _PAIR_BLOCK = 1 << 24
 
 
+def _distance_blocks(pos: torch.Tensor, num_residues: torch.Tensor):
+    """Distances within each protein, by blocks of target positions (all proteins at once).
+
+    Yields:
+        (lo, dist [B, hi - lo, L]): distance from target position lo + t to source position s of protein b;
+        inf where the target or the source is padding.
+    """
+    padded, mask = functional.to_padded(pos, num_residues)  # [B, L, 3], [B, L]
+    batch_size, length = mask.shape
+    rows = max(1, _PAIR_BLOCK // max(1, batch_size * length))
+    for lo in range(0, length, rows):
+        hi = min(length, lo + rows)
+        dist = torch.cdist(padded[:, lo:hi], padded, compute_mode="donot_use_mm_for_euclid_dist")
+        yield lo, dist.masked_fill(~(mask[:, lo:hi, None] & mask[:, None, :]), math.inf)
+
+
 def nearest_neighbours(pos: torch.Tensor, num_residues: torch.Tensor, k: int):
     """The k nearest other residues of the same protein, for every residue.
 
@@ -51,19 +67,15 @@ def nearest_neighbours(pos: torch.Tensor, num_residues: torch.Tensor, k: int):
     if num_residue == 0 or k <= 0:
         return (torch.zeros(num_residue, 0, dtype=torch.long, device=device),
                 torch.zeros(num_residue, 0, dtype=pos.dtype, device=device))
-    padded, mask = functional.to_padded(pos, num_residues)  # [B, L, 3], [B, L]
-    batch_size, length = mask.shape
-    k_eff = min(k, max(length - 1, 0))
+    num_residues = num_residues.to(device)
+    k_eff = min(k, max(int(num_residues.max()) - 1, 0))
     residue2graph = functional.segment_ids(num_residues)
     position = functional.position_in_segment(num_residues, residue2graph)
     start = functional.offsets(num_residues)
     index = torch.empty(num_residue, k_eff, dtype=torch.long, device=device)
     distance = torch.empty(num_residue, k_eff, dtype=pos.dtype, device=device)
-    rows = max(1, _PAIR_BLOCK // max(1, batch_size * length))
-    for lo in range(0, length, rows):  # blocks of target positions, all proteins at once
-        hi = min(length, lo + rows)
-        dist = torch.cdist(padded[:, lo:hi], padded, compute_mode="donot_use_mm_for_euclid_dist")
-        dist = dist.masked_fill(~mask[:, None, :], math.inf)
+    for lo, dist in _distance_blocks(pos, num_residues):
+        hi = lo + dist.shape[1]
         diagonal = torch.arange(lo, hi, device=device)
         dist[:, diagonal - lo, diagonal] = math.inf
         value, neighbour = dist.topk(k_eff, dim=-1, largest=False, sorted=True)  # [B, hi-lo, k]
@@ -86,19 +98,12 @@ def radius_edges(pos: torch.Tensor, num_residues: torch.Tensor, cutoff: float) -
     Returns:
         [E, 2] long (source, target) packed indices, sorted by target then source.
     """
-    device = pos.device
     if len(pos) == 0:
-        return torch.zeros(0, 2, dtype=torch.long, device=device)
-    padded, mask = functional.to_padded(pos, num_residues)
-    batch_size, length = mask.shape
-    start = functional.offsets(num_residues.to(device))
+        return torch.zeros(0, 2, dtype=torch.long, device=pos.device)
+    start = functional.offsets(num_residues.to(pos.device))
     pieces = []
-    rows = max(1, _PAIR_BLOCK // max(1, batch_size * length))
-    for lo in range(0, length, rows):  # blocks of target positions, all proteins at once
-        hi = min(length, lo + rows)
-        dist = torch.cdist(padded[:, lo:hi], padded, compute_mode="donot_use_mm_for_euclid_dist")
-        close = (dist < cutoff) & mask[:, lo:hi, None] & mask[:, None, :]
-        graph, target, source = close.nonzero(as_tuple=True)
+    for lo, dist in _distance_blocks(pos, num_residues):
+        graph, target, source = (dist < cutoff).nonzero(as_tuple=True)
         pieces.append(torch.stack([source + start[graph], target + lo + start[graph]], -1))
     edges = torch.cat(pieces)
     if len(pieces) > 1:  # blocks run over positions of all proteins at once: restore packed target order
