@@ -81,16 +81,16 @@ class StageGraph:
     """The radius graph of one stage and its edge geometry, shared by the stage's two blocks.
 
     Edges are sorted by target; `slot` is each edge's place among its target's edges, `width` the largest
-    in-degree, so kernels scatter into a [N, width, K] tensor and aggregate with one batched matmul.
+    in-degree, so kernels scatter into a [N, width, K] tensor and aggregate with one batched matmul against
+    the source features laid out the same way (`padded_source` [N, width], 0 on empty slots, whose kernels
+    stay 0).
     """
-    source: torch.Tensor
     target: torch.Tensor
     geometry: torch.Tensor  # [E, 7]: direction in the target frame (3), frame alignment (3), distance (1)
     offset_index: torch.Tensor  # [E] clamped sequence offset + seq_cutoff // 2
     smooth: torch.Tensor  # [E, 1]
     slot: torch.Tensor
-    width: int
-    num_node: int
+    padded_source: torch.Tensor
 
     @classmethod
     def build(cls, pos, frames, residue_number, num_residues, cutoff: float, seq_cutoff: int) -> "StageGraph":
@@ -106,16 +106,16 @@ class StageGraph:
         smooth = 0.5 - 0.5 * torch.tanh(16.0 * closeness - 14.0)
         degree = torch.bincount(target, minlength=len(pos))
         slot = torch.arange(len(target), device=pos.device) - functional.offsets(degree)[target]
-        return cls(source, target, torch.cat([direction, alignment, distance], -1), offset + half, smooth, slot,
-                   int(degree.max()) if len(target) else 0, len(pos))
+        padded_source = source.new_zeros(len(pos), int(degree.max()) if len(target) else 0)
+        padded_source[target, slot] = source
+        return cls(target, torch.cat([direction, alignment, distance], -1), offset + half, smooth, slot,
+                   padded_source)
 
     def aggregate(self, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[N, K * C]: row i = vec(sum over edges j -> i of kernel_e ⊗ x_j), flattened kernel-major."""
-        padded_kernel = kernel.new_zeros(self.num_node, self.width, kernel.shape[-1])
+        padded_kernel = kernel.new_zeros(self.padded_source.shape + kernel.shape[-1:])
         padded_kernel[self.target, self.slot] = kernel
-        padded_source = self.source.new_zeros(self.num_node, self.width)
-        padded_source[self.target, self.slot] = self.source
-        return torch.bmm(padded_kernel.transpose(1, 2), x[padded_source]).flatten(1)
+        return torch.bmm(padded_kernel.transpose(1, 2), x[self.padded_source]).flatten(1)
 
 
 def _kaiming_uniform_(tensor: torch.Tensor, fan: int) -> torch.Tensor:

@@ -1,21 +1,22 @@
 """What structure datasets share: packed proteins from the cache, targets, splits, transforms."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 import torch
 
+from ..protein import Protein
 from .cache import PackedProteins
 
 
 class StructureDataset(torch.utils.data.Dataset):
     """Items are {"graph": Protein, "targets": [T] float}; `split()` gives (train, valid, test) subsets.
 
-    Subclasses set `proteins` (PackedProteins), `targets` ([n, T] tensor), `tasks` (names) and
+    Subclasses set `proteins` (PackedProteins, or any sequence of Protein), `targets` ([n, T] tensor), `tasks` (names) and
     `split_indices` (three index lists), and may set `transform`.
     """
 
-    proteins: PackedProteins
+    proteins: Union[PackedProteins, Sequence[Protein]]
     targets: torch.Tensor
     tasks: List[str]
     split_indices: List[List[int]]

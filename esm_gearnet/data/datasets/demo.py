@@ -9,13 +9,14 @@ of residues are sampled from the background distribution.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from ...registry import register
 from ..synthetic import backbone_protein
+from .base import StructureDataset
 
 # residue letters favoured by each secondary structure, and the background of all 20
 PROPENSITY = {"H": "AAELLKKMQRE", "E": "VVIIYFTWTC", "L": "GGPNDSSGTP"}
@@ -52,7 +53,7 @@ def _sequence(layout: str, rng: np.random.Generator, noise: float) -> str:
 
 
 @register
-class DemoFolds(torch.utils.data.Dataset):
+class DemoFolds(StructureDataset):
     """Generated proteins in `len(FAMILIES)` families, split 80/10/10.
 
     Args:
@@ -78,17 +79,6 @@ class DemoFolds(torch.utils.data.Dataset):
         num_train, num_valid = int(0.8 * num_protein), int(0.1 * num_protein)
         self.split_indices = [order[:num_train], order[num_train:num_train + num_valid],
                               order[num_train + num_valid:]]
-
-    def __len__(self) -> int:
-        return len(self.proteins)
-
-    def __getitem__(self, index: int) -> Dict:
-        item = {"graph": self.proteins[index], "targets": self.targets[index]}
-        return self.transform(item) if self.transform is not None else item
-
-    def split(self) -> Sequence[torch.utils.data.Subset]:
-        """(train, valid, test) subsets."""
-        return [torch.utils.data.Subset(self, indices) for indices in self.split_indices]
 
     def __repr__(self) -> str:
         return f"DemoFolds(num_protein={len(self)}, families={self.tasks})"
