@@ -111,6 +111,12 @@ def parameter_groups(cfg, task: torch.nn.Module, lr: float) -> List[Dict[str, An
     return groups
 
 
+def selection_metric(cfg, task) -> str:
+    """The validation metric that picks the best epoch and drives the scheduler: `metric:`, else the task's
+    first."""
+    return cfg.get("metric") or next(iter(task.metric))
+
+
 def build_scheduler(cfg, optimizer, metric: str):
     if cfg.get("scheduler") is None:
         return None
@@ -137,8 +143,7 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
     task.preprocess(train_set)
     lr = float(cfg.optimizer.get("lr", 1e-3))
     optimizer = build(cfg.optimizer, "optimizer", params=parameter_groups(cfg, task, lr))
-    metric = cfg.get("metric") or next(iter(task.metric))
-    scheduler = build_scheduler(cfg, optimizer, metric)
+    scheduler = build_scheduler(cfg, optimizer, selection_metric(cfg, task))
     return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir,
                   config=cfg, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
 
@@ -164,8 +169,7 @@ def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
             path = Path(os.path.expanduser(str(resume)))
             engine.resume(path / "last.pth" if path.is_dir() else path)
             logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
-        metric = cfg.get("metric") or next(iter(engine.task.metric))
-        result = engine.fit(int(cfg.train.num_epoch), metric)
+        result = engine.fit(int(cfg.train.num_epoch), selection_metric(cfg, engine.task))
         logger.info("test metrics of the best validation epoch (%s): %s", engine.best["epoch"], result)
     except BaseException:
         distributed.shutdown(wait=False)
