@@ -7,6 +7,7 @@ from esm_gearnet.data import Orientation, ProteinBatch, ResidueGraph, graph
 from esm_gearnet.data.synthetic import backbone_protein
 from esm_gearnet.models import CDConv, ESM, FusionNetwork, residue_one_hot
 from esm_gearnet.models.cdconv import local_frames, pool_pairs
+from conftest import assert_every_parameter_trained, assert_packed_equals_single
 from test_graph import _random_rigid_motion
 
 TINY = dict(embedding_dim=4, hidden_dims=[8, 16, 24], cutoffs=[6.0, 9.0, 12.0], seq_cutoff=5, kernel_dims=[4, 3],
@@ -168,17 +169,13 @@ def test_rotation_and_translation_leave_outputs_unchanged(all_proteins):
 def test_packed_equals_one_at_a_time(all_proteins):
     model = _tiny().eval()
     proteins = all_proteins[3:6]
-    batch = ProteinBatch.pack(proteins)
+
+    def run(group):
+        batch = ProteinBatch.pack(group)
+        return model(batch, residue_one_hot(batch))
+
     with torch.no_grad():
-        packed = model(batch, residue_one_hot(batch))
-        start = 0
-        for b, protein in enumerate(proteins):
-            single = ProteinBatch.pack([protein])
-            out = model(single, residue_one_hot(single))
-            rows = slice(start, start + protein.num_residue)
-            torch.testing.assert_close(out["residue_feature"], packed["residue_feature"][rows], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(out["graph_feature"][0], packed["graph_feature"][b], atol=1e-5, rtol=1e-5)
-            start += protein.num_residue
+        assert_packed_equals_single(run, proteins)
 
 
 @pytest.mark.parametrize("fusion", ["series", "parallel", "cross"])
@@ -190,10 +187,7 @@ def test_esm_cdconv_fusion_trains_every_parameter(all_proteins, fusion):
     out = net(batch)
     assert out["residue_feature"].shape == (batch.num_residue, net.output_dim)
     out["graph_feature"].pow(2).mean().backward()
-    for name, parameter in net.named_parameters():
-        if name.startswith(("sequence_model.model.lm_head", "sequence_model.model.contact_head")):
-            continue
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
 
 
 def test_original_configuration_and_parameter_names():

@@ -5,6 +5,7 @@ import torch
 from esm_gearnet.data import AlphaCarbonNode, GraphConstruction, ProteinBatch, SpatialEdge
 from esm_gearnet.models import ESM, GVPGNN, FusionNetwork, residue_one_hot
 from esm_gearnet.models.gvp import rbf
+from conftest import assert_every_parameter_trained, assert_packed_equals_single
 from test_graph import _random_rigid_motion
 
 GVP_GRAPH = GraphConstruction([AlphaCarbonNode()], [SpatialEdge(radius=10.0, min_distance=0)])
@@ -43,17 +44,13 @@ def test_scalars_are_invariant_and_vectors_rotate(all_proteins):
 def test_packed_equals_one_at_a_time(all_proteins):
     model = _gvp().eval()
     proteins = all_proteins[3:6]
-    batch = GVP_GRAPH(ProteinBatch.pack(proteins))
+
+    def run(group):
+        batch = GVP_GRAPH(ProteinBatch.pack(group))
+        return model(batch, residue_one_hot(batch))
+
     with torch.no_grad():
-        packed = model(batch, residue_one_hot(batch))
-        start = 0
-        for b, protein in enumerate(proteins):
-            single_batch = GVP_GRAPH(ProteinBatch.pack([protein]))
-            single = model(single_batch, residue_one_hot(single_batch))
-            torch.testing.assert_close(single["residue_feature"], packed["residue_feature"][start:start + len(protein)],
-                                       atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(single["graph_feature"][0], packed["graph_feature"][b], atol=1e-5, rtol=1e-5)
-            start += len(protein)
+        assert_packed_equals_single(run, proteins)
 
 
 @pytest.mark.parametrize("fusion", ["series", "parallel", "cross"])
@@ -66,10 +63,7 @@ def test_esm_gvp_fusion_trains_every_parameter(all_proteins, fusion):
     out = net(batch)
     assert out["graph_feature"].shape == (2, net.output_dim)
     out["graph_feature"].pow(2).mean().backward()
-    for name, parameter in net.named_parameters():
-        if name.startswith(("sequence_model.model.lm_head", "sequence_model.model.contact_head")):
-            continue
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
 
 
 def test_original_configuration_builds():

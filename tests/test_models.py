@@ -8,6 +8,7 @@ from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, Prote
                               load_structure)
 from esm_gearnet.models import ESM, FusionNetwork, GearNet, residue_one_hot
 from esm_gearnet.models.esm import WeightError, build_esm2
+from conftest import assert_every_parameter_trained, assert_packed_equals_single
 from test_graph import _random_rigid_motion
 
 EC_GRAPH = lambda edge_feature=None: GraphConstruction(  # noqa: E731
@@ -171,13 +172,8 @@ def test_rigid_motion_and_packing_leave_outputs_unchanged(all_proteins, edge):
         packed = net(graph_model(ProteinBatch.pack(proteins)))
         moved = net(graph_model(ProteinBatch.pack([_rotated(p, i) for i, p in enumerate(proteins)])))
         torch.testing.assert_close(moved["residue_feature"], packed["residue_feature"], atol=1e-4, rtol=1e-4)
-        start = 0
-        for b, protein in enumerate(proteins):
-            single = net(graph_model(ProteinBatch.pack([protein])))
-            rows = slice(start, start + len(protein))
-            torch.testing.assert_close(single["residue_feature"], packed["residue_feature"][rows], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(single["graph_feature"][0], packed["graph_feature"][b], atol=1e-3, rtol=1e-4)
-            start += len(protein)
+        assert_packed_equals_single(lambda group: net(graph_model(ProteinBatch.pack(group))), proteins,
+                                    atol=1e-4, graph_atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["series", "parallel", "cross"])
@@ -187,11 +183,7 @@ def test_training_step_reaches_every_parameter(all_proteins, mode):
     out = net(graph)
     assert out["graph_feature"].shape == (3, net.output_dim)
     out["graph_feature"].pow(2).mean().backward()
-    unused = {"sequence_model.model.lm_head", "sequence_model.model.contact_head"}
-    for name, parameter in net.named_parameters():
-        if any(name.startswith(u) for u in unused):
-            continue  # the language-model and contact heads are not part of the encoder
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
 
 
 def test_input_dim_mismatch_names_the_expected_number():
