@@ -67,3 +67,89 @@ def assert_packed_equals_single(run, proteins, atol=1e-5, graph_atol=None, rtol=
         torch.testing.assert_close(single["graph_feature"][0], packed["graph_feature"][b],
                                    atol=graph_atol or atol, rtol=rtol)
         start += protein.num_residue
+
+
+# ---- ATOM3D-format LMDBs written from real structures ---------------------------------------------------------
+ATOM3D_COLUMNS = ["ensemble", "subunit", "structure", "model", "chain", "hetero", "insertion_code", "residue",
+                  "segid", "resname", "altloc", "occupancy", "bfactor", "x", "y", "z", "element", "name",
+                  "fullname", "serial_number"]
+PSR_TARGETS = {"T0950": "1D66-A.pdb", "T0951": "1ORC-A.pdb"}  # two CASP-like targets, three decoys each
+MSP_COMPLEXES = ["2N2U-A.pdb", "6MRR-A.pdb", "1WVN-A.pdb"]
+
+
+def atom_table(path, noise: float = 0.0, seed: int = 0, mutate=None):
+    """The atoms of a structure file as ATOM3D's `bp_to_df` tabulates them, in DataFrame split form.
+
+    noise: Gaussian noise (Å) on the coordinates (a decoy); mutate: (residue index, new residue name) renames
+    one amino acid and drops its side chain beyond CB (a mutant as a pair needs it).
+    """
+    import gemmi
+    import numpy as np
+
+    structure = gemmi.read_structure(str(path))
+    rng = np.random.default_rng(seed)
+    rows, index = [], 0
+    name = Path(path).name
+    for chain in structure[0]:
+        for residue_index, res in enumerate(chain):
+            resname = res.name
+            hetero = " " if res.het_flag == "A" else ("W" if res.name == "HOH" else f"H_{res.name}")
+            if mutate is not None and residue_index == mutate[0] and hetero == " ":
+                resname = mutate[1]
+            for atom in res:
+                if resname != res.name and atom.name not in ("N", "CA", "C", "O", "CB"):
+                    continue
+                x, y, z = (np.array(atom.pos.tolist()) + noise * rng.standard_normal(3)).round(6).tolist()
+                rows.append([name, 0, name, 1, chain.name, hetero, res.seqid.icode.strip() or " ", res.seqid.num,
+                             "    ", resname, atom.altloc if atom.altloc != "\0" else " ", atom.occ, atom.b_iso,
+                             x, y, z, atom.element.name.upper(), atom.name, f" {atom.name:<3}", atom.serial])
+                index += 1
+    return {"columns": ATOM3D_COLUMNS, "index": list(range(index)), "data": rows}
+
+
+def write_psr(root):
+    """PSR-split-by-year/split-by-year/data/{train,val,test}: decoys of two targets in train, one each in val and
+    test, plus one broken item (no amino acid) in train. Returns {(target, decoy): gdt_ts}."""
+    from esm_gearnet.data.datasets import write_lmdb
+
+    base = Path(root) / "PSR-split-by-year" / "split-by-year" / "data"
+    scores, layout = {}, {"train": [], "val": [], "test": []}
+    for t, (target, file) in enumerate(PSR_TARGETS.items()):
+        for d, noise in enumerate([0.0, 0.5, 1.5, 3.0]):
+            decoy = f"server{d:02d}_TS1"
+            gdt = round(1.0 - noise / 4 - 0.01 * t, 3)
+            scores[(target, decoy)] = gdt
+            split = "train" if d < 2 else ("val" if d == 2 else "test")
+            layout[split].append({"id": str((target, decoy)), "file_path": f"/casp/{target}/{decoy}.pdb",
+                                  "atoms": atom_table(STRUCTURES / file, noise, seed=10 * t + d),
+                                  "scores": {"rmsd": noise, "gdt_ts": gdt, "gdt_ha": gdt / 2, "tm": gdt}})
+    water = {"columns": ATOM3D_COLUMNS, "index": [0], "data": [
+        ["w.pdb", 0, "w.pdb", 1, "A", "W", " ", 1, "    ", "HOH", " ", 1.0, 10.0, 0.0, 0.0, 0.0, "O", "O", " O  ", 1]]}
+    layout["train"].append({"id": str(("T0999", "broken")), "atoms": water, "scores": {"gdt_ts": 0.5}})
+    for split, items in layout.items():
+        write_lmdb(base / split, items)
+    return scores
+
+
+def write_msp(root):
+    """MSP-split-by-sequence-identity-30/.../{train,val,test}: four single mutants of three real complexes.
+    Returns {id: (label, residue index of the mutation)}."""
+    from esm_gearnet.data import load_structure
+    from esm_gearnet.data.datasets import write_lmdb
+
+    base = Path(root) / "MSP-split-by-sequence-identity-30" / "split-by-sequence-identity-30" / "data"
+    expected, layout = {}, {"train": [], "val": [], "test": []}
+    for file, site, split, label in [("2N2U-A.pdb", 7, "train", "1"), ("6MRR-A.pdb", 18, "train", "0"),
+                                     ("1WVN-A.pdb", 29, "val", "1"), ("2N2U-A.pdb", 40, "test", "0")]:
+        protein = load_structure(STRUCTURES / file)
+        wild = protein.sequence[site]
+        new = "W" if wild != "W" else "A"
+        mutation = f"{wild}{protein.chain_ids[0]}{int(protein.residue_number[site])}{new}"
+        name = f"{file[:4]}_A_B_{mutation}"
+        layout[split].append({"id": name, "original_atoms": atom_table(STRUCTURES / file),
+                              "mutated_atoms": atom_table(STRUCTURES / file, mutate=(site, "TRP" if new == "W" else "ALA")),
+                              "label": label})
+        expected[name] = (label, site)
+    for split, items in layout.items():
+        write_lmdb(base / split, items)
+    return expected

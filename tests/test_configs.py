@@ -1,10 +1,12 @@
 """Every config under config/ renders and builds; with tiny widths and random ESM weights substituted, its
-task takes a training step on generated proteins."""
+task takes a training step: EC/GO configs on generated proteins, PSR/MSP configs on ATOM3D LMDBs written from
+real structures."""
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import STRUCTURES, write_msp, write_psr
 from esm_gearnet.config import load_config
 from esm_gearnet.data import collate
 from esm_gearnet.registry import build
@@ -12,19 +14,38 @@ from esm_gearnet.training import parameter_groups, runtime_task_list
 
 CONFIGS = sorted(p for folder in ("EC", "GO", "demo")
                  for p in (Path(__file__).resolve().parents[1] / "config" / folder).glob("*.yaml"))
+ATOM3D_CONFIGS = sorted(p for folder in ("PSR", "MSP")
+                        for p in (Path(__file__).resolve().parents[1] / "config" / folder).glob("*.yaml"))
 TINY_ESM = 32
 
 
-def _shrink(cfg):
-    """Tiny widths and a random 1-layer ESM-2; the dataset becomes DemoFolds with the config's transforms."""
-    cfg.dataset = {"class": "DemoFolds", "num_protein": 8, "transform": cfg.dataset.get("transform")}
+@pytest.fixture(scope="session")
+def atom3d_root(tmp_path_factory):
+    if not STRUCTURES.exists():
+        pytest.skip("../shared/data is absent: the PSR/MSP configs train on LMDBs written from real structures")
+    root = tmp_path_factory.mktemp("atom3d")
+    write_psr(root)
+    write_msp(root)
+    return root
+
+
+def _shrink(cfg, dataset_path=None):
+    """Tiny widths and a random 1-layer ESM-2. EC/GO datasets become DemoFolds with the config's transforms;
+    PSR/MSP datasets read `dataset_path`."""
+    if dataset_path is None:
+        cfg.dataset = {"class": "DemoFolds", "num_protein": 8, "transform": cfg.dataset.get("transform")}
+    else:
+        cfg.dataset.update({"path": str(dataset_path), "progress": False})
     model = cfg.task.model
-    esm = model if model["class"] == "ESM" else model.sequence_model
-    esm.update({"pretrained": False, "architecture": [1, TINY_ESM, 4]})
-    if model["class"] != "FusionNetwork":
+    if model["class"] == "FusionNetwork":
+        model.sequence_model.update({"pretrained": False, "architecture": [1, TINY_ESM, 4]})
+        structure = model.structure_model
+        series = model.get("fusion") in (None, "series", "serial")
+    elif model["class"] == "ESM":
+        model.update({"pretrained": False, "architecture": [1, TINY_ESM, 4]})
         return cfg
-    structure = model.structure_model
-    series = model.get("fusion") in (None, "series", "serial")
+    else:
+        structure, series = model, False
     width = TINY_ESM if series else 21
     if structure["class"] == "GearNet":
         structure.update({"input_dim": width, "hidden_dims": [16, 16]})
@@ -37,18 +58,31 @@ def _shrink(cfg):
     return cfg
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_config_builds_and_trains_one_step(path):
+def _check_and_shrink(path, dataset_path=None):
     cfg = load_config(str(path), {"branch": "MF", "ckpt": None})
     model = cfg.task.model
-    if model["class"] == "FusionNetwork" and path.parent.name != "demo":
+    if path.parent.name != "demo" and model["class"] != "ESM":
         # the real widths agree with the fusion: ESM-2-650M's 1280 in series, the 21-dim one-hot otherwise
-        structure = model.structure_model
+        fused = model["class"] == "FusionNetwork"
+        structure = model.structure_model if fused else model
         width = structure.get("input_dim") or structure.get("node_in_dim")[0]
-        assert width == (1280 if model.get("fusion") in (None, "series", "serial") else 21)
+        assert width == (1280 if fused and model.get("fusion") in (None, "series", "serial") else 21)
     if path.parent.name == "GO":
         assert cfg.dataset.branch == "MF"
-    cfg = _shrink(cfg)
+    return _shrink(cfg, dataset_path)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_builds_and_trains_one_step(path):
+    _one_step(_check_and_shrink(path))
+
+
+@pytest.mark.parametrize("path", ATOM3D_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_atom3d_config_builds_and_trains_one_step(path, atom3d_root):
+    _one_step(_check_and_shrink(path, atom3d_root))
+
+
+def _one_step(cfg):
     torch.manual_seed(0)
     dataset = build(cfg.dataset, "dataset")
     task = build(cfg.task, "task", task=runtime_task_list(cfg, dataset))

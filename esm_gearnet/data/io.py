@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import gzip
 import logging
-import multiprocessing
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import constants
+from .parallel import ordered_map
 from .protein import Protein
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _first_line(error: BaseException, path: Optional[Path] = None) -> str:
 _TYPE_OF_RESIDUE = {three: constants.LETTER_TO_TYPE[one] for three, one in constants.THREE_TO_ONE.items()}
 
 
-def _residue_type(code: str) -> Optional[int]:
+def residue_type_of(code: str) -> Optional[int]:
     if code in _TYPE_OF_RESIDUE:
         return _TYPE_OF_RESIDUE[code]
     result = None
@@ -182,7 +182,7 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None):
         for res in ch:
             rtype = _TYPE_OF_RESIDUE.get(res.name, -1)
             if rtype == -1:
-                rtype = _residue_type(res.name)
+                rtype = residue_type_of(res.name)
             if rtype is None or res.entity_type == non_polymer:
                 continue
             layout = constants.ATOM_SLOTS[rtype]
@@ -309,29 +309,14 @@ def load_structures(paths: Sequence[PathLike], chain: Optional[str] = None, work
     Returns:
         (proteins in the order of `paths` minus the skipped ones, [(path, reason)] of the skipped files).
     """
-    from tqdm.auto import tqdm
-
     jobs = [(str(p), chain) for p in paths]
-    bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit="file")
     proteins, skipped = [], []
-
-    def consume(results: Iterable):
-        for (path, _), (parsed, reason) in zip(jobs, results):
-            if parsed is None:
-                skipped.append((path, reason))
-                logger.warning("skipped %s", reason)
-            else:
-                arrays, meta = parsed
-                proteins.append(Protein.from_arrays(arrays, **meta))
-            bar.update()
-
-    try:
-        if workers and workers > 1 and len(jobs) > 1:
-            context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-            with context.Pool(workers) as pool:
-                consume(pool.imap(_parse_for_pool, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))))
+    for (path, _), (parsed, reason) in zip(jobs, ordered_map(_parse_for_pool, jobs, workers, progress, description,
+                                                              unit="file")):
+        if parsed is None:
+            skipped.append((path, reason))
+            logger.warning("skipped %s", reason)
         else:
-            consume(map(_parse_for_pool, jobs))
-    finally:
-        bar.close()
+            arrays, meta = parsed
+            proteins.append(Protein.from_arrays(arrays, **meta))
     return proteins, skipped

@@ -78,6 +78,43 @@ class TruncateProtein:
 
 
 @register
+class TruncateProteinPair:
+    """Cuts a wild-type / mutant pair (`graph1`, `graph2`) to the same window of at most `max_length` residues
+    around the mutation (the first residue whose types differ).
+
+    Without `random` the window is centred on the mutation (moved inwards at the ends); with `random` its
+    start is drawn uniformly among the windows that hold the mutation. A pair without a differing residue is
+    cut from its start. DEVIATION: the original's random branch called `math.randint`, which does not exist.
+    """
+
+    def __init__(self, max_length: int = None, random: bool = False):
+        self.max_length = max_length
+        self.random = random
+
+    def __call__(self, item):
+        wild, mutant = item["graph1"], item["graph2"]
+        length = wild.num_residue
+        if self.max_length is None or length <= self.max_length:
+            return item
+        if mutant.num_residue != length:
+            raise ValueError(f"TruncateProteinPair: the pair has {length} and {mutant.num_residue} residues; "
+                             "the wild type and the mutant must have the same residues.")
+        window = self.max_length
+        mutated = (wild.residue_type != mutant.residue_type).nonzero()
+        site = int(mutated[0, 0]) if len(mutated) else 0
+        if self.random and len(mutated):
+            low, high = max(site - window + 1, 0), min(site, length - window)
+            start = low + int(torch.randint(high - low + 1, ()))
+        else:
+            start = min(max(site - window // 2, 0), length - window) if len(mutated) else 0
+        index = torch.arange(start, start + window)
+        return {**item, "graph1": wild.subresidue(index), "graph2": mutant.subresidue(index)}
+
+    def __repr__(self):
+        return f"TruncateProteinPair(max_length={self.max_length}, random={self.random})"
+
+
+@register
 class ResidueGraph:
     """Removes residues without a CA atom (the nodes of CDConv are CA atoms)."""
 

@@ -1,7 +1,10 @@
 """Datasets with the original config names; items are dicts {"graph": Protein, "targets": [T], ...}."""
+from .alphafold import AlphaFoldDB
+from .atom3d import LMDBFile, MSPDataset, PSRDataset, write_lmdb
 from .base import StructureDataset
 from .deepfri import EnzymeCommission, GeneOntology
 from .demo import DemoFolds
 from .folder import ProteinFolder
 
-__all__ = ["DemoFolds", "EnzymeCommission", "GeneOntology", "ProteinFolder", "StructureDataset"]
+__all__ = ["AlphaFoldDB", "DemoFolds", "EnzymeCommission", "GeneOntology", "LMDBFile", "MSPDataset", "PSRDataset",
+           "ProteinFolder", "StructureDataset", "write_lmdb"]

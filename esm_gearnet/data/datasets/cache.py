@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -70,6 +70,33 @@ class PackedProteins:
                        num_dropped=int(self.num_dropped[index]))
 
 
+def cached(cache_file: Path, key: str, build: Callable[[], Dict]) -> Dict:
+    """The state saved in `cache_file` under `key`, or `build()` saved there atomically and returned.
+
+    A file made from other inputs (another key), written half (no completion mark) or unreadable is rebuilt.
+    """
+    cache_file = Path(cache_file)
+    if cache_file.is_file():
+        try:
+            state = torch.load(cache_file, map_location="cpu", weights_only=True, mmap=True)
+            if state.get("key") == key and state.get("complete"):
+                return state
+            logger.info("cache %s was made from other inputs or options: rebuilding it", cache_file)
+        except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
+            logger.warning("cache %s cannot be read (%s): rebuilding it", cache_file, type(error).__name__)
+    state = dict(build(), key=key, complete=True)
+    save_atomic(state, cache_file)
+    return state
+
+
+def write_skipped(cache_file: Path, skipped: Sequence[Tuple[str, str]], total: int, what: str = "structure files"):
+    """Lists the skipped inputs with their reasons in `<cache>.skipped.tsv` (empty when none was skipped)."""
+    report = Path(cache_file).with_name(Path(cache_file).name + ".skipped.tsv")
+    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    if skipped:
+        logger.warning("%d of %d %s could not be read and were skipped; see %s", len(skipped), total, what, report)
+
+
 def load_or_build(files: Sequence[Path], cache_file: Path, options: Optional[Dict] = None, chain: str = None,
                   workers: int = 2, progress: bool = True) -> Tuple[PackedProteins, List[Tuple[str, str]]]:
     """The packed proteins of `files` (minus those that fail to parse), from `cache_file` when it is valid.
@@ -78,25 +105,14 @@ def load_or_build(files: Sequence[Path], cache_file: Path, options: Optional[Dic
         (proteins, skipped [(file, reason)]); `proteins.files[i]` is the file protein i came from.
     """
     files = [Path(f) for f in files]
-    key = cache_key(files, dict(options or {}, chain=chain))
-    cache_file = Path(cache_file)
-    if cache_file.is_file():
-        try:
-            state = torch.load(cache_file, map_location="cpu", weights_only=True, mmap=True)
-            if state.get("key") == key and state.get("complete"):
-                return PackedProteins(state), [tuple(s) for s in state["skipped"]]
-            logger.info("cache %s was made from other files or options: rebuilding it", cache_file)
-        except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
-            logger.warning("cache %s cannot be read (%s): rebuilding it", cache_file, type(error).__name__)
-    proteins, skipped = load_structures(files, chain=chain, workers=workers, progress=progress,
-                                        description=f"parsing {len(files)} structures")
-    bad = {path for path, _ in skipped}
-    kept = [str(f) for f in files if str(f) not in bad]
-    packed = PackedProteins.pack(proteins, kept)
-    save_atomic({**packed.state(), "key": key, "skipped": [list(s) for s in skipped], "complete": True}, cache_file)
-    report = cache_file.with_name(cache_file.name + ".skipped.tsv")
-    report.write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
-    if skipped:
-        logger.warning("%d of %d structure files could not be read and were skipped; see %s",
-                       len(skipped), len(files), report)
-    return packed, skipped
+
+    def build():
+        proteins, skipped = load_structures(files, chain=chain, workers=workers, progress=progress,
+                                            description=f"parsing {len(files)} structures")
+        bad = {path for path, _ in skipped}
+        packed = PackedProteins.pack(proteins, [str(f) for f in files if str(f) not in bad])
+        write_skipped(cache_file, skipped, len(files))
+        return {**packed.state(), "skipped": [list(s) for s in skipped]}
+
+    state = cached(cache_file, cache_key(files, dict(options or {}, chain=chain)), build)
+    return PackedProteins(state), [tuple(s) for s in state["skipped"]]

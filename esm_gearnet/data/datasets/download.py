@@ -9,6 +9,7 @@ import tarfile
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Callable, Optional
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -54,20 +55,21 @@ def _inside(root: Path, name: str) -> Path:
     return destination
 
 
-def extract(archive, folder=None) -> Path:
+def extract(archive, folder=None, select: Optional[Callable[[str], bool]] = None) -> Path:
     """Extract a .zip, .tar, .tar.gz or .tgz into `folder` (default: beside the archive), refusing members
-    with absolute paths, `..` or links that point outside the folder."""
+    with absolute paths, `..` or links that point outside the folder. `select(name)` keeps only some members."""
     archive = Path(archive)
     root = Path(folder or archive.parent).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as handle:
-            for member in handle.infolist():
+            members = [m for m in handle.infolist() if select is None or select(m.filename)]
+            for member in members:
                 _inside(root, member.filename)
-            handle.extractall(root)
+            handle.extractall(root, members=members)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as handle:
-            members = handle.getmembers()
+            members = [m for m in handle.getmembers() if select is None or select(m.name)]
             for member in members:
                 _inside(root, member.name)
                 if member.issym() or member.islnk():

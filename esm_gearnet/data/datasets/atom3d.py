@@ -1,0 +1,364 @@
+"""ATOM3D datasets read straight from their LMDB files: `PSRDataset` (model quality) and `MSPDataset` (mutation
+stability), plus the reader and writer of the format.
+
+An ATOM3D dataset is an LMDB folder. Key `num_examples` holds the item count, `serialization_format` is json
+or msgpack, and `id_to_idx` maps item ids to indices. Keys `b"0"`, `b"1"`, ... hold gzip-compressed items. Each
+item is a dict whose atom tables ("atoms", "original_atoms", "mutated_atoms") are pandas DataFrames stored
+`orient="split"`: {"columns": [...], "index": [...], "data": [[row], ...]}. The columns are ensemble, subunit,
+structure, model, chain, hetero, insertion_code, residue, segid, resname, altloc, occupancy, bfactor, x, y, z,
+element, name, fullname and serial_number. pandas is not needed to read them.
+
+The `atom3d` package is not used: it pins old libraries and does not install from wheels on Python 3.11.
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Tuple
+
+import numpy as np
+import torch
+
+from ...registry import register
+from .. import constants
+from ..io import StructureError, residue_type_of
+from ..parallel import ordered_map
+from ..protein import Protein
+from .base import StructureDataset
+from .cache import PackedProteins, cache_key, cached, write_skipped
+from .download import download, extract
+
+logger = logging.getLogger("esm_gearnet")
+SPLITS = ("train", "val", "test")
+NEEDED_COLUMNS = ("model", "chain", "hetero", "insertion_code", "residue", "resname", "name", "element",
+                  "x", "y", "z", "bfactor")
+
+
+# ---- the container ----------------------------------------------------------------------------------------
+def _open(path):
+    import lmdb
+
+    path = Path(path)
+    if not (path / "data.mdb").is_file():
+        raise FileNotFoundError(f"{path}: no ATOM3D LMDB here (data.mdb is missing); check the dataset path.")
+    return lmdb.open(str(path), max_readers=1, readonly=True, lock=False, readahead=False, meminit=False)
+
+
+def _deserialize(data: bytes, fmt: str):
+    if fmt == "json":
+        return json.loads(data)
+    import msgpack
+
+    return msgpack.unpackb(data, raw=False)
+
+
+class LMDBFile:
+    """Read-only view of one ATOM3D LMDB folder: `len()`, `[i]` -> item dict, `ids`."""
+
+    def __init__(self, path):
+        self.path = Path(os.path.expanduser(str(path)))
+        self._env = None
+        with _open(self.path).begin() as txn:
+            count = txn.get(b"num_examples")
+            if count is None:
+                raise ValueError(f"{self.path}: not an ATOM3D LMDB (no num_examples key).")
+            self.length = int(count)
+            self.format = (txn.get(b"serialization_format") or b"json").decode()
+            if self.format not in ("json", "msgpack"):
+                raise ValueError(f"{self.path}: serialization format {self.format!r} is not read here (only json "
+                                 "and msgpack; pickled LMDBs can run code when loaded): convert it with atom3d's "
+                                 "make_lmdb_dataset(..., serialization_format='json').")
+            raw = txn.get(b"id_to_idx")
+            self.ids = None
+            if raw is not None:
+                id_to_idx = _deserialize(raw, self.format)
+                self.ids = [None] * self.length
+                for name, index in id_to_idx.items():
+                    self.ids[int(index)] = name
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"{self.path}: index {index} out of range (0..{self.length - 1}).")
+        if self._env is None:  # opened lazily: an open LMDB environment must not cross a fork
+            self._env = _open(self.path)
+        with self._env.begin() as txn:
+            data = txn.get(str(index).encode())
+        if data is None:
+            raise KeyError(f"{self.path}: item {index} is missing.")
+        item = _deserialize(gzip.GzipFile(fileobj=io.BytesIO(data)).read(), self.format)
+        item.setdefault("id", str(index))
+        item.setdefault("file_path", str(self.path))
+        return item
+
+    def __getstate__(self):
+        return {**self.__dict__, "_env": None}
+
+
+def write_lmdb(path, items: Iterable[Dict[str, Any]], serialization_format: str = "json") -> int:
+    """Write items in ATOM3D's format, as its `make_lmdb_dataset` does (records gzip level 6, `types` added).
+
+    Atom tables are given in DataFrame split form {"columns", "index", "data"} and typed as DataFrames, so
+    that ATOM3D's own reader rebuilds them. Returns the number of items written.
+    """
+    import lmdb
+
+    frame_type = "<class 'pandas.core.frame.DataFrame'>"
+
+    def encode(obj) -> bytes:
+        if serialization_format == "json":
+            return json.dumps(obj).encode()
+        if serialization_format == "msgpack":
+            import msgpack
+
+            return msgpack.packb(obj, use_bin_type=True)
+        raise ValueError(f"write_lmdb: serialization_format must be json or msgpack, got {serialization_format!r}.")
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(path), map_size=1 << 36)
+    id_to_idx = {}
+    count = 0
+    with env.begin(write=True) as txn:
+        for count, item in enumerate(items, 1):
+            item = dict(item)
+            types = {k: frame_type if isinstance(v, dict) and set(v) == {"columns", "index", "data"}
+                     else str(type(v)) for k, v in item.items()}
+            types["types"] = str(dict)
+            item["types"] = types
+            txn.put(str(count - 1).encode(), gzip.compress(encode(item), compresslevel=6))
+            id_to_idx[item["id"]] = count - 1
+        txn.put(b"num_examples", str(count).encode())
+        txn.put(b"serialization_format", serialization_format.encode())
+        txn.put(b"id_to_idx", encode(id_to_idx))
+    env.close()
+    return count
+
+
+# ---- atom table -> Protein ----------------------------------------------------------------------------------
+def atoms_to_arrays(frame: Dict[str, Any], name: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """The residue-level arrays of `Protein` from an ATOM3D atom table (split-form dict).
+
+    The same rules as for structure files: first model only; hydrogens and waters dropped; hetero residues kept
+    only when they are modified amino acids (MSE -> MET), so a free amino acid bound as a ligand is dropped;
+    per atom slot the first alternate location wins; residues without CA dropped and counted. A residue is
+    (chain, residue number, insertion code, residue name), in table order.
+
+    Raises:
+        StructureError: naming `name` when the table lacks a column or holds no amino acid.
+    """
+    columns = list(frame["columns"])
+    missing = [c for c in NEEDED_COLUMNS if c not in columns]
+    if missing:
+        raise StructureError(f"{name}: the atom table lacks the column(s) {', '.join(missing)}.")
+    c = {k: columns.index(k) for k in NEEDED_COLUMNS}
+    rows = frame["data"]
+    first_model = rows[0][c["model"]] if rows else None
+    chain_ids: List[str] = []
+    residues: List[Tuple[int, int, int, int, float]] = []  # (type, number, icode, chain index, CA bfactor)
+    slots, xyz = [], []
+    current, layout, filled, ca_b, num_dropped = None, None, None, None, 0
+
+    def close():
+        nonlocal num_dropped
+        if current is None:
+            return
+        if ca_b is None:
+            num_dropped += 1
+            del slots[len(slots) - len(filled):], xyz[len(xyz) - 3 * len(filled):]
+            return
+        chain, number, icode, rtype = current
+        if not chain_ids or chain_ids[-1] != chain:
+            chain_ids.append(chain)
+        residues.append((rtype, number, icode, len(chain_ids) - 1, ca_b))
+
+    for row in rows:
+        if row[c["model"]] != first_model or row[c["element"]] in ("H", "D") or row[c["hetero"]] == "W":
+            continue
+        resname = row[c["resname"]]
+        hetero = row[c["hetero"]].strip()
+        rtype = residue_type_of(resname)
+        if rtype is None or (hetero and resname in constants.THREE_TO_ONE):
+            continue
+        code = row[c["insertion_code"]].strip()
+        key = (str(row[c["chain"]]), int(row[c["residue"]]), ord(code) if code else 32, rtype)
+        if key != current:
+            close()
+            current, layout, filled, ca_b = key, constants.ATOM_SLOTS[rtype], set(), None
+        atom = row[c["name"]]
+        slot = layout.get(atom, layout.get(constants.ATOM_ALIASES.get(atom)))
+        if slot is None or slot in filled:
+            continue
+        filled.add(slot)
+        slots.append(len(residues) * constants.NUM_ATOM_SLOTS + slot)
+        xyz.append((row[c["x"]], row[c["y"]], row[c["z"]]))
+        if slot == 1:
+            ca_b = float(row[c["bfactor"]])
+    close()
+    if not residues:
+        raise StructureError(f"{name}: the atom table holds no amino-acid residue with a CA atom.")
+    n = len(residues)
+    atom_pos = np.zeros((n * constants.NUM_ATOM_SLOTS, 3), dtype=np.float32)
+    atom_mask = np.zeros(n * constants.NUM_ATOM_SLOTS, dtype=bool)
+    index = np.asarray(slots, dtype=np.int64)
+    atom_pos[index] = np.asarray(xyz, dtype=np.float64)
+    atom_mask[index] = True
+    if not np.isfinite(atom_pos).all():
+        raise StructureError(f"{name}: the atom table has non-finite coordinates.")
+    types, numbers, icodes, chains, bfactors = zip(*residues)
+    arrays = {
+        "residue_type": np.asarray(types, dtype=np.int64),
+        "atom_pos": atom_pos.reshape(n, constants.NUM_ATOM_SLOTS, 3),
+        "atom_mask": atom_mask.reshape(n, constants.NUM_ATOM_SLOTS),
+        "residue_number": np.asarray(numbers, dtype=np.int64),
+        "insertion_code": np.asarray(icodes, dtype=np.uint8),
+        "chain_index": np.asarray(chains, dtype=np.int64),
+        "bfactor": np.asarray(bfactors, dtype=np.float32),
+    }
+    return arrays, {"chain_ids": tuple(chain_ids), "name": name, "num_dropped": num_dropped}
+
+
+def atoms_to_protein(frame: Dict[str, Any], name: str = "") -> Protein:
+    arrays, meta = atoms_to_arrays(frame, name)
+    return Protein.from_arrays(arrays, **meta)
+
+
+# ---- datasets -----------------------------------------------------------------------------------------------
+_OPEN_FILES: Dict[str, LMDBFile] = {}
+
+
+def _parse_item(job):
+    """(record, None) or (None, reason) for item `index` of an LMDB, in a worker process."""
+    path, index, kind = job
+    where = f"{path}[{index}]"
+    try:
+        if path not in _OPEN_FILES:
+            _OPEN_FILES[path] = LMDBFile(path)
+        item = _OPEN_FILES[path][index]
+        name = str(item.get("id", index))
+        if kind == "psr":
+            return {"id": name, "proteins": [atoms_to_arrays(item["atoms"], name)],
+                    "score": {k: float(v) for k, v in item["scores"].items()
+                                                                 if isinstance(v, (int, float))}}, None
+        wild = atoms_to_arrays(item["original_atoms"], name + " (original)")
+        mutant = atoms_to_arrays(item["mutated_atoms"], name + " (mutated)")
+        if len(wild[0]["residue_type"]) != len(mutant[0]["residue_type"]):
+            raise StructureError(f"the original and mutated structures have {len(wild[0]['residue_type'])} and "
+                                 f"{len(mutant[0]['residue_type'])} residues; a pair needs the same residues")
+        label = item["label"]
+        return {"id": name, "proteins": [wild, mutant], "label": float(str(label) == "1")}, None
+    except KeyError as error:
+        return None, f"{where}: the item has no field {error}."
+    except Exception as error:  # noqa: BLE001 - one bad item never ends the preprocessing
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return None, f"{where}: {text}"
+
+
+class _Atom3D(StructureDataset):
+    url: str
+    md5: str
+    dir_name: str
+    split_dir: str
+    kind: str
+
+    def _load(self, path, workers: int, progress: bool) -> Dict:
+        root = Path(os.path.expanduser(str(path))) / self.dir_name
+        lmdbs = [root / self.split_dir / "data" / s for s in SPLITS]
+        if not all((p / "data.mdb").is_file() for p in lmdbs):
+            extract(download(self.url, root, self.md5), root)
+        cache_file = root / f"{self.dir_name}.cache.pt"
+
+        def build():
+            jobs = [(str(p), i, self.kind) for p in lmdbs for i in range(len(LMDBFile(p)))]
+            records, skipped, split = [], [], []
+            for (lmdb_path, _, _), (record, reason) in zip(
+                    jobs, ordered_map(_parse_item, jobs, workers, progress, f"reading {self.dir_name}")):
+                if record is None:
+                    skipped.append((f"{lmdb_path}", reason))
+                    logger.warning("skipped %s", reason)
+                else:
+                    records.append(record)
+                    split.append(SPLITS.index(Path(lmdb_path).name))
+            ids = [r["id"] for r in records]
+            packs = [PackedProteins.pack([Protein.from_arrays(arrays, **meta) for arrays, meta in
+                                          (r["proteins"][k] for r in records)], ids).state()
+                     for k in range(1 if self.kind == "psr" else 2)]
+            write_skipped(cache_file, skipped, len(jobs), what="LMDB items")
+            return {"packs": packs, "records": [{k: v for k, v in r.items() if k != "proteins"} for r in records],
+                    "split": split, "skipped": [list(s) for s in skipped]}
+
+        state = cached(cache_file, cache_key([p / "data.mdb" for p in lmdbs], {"kind": self.kind}), build)
+        self.skipped = [tuple(s) for s in state["skipped"]]
+        self.split_indices = [[i for i, s in enumerate(state["split"]) if s == k] for k in range(len(SPLITS))]
+        return state
+
+
+@register
+class PSRDataset(_Atom3D):
+    """ATOM3D Protein Structure Ranking, split by year: decoy models of CASP targets, regression on GDT_TS.
+
+    Items are {"graph": Protein, "targets": [1] gdt_ts, "target_id": CASP target, "decoy": model name}; the
+    target id lets PropertyPrediction report the per-target Spearman correlation.
+
+    Args:
+        path: folder holding (or receiving) `PSR-split-by-year/split-by-year/data/{train,val,test}`.
+        transform: applied to every item; workers: processes for the first preprocessing.
+    """
+    url = "https://zenodo.org/record/4915648/files/PSR-split-by-year.tar.gz"
+    md5 = "8647b9d10d0a79dff81d1d83c825e74c"
+    dir_name, split_dir, kind = "PSR-split-by-year", "split-by-year", "psr"
+    tasks = ["gdt_ts"]
+
+    def __init__(self, path, transform=None, workers: int = 2, progress: bool = True, verbose: int = 0,
+                 **_torchdrug_options):
+        state = self._load(path, workers, progress)
+        self.proteins = PackedProteins(state["packs"][0])
+        ids = [ast.literal_eval(r["id"]) if r["id"].startswith("(") else ("", r["id"]) for r in state["records"]]
+        self.target_ids = [str(target) for target, _ in ids]
+        self.decoys = [str(decoy) for _, decoy in ids]
+        self.scores = [r["score"] for r in state["records"]]
+        self.targets = torch.tensor([[s.get("gdt_ts", float("nan"))] for s in self.scores],
+                                    dtype=torch.float32).reshape(-1, 1)
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> Dict:
+        item = {"graph": self.proteins[index], "targets": self.targets[index],
+                "target_id": self.target_ids[index], "decoy": self.decoys[index]}
+        return self.transform(item) if self.transform is not None else item
+
+
+@register
+class MSPDataset(_Atom3D):
+    """ATOM3D Mutation Stability Prediction, split at 30 % sequence identity: does a point mutation make the
+    complex bind better? Items are {"graph1": wild type, "graph2": mutant, "targets": [1] label, "mutation"}.
+
+    Args:
+        path: folder holding (or receiving)
+            `MSP-split-by-sequence-identity-30/split-by-sequence-identity-30/data/{train,val,test}`.
+        transform, workers: as for PSRDataset.
+    """
+    url = "https://zenodo.org/record/4962515/files/MSP-split-by-sequence-identity-30.tar.gz"
+    md5 = "6628e8efac12648d3b78bb0fc0d8860c"
+    dir_name, split_dir, kind = "MSP-split-by-sequence-identity-30", "split-by-sequence-identity-30", "msp"
+    tasks = ["label"]
+
+    def __init__(self, path, transform=None, workers: int = 2, progress: bool = True, verbose: int = 0,
+                 **_torchdrug_options):
+        state = self._load(path, workers, progress)
+        self.proteins = PackedProteins(state["packs"][0])
+        self.mutants = PackedProteins(state["packs"][1])
+        self.ids = [r["id"] for r in state["records"]]
+        self.targets = torch.tensor([[r["label"]] for r in state["records"]], dtype=torch.float32).reshape(-1, 1)
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> Dict:
+        item = {"graph1": self.proteins[index], "graph2": self.mutants[index], "targets": self.targets[index],
+                "mutation": self.ids[index].split("_")[-1]}
+        return self.transform(item) if self.transform is not None else item
