@@ -6,7 +6,7 @@ one process. NCCL on CUDA, gloo on CPU. Every helper also works when no group is
 from __future__ import annotations
 
 import os
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,6 +57,22 @@ def gather_objects(value: Any) -> List[Any]:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def all_gather_with_grad(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(the rows of all ranks in rank order [sum of rows, ...], index of this rank's first row). Gradients flow
+    back to the rank each row came from, summed over the ranks that used it. Ranks may hold different numbers
+    of rows."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x, 0
+    import torch.distributed.nn.functional as dist_nn
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])
+    parts = dist_nn.all_gather(padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sum(sizes[:dist.get_rank()])
 
 
 def any_true(flag: bool, device: torch.device) -> bool:

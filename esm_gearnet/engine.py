@@ -132,6 +132,7 @@ class Engine:
         self.best: Dict[str, Any] = {"epoch": None, "score": None}
         self.history: List[Dict[str, Any]] = []
         self.num_evaluated: Dict[str, int] = {}
+        self.extra: Dict[str, Any] = {}  # saved with the training state (pre-training: its position)
         self._writer = self._tensorboard()
 
     # ---- data --------------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ class Engine:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch, "step": self.step, "config": self.config, "metrics": self.history,
-                "best": self.best, "world_size": self.world_size}
+                "best": self.best, "world_size": self.world_size, "extra": self.extra}
 
     def save(self, name: str) -> None:
         """Full training state, written atomically by rank 0 (RNG states of every rank included)."""
@@ -319,6 +320,7 @@ class Engine:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         self.history = list(state["metrics"])
+        self.extra = dict(state.get("extra") or {})
         _set_rng_state(state["rng"][self.rank])
         if self.rank == 0 and self.run_dir is not None:  # drop records the interrupted run wrote after `path`
             (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
@@ -334,7 +336,7 @@ class Engine:
                 handle.write(json.dumps(record) + "\n")
         if self._writer is not None and "epoch" in record:
             for split in ("train", "valid", "test"):
-                for key, value in record[split].items():
+                for key, value in record.get(split, {}).items():
                     self._writer.add_scalar(f"{split}/{key}", value, record["epoch"])
             self._writer.flush()
 

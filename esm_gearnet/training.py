@@ -92,13 +92,14 @@ def parameter_groups(cfg, task: torch.nn.Module, lr: float) -> List[Dict[str, An
     gradients and no optimizer state.
     """
     scaled, ratio = None, None
+    encoder = getattr(task, "encoder", task.model)  # pre-training objectives wrap the encoder
     if cfg.get("lr_ratio") is not None:  # esm.yaml: the whole encoder vs the head
-        scaled, ratio = task.model, float(cfg.lr_ratio)
+        scaled, ratio = encoder, float(cfg.lr_ratio)
     if cfg.get("sequence_model_lr_ratio") is not None or cfg.get("fix_sequence_model"):
-        if not hasattr(task.model, "sequence_model"):
+        if not hasattr(encoder, "sequence_model"):
             raise ValueError("sequence_model_lr_ratio / fix_sequence_model need task.model to be a FusionNetwork "
                              "(it has no sequence_model); remove the key or use lr_ratio.")
-        scaled = task.model.sequence_model
+        scaled = encoder.sequence_model
         ratio = 0.0 if cfg.get("fix_sequence_model") else float(cfg.sequence_model_lr_ratio)
     if scaled is None:
         return [{"params": [p for p in task.parameters() if p.requires_grad]}]

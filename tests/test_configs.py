@@ -13,7 +13,10 @@ from esm_gearnet.registry import build
 from esm_gearnet.training import parameter_groups, runtime_task_list
 
 CONFIGS = sorted(p for folder in ("EC", "GO", "demo")
-                 for p in (Path(__file__).resolve().parents[1] / "config" / folder).glob("*.yaml"))
+                 for p in (Path(__file__).resolve().parents[1] / "config" / folder).glob("*.yaml")
+                 if not p.name.startswith("pretrain_"))
+PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "config" / "pretrain").glob("*.yaml"))
+PRETRAIN_CONFIGS += sorted((Path(__file__).resolve().parents[1] / "config" / "demo").glob("pretrain_*.yaml"))
 ATOM3D_CONFIGS = sorted(p for folder in ("PSR", "MSP")
                         for p in (Path(__file__).resolve().parents[1] / "config" / folder).glob("*.yaml"))
 TINY_ESM = 32
@@ -30,13 +33,13 @@ def atom3d_root(tmp_path_factory):
 
 
 def _shrink(cfg, dataset_path=None):
-    """Tiny widths and a random 1-layer ESM-2. EC/GO datasets become DemoFolds with the config's transforms;
-    PSR/MSP datasets read `dataset_path`."""
+    """Tiny widths and a random 1-layer ESM-2. EC/GO/pre-training datasets become DemoFolds with the config's
+    transforms; PSR/MSP datasets read `dataset_path`."""
     if dataset_path is None:
         cfg.dataset = {"class": "DemoFolds", "num_protein": 8, "transform": cfg.dataset.get("transform")}
     else:
         cfg.dataset.update({"path": str(dataset_path), "progress": False})
-    model = cfg.task.model
+    model = cfg.task.model.model if cfg.task["class"] == "Unsupervised" else cfg.task.model
     if model["class"] == "FusionNetwork":
         model.sequence_model.update({"pretrained": False, "architecture": [1, TINY_ESM, 4]})
         structure = model.structure_model
@@ -95,3 +98,27 @@ def _one_step(cfg):
     optimizer.step()
     assert torch.isfinite(loss)
     assert cfg.metric in task.evaluate(task.predict(batch).detach(), task.target(batch))
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_pretrain_config_builds_and_trains_one_step(path):
+    cfg = load_config(str(path), {})
+    if path.parent.name == "pretrain":  # the original's settings
+        assert cfg.dataset["class"] == "AlphaFoldDB"
+        assert (cfg.dataset.species_start, cfg.dataset.species_end) == (0, 21)
+        assert cfg.save_interval == 5 and cfg.train.num_epoch == 50
+        if path.name != "contrast_esm_gearnet.yaml":
+            assert cfg.fix_sequence_model is True
+        cfg = _shrink(cfg)
+    torch.manual_seed(0)
+    dataset = build(cfg.dataset, "dataset")
+    task = build(cfg.task, "task")
+    optimizer = build(cfg.optimizer, "optimizer", params=parameter_groups(cfg, task, float(cfg.optimizer.lr)))
+    esm = {k: v.clone() for k, v in task.encoder.sequence_model.state_dict().items()}
+    task.train()
+    loss, _ = task(collate([dataset[i] for i in range(4)]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    frozen = all(torch.equal(v, task.encoder.sequence_model.state_dict()[k]) for k, v in esm.items())
+    assert frozen == bool(cfg.get("fix_sequence_model"))

@@ -1,6 +1,12 @@
-"""Fine-tuning tasks with the original config names."""
+"""Fine-tuning and pre-training tasks with the original config names."""
 from .base import Task, dataset_targets
+from .contrast import SequenceStructureContrast
 from .pair import MSP
+from .pretrain import (AnglePrediction, DihedralPrediction, DistancePrediction, MultiviewContrast,
+                       ResidueTypePrediction, Unsupervised)
 from .property import MultipleBinaryClassification, PropertyPrediction
+from .siamdiff import NoiseTransform, SiamDiff
 
-__all__ = ["MSP", "MultipleBinaryClassification", "PropertyPrediction", "Task", "dataset_targets"]
+__all__ = ["AnglePrediction", "DihedralPrediction", "DistancePrediction", "MSP", "MultipleBinaryClassification",
+           "MultiviewContrast", "NoiseTransform", "PropertyPrediction", "ResidueTypePrediction",
+           "SequenceStructureContrast", "SiamDiff", "Task", "Unsupervised", "dataset_targets"]

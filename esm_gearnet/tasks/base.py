@@ -25,6 +25,11 @@ class Task(nn.Module):
         self.model = model
         self.graph_construction_model = graph_construction_model
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The model whose weights are saved for fine-tuning (pre-training objectives may wrap it)."""
+        return self.model
+
     def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Graph construction, then the model on the one-hot residue types (FusionNetwork feeds ESM itself)."""
         if self.graph_construction_model is not None:

@@ -64,13 +64,15 @@ class AlphaFoldDB(StructureDataset):
         path: folder holding (or receiving) the archives, the extracted files and the caches.
         species_id: 0-53, see `SPECIES` (21 = Swiss-Prot).
         split_id: which block of `split_length` (22,000) proteins; the dataset's `num_splits` tells how many.
-        version: AlphaFold DB release of the archives.
+        version: AlphaFold DB release of the archives; split_length: proteins per split (22,000).
         transform, workers: as for the other datasets.
     """
     split_length = 22000
 
     def __init__(self, path, species_id: int = 0, split_id: int = 0, transform=None, version: str = "v4",
-                 workers: int = 2, progress: bool = True, verbose: int = 0, **_torchdrug_options):
+                 split_length: int = None, workers: int = 2, progress: bool = True, verbose: int = 0,
+                 **_torchdrug_options):
+        self.split_length = split_length or self.split_length
         if not 0 <= species_id < len(SPECIES):
             raise ValueError(f"AlphaFoldDB: species_id must be in 0..{len(SPECIES) - 1}, got {species_id}.")
         root = Path(os.path.expanduser(str(path)))

@@ -1,0 +1,87 @@
+"""Sequence–structure contrastive pre-training (the JESPR objective, CLIP-style).
+
+Each protein's pooled ESM embedding (mean over its residues, special tokens excluded) and pooled structure
+embedding go through their own projection head (Linear → Tanh → Linear to `embedding_dim`, LayerNorm) and are
+L2-normalised. logits = exp(logit_scale) · S Tᵀ, with logit_scale initialised at log(1/temperature), learnable
+or fixed, and exp(logit_scale) clamped at 100. The loss is the mean of the cross entropies in both directions
+with the matching protein as the target. Under DDP the embeddings of every rank are gathered with their
+gradients, so the negatives span the global batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import distributed
+from ..data import constants
+from ..registry import register
+from .pretrain import PretrainTask
+
+
+def projection_head(input_dim: int, embedding_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(input_dim, input_dim), nn.Tanh(), nn.Linear(input_dim, embedding_dim),
+                         nn.LayerNorm(embedding_dim))
+
+
+def clip_loss(sequence: torch.Tensor, structure: torch.Tensor, scale: torch.Tensor):
+    """(loss, sequence→structure top-1 accuracy, structure→sequence top-1 accuracy) of this rank's normalised
+    embeddings [b, E] against those of all ranks."""
+    all_sequence, start = distributed.all_gather_with_grad(sequence)
+    all_structure, _ = distributed.all_gather_with_grad(structure)
+    labels = torch.arange(start, start + len(sequence), device=sequence.device)
+    seq_to_struct = scale * sequence @ all_structure.t()
+    struct_to_seq = scale * structure @ all_sequence.t()
+    loss = (F.cross_entropy(seq_to_struct, labels) + F.cross_entropy(struct_to_seq, labels)) / 2
+    return loss, (seq_to_struct.argmax(-1) == labels).float().mean(), (struct_to_seq.argmax(-1) == labels).float().mean()
+
+
+@register
+class SequenceStructureContrast(PretrainTask):
+    """Align the ESM and structure-encoder embeddings of the same protein.
+
+    Args:
+        model: a FusionNetwork in parallel fusion (the structure encoder must read residue types and
+            coordinates, not ESM's features, or the task is trivial).
+        embedding_dim: width of the joint space; temperature: initial temperature;
+        learnable_temperature: learn logit_scale; graph_construction_model: as usual.
+    """
+
+    max_scale = 100.0
+
+    def __init__(self, model: nn.Module, embedding_dim: int = 256, temperature: float = 0.07,
+                 learnable_temperature: bool = True, graph_construction_model: Optional[nn.Module] = None,
+                 verbose: int = 0):
+        super().__init__(model, graph_construction_model)
+        if getattr(model, "fusion", None) != "parallel":
+            raise ValueError("SequenceStructureContrast needs task.model to be a FusionNetwork with fusion: "
+                             "parallel, so that the structure encoder does not read ESM's features.")
+        self.sequence_head = projection_head(model.sequence_model.output_dim, embedding_dim)
+        self.structure_head = projection_head(model.structure_model.output_dim, embedding_dim)
+        init = torch.tensor(math.log(1 / temperature))
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+
+    def embed(self, graph):
+        """(sequence [B, E], structure [B, E]) normalised embeddings of a raw batch."""
+        graph = self.construct(graph)
+        sequence = self.model.sequence_model(graph)["graph_feature"]
+        input = F.one_hot(graph.residue_type, constants.NUM_RESIDUE_TYPES + 1).float()
+        structure = self.model.structure_model(graph, input)["graph_feature"]
+        return (F.normalize(self.sequence_head(sequence), dim=-1),
+                F.normalize(self.structure_head(structure), dim=-1))
+
+    def forward(self, batch):
+        sequence, structure = self.embed(batch["graph"])
+        scale = self.logit_scale.exp().clamp(max=self.max_scale)
+        loss, seq_acc, struct_acc = clip_loss(sequence, structure, scale)
+        return loss, {"loss": loss.detach(), "sequence_to_structure_accuracy": seq_acc,
+                      "structure_to_sequence_accuracy": struct_acc, "logit_scale": scale.detach()}
+
+
+__all__ = ["SequenceStructureContrast", "clip_loss", "projection_head"]

@@ -1,0 +1,358 @@
+"""Self-supervised pre-training objectives with the original config names: multiview contrast (`Unsupervised`
+around `MultiviewContrast`), residue type, distance, angle and dihedral prediction.
+
+Every objective is a `Task` whose `forward(batch)` returns (loss, logged values); the encoder (the
+`FusionNetwork` whose weights are saved) is `task.encoder`. Information an objective asks the model to
+predict is removed from everything the model sees: masked residues become ESM's `<mask>` token, a zero
+structure input row, an unknown residue type (so edge features carry nothing) and lose their side-chain atoms;
+sampled edges are removed together with every other edge between the same two residues.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..data import constants
+from ..data.protein import ProteinBatch
+from ..layers import MLP, functional
+from ..registry import register
+from .base import Task
+
+
+# ---- sampling helpers ---------------------------------------------------------------------------------------
+def sample_in_segments(segment: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[M] bool choosing `counts[b]` items uniformly without replacement among those with `segment == b`."""
+    num = len(segment)
+    perm = torch.argsort(torch.rand(num, device=segment.device))
+    perm = perm[torch.argsort(segment[perm], stable=True)]
+    sizes = torch.bincount(segment, minlength=len(counts))
+    rank = torch.empty_like(segment)
+    rank[perm] = torch.arange(num, device=segment.device) - functional.offsets(sizes)[segment[perm]]
+    return rank < counts[segment]
+
+
+def mask_residues(graph: ProteinBatch, mask: torch.Tensor) -> ProteinBatch:
+    """The batch with the residues of `mask [N]` made unknown: type 20 and no side-chain atoms."""
+    side_chain = mask.unsqueeze(-1) & (torch.arange(constants.NUM_ATOM_SLOTS, device=mask.device) >= 4)
+    return graph.replace(residue_type=graph.residue_type.masked_fill(mask, constants.UNKNOWN),
+                         atom_mask=graph.atom_mask & ~side_chain,
+                         atom_pos=graph.atom_pos.masked_fill(side_chain.unsqueeze(-1), 0.0))
+
+
+def drop_edges(graph: ProteinBatch, keep: torch.Tensor) -> ProteinBatch:
+    feature = graph.edge_feature[keep] if graph.edge_feature is not None else None
+    return graph.replace(edge_list=graph.edge_list[keep], edge_feature=feature)
+
+
+def remove_pairs(graph: ProteinBatch, node_a: torch.Tensor, node_b: torch.Tensor) -> ProteinBatch:
+    """The batch without any edge between residues a[p] and b[p] (either direction, any relation)."""
+    n = graph.num_residue
+    pair = torch.minimum(node_a, node_b) * n + torch.maximum(node_a, node_b)
+    src, dst = graph.edge_list[:, 0], graph.edge_list[:, 1]
+    edge = torch.minimum(src, dst) * n + torch.maximum(src, dst)
+    return drop_edges(graph, ~torch.isin(edge, pair))
+
+
+def sample_edges(graph: ProteinBatch, num_sample: int) -> torch.Tensor:
+    """[S] edge indices: `num_sample` edges drawn with replacement in every protein that has edges; self-loops
+    (sequential offset 0) are never drawn."""
+    candidates = (graph.edge_list[:, 0] != graph.edge_list[:, 1]).nonzero().flatten()
+    edge2graph = graph.residue2graph[graph.edge_list[candidates, 1]]
+    order = candidates[torch.argsort(edge2graph, stable=True)]
+    sizes = torch.bincount(edge2graph, minlength=graph.batch_size)
+    has = (sizes > 0).nonzero().flatten()
+    pick = (torch.rand(len(has), num_sample, device=sizes.device) * sizes[has, None]).long()
+    return order[(functional.offsets(sizes)[has, None] + pick).flatten()]
+
+
+def next_edges(graph: ProteinBatch, node: torch.Tensor) -> torch.Tensor:
+    """For each residue of `node`, a random edge leaving it to another residue (index into edge_list), -1 when
+    it has none."""
+    candidates = (graph.edge_list[:, 0] != graph.edge_list[:, 1]).nonzero().flatten()
+    src = graph.edge_list[candidates, 0]
+    order = candidates[torch.argsort(src, stable=True)]
+    degree = torch.bincount(src, minlength=graph.num_residue)
+    pick = (torch.rand(len(node), device=node.device) * degree[node]).long()
+    index = order[(functional.offsets(degree)[node] + pick).clamp(max=max(len(order) - 1, 0))]
+    return torch.where(degree[node] > 0, index, torch.full_like(index, -1))
+
+
+def angle_between(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[P] angle in [0, π] between vectors u, v [P, 3]."""
+    return torch.atan2(torch.linalg.cross(u, v, dim=-1).norm(dim=-1), (u * v).sum(-1))
+
+
+def dihedral(p0, p1, p2, p3, signed: bool = False) -> torch.Tensor:
+    """[P] dihedral angle of the points p0-p1-p2-p3 [P, 3]: in (-π, π] when signed, else its size in [0, π]."""
+    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
+    n1, n2 = torch.linalg.cross(b0, b1, dim=-1), torch.linalg.cross(b1, b2, dim=-1)
+    cross = torch.linalg.cross(n1, n2, dim=-1)
+    if not signed:
+        return torch.atan2(cross.norm(dim=-1), (n1 * n2).sum(-1))
+    return torch.atan2((cross * F.normalize(b1, dim=-1)).sum(-1), (n1 * n2).sum(-1))
+
+
+def to_bins(angle: torch.Tensor, num_class: int, low: float, high: float) -> torch.Tensor:
+    return ((angle - low) / (high - low) * num_class).long().clamp(0, num_class - 1)
+
+
+class PretrainTask(Task):
+    """A pre-training objective: graph construction after the objective changed the batch, the encoder's
+    residue features, a head. `encoder` is the model whose weights are saved for fine-tuning."""
+
+    def construct(self, graph: ProteinBatch) -> ProteinBatch:
+        return self.graph_construction_model(graph) if self.graph_construction_model is not None else graph
+
+    def residue_features(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, D] encoder features of a constructed graph; `residue_mask` rows get a zero one-hot input and
+        ESM's `<mask>` token."""
+        input = F.one_hot(graph.residue_type, constants.NUM_RESIDUE_TYPES + 1).float()
+        if residue_mask is None:
+            return self.encoder(graph, input)["residue_feature"]
+        input = input.masked_fill(residue_mask.unsqueeze(-1), 0.0)
+        if "residue_mask" in inspect.signature(self.encoder.forward).parameters:
+            return self.encoder(graph, input, residue_mask=residue_mask)["residue_feature"]
+        return self.encoder(graph, input)["residue_feature"]
+
+
+# ---- residue type ---------------------------------------------------------------------------------------------
+@register
+class ResidueTypePrediction(PretrainTask):
+    """Predict the types of `mask_rate` of the residues (at least one per protein) from the masked protein.
+
+    Args:
+        model: the encoder; mask_rate: share of residues masked; num_mlp_layer: head depth;
+        graph_construction_model: built after masking.
+    """
+
+    def __init__(self, model: nn.Module, mask_rate: float = 0.15, num_mlp_layer: int = 2,
+                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
+        super().__init__(model, graph_construction_model)
+        self.mask_rate = mask_rate
+        self.mlp = MLP(model.output_dim, [model.output_dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
+
+    def sample_mask(self, graph: ProteinBatch) -> torch.Tensor:
+        known = graph.residue_type < constants.NUM_RESIDUE_TYPES
+        counts = (graph.num_residues.float() * self.mask_rate).long().clamp(min=1)
+        segment = torch.where(known, graph.residue2graph, torch.full_like(graph.residue2graph, graph.batch_size))
+        return sample_in_segments(segment, torch.cat([counts, counts.new_zeros(1)]))
+
+    def forward(self, batch):
+        graph = batch["graph"]
+        mask = self.sample_mask(graph)
+        feature = self.residue_features(self.construct(mask_residues(graph, mask)), mask)
+        logits, target = self.mlp(feature[mask]), graph.residue_type[mask]
+        loss = F.cross_entropy(logits, target)
+        return loss, {"loss": loss.detach(), "accuracy": (logits.argmax(-1) == target).float().mean()}
+
+
+# ---- distance, angle, dihedral --------------------------------------------------------------------------------
+class _PathPrediction(PretrainTask):
+    """Sample paths of `num_points` residues along edges, remove their edges, predict their geometry from the
+    concatenated features of the path's residues."""
+    num_points: int
+
+    def __init__(self, model: nn.Module, num_sample: int, num_output: int, num_mlp_layer: int,
+                 graph_construction_model: Optional[nn.Module]):
+        super().__init__(model, graph_construction_model)
+        self.num_sample = num_sample
+        hidden = [model.output_dim] * (num_mlp_layer - 1)
+        self.mlp = MLP(self.num_points * model.output_dim, hidden + [num_output])
+
+    def sample_paths(self, graph: ProteinBatch) -> torch.Tensor:
+        """[P, num_points] residues of paths i-j(-k(-l)) along edges, without repeated residues."""
+        edges = sample_edges(graph, self.num_sample)
+        path = [graph.edge_list[edges, 0], graph.edge_list[edges, 1]]
+        valid = torch.ones_like(path[0], dtype=torch.bool)
+        while len(path) < self.num_points:
+            step = next_edges(graph, path[-1])
+            node = graph.edge_list[step.clamp(min=0), 1]
+            valid &= (step >= 0) & ~torch.stack([node == p for p in path]).any(0)
+            path.append(node)
+        return torch.stack(path, -1)[valid]
+
+    def target(self, pos: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def criterion(self, pred: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        loss = F.cross_entropy(pred, target)
+        return {"loss": loss, "accuracy": (pred.argmax(-1) == target).float().mean()}
+
+    def forward(self, batch):
+        graph = self.construct(batch["graph"])
+        path = self.sample_paths(graph)
+        feature = self.residue_features(remove_pairs(graph, path[:, :-1].flatten(), path[:, 1:].flatten()))
+        values = self.criterion(self.mlp(feature[path].flatten(1)), self.target(graph.pos, path))
+        return values["loss"], {k: v.detach() for k, v in values.items()}
+
+
+@register
+class DistancePrediction(_PathPrediction):
+    """Regress the Cα distance of `num_sample` sampled edges per protein, removed from the graph first.
+
+    Args:
+        model, graph_construction_model; num_sample: edges per protein; num_mlp_layer: head depth.
+    """
+    num_points = 2
+
+    def __init__(self, model: nn.Module, num_sample: int = 256, num_mlp_layer: int = 2,
+                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
+        super().__init__(model, num_sample, 1, num_mlp_layer, graph_construction_model)
+
+    def target(self, pos, path):
+        return (pos[path[:, 0]] - pos[path[:, 1]]).norm(dim=-1)
+
+    def criterion(self, pred, target):
+        return {"loss": F.mse_loss(pred.squeeze(-1), target)}
+
+
+class _GeometryClassification(_PathPrediction):
+    def __init__(self, model: nn.Module, num_sample: int = 512, num_class: int = 8, num_mlp_layer: int = 2,
+                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
+        super().__init__(model, num_sample, num_class, num_mlp_layer, graph_construction_model)
+        self.num_class = num_class
+
+
+@register
+class AnglePrediction(_GeometryClassification):
+    """Classify the angle i-j-k (at j) of sampled pairs of edges i→j→k into `num_class` bins over [0, π); both
+    edges (every relation between those residues) are removed from the graph first."""
+    num_points = 3
+
+    def target(self, pos, path):
+        angle = angle_between(pos[path[:, 0]] - pos[path[:, 1]], pos[path[:, 2]] - pos[path[:, 1]])
+        return to_bins(angle, self.num_class, 0.0, math.pi)
+
+
+@register
+class DihedralPrediction(_GeometryClassification):
+    """Classify the dihedral angle of sampled paths i→j→k→l into `num_class` bins; the three edges are removed
+    first. By default the angle is unsigned, over [0, π), as in the original; `signed: true` bins the signed
+    angle over [-π, π)."""
+    num_points = 4
+
+    def __init__(self, model, num_sample: int = 512, num_class: int = 8, num_mlp_layer: int = 2,
+                 graph_construction_model=None, signed: bool = False, verbose: int = 0):
+        super().__init__(model, num_sample, num_class, num_mlp_layer, graph_construction_model)
+        self.signed = signed
+
+    def target(self, pos, path):
+        angle = dihedral(*(pos[path[:, k]] for k in range(4)), signed=self.signed)
+        low = -math.pi if self.signed else 0.0
+        return to_bins(angle, self.num_class, low, math.pi)
+
+
+# ---- multiview contrast ---------------------------------------------------------------------------------------
+@register
+class SubsequenceNode:
+    """Crop: a random window of at most `max_length` consecutive residues of each protein."""
+
+    def __init__(self, max_length: int = 100):
+        self.max_length = max_length
+
+    def __call__(self, graph: ProteinBatch) -> ProteinBatch:
+        lengths = graph.num_residues
+        start = (torch.rand(len(lengths), device=lengths.device) * (lengths - self.max_length + 1).clamp(min=1)).long()
+        position = functional.position_in_segment(lengths, graph.residue2graph)
+        offset = position - start[graph.residue2graph]
+        return graph.subresidue((offset >= 0) & (offset < self.max_length))
+
+
+@register
+class SubspaceNode:
+    """Crop: the residues within a radius of a random centre residue of each protein; the radius is
+    `min_radius` or, if larger, the distance that holds `min_neighbor` residues."""
+
+    def __init__(self, entity_level: str = "node", min_neighbor: int = 15, min_radius: float = 15.0):
+        if entity_level not in ("node", "residue"):
+            raise ValueError(f"SubspaceNode: entity_level {entity_level!r} is not supported; use node (residues).")
+        self.min_neighbor, self.min_radius = min_neighbor, min_radius
+
+    def __call__(self, graph: ProteinBatch) -> ProteinBatch:
+        lengths = graph.num_residues
+        centre = functional.offsets(lengths) + (torch.rand(len(lengths), device=lengths.device) * lengths).long()
+        distance = (graph.pos - graph.pos[centre[graph.residue2graph]]).norm(dim=-1)
+        order = torch.argsort(distance)
+        order = order[torch.argsort(graph.residue2graph[order], stable=True)]
+        kth = functional.offsets(lengths) + (lengths.clamp(max=self.min_neighbor) - 1).clamp(min=0)
+        radius = distance[order[kth]].clamp(min=self.min_radius)
+        return graph.subresidue(distance <= radius[graph.residue2graph])
+
+
+@register
+class IdentityNode:
+    """Noise: none."""
+
+    def __call__(self, graph: ProteinBatch) -> ProteinBatch:
+        return graph
+
+
+@register
+class RandomEdgeMask:
+    """Noise: remove `mask_rate` of each protein's edges at random (after graph construction)."""
+
+    def __init__(self, mask_rate: float = 0.15):
+        self.mask_rate = mask_rate
+
+    def __call__(self, graph: ProteinBatch) -> ProteinBatch:
+        edge2graph = graph.residue2graph[graph.edge_list[:, 1]]
+        counts = (graph.num_edges.float() * self.mask_rate).long()
+        return drop_edges(graph, ~sample_in_segments(edge2graph, counts))
+
+
+@register
+class MultiviewContrast(nn.Module):
+    """Two views of every protein (a random crop, graph construction, a random noise), the encoder's protein
+    features projected by an MLP, cosine similarities over `tau`, InfoNCE with the other view as the positive.
+
+    Made symmetric: the loss averages both directions (view 1 → view 2 and back); the original used one.
+    """
+
+    def __init__(self, model: nn.Module, crop_funcs: Sequence = (), noise_funcs: Sequence = (),
+                 num_mlp_layer: int = 2, activation: str = "relu", tau: float = 0.07):
+        super().__init__()
+        self.model = model
+        self.crop_funcs = list(crop_funcs) or [IdentityNode()]
+        self.noise_funcs = list(noise_funcs) or [IdentityNode()]
+        self.tau = tau
+        self.output_dim = model.output_dim
+        self.mlp = MLP(model.output_dim, [model.output_dim] * num_mlp_layer)
+
+    def view(self, graph: ProteinBatch, construct) -> ProteinBatch:
+        graph = random.choice(self.crop_funcs)(graph)
+        return random.choice(self.noise_funcs)(construct(graph))
+
+    def loss(self, graph: ProteinBatch, construct):
+        features = []
+        for _ in range(2):
+            view = self.view(graph, construct)
+            output = self.model(view, F.one_hot(view.residue_type, constants.NUM_RESIDUE_TYPES + 1).float())
+            features.append(F.normalize(self.mlp(output["graph_feature"]), dim=-1))
+        score = features[0] @ features[1].t() / self.tau
+        labels = torch.arange(len(score), device=score.device)
+        loss = (F.cross_entropy(score, labels) + F.cross_entropy(score.t(), labels)) / 2
+        accuracy = (score.argmax(-1) == labels).float().mean()
+        return loss, {"loss": loss.detach(), "accuracy": accuracy}
+
+
+@register
+class Unsupervised(PretrainTask):
+    """Runs a self-supervised model (`MultiviewContrast`) that computes its own loss, with graph construction
+    applied to each of its views."""
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.model
+
+    def forward(self, batch):
+        return self.model.loss(batch["graph"], self.construct)
+
+
+__all__ = ["AnglePrediction", "DihedralPrediction", "DistancePrediction", "IdentityNode", "MultiviewContrast",
+           "RandomEdgeMask", "ResidueTypePrediction", "SubspaceNode", "SubsequenceNode", "Unsupervised"]

@@ -1,0 +1,116 @@
+"""SiamDiff: Siamese diffusion trajectories of two correlated conformers of each protein (Zhang et al., 2023).
+
+`NoiseTransform(sigma)` makes the second conformer (`graph2`: Gaussian noise of `sigma` Å on every atom). Both
+conformers share one noise level t per protein. Each gets its own structure noise ε (variance-exploding form
+of a sigmoid beta schedule: x_t = x + ε·sqrt((1 − ᾱ_t)/ᾱ_t)), and both share one sequence mask covering a share
+(t + 1)/T of the residues. Each conformer's structure noise and masked residue types are then predicted from
+the *other* conformer's residue features. The structure head is equivariant: per edge (i, j) of the noisy
+conformer, an MLP of both residues' features (from the other conformer), their distance and the noise level
+gives a weight w_ij, and ε̂_i = Σ_j w_ij (x_i − x_j). Loss: γ·structure (MSE of ε) + (1 − γ)·sequence (cross
+entropy).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..data import constants
+from ..data.protein import ProteinBatch
+from ..layers import MLP, functional
+from ..registry import register
+from .pretrain import PretrainTask, mask_residues, sample_in_segments
+
+
+@register
+class NoiseTransform:
+    """Adds `graph2` to an item: the protein with Gaussian noise of `sigma` Å on every atom (a second,
+    correlated conformer)."""
+
+    def __init__(self, sigma: float = 0.3):
+        self.sigma = sigma
+
+    def __call__(self, item):
+        graph = item["graph"]
+        noise = torch.randn_like(graph.atom_pos) * self.sigma * graph.atom_mask.unsqueeze(-1)
+        return {**item, "graph2": graph.replace(atom_pos=graph.atom_pos + noise)}
+
+    def __repr__(self):
+        return f"NoiseTransform(sigma={self.sigma})"
+
+
+def sigmoid_schedule(begin: float, end: float, num: int) -> torch.Tensor:
+    """[num] betas rising from `begin` to `end` along a sigmoid."""
+    return torch.sigmoid(torch.linspace(-6, 6, num, dtype=torch.float64)) * (end - begin) + begin
+
+
+def perturb(graph: ProteinBatch, scale: torch.Tensor, noise: torch.Tensor) -> ProteinBatch:
+    """Every atom of residue n moved by noise[n] · scale[graph of n] (residues move rigidly)."""
+    shift = (noise * scale[graph.residue2graph].unsqueeze(-1)).unsqueeze(1) * graph.atom_mask.unsqueeze(-1)
+    return graph.replace(atom_pos=graph.atom_pos + shift)
+
+
+@register
+class SiamDiff(PretrainTask):
+    """Args:
+        model: the encoder; graph_construction_model: built on each noisy conformer.
+        num_mlp_layer: depth of both heads; sigma_begin, sigma_end, num_noise_level: the beta schedule;
+        gamma: weight of the structure loss; max_mask_ratio: share of residues masked at the last level.
+    DEVIATION: masked residues get ESM's `<mask>` token (and a zero structure input); the original turned them
+    into glycine (type 0), which is also a real residue to predict.
+    """
+
+    def __init__(self, model: nn.Module, num_mlp_layer: int = 3, sigma_begin: float = 1e-3, sigma_end: float = 0.1,
+                 num_noise_level: int = 100, gamma: float = 0.5, max_mask_ratio: float = 1.0,
+                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
+        super().__init__(model, graph_construction_model)
+        self.gamma, self.max_mask_ratio, self.num_noise_level = gamma, max_mask_ratio, num_noise_level
+        alpha_bar = torch.cumprod(1 - sigmoid_schedule(sigma_begin, sigma_end, num_noise_level), 0)
+        self.register_buffer("noise_scale", ((1 - alpha_bar) / alpha_bar).sqrt().float(), persistent=False)
+        dim = model.output_dim
+        self.struct_mlp = MLP(2 * dim + 2, [dim] * (num_mlp_layer - 1) + [1])
+        self.seq_mlp = MLP(dim, [dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
+
+    def sample(self, graph: ProteinBatch):
+        """(noise level t [B], sequence mask [N]) shared by both conformers."""
+        t = torch.randint(self.num_noise_level, (graph.batch_size,), device=graph.device)
+        ratio = (t + 1).float() / self.num_noise_level * self.max_mask_ratio
+        counts = (graph.num_residues.float() * ratio).long().clamp(min=1)
+        known = graph.residue_type < constants.NUM_RESIDUE_TYPES
+        segment = torch.where(known, graph.residue2graph, torch.full_like(graph.residue2graph, graph.batch_size))
+        return t, sample_in_segments(segment, torch.cat([counts, counts.new_zeros(1)]))
+
+    def predict_noise(self, noisy: ProteinBatch, feature: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """[N, 3] ε̂ for the noisy (constructed) conformer from the other conformer's features [N, D]."""
+        i, j = noisy.edge_list[:, 0], noisy.edge_list[:, 1]
+        delta = noisy.pos[i] - noisy.pos[j]
+        distance = delta.norm(dim=-1, keepdim=True)
+        edge_level = level[noisy.residue2graph[i]].unsqueeze(-1)
+        weight = self.struct_mlp(torch.cat([feature[i], feature[j], distance / 10, edge_level], -1))
+        return functional.segment_sum(weight * delta, i, noisy.num_residue)
+
+    def forward(self, batch):
+        conformers = [batch["graph"], batch["graph2"]]
+        t, mask = self.sample(conformers[0])
+        scale = self.noise_scale[t]
+        noises, graphs, features = [], [], []
+        for conformer in conformers:
+            noise = torch.randn_like(conformer.pos)
+            graph = self.construct(mask_residues(perturb(conformer, scale, noise), mask))
+            noises.append(noise)
+            graphs.append(graph)
+            features.append(self.residue_features(graph, mask))
+        level = t.float() / self.num_noise_level
+        structure = sequence = 0.0
+        target = conformers[0].residue_type[mask]
+        for this, other in ((0, 1), (1, 0)):
+            structure = structure + F.mse_loss(self.predict_noise(graphs[this], features[other], level), noises[this])
+            sequence = sequence + F.cross_entropy(self.seq_mlp(features[other][mask]), target)
+        loss = (self.gamma * structure + (1 - self.gamma) * sequence) / 2
+        return loss, {"loss": loss.detach(), "structure_loss": structure.detach() / 2,
+                      "sequence_loss": sequence.detach() / 2}
+
+
+__all__ = ["NoiseTransform", "SiamDiff", "perturb", "sigmoid_schedule"]
