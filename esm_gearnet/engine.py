@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, report
 from .data.protein import ProteinBatch, collate
 
 logger = logging.getLogger("esm_gearnet")
@@ -299,8 +299,8 @@ class Engine:
 
     def _save_model(self, name: str) -> None:
         if self.rank == 0 and self.run_dir is not None:
-            checkpoint.save_atomic({"model": self.task.state_dict(), "epoch": self.epoch,
-                                    "config": self.config, "metrics": self.history[-1:]}, self.run_dir / name)
+            checkpoint.save_atomic({"model": self.task.state_dict(), "epoch": self.epoch, "config": self.config,
+                                    "metrics": self.history[-1:], "extra": self.extra}, self.run_dir / name)
         distributed.barrier()
 
     def resume(self, path) -> None:
@@ -334,6 +334,11 @@ class Engine:
         if self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if "epoch" in record:
+                try:
+                    report.write_curves(self.run_dir)
+                except ImportError:  # matplotlib is a dependency; a broken install must not stop training
+                    logger.warning("matplotlib cannot be imported: curves.png is not drawn")
         if self._writer is not None and "epoch" in record:
             for split in ("train", "valid", "test"):
                 for key, value in record.get(split, {}).items():

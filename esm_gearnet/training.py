@@ -145,8 +145,10 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
     lr = float(cfg.optimizer.get("lr", 1e-3))
     optimizer = build(cfg.optimizer, "optimizer", params=parameter_groups(cfg, task, lr))
     scheduler = build_scheduler(cfg, optimizer, selection_metric(cfg, task))
-    return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir,
-                  config=cfg, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
+    engine = Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir,
+                    config=cfg, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
+    engine.extra["tasks"] = [str(t) for t in dataset.tasks]  # term names, for script/predict.py
+    return engine
 
 
 def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:

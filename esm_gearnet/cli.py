@@ -1,0 +1,97 @@
+"""The `esm-gearnet` command: embed, predict, report, downstream and pretrain.
+
+    esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
+    esm-gearnet predict --ckpt RUN_DIR_OR_CHECKPOINT INPUT... -o predictions.csv [--threshold T] [--scores S.npz]
+    esm-gearnet report RUN_DIR... [-o report.png]
+    esm-gearnet downstream -c CONFIG ...   /   esm-gearnet pretrain -c CONFIG ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="PDB/mmCIF files (.gz too), folders, or text files of paths")
+    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("--workers", type=int, default=2, help="parsing processes")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    parser.add_argument("--max-residues", type=int, default=4096, help="padded residues per batch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Embeddings of your own structures (.npz, .pt or .h5).")
+    parser.add_argument("-c", "--config", default=None, help="the model's config (optional with --ckpt of a run)")
+    parser.add_argument("--ckpt", default=None, help="weights: a run directory, a checkpoint or a bare state_dict")
+    parser.add_argument("--per-residue", action="store_true", help="also write per-residue embeddings")
+    parser.add_argument("--resume", action="store_true", help="keep the proteins already in OUT, embed the rest")
+    _common(parser)
+    return parser
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Predictions of a trained task for your own structures (CSV).")
+    parser.add_argument("--ckpt", required=True, help="a run directory (its best.pth) or a checkpoint of it")
+    parser.add_argument("-c", "--config", default=None, help="override the config the checkpoint carries")
+    parser.add_argument("--threshold", type=float, default=0.5, help="terms scored at least this are listed")
+    parser.add_argument("--top", type=int, default=5, help="how many best-scoring terms to list")
+    parser.add_argument("--scores", default=None, help="also write the full score matrix to this .npz")
+    _common(parser)
+    return parser
+
+
+def embed_main(argv: Optional[List[str]] = None) -> int:
+    from .inference import run_embed
+    from .training import setup_logging
+
+    args = embed_parser().parse_args(argv)
+    setup_logging(None)
+    count, skipped = run_embed(args.inputs, args.output, args.config, args.ckpt, args.per_residue, args.resume,
+                               args.workers, args.device, args.max_residues, progress=not args.quiet)
+    print(f"embedded {count} protein(s) into {args.output}; {len(skipped)} input(s) skipped")
+    return 0 if count or (args.resume and not skipped) else 1
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    from .inference import run_predict
+    from .training import setup_logging
+
+    args = predict_parser().parse_args(argv)
+    setup_logging(None)
+    count, skipped = run_predict(args.inputs, args.output, args.ckpt, args.config, args.threshold, args.top,
+                                 args.scores, args.workers, args.device, args.max_residues, not args.quiet)
+    print(f"predicted {count} protein(s) into {args.output}; {len(skipped)} input(s) skipped")
+    return 0 if count else 1
+
+
+def report_main(argv: Optional[List[str]] = None) -> int:
+    from .report import plot_runs
+
+    parser = argparse.ArgumentParser(description="Training curves of one or more runs side by side.")
+    parser.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")
+    parser.add_argument("-o", "--output", default="report.png")
+    args = parser.parse_args(argv)
+    plot_runs(args.runs, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"embed": embed_main, "predict": predict_main, "report": report_main}
+    if argv and argv[0] in ("downstream", "pretrain"):
+        from .pretraining import run_pretrain
+        from .training import run_downstream
+
+        (run_downstream if argv[0] == "downstream" else run_pretrain)(argv[1:])
+        return 0
+    if not argv or argv[0] not in commands:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Use a model on your own structures: per-protein (and per-residue) embeddings, and predictions of a trained
+task. Both read any mix of PDB/mmCIF files (.gz too), folders and text files listing paths; a file that cannot
+be read is reported with its reason and skipped.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from easydict import EasyDict
+
+from . import checkpoint
+from .config import load_config
+from .data import ProteinBatch, collate, load_structures
+from .data.io import is_structure_file
+from .registry import build
+
+logger = logging.getLogger("esm_gearnet")
+FORMATS = (".npz", ".pt", ".h5")
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+def collect_inputs(inputs: Sequence) -> Tuple[List[Path], List[Tuple[str, str]]]:
+    """(structure files in the order given, [(input, reason)] for inputs that are neither). A folder gives its
+    structure files (recursively, sorted); any other file is read as a list of paths, one per line."""
+    files, problems = [], []
+    for item in inputs:
+        path = Path(os.path.expanduser(str(item)))
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p)))
+        elif is_structure_file(path):
+            files.append(path)  # a missing file is reported by the parser, with the others
+        elif path.is_file():
+            listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            sub_files, sub_problems = collect_inputs([Path(line) if Path(line).is_absolute() else path.parent / line
+                                                      for line in listed])
+            files.extend(sub_files)
+            problems.extend(sub_problems)
+        else:
+            problems.append((str(item), f"{item}: no such file or folder."))
+    return files, problems
+
+
+def length_batches(lengths: Sequence[int], max_residues: int = 4096, max_proteins: int = 32) -> Iterator[List[int]]:
+    """Indices grouped into batches of similar length (longest first), each within `max_residues` padded
+    residues (B × the longest) and `max_proteins` proteins; a protein longer than the budget is alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: List[int] = []
+    for index in order:
+        longest = lengths[batch[0]] if batch else lengths[index]
+        if batch and ((len(batch) + 1) * longest > max_residues or len(batch) == max_proteins):
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+def _checkpoint_file(path) -> Path:
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        for name in ("best.pth", "last.pth"):
+            if (path / name).is_file():
+                return path / name
+        raise checkpoint.CheckpointError(f"{path}: no best.pth or last.pth in this run directory.")
+    return path
+
+
+def load_run(config: Optional[str] = None, ckpt: Optional[str] = None) -> Tuple[EasyDict, Optional[Dict]]:
+    """(config, checkpoint or None): the config is `config` when given, else the one the checkpoint carries."""
+    state = checkpoint.load(_checkpoint_file(ckpt)) if ckpt else None
+    if config is not None:
+        return load_config(str(config), {}), state
+    if state is None or not state.get("config"):
+        raise ValueError("give the model's config with -c CONFIG (only checkpoints written by this framework's "
+                         "training carry their config).")
+    return EasyDict(state["config"]), state
+
+
+def build_encoder(cfg, state: Optional[Dict] = None) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
+    """(encoder, graph construction) of a config, with the checkpoint's encoder weights when given."""
+    model_cfg = cfg.task.model.model if cfg.task["class"] == "Unsupervised" else cfg.task.model
+    encoder = build(model_cfg, "task.model")
+    graph = cfg.task.get("graph_construction_model")
+    graph = build(graph, "task.graph_construction_model") if graph else None
+    if state is not None:
+        checkpoint.load_state_dict_checked(encoder, checkpoint.model_weights(state), "the checkpoint")
+    return encoder.eval(), graph
+
+
+def _device(device: Optional[str]) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ---- embeddings ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def embed_proteins(encoder, graph_model, proteins, per_residue: bool = False, device=None,
+                   max_residues: int = 4096, progress: bool = False):
+    """([P, D] protein embeddings, per-residue [L_p, D] list or None) in the order of `proteins`."""
+    from tqdm.auto import tqdm
+
+    device = _device(device)
+    encoder.to(device)
+    if graph_model is not None:
+        graph_model.to(device)
+    graph_out: List[Optional[torch.Tensor]] = [None] * len(proteins)
+    residue_out: List[Optional[torch.Tensor]] = [None] * len(proteins)
+    batches = list(length_batches([p.num_residue for p in proteins], max_residues))
+    for batch_index in tqdm(batches, desc="embedding", disable=not progress, unit="batch"):
+        batch = ProteinBatch.pack([proteins[i] for i in batch_index]).to(device)
+        if graph_model is not None:
+            batch = graph_model(batch)
+        output = encoder(batch)
+        graph_feature = output["graph_feature"].float().cpu()
+        residue = output["residue_feature"].float().cpu().split(batch.num_residues.tolist()) if per_residue else None
+        for k, i in enumerate(batch_index):
+            graph_out[i] = graph_feature[k]
+            if per_residue:
+                residue_out[i] = residue[k]
+    embedding = torch.stack(graph_out) if proteins else torch.zeros(0, getattr(encoder, "output_dim", 0))
+    return embedding, (residue_out if per_residue else None)
+
+
+def save_embeddings(path: Path, records: Dict) -> None:
+    """Write {"ids", "files", "chains", "sequences", "embedding" [P, D], optional "residue_embedding" list} as
+    .npz (numpy only, no pickle: per-residue rows concatenated with "residue_offsets"), .pt or .h5."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    residue = records.get("residue_embedding")
+    if path.suffix == ".pt":
+        torch.save(records, path)
+        return
+    arrays = {key: np.asarray(records[key], dtype=str) for key in ("ids", "files", "chains", "sequences")}
+    arrays["embedding"] = records["embedding"].numpy()
+    if residue is not None:
+        arrays["residue_embedding"] = (torch.cat(residue).numpy() if residue
+                                       else np.zeros((0, arrays["embedding"].shape[1]), np.float32))
+        arrays["residue_offsets"] = np.cumsum([0] + [len(r) for r in residue])
+    if path.suffix == ".npz":
+        np.savez(path, **arrays)
+    elif path.suffix == ".h5":
+        try:
+            import h5py
+        except ImportError:
+            raise ImportError("writing .h5 needs h5py (pip install h5py); or write .npz or .pt.") from None
+        with h5py.File(path, "w") as handle:
+            for key, value in arrays.items():
+                handle.create_dataset(key, data=value.astype(object) if value.dtype.kind == "U" else value,
+                                      dtype=h5py.string_dtype() if value.dtype.kind == "U" else None)
+    else:
+        raise ValueError(f"{path}: choose an output ending in {', '.join(FORMATS)}.")
+
+
+def load_embeddings(path: Path) -> Dict:
+    """The records `save_embeddings` wrote (embedding as a tensor, per-residue as a list of tensors)."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return torch.load(path, weights_only=True)
+    if path.suffix == ".npz":
+        data = dict(np.load(path))
+    else:
+        import h5py
+        with h5py.File(path, "r") as handle:
+            data = {k: handle[k][()] for k in handle}
+        data = {k: (v.astype(str) if v.dtype.kind in "OS" else v) for k, v in data.items()}
+    records = {key: [str(x) for x in data[key]] for key in ("ids", "files", "chains", "sequences")}
+    records["embedding"] = torch.from_numpy(np.asarray(data["embedding"]))
+    if "residue_embedding" in data:
+        offsets, rows = data["residue_offsets"], torch.from_numpy(np.asarray(data["residue_embedding"]))
+        records["residue_embedding"] = [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return records
+
+
+def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Optional[str] = None,
+              per_residue: bool = False, resume: bool = False, workers: int = 2, device: Optional[str] = None,
+              max_residues: int = 4096, progress: bool = True) -> Tuple[int, List[Tuple[str, str]]]:
+    """Embed the inputs into `output`; returns (proteins embedded now, skipped [(input, reason)]). The skipped
+    inputs are also listed in `<output>.skipped.tsv`."""
+    output = Path(output)
+    if output.suffix not in FORMATS:
+        raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
+    cfg, state = load_run(config, ckpt)
+    encoder, graph_model = build_encoder(cfg, state)
+    files, skipped = collect_inputs(inputs)
+    previous = load_embeddings(output) if resume and output.exists() else None
+    if previous is not None:
+        done = set(previous["files"])
+        logger.info("%d of %d inputs are already in %s", sum(str(f) in done for f in files), len(files), output)
+        files = [f for f in files if str(f) not in done]
+    proteins, bad = load_structures(files, workers=workers, progress=progress)
+    skipped += bad
+    kept = [str(f) for f in files if str(f) not in {b for b, _ in bad}]
+    embedding, residue = embed_proteins(encoder, graph_model, proteins, per_residue, device, max_residues, progress)
+    records = {"ids": [p.name for p in proteins], "files": kept, "chains": [",".join(p.chain_ids) for p in proteins],
+               "sequences": [p.sequence for p in proteins], "embedding": embedding}
+    if per_residue:
+        records["residue_embedding"] = residue
+    if previous is not None:
+        records = {key: (torch.cat([previous[key], records[key]]) if key == "embedding"
+                         else list(previous.get(key, [])) + list(records[key])) for key in records}
+    save_embeddings(output, records)
+    report = output.with_name(output.name + ".skipped.tsv")
+    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    if skipped:
+        logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
+    return len(proteins), skipped
+
+
+# ---- predictions --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = None, threshold: float = 0.5,
+                top: int = 5, scores: Optional[str] = None, workers: int = 2, device: Optional[str] = None,
+                max_residues: int = 4096, progress: bool = True) -> Tuple[int, List[Tuple[str, str]]]:
+    """Predict with a trained task; one CSV row per protein. Returns (proteins predicted, skipped)."""
+    cfg, state = load_run(config, ckpt)
+    kind = cfg.task["class"]
+    if kind not in ("MultipleBinaryClassification", "PropertyPrediction"):
+        raise ValueError(f"predict handles protein-level tasks (MultipleBinaryClassification, PropertyPrediction); "
+                         f"this checkpoint's task is {kind}.")
+    names = list((state.get("extra") or {}).get("tasks") or [])
+    if not names:
+        raise ValueError(f"{ckpt}: the checkpoint does not list its task names; it was written before they were "
+                         "saved, retrain or fine-tune with this version.")
+    task = build(cfg.task, "task", task=list(range(len(names))) if kind == "MultipleBinaryClassification" else names)
+    task.load_state_dict(state["model"])
+    device = _device(device)
+    task.to(device).eval()
+    transform = cfg.dataset.get("transform")
+    transform = build(transform, "dataset.transform") if transform else None
+    files, skipped = collect_inputs(inputs)
+    proteins, bad = load_structures(files, workers=workers, progress=progress)
+    skipped += bad
+    kept = [str(f) for f in files if str(f) not in {b for b, _ in bad}]
+    items = [{"graph": p} for p in proteins]
+    if transform is not None:
+        items = [transform(item) for item in items]
+    values = [None] * len(items)
+    for batch_index in length_batches([item["graph"].num_residue for item in items], max_residues):
+        batch = collate([items[i] for i in batch_index])
+        batch = {"graph": batch["graph"].to(device)}
+        pred = task.predict(batch).float().cpu()
+        if kind == "MultipleBinaryClassification":
+            pred = torch.sigmoid(pred)
+        for k, i in enumerate(batch_index):
+            values[i] = pred[k]
+    matrix = torch.stack(values) if values else torch.zeros(0, len(names))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        if kind == "MultipleBinaryClassification":
+            writer.writerow(["id", "file", "chains", "length", "top_terms", f"terms_above_{threshold:g}"])
+            for protein, file, row in zip(proteins, kept, matrix):
+                order = torch.argsort(row, descending=True)
+                best = ";".join(f"{names[j]}:{row[j]:.4f}" for j in order[:top].tolist())
+                above = ";".join(names[j] for j in order.tolist() if row[j] >= threshold)
+                writer.writerow([protein.name, file, ",".join(protein.chain_ids), protein.num_residue, best, above])
+        else:
+            writer.writerow(["id", "file", "chains", "length", *names])
+            for protein, file, row in zip(proteins, kept, matrix):
+                writer.writerow([protein.name, file, ",".join(protein.chain_ids), protein.num_residue,
+                                 *[f"{v:.6g}" for v in row.tolist()]])
+    if scores:
+        np.savez(scores, ids=np.asarray([p.name for p in proteins], dtype=str), files=np.asarray(kept, dtype=str),
+                 terms=np.asarray(names, dtype=str), scores=matrix.numpy())
+    report = output.with_name(output.name + ".skipped.tsv")
+    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    return len(proteins), skipped

@@ -1,0 +1,105 @@
+"""Training curves of runs: every run directory gets `curves.png`, and `script/report.py` draws several runs
+side by side.
+
+One panel per quantity: the training loss (and any other logged training value, e.g. a pre-training accuracy),
+then one panel per validation metric with the test metric dashed in the same colour. One colour per run. The
+x axis is the epoch. The figure is drawn from `metrics.jsonl`, so what is plotted is what was logged.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+Series = Dict[str, Tuple[List[int], List[float]]]
+
+
+def read_records(run_dir) -> List[Dict]:
+    """The per-epoch records of a run's metrics.jsonl (the final summary left out)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; is it a run directory of script/downstream.py or "
+                                "script/pretrain.py?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "epoch" in r]
+
+
+def series(records: Sequence[Dict]) -> Dict[str, Series]:
+    """{panel: {"train"|"valid"|"test": (epochs, values)}}: panel "train loss", "train <value>", and one
+    panel per validation metric (holding its valid and test series)."""
+    panels: Dict[str, Series] = {}
+    for record in records:
+        for key, value in record.get("train", {}).items():
+            name = f"train {key}"
+            xs, ys = panels.setdefault(name, {}).setdefault("train", ([], []))
+            xs.append(record["epoch"])
+            ys.append(value)
+        for split in ("valid", "test"):
+            for key, value in (record.get(split) or {}).items():
+                xs, ys = panels.setdefault(key, {}).setdefault(split, ([], []))
+                xs.append(record["epoch"])
+                ys.append(value)
+    order = sorted(panels, key=lambda p: (not p.startswith("train "), p != "train loss", p))
+    return {p: panels[p] for p in order}
+
+
+def plot_runs(run_dirs: Sequence, path=None, names: Sequence[str] = None):
+    """The figure of one or more runs (saved to `path` when given); returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [(Path(d), series(read_records(d))) for d in run_dirs]
+    names = list(names or _short_names([d for d, _ in runs]))
+    panels = list(dict.fromkeys(p for _, s in runs for p in s))
+    columns = min(3, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, panel in enumerate(panels):
+        axis = axes[index // columns][index % columns]
+        for k, (name, (_, data)) in enumerate(zip(names, runs)):
+            colour = colours[k % len(colours)]
+            for split, style in (("train", "-"), ("valid", "-"), ("test", "--")):
+                if split in data.get(panel, {}):
+                    xs, ys = data[panel][split]
+                    axis.plot(xs, ys, style, color=colour, marker="o", markersize=3,
+                              label=split if len(runs) == 1 else (name if split != "test" else None))
+        axis.set_title(panel if panel.startswith("train ") else f"{panel} (valid solid, test dashed)", fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        if len(runs) == 1:
+            axis.legend(fontsize=8)
+    for index in range(len(panels), rows * columns):
+        axes[index // columns][index % columns].axis("off")
+    if len(runs) > 1:  # one legend for the figure: the runs' colours
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="lower center", ncol=min(len(runs), 3), fontsize=9, frameon=False)
+        figure.tight_layout(rect=(0, 0.06 * math.ceil(len(runs) / 3), 1, 1))
+    else:
+        figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=100)
+    return figure
+
+
+def write_curves(run_dir) -> Path:
+    """Redraw `run_dir/curves.png` from its metrics.jsonl."""
+    from matplotlib import pyplot as plt
+
+    path = Path(run_dir) / "curves.png"
+    figure = plot_runs([run_dir], path)
+    plt.close(figure)
+    return path
+
+
+def _short_names(run_dirs: Sequence[Path]) -> List[str]:
+    """Model/time of each run (the last two path parts), numbered when two runs would share a name."""
+    names = ["/".join(d.parts[-2:]) for d in run_dirs]
+    if len(set(names)) < len(names):
+        names = [f"{k + 1}: {name}" for k, name in enumerate(names)]
+    return names

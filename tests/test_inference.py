@@ -1,0 +1,141 @@
+"""Using a trained model on your own structures through the command line: embeddings (ids, order, shapes, batch
+independence, formats, resume, bad inputs), predictions, and the run's curves against its metrics.jsonl."""
+import csv
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import STRUCTURES
+from esm_gearnet.inference import length_batches, load_embeddings
+from esm_gearnet.report import plot_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER_FILES = ["1D66-A.pdb", "2N2U-A.pdb", "1A7G-E.cif"]
+
+
+def _run(*command, expect=0):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    quiet = ["--quiet"] if command[0] in ("script/embed.py", "script/predict.py") else []
+    result = subprocess.run([sys.executable, *command, *quiet], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    if not STRUCTURES.exists():
+        pytest.skip("../shared/data is absent: these tests embed real structures")
+    out = tmp_path_factory.mktemp("trained")
+    _run("script/downstream.py", "-c", "config/demo/esm_gearnet.yaml", "--num_protein", "40", "--num_epoch", "2",
+         "--output_dir", str(out))
+    (path,) = list(out.glob("*/*/*/*"))
+    return path
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in FOLDER_FILES:
+        shutil.copy(STRUCTURES / name, folder / name)
+    (folder / "corrupt.pdb").write_text("ATOM      1  CA  ALA A   1    garbage\n")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{STRUCTURES / '1ORC-A.pdb'}\n")
+    return [str(folder), str(listing), str(STRUCTURES / "6MRR-A.pdb")]
+
+
+@pytest.mark.slow
+def test_embed_from_the_command_line(run_dir, inputs, tmp_path):
+    out = tmp_path / "emb.npz"
+    result = _run("script/embed.py", "--ckpt", str(run_dir), *inputs, "-o", str(out), "--per-residue")
+    assert "embedded 5 protein(s)" in result.stdout
+    data = np.load(out)  # plain numpy, no pickle
+    expected = ["1A7G-E", "1D66-A", "2N2U-A", "1ORC-A", "6MRR-A"]  # folder sorted, then the list, then the file
+    assert list(data["ids"]) == expected and data["embedding"].shape == (5, 256)
+    records = load_embeddings(out)
+    for sequence, residue in zip(records["sequences"], records["residue_embedding"]):
+        assert residue.shape == (len(sequence), 256)
+    skipped = (tmp_path / "emb.npz.skipped.tsv").read_text()
+    assert "corrupt.pdb" in skipped and len(skipped.splitlines()) == 1
+    # the same protein alone gives the same embedding as inside the batch
+    alone = tmp_path / "alone.pt"
+    _run("script/embed.py", "--ckpt", str(run_dir), str(STRUCTURES / "1ORC-A.pdb"), "-o", str(alone),
+         "--per-residue")
+    single = load_embeddings(alone)
+    assert single["ids"] == ["1ORC-A"]
+    torch.testing.assert_close(single["embedding"][0], records["embedding"][3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single["residue_embedding"][0], records["residue_embedding"][3], atol=1e-5, rtol=1e-5)
+    # h5 holds the same; --resume embeds only what is missing
+    h5 = tmp_path / "emb.h5"
+    _run("script/embed.py", "--ckpt", str(run_dir), inputs[0], "-o", str(h5))
+    first = load_embeddings(h5)
+    _run("script/embed.py", "--ckpt", str(run_dir), *inputs, "-o", str(h5), "--resume")
+    resumed = load_embeddings(h5)
+    assert resumed["ids"] == ["1A7G-E", "1D66-A", "2N2U-A", "1ORC-A", "6MRR-A"]
+    assert torch.equal(resumed["embedding"][:3], first["embedding"])
+    torch.testing.assert_close(resumed["embedding"], records["embedding"], atol=1e-5, rtol=1e-5)
+    # nothing readable: a non-zero exit
+    _run("script/embed.py", "--ckpt", str(run_dir), str(tmp_path / "mine" / "corrupt.pdb"), "-o",
+         str(tmp_path / "none.npz"), expect=1)
+
+
+@pytest.mark.slow
+def test_predict_from_the_command_line(run_dir, inputs, tmp_path):
+    out, scores = tmp_path / "pred.csv", tmp_path / "scores.npz"
+    _run("script/predict.py", "--ckpt", str(run_dir), *inputs, "-o", str(out), "--scores", str(scores),
+         "--threshold", "0.3", "--top", "2")
+    rows = list(csv.DictReader(open(out)))
+    assert [r["id"] for r in rows] == ["1A7G-E", "1D66-A", "2N2U-A", "1ORC-A", "6MRR-A"]
+    matrix = np.load(scores)
+    terms = list(matrix["terms"])
+    assert sorted(terms) == ["all_alpha", "all_beta", "alpha_beta", "disordered"]
+    for row, values in zip(rows, matrix["scores"]):
+        best = row["top_terms"].split(";")
+        assert len(best) == 2 and best[0].split(":")[0] == terms[int(values.argmax())]
+        above = {terms[j] for j in range(len(terms)) if values[j] >= 0.3}
+        assert set(filter(None, row["terms_above_0.3"].split(";"))) == above
+        assert int(row["length"]) > 0
+
+
+def _png_size(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.slow
+def test_curves_show_what_metrics_jsonl_holds(run_dir, tmp_path):
+    assert _png_size(run_dir / "curves.png") == (1560, 360)  # three panels: loss, auprc@micro, f1_max
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "epoch" in r]
+    figure = plot_runs([run_dir])
+    panels = {axis.get_title().split(" (")[0]: axis for axis in figure.axes if axis.get_title()}
+    assert list(panels) == ["train loss", "auprc@micro", "f1_max"]
+    loss = panels["train loss"].lines[0]
+    assert list(loss.get_xdata()) == [r["epoch"] for r in records]
+    assert list(loss.get_ydata()) == [r["train"]["loss"] for r in records]
+    for metric in ("auprc@micro", "f1_max"):
+        valid, test = panels[metric].lines
+        assert list(valid.get_ydata()) == [r["valid"][metric] for r in records]
+        assert list(test.get_ydata()) == [r["test"][metric] for r in records] and test.get_linestyle() == "--"
+    _run("script/report.py", str(run_dir), str(run_dir), "-o", str(tmp_path / "both.png"))
+    width, height = _png_size(tmp_path / "both.png")
+    assert width == 1560 and height == 360
+
+
+def test_length_batches_respect_the_budget():
+    lengths = [50, 300, 120, 5000, 80, 300, 10]
+    batches = list(length_batches(lengths, max_residues=600, max_proteins=3))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [3] in batches  # longer than the budget: alone
+    for batch in batches:
+        assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 600)
