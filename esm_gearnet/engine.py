@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import checkpoint, distributed, report
 from .data.protein import ProteinBatch, collate
+from .sampler import LengthBucketSampler, dataset_lengths
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -88,6 +89,7 @@ class Engine:
         on_nonfinite: "stop" (raise, naming the step) or "skip" the step.
         sync_batch_norm: convert batch norms to SyncBatchNorm under multi-GPU DDP.
         find_unused_parameters: passed to DDP.
+        bucket: length-bucketed training batches (`sampler.LengthBucketSampler`): less padding for ESM.
         run_dir: where checkpoints, metrics.jsonl and the log go; config: stored in checkpoints.
         seed: the sampler's shuffling seed.
     """
@@ -96,7 +98,7 @@ class Engine:
                  scheduler=None, batch_size: int = 1, num_worker: int = 0, gpus: Optional[Sequence[int]] = None,
                  log_interval: int = 100, gradient_interval: int = 1, clip_norm: Optional[float] = None,
                  precision: str = "fp32", on_nonfinite: str = "stop", sync_batch_norm: bool = True,
-                 find_unused_parameters: bool = False, run_dir=None, config: Optional[Dict] = None,
+                 find_unused_parameters: bool = False, bucket: bool = False, run_dir=None, config: Optional[Dict] = None,
                  seed: int = 0, device: Optional[torch.device] = None, progress: bool = True):
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"engine.precision must be fp32, bf16 or fp16, got {precision!r}.")
@@ -120,7 +122,7 @@ class Engine:
                 find_unused_parameters=find_unused_parameters)
         self.sets = {"train": train_set, "valid": valid_set, "test": test_set}
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.batch_size, self.num_worker = batch_size, num_worker
+        self.batch_size, self.num_worker, self.bucket = batch_size, num_worker, bucket
         self.log_interval, self.gradient_interval = log_interval, max(1, gradient_interval)
         self.clip_norm, self.on_nonfinite = clip_norm, on_nonfinite
         self.precision = precision if self.device.type == "cuda" else "fp32"
@@ -137,9 +139,10 @@ class Engine:
 
     # ---- data --------------------------------------------------------------------------------------------
     def _loader(self, dataset, sampler=None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
-                          num_workers=self.num_worker, collate_fn=collate,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        options = dict(num_workers=self.num_worker, collate_fn=collate, pin_memory=self.device.type == "cuda")
+        if isinstance(sampler, LengthBucketSampler):
+            return DataLoader(dataset, batch_sampler=sampler, **options)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, **options)
 
     def _rank_slice(self, dataset) -> Subset:
         """This rank's contiguous share of an evaluation split (sizes differ by at most one, no padding)."""
@@ -155,8 +158,12 @@ class Engine:
     # ---- training ----------------------------------------------------------------------------------------
     def train_epoch(self) -> Dict[str, float]:
         """One pass over the training split; returns the mean of the logged values."""
-        sampler = DistributedSampler(self.sets["train"], num_replicas=self.world_size, rank=self.rank,
-                                     shuffle=True, seed=self.seed)
+        if self.bucket:
+            sampler = LengthBucketSampler(dataset_lengths(self.sets["train"]), self.batch_size, self.world_size,
+                                          self.rank, seed=self.seed)
+        else:
+            sampler = DistributedSampler(self.sets["train"], num_replicas=self.world_size, rank=self.rank,
+                                         shuffle=True, seed=self.seed)
         sampler.set_epoch(self.epoch)
         loader = self._loader(self.sets["train"], sampler)
         self.model.train()
