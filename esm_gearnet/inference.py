@@ -46,6 +46,22 @@ def collect_inputs(inputs: Sequence) -> Tuple[List[Path], List[Tuple[str, str]]]
     return files, problems
 
 
+def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
+    """(proteins, their files, skipped [(input, reason)]) of the inputs, leaving out files in `exclude`."""
+    files, skipped = collect_inputs(inputs)
+    files = [f for f in files if str(f) not in exclude]
+    proteins, bad = load_structures(files, workers=workers, progress=progress)
+    failed = {name for name, _ in bad}
+    return proteins, [str(f) for f in files if str(f) not in failed], skipped + bad
+
+
+def write_skipped(output: Path, skipped: Sequence[Tuple[str, str]]) -> None:
+    report = output.with_name(output.name + ".skipped.tsv")
+    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    if skipped:
+        logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
+
+
 def length_batches(lengths: Sequence[int], max_residues: int = 4096, max_proteins: int = 32) -> Iterator[List[int]]:
     """Indices grouped into batches of similar length (longest first), each within `max_residues` padded
     residues (B × the longest) and `max_proteins` proteins; a protein longer than the budget is alone."""
@@ -187,15 +203,9 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
         raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
     cfg, state = load_run(config, ckpt)
     encoder, graph_model = build_encoder(cfg, state)
-    files, skipped = collect_inputs(inputs)
     previous = load_embeddings(output) if resume and output.exists() else None
-    if previous is not None:
-        done = set(previous["files"])
-        logger.info("%d of %d inputs are already in %s", sum(str(f) in done for f in files), len(files), output)
-        files = [f for f in files if str(f) not in done]
-    proteins, bad = load_structures(files, workers=workers, progress=progress)
-    skipped += bad
-    kept = [str(f) for f in files if str(f) not in {b for b, _ in bad}]
+    done = set(previous["files"]) if previous is not None else set()
+    proteins, kept, skipped = read_inputs(inputs, workers, progress, exclude=done)
     embedding, residue = embed_proteins(encoder, graph_model, proteins, per_residue, device, max_residues, progress)
     records = {"ids": [p.name for p in proteins], "files": kept, "chains": [",".join(p.chain_ids) for p in proteins],
                "sequences": [p.sequence for p in proteins], "embedding": embedding}
@@ -205,10 +215,7 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
         records = {key: (torch.cat([previous[key], records[key]]) if key == "embedding"
                          else list(previous.get(key, [])) + list(records[key])) for key in records}
     save_embeddings(output, records)
-    report = output.with_name(output.name + ".skipped.tsv")
-    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
-    if skipped:
-        logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
+    write_skipped(output, skipped)
     return len(proteins), skipped
 
 
@@ -233,10 +240,7 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
     task.to(device).eval()
     transform = cfg.dataset.get("transform")
     transform = build(transform, "dataset.transform") if transform else None
-    files, skipped = collect_inputs(inputs)
-    proteins, bad = load_structures(files, workers=workers, progress=progress)
-    skipped += bad
-    kept = [str(f) for f in files if str(f) not in {b for b, _ in bad}]
+    proteins, kept, skipped = read_inputs(inputs, workers, progress)
     items = [{"graph": p} for p in proteins]
     if transform is not None:
         items = [transform(item) for item in items]
@@ -269,6 +273,5 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
     if scores:
         np.savez(scores, ids=np.asarray([p.name for p in proteins], dtype=str), files=np.asarray(kept, dtype=str),
                  terms=np.asarray(names, dtype=str), scores=matrix.numpy())
-    report = output.with_name(output.name + ".skipped.tsv")
-    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    write_skipped(output, skipped)
     return len(proteins), skipped

@@ -30,14 +30,11 @@ class Task(nn.Module):
         """The model whose weights are saved for fine-tuning (pre-training objectives may wrap it)."""
         return self.model
 
-    def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def encode(self, graph: ProteinBatch) -> Dict[str, torch.Tensor]:
         """Graph construction, then the model on the one-hot residue types (FusionNetwork feeds ESM itself)."""
         if self.graph_construction_model is not None:
             graph = self.graph_construction_model(graph)
-        input = residue_one_hot(graph)
-        if residue_mask is not None:
-            return self.model(graph, input, residue_mask=residue_mask)
-        return self.model(graph, input)
+        return self.model(graph, residue_one_hot(graph))
 
     def preprocess(self, train_set) -> None:
         """Statistics taken from the training split (e.g. target normalisation); nothing by default."""

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import distributed
-from ..data import constants
+from ..models.fusion import residue_one_hot
 from ..registry import register
 from .pretrain import PretrainTask
 
@@ -71,7 +71,7 @@ class SequenceStructureContrast(PretrainTask):
         """(sequence [B, E], structure [B, E]) normalised embeddings of a raw batch."""
         graph = self.construct(graph)
         sequence = self.model.sequence_model(graph)["graph_feature"]
-        input = F.one_hot(graph.residue_type, constants.NUM_RESIDUE_TYPES + 1).float()
+        input = residue_one_hot(graph)
         structure = self.model.structure_model(graph, input)["graph_feature"]
         return (F.normalize(self.sequence_head(sequence), dim=-1),
                 F.normalize(self.structure_head(structure), dim=-1))

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from ..data import constants
 from ..data.protein import ProteinBatch
 from ..layers import MLP, functional
+from ..models.fusion import residue_one_hot
 from ..registry import register
 from .base import Task
 
@@ -35,6 +36,13 @@ def sample_in_segments(segment: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     rank = torch.empty_like(segment)
     rank[perm] = torch.arange(num, device=segment.device) - functional.offsets(sizes)[segment[perm]]
     return rank < counts[segment]
+
+
+def sample_residues(graph: ProteinBatch, counts: torch.Tensor) -> torch.Tensor:
+    """[N] bool: `counts[b]` residues of known type drawn without replacement in each protein b."""
+    known = graph.residue_type < constants.NUM_RESIDUE_TYPES
+    segment = torch.where(known, graph.residue2graph, torch.full_like(graph.residue2graph, graph.batch_size))
+    return sample_in_segments(segment, torch.cat([counts, counts.new_zeros(1)]))
 
 
 def mask_residues(graph: ProteinBatch, mask: torch.Tensor) -> ProteinBatch:
@@ -112,7 +120,7 @@ class PretrainTask(Task):
     def residue_features(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, D] encoder features of a constructed graph; `residue_mask` rows get a zero one-hot input and
         ESM's `<mask>` token."""
-        input = F.one_hot(graph.residue_type, constants.NUM_RESIDUE_TYPES + 1).float()
+        input = residue_one_hot(graph)
         if residue_mask is None:
             return self.encoder(graph, input)["residue_feature"]
         input = input.masked_fill(residue_mask.unsqueeze(-1), 0.0)
@@ -138,10 +146,7 @@ class ResidueTypePrediction(PretrainTask):
         self.mlp = MLP(model.output_dim, [model.output_dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
 
     def sample_mask(self, graph: ProteinBatch) -> torch.Tensor:
-        known = graph.residue_type < constants.NUM_RESIDUE_TYPES
-        counts = (graph.num_residues.float() * self.mask_rate).long().clamp(min=1)
-        segment = torch.where(known, graph.residue2graph, torch.full_like(graph.residue2graph, graph.batch_size))
-        return sample_in_segments(segment, torch.cat([counts, counts.new_zeros(1)]))
+        return sample_residues(graph, (graph.num_residues.float() * self.mask_rate).long().clamp(min=1))
 
     def forward(self, batch):
         graph = batch["graph"]
@@ -332,7 +337,7 @@ class MultiviewContrast(nn.Module):
         features = []
         for _ in range(2):
             view = self.view(graph, construct)
-            output = self.model(view, F.one_hot(view.residue_type, constants.NUM_RESIDUE_TYPES + 1).float())
+            output = self.model(view, residue_one_hot(view))
             features.append(F.normalize(self.mlp(output["graph_feature"]), dim=-1))
         score = features[0] @ features[1].t() / self.tau
         labels = torch.arange(len(score), device=score.device)

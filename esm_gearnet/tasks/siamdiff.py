@@ -21,7 +21,7 @@ from ..data import constants
 from ..data.protein import ProteinBatch
 from ..layers import MLP, functional
 from ..registry import register
-from .pretrain import PretrainTask, mask_residues, sample_in_segments
+from .pretrain import PretrainTask, mask_residues, sample_residues
 
 
 @register
@@ -77,10 +77,7 @@ class SiamDiff(PretrainTask):
         """(noise level t [B], sequence mask [N]) shared by both conformers."""
         t = torch.randint(self.num_noise_level, (graph.batch_size,), device=graph.device)
         ratio = (t + 1).float() / self.num_noise_level * self.max_mask_ratio
-        counts = (graph.num_residues.float() * ratio).long().clamp(min=1)
-        known = graph.residue_type < constants.NUM_RESIDUE_TYPES
-        segment = torch.where(known, graph.residue2graph, torch.full_like(graph.residue2graph, graph.batch_size))
-        return t, sample_in_segments(segment, torch.cat([counts, counts.new_zeros(1)]))
+        return t, sample_residues(graph, (graph.num_residues.float() * ratio).long().clamp(min=1))
 
     def predict_noise(self, noisy: ProteinBatch, feature: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """[N, 3] ε̂ for the noisy (constructed) conformer from the other conformer's features [N, D]."""
