@@ -235,13 +235,27 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None):
             chain_index.append(len(chain_ids) - 1)
             bfactors.append(ca.b_iso)
 
-    num_residue = len(residue_types)
-    if num_residue == 0:
+    if not residue_types:
         if chain is not None and chain not in seen_chains:
             names = sorted({c.name for c in model})
             raise StructureError(f"{path}: no chain {chain!r} in the first model (chains: {', '.join(names) or 'none'}).")
         reason = "no amino-acid residue with a CA atom"
         raise StructureError(f"{path}: {reason}; is it a protein structure?")
+    arrays = residue_arrays(str(path), slots, xyz, residue_types, numbers, icodes, chain_index, bfactors, chain_ids)
+    meta = {"chain_ids": tuple(chain_ids), "name": protein_name(path), "num_dropped": num_dropped}
+    return arrays, meta
+
+
+def residue_arrays(where: str, slots, xyz, residue_types, numbers, icodes, chain_index, bfactors, chain_ids):
+    """The per-residue numpy arrays of `Protein` from parsed residues and their atoms.
+
+    Args:
+        slots: flat index residue * 14 + atom slot of every atom; xyz: its coordinates (flat or [A, 3]);
+        residue_types, numbers, icodes, chain_index, bfactors: one entry per residue; chain_ids: the chain names.
+    Raises:
+        StructureError: naming `where` and the residue when a coordinate is not finite.
+    """
+    num_residue = len(residue_types)
     atom_pos = np.zeros((num_residue * constants.NUM_ATOM_SLOTS, 3), dtype=np.float32)
     atom_mask = np.zeros(num_residue * constants.NUM_ATOM_SLOTS, dtype=bool)
     index = np.asarray(slots, dtype=np.int64)
@@ -249,9 +263,9 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None):
     atom_mask[index] = True
     if not np.isfinite(atom_pos).all():
         bad = int(np.flatnonzero(~np.isfinite(atom_pos).all(-1))[0]) // constants.NUM_ATOM_SLOTS
-        raise StructureError(f"{path}: non-finite coordinates in residue {chain_ids[chain_index[bad]]} "
+        raise StructureError(f"{where}: non-finite coordinates in residue {chain_ids[chain_index[bad]]} "
                              f"{numbers[bad]}.")
-    arrays = {
+    return {
         "residue_type": np.asarray(residue_types, dtype=np.int64),
         "atom_pos": atom_pos.reshape(num_residue, constants.NUM_ATOM_SLOTS, 3),
         "atom_mask": atom_mask.reshape(num_residue, constants.NUM_ATOM_SLOTS),
@@ -260,8 +274,6 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None):
         "chain_index": np.asarray(chain_index, dtype=np.int64),
         "bfactor": np.asarray(bfactors, dtype=np.float32),
     }
-    meta = {"chain_ids": tuple(chain_ids), "name": protein_name(path), "num_dropped": num_dropped}
-    return arrays, meta
 
 
 def protein_name(path: PathLike) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from ...registry import register
 from .. import constants
-from ..io import StructureError, residue_type_of
+from ..io import StructureError, residue_arrays, residue_type_of
 from ..parallel import ordered_map
 from ..protein import Protein
 from .base import StructureDataset
@@ -204,24 +204,8 @@ def atoms_to_arrays(frame: Dict[str, Any], name: str) -> Tuple[Dict[str, np.ndar
     close()
     if not residues:
         raise StructureError(f"{name}: the atom table holds no amino-acid residue with a CA atom.")
-    n = len(residues)
-    atom_pos = np.zeros((n * constants.NUM_ATOM_SLOTS, 3), dtype=np.float32)
-    atom_mask = np.zeros(n * constants.NUM_ATOM_SLOTS, dtype=bool)
-    index = np.asarray(slots, dtype=np.int64)
-    atom_pos[index] = np.asarray(xyz, dtype=np.float64)
-    atom_mask[index] = True
-    if not np.isfinite(atom_pos).all():
-        raise StructureError(f"{name}: the atom table has non-finite coordinates.")
-    types, numbers, icodes, chains, bfactors = zip(*residues)
-    arrays = {
-        "residue_type": np.asarray(types, dtype=np.int64),
-        "atom_pos": atom_pos.reshape(n, constants.NUM_ATOM_SLOTS, 3),
-        "atom_mask": atom_mask.reshape(n, constants.NUM_ATOM_SLOTS),
-        "residue_number": np.asarray(numbers, dtype=np.int64),
-        "insertion_code": np.asarray(icodes, dtype=np.uint8),
-        "chain_index": np.asarray(chains, dtype=np.int64),
-        "bfactor": np.asarray(bfactors, dtype=np.float32),
-    }
+    types, numbers, icodes, chains, bfactors = (list(column) for column in zip(*residues))
+    arrays = residue_arrays(name, slots, xyz, types, numbers, icodes, chains, bfactors, chain_ids)
     return arrays, {"chain_ids": tuple(chain_ids), "name": name, "num_dropped": num_dropped}
 
 
@@ -328,10 +312,9 @@ class PSRDataset(_Atom3D):
                                     dtype=torch.float32).reshape(-1, 1)
         self.transform = transform
 
-    def __getitem__(self, index: int) -> Dict:
-        item = {"graph": self.proteins[index], "targets": self.targets[index],
+    def item(self, index: int) -> Dict:
+        return {"graph": self.proteins[index], "targets": self.targets[index],
                 "target_id": self.target_ids[index], "decoy": self.decoys[index]}
-        return self.transform(item) if self.transform is not None else item
 
 
 @register
@@ -358,7 +341,6 @@ class MSPDataset(_Atom3D):
         self.targets = torch.tensor([[r["label"]] for r in state["records"]], dtype=torch.float32).reshape(-1, 1)
         self.transform = transform
 
-    def __getitem__(self, index: int) -> Dict:
-        item = {"graph1": self.proteins[index], "graph2": self.mutants[index], "targets": self.targets[index],
+    def item(self, index: int) -> Dict:
+        return {"graph1": self.proteins[index], "graph2": self.mutants[index], "targets": self.targets[index],
                 "mutation": self.ids[index].split("_")[-1]}
-        return self.transform(item) if self.transform is not None else item

@@ -25,8 +25,12 @@ class StructureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.proteins)
 
+    def item(self, index: int) -> Dict:
+        """The untransformed item; datasets with other keys (PSR, MSP) override this."""
+        return {"graph": self.proteins[index], "targets": self.targets[index]}
+
     def __getitem__(self, index: int) -> Dict:
-        item = {"graph": self.proteins[index], "targets": self.targets[index]}
+        item = self.item(index)
         return self.transform(item) if self.transform is not None else item
 
     def split(self) -> Sequence[torch.utils.data.Subset]:
