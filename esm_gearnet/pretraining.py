@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from . import checkpoint, distributed
-from .config import load_config, parse_args, render_config
 from .engine import Engine
 from .registry import build
-from .training import downstream_parser, make_run_dir, parameter_groups, seed_everything, setup_logging
+from .training import parameter_groups, resume_file, training_run
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -31,17 +29,8 @@ def _training_split(dataset):
 
 def run_pretrain(argv: Optional[List[str]] = None) -> Path:
     """Returns the run directory."""
-    parser = downstream_parser("Pre-train an encoder with a self-supervised objective (AlphaFold DB, ...).")
-    args, variables = parse_args(argv, parser)
-    cfg = load_config(args.config, variables)
-    resume = args.resume or cfg.get("checkpoint")
-    distributed.init()
-    try:
-        run_dir = make_run_dir(cfg, resume)
-        setup_logging(run_dir)
-        if distributed.rank() == 0 and resume is None:
-            (run_dir / "config.yaml").write_text(render_config(args.config, variables))
-        seed_everything(args.seed)
+    with training_run(argv, "Pre-train an encoder with a self-supervised objective (AlphaFold DB, ...).") as (
+            args, cfg, run_dir, resume):
         dataset_cfg = copy.deepcopy(cfg.dataset)
         start, end = dataset_cfg.pop("species_start", 0), dataset_cfg.pop("species_end", 0)
         if end < start:
@@ -64,8 +53,7 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
                         seed=args.seed, **dict(cfg.get("engine") or {}))
         torch.manual_seed(args.seed + distributed.rank())
         if resume:
-            path = Path(os.path.expanduser(str(resume)))
-            engine.resume(path / "last.pth" if path.is_dir() else path)
+            engine.resume(resume_file(resume))
             logger.info("resumed after %d split(s) of training", engine.extra.get("units_done", 0))
         done = engine.extra.get("units_done", 0)
         interval, num_epoch = int(cfg.get("save_interval", 1)), int(cfg.train.num_epoch)
@@ -96,10 +84,6 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
                 checkpoint.save_atomic(task.encoder.state_dict(), name)
                 logger.info("saved the encoder's weights to %s", name)
             distributed.barrier()
-    except BaseException:
-        distributed.shutdown(wait=False)
-        raise
-    distributed.shutdown()
     return run_dir
 
 

@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -151,8 +152,13 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
     return engine
 
 
-def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
-    parser = downstream_parser("Fine-tune a model on a downstream task (EC, GO, PSR, MSP, your own folder).")
+@contextmanager
+def training_run(argv: Optional[List[str]], description: str):
+    """What every training script does around its work: parse the command line, render the config, join the
+    process group, make (or reuse, when resuming) the run directory, log there, save the rendered config and
+    seed every rank alike. Yields (args, cfg, run_dir, resume); leaves the process group at the end (at once
+    after an error: the other ranks may never reach the barrier)."""
+    parser = downstream_parser(description)
     args, variables = parse_args(argv, parser)
     if args.ckpt is not None and "ckpt" in variables:
         variables["ckpt"] = args.ckpt
@@ -166,18 +172,29 @@ def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
             (run_dir / "config.yaml").write_text(render_config(args.config, variables))
         logger.info("config %s, run directory %s, %d process(es)", args.config, run_dir, distributed.world_size())
         seed_everything(args.seed)  # same initial weights on every rank
-        engine = build_downstream(cfg, run_dir, args.seed, ckpt=args.ckpt)
-        torch.manual_seed(args.seed + distributed.rank())  # per-rank streams for dropout and augmentation
-        if resume:
-            path = Path(os.path.expanduser(str(resume)))
-            engine.resume(path / "last.pth" if path.is_dir() else path)
-            logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
-        result = engine.fit(int(cfg.train.num_epoch), selection_metric(cfg, engine.task))
-        logger.info("test metrics of the best validation epoch (%s): %s", engine.best["epoch"], result)
+        yield args, cfg, run_dir, resume
     except BaseException:
         distributed.shutdown(wait=False)
         raise
     distributed.shutdown()
+
+
+def resume_file(resume) -> Path:
+    """The last.pth of a run directory, or the checkpoint file given."""
+    path = Path(os.path.expanduser(str(resume)))
+    return path / "last.pth" if path.is_dir() else path
+
+
+def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    with training_run(argv, "Fine-tune a model on a downstream task (EC, GO, PSR, MSP, your own folder).") as (
+            args, cfg, run_dir, resume):
+        engine = build_downstream(cfg, run_dir, args.seed, ckpt=args.ckpt)
+        torch.manual_seed(args.seed + distributed.rank())  # per-rank streams for dropout and augmentation
+        if resume:
+            engine.resume(resume_file(resume))
+            logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
+        result = engine.fit(int(cfg.train.num_epoch), selection_metric(cfg, engine.task))
+        logger.info("test metrics of the best validation epoch (%s): %s", engine.best["epoch"], result)
     return result
 
 
