@@ -12,6 +12,23 @@ import sys
 from typing import List, Optional
 
 
+def _one_sentence(main):
+    """Errors a user can act on (a bad path, config or checkpoint) end the command with their one sentence
+    and exit code 2, not a traceback."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapper(argv: Optional[List[str]] = None) -> int:
+        from .checkpoint import CheckpointError
+
+        try:
+            return main(argv)
+        except (ValueError, FileNotFoundError, ImportError, CheckpointError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="PDB/mmCIF files (.gz too), folders, or text files of paths")
     parser.add_argument("-o", "--output", required=True)
@@ -42,6 +59,7 @@ def predict_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@_one_sentence
 def embed_main(argv: Optional[List[str]] = None) -> int:
     from .inference import run_embed
     from .training import setup_logging
@@ -54,6 +72,7 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
     return 0 if count or (args.resume and not skipped) else 1
 
 
+@_one_sentence
 def predict_main(argv: Optional[List[str]] = None) -> int:
     from .inference import run_predict
     from .training import setup_logging
@@ -66,6 +85,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     return 0 if count else 1
 
 
+@_one_sentence
 def report_main(argv: Optional[List[str]] = None) -> int:
     from .report import plot_runs
 

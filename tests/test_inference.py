@@ -139,3 +139,13 @@ def test_length_batches_respect_the_budget():
     assert [3] in batches  # longer than the budget: alone
     for batch in batches:
         assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 600)
+
+
+def test_command_line_errors_are_one_sentence(tmp_path, capsys):
+    from esm_gearnet.cli import embed_main, report_main
+
+    assert embed_main(["--ckpt", str(tmp_path / "missing.pth"), str(tmp_path), "-o", str(tmp_path / "e.npz")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: checkpoint {tmp_path / 'missing.pth'} does not exist; "
+                                               "check the path given to --ckpt / --resume.")
+    assert report_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
