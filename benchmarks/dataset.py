@@ -1,7 +1,10 @@
-"""Dataset preprocessing: structures/s parsed into the packed cache (2 workers), and the cache's load time.
+"""Dataset preprocessing: structures/s parsed into the packed cache (2 workers), the cache's load time, and
+the DataLoader's supply of training batches.
 
 The 46 real structures are replicated (as copies) up to --num-files files so the cache holds a
-realistic number of proteins; loading then builds every Protein once, as an epoch would.
+realistic number of proteins; loading then builds every Protein once, as an epoch would. The loader figure is
+one epoch of batches of 8 from the cache with the EC transform (crop to 550) and collation, with 0 and with
+--workers worker processes: what the data side can feed a training step, in proteins/s.
 
     python benchmarks/dataset.py [--num-files 2000] [--workers 2]
 """
@@ -14,8 +17,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from benchmarks._common import real_structure_files, report  # noqa: E402
+from esm_gearnet.data import collate  # noqa: E402
+from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
 from esm_gearnet.data.datasets.cache import load_or_build  # noqa: E402
+
+
+class Cropped(torch.utils.data.Dataset):
+    def __init__(self, proteins):
+        self.proteins, self.crop = proteins, TruncateProtein(max_length=550)
+
+    def __len__(self):
+        return len(self.proteins)
+
+    def __getitem__(self, index):
+        return {"graph": self.crop(self.proteins[index])}
+
+
+def loader_rate(proteins, workers, batch_size=8):
+    loader = torch.utils.data.DataLoader(Cropped(proteins), batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, collate_fn=collate)
+    start = time.perf_counter()
+    count = sum(batch["graph"].batch_size for batch in loader)
+    return count / (time.perf_counter() - start)
 
 
 def main():
@@ -44,11 +70,14 @@ def main():
         residues = sum(loaded[i].num_residue for i in range(len(loaded)))
         touch_time = time.perf_counter() - start
         size_mb = cache.stat().st_size / 2 ** 20
+        loader = {workers: loader_rate(loaded, workers) for workers in (0, args.workers)}
     print(f"preprocess {len(files)} files with {args.workers} workers: {build:.1f} s -> {len(files) / build:.0f} "
           f"structures/s ({len(skipped)} skipped); cache {size_mb:.0f} MiB")
     print(f"cache load: {open_time:.2f} s to open (key check included), {touch_time:.2f} s to build all "
           f"{len(loaded)} proteins ({residues} residues)")
-    report("dataset", files=len(files), workers=args.workers, preprocess_s=round(build, 2),
+    print("loader, batches of 8 cropped to 550 and collated: " +
+          ", ".join(f"{w} workers {rate:.0f} proteins/s" for w, rate in loader.items()))
+    report("dataset", loader_proteins_per_s={str(w): round(r) for w, r in loader.items()}, files=len(files), workers=args.workers, preprocess_s=round(build, 2),
            structures_per_s=round(len(files) / build, 1), cache_open_s=round(open_time, 3),
            cache_iterate_s=round(touch_time, 3), cache_mib=round(size_mb, 1))
 

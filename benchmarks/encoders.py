@@ -3,11 +3,13 @@
 GearNet 6 x 512 on the EC graph (input 21, as in parallel fusion), GearNet-Edge (3 x 512, line graph), and
 GVP-GNN with the original's settings on its radius graph, CDConv with the original's settings (its own
 radius graphs, built inside the timed step); CPU, and CUDA when present. Graph construction is
-done once outside the timing. Median of repeats after warm-up.
+done once outside the timing. Median of repeats after warm-up. The GearNets run twice: with their relational
+aggregation as one sparse-dense product (the code) and as the earlier gather + `index_add_` ("index_add_").
 
     python benchmarks/encoders.py [--batch-size 8] [--repeats 3]
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import median_time, real_structure_files, report  # noqa: E402
+from benchmarks._common import median_time, real_structure_files, report, scatter_aggregation  # noqa: E402
 from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, ProteinBatch, SequentialEdge,  # noqa: E402
                               SpatialEdge, load_structure)
 from esm_gearnet.models import CDConv, GVPGNN, GearNet, residue_one_hot  # noqa: E402
@@ -46,7 +48,10 @@ def main():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        for name, (graph_model, make) in encoders().items():
+        runs = [(name, graph_model, make, False) for name, (graph_model, make) in encoders().items()]
+        runs += [(name + " (index_add_)", graph_model, make, True) for name, graph_model, make, _ in runs
+                 if name.startswith("GearNet")]
+        for name, graph_model, make, scatter in runs:
             torch.manual_seed(0)
             model = make().to(device).train()
             graph = graph_model(ProteinBatch.pack(proteins).to(device))
@@ -58,8 +63,9 @@ def main():
                 model.zero_grad(set_to_none=True)
                 sync()
 
-            seconds = median_time(step, args.repeats)
-            print(f"{device} {name:>20s}: {seconds:.3f} s per batch of {len(proteins)} "
+            with scatter_aggregation() if scatter else contextlib.nullcontext():
+                seconds = median_time(step, args.repeats)
+            print(f"{device} {name:>32s}: {seconds:.3f} s per batch of {len(proteins)} "
                   f"({graph.num_residue} residues) -> {len(proteins) / seconds:.1f} proteins/s")
             report("encoders", device=device, encoder=name, batch_size=len(proteins), residues=graph.num_residue,
                    seconds_per_batch=round(seconds, 4), proteins_per_s=round(len(proteins) / seconds, 2),

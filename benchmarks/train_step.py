@@ -2,27 +2,37 @@
 
 The config's model with a random-weight ESM-2 of the chosen size (the structure encoder's input width follows
 it), the config's graph construction and task head, random multi-hot targets. One epoch over the real
-structures of ../shared/data (cropped to 550 residues, as the EC transform does), batch 8; median epoch time of
-the repeats after one warm-up epoch. Levers:
+structures of ../shared/data (cropped to 550 residues, as the EC transform does) at the chosen batch size;
+median epoch time of the repeats after one warm-up epoch. Each lever runs in its own process, so its peak
+memory is its own (CPU: peak resident size of the process; CUDA: peak allocated).
 
-    baseline   fair-esm attention, random batches, fp32, ESM trained (lr ratio 0.1)
-    sdpa       ESM through scaled_dot_product_attention
-    bucket     + length-bucketed batches (less padding)
-    bf16       + bf16 autocast (CUDA only)
-    frozen     + ESM frozen (esm_gearnet_freeze.yaml: no ESM gradients; changes the science)
+Levers, cumulative down to `sparse` (or `bf16` on CUDA), then each opt-in on top of that:
 
-Before timing, the SDPA path's loss is checked against fair-esm's on the same batch (fp32, relative 1e-5;
-the random head's loss is about 10^3, so that is the meaningful scale).
-On CUDA the ESM part's model FLOPs utilisation is printed: 6 × non-embedding parameters + 12 × layers ×
-width × length FLOPs per residue (forward + backward), over the measured time, against --peak-tflops.
+    baseline     fair-esm attention, random batches, fp32, index_add_ aggregation, ESM trained (lr ratio 0.1)
+    sdpa         ESM through scaled_dot_product_attention
+    bucket       length-bucketed batches (LengthBucketSampler, as `engine.bucket: true`)
+    sparse       GearNet's relational aggregation as one sparse-dense product
+    bf16         bf16 autocast (CUDA only)
+    compile      + torch.compile of the ESM layers (`compile: true`)
+    checkpoint   + activation checkpointing of the ESM layers (`activation_checkpointing: true`)
+    frozen       + ESM frozen, run without autograd (esm_gearnet_freeze.yaml: changes the science)
+    cache        + frozen ESM's features cached per protein (`feature_cache_gib`); the timed epochs hit it
+
+Every lever is checked against the plain path (fair-esm attention, index_add_, fp32) on the same batch, same
+weights: the relative difference of the loss (fp32 levers: below 1e-5; bf16: below 2e-2) and the largest
+relative difference of a parameter gradient (reported). On CUDA the ESM part's model FLOPs utilisation is
+printed: 6 x non-embedding parameters + 12 x layers x width x length FLOPs per residue (forward + backward;
+frozen: a third of it), over the measured time, against --peak-tflops.
 
     python benchmarks/train_step.py [-c config/EC/esm_gearnet.yaml] [--esm 6,320,20] [--batch 8] [--repeats 2]
     python benchmarks/train_step.py --esm 33,1280,20 --peak-tflops 989   # ESM-2-650M on an H200 (bf16 dense)
 """
 import argparse
 import copy
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -35,34 +45,65 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import real_structure_files, report  # noqa: E402
+from benchmarks._common import real_structure_files, report, scatter_aggregation  # noqa: E402
 from esm_gearnet.config import load_config  # noqa: E402
 from esm_gearnet.data import collate, load_structures  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
-from esm_gearnet.inference import length_batches  # noqa: E402
 from esm_gearnet.registry import build  # noqa: E402
+from esm_gearnet.sampler import LengthBucketSampler  # noqa: E402
 from esm_gearnet.training import parameter_groups  # noqa: E402
 
+NUM_TASK = 538  # EC
+PLAIN = dict(attention="esm", bucket=False, aggregation="scatter", precision="fp32", ratio=0.1, compile=False,
+             checkpointing=False, cache_gib=0.0)
+DESCRIPTIONS = {
+    "baseline": "baseline: fair-esm attention, random batches, fp32, index_add_ aggregation, ESM trained",
+    "sdpa": "+ SDPA attention", "bucket": "+ length-bucketed batches (`engine.bucket: true`)",
+    "sparse": "+ sparse relational aggregation in GearNet", "bf16": "+ bf16 autocast",
+    "compile": "+ torch.compile of the ESM layers (`compile: true`)",
+    "checkpoint": "+ activation checkpointing of the ESM layers",
+    "frozen": "+ ESM frozen, no autograd (a different experiment)",
+    "cache": "+ ESM frozen, features cached per protein",
+}
 
-def build_task(cfg, esm, attention, ratio, num_task, device):
+
+def lever_options(cuda):
+    """name -> options; cumulative up to the best default path, then each opt-in on top of it."""
+    steps = [("baseline", {}), ("sdpa", {"attention": "sdpa"}), ("bucket", {"bucket": True}),
+             ("sparse", {"aggregation": "sparse"})] + ([("bf16", {"precision": "bf16"})] if cuda else [])
+    options, current = {}, dict(PLAIN)
+    for name, change in steps:
+        current = {**current, **change}
+        options[name] = current
+    for name, change in [("compile", {"compile": True}), ("checkpoint", {"checkpointing": True}),
+                         ("frozen", {"ratio": 0.0}), ("cache", {"ratio": 0.0, "cache_gib": 8.0})]:
+        options[name] = {**current, **change}
+    return options
+
+
+def build_task(cfg, esm, options, device):
     cfg = copy.deepcopy(cfg)
     model = cfg.task.model
     layers, width, heads = esm
-    model.sequence_model.update({"pretrained": False, "architecture": [layers, width, heads], "attention": attention})
+    model.sequence_model.update({"pretrained": False, "architecture": [layers, width, heads],
+                                 "attention": options["attention"], "compile": options["compile"],
+                                 "activation_checkpointing": options["checkpointing"],
+                                 "feature_cache_gib": options["cache_gib"]})
     if model.get("fusion") in (None, "series", "serial"):
         key = "node_in_dim" if model.structure_model["class"] == "GVPGNN" else "input_dim"
         model.structure_model[key] = [width, 0] if key == "node_in_dim" else width
-    cfg.sequence_model_lr_ratio = ratio
+    cfg.sequence_model_lr_ratio = options["ratio"]
     torch.manual_seed(0)
-    task = build(cfg.task, "task", task=list(range(num_task)))
+    task = build(cfg.task, "task", task=list(range(NUM_TASK)))
     optimizer = torch.optim.Adam(parameter_groups(cfg, task, 1e-4), lr=1e-4)
     return task.to(device).train(), optimizer
 
 
 def batches(items, batch_size, bucket, seed=0):
     if bucket:
-        groups = list(length_batches([it["graph"].num_residue for it in items], max_residues=10 ** 9,
-                                     max_proteins=batch_size))
+        sampler = LengthBucketSampler([it["graph"].num_residue for it in items], batch_size, seed=seed)
+        sampler.set_epoch(0)
+        groups = list(sampler)
     else:
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -73,23 +114,87 @@ def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
-def epoch(task, optimizer, data, device, precision):
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    for batch in data:
-        batch = to_device(batch, device)
-        with autocast:
-            loss, _ = task(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+def autocast(precision):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def aggregation(options):
+    return scatter_aggregation() if options["aggregation"] == "scatter" else nullcontext()
+
+
+def epoch(task, optimizer, data, device, options):
+    with aggregation(options):
+        for batch in data:
+            batch = to_device(batch, device)
+            with autocast(options["precision"]):
+                loss, _ = task(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def esm_flops_per_residue(esm, length):
+def loss_and_gradients(task, batch, options, passes=1):
+    """Loss and parameter gradients on one batch in eval mode (the last of `passes` forwards: the cache's hit)."""
+    task.eval()
+    with aggregation(options):
+        for _ in range(passes):
+            task.zero_grad(set_to_none=True)
+            with autocast(options["precision"]):
+                loss, _ = task(batch)
+            loss.backward()
+    return float(loss), {n: p.grad.float() for n, p in task.named_parameters() if p.grad is not None}
+
+
+def check(cfg, esm, options, batch, device):
+    """Relative difference of the loss and the largest of the gradients, against the plain path."""
+    plain, _ = build_task(cfg, esm, PLAIN, device)
+    fast, _ = build_task(cfg, esm, options, device)
+    fast.load_state_dict(plain.state_dict())
+    reference, reference_grads = loss_and_gradients(plain, batch, PLAIN)
+    loss, grads = loss_and_gradients(fast, batch, options, passes=2 if options["cache_gib"] else 1)
+    gradient = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-30))
+                   for n, g in reference_grads.items() if n in grads)
+    return abs(loss - reference) / abs(reference), gradient
+
+
+def esm_flops_per_residue(esm, length, trained=True):
     layers, width, _ = esm
     non_embedding = layers * 12 * width * width  # attention 4 d^2 + feed-forward 8 d^2 per layer
-    return 6 * non_embedding + 12 * layers * width * length
+    forward = 2 * non_embedding + 4 * layers * width * length
+    return 3 * forward if trained else forward
+
+
+def run_lever(args, name, cfg, esm, items, device):
+    options = lever_options(device.type == "cuda")[name]
+    residues = sum(it["graph"].num_residue for it in items)
+    task, optimizer = build_task(cfg, esm, options, device)
+    data = batches(items, args.batch, options["bucket"])
+    padded = sum(b["graph"].batch_size * int(b["graph"].num_residues.max()) for b in data)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    epoch(task, optimizer, data, device, options)  # warm-up (and, for `cache`, the epoch that fills it)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        epoch(task, optimizer, data, device, options)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    memory = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    figures = {"proteins_per_s": round(len(items) / seconds, 2), "residues_per_s": round(residues / seconds),
+               "padding": round(padded / residues, 3), "peak_memory_gib": round(memory, 2)}
+    if device.type == "cuda":
+        flops = sum(esm_flops_per_residue(esm, int(b["graph"].num_residues.max()), options["ratio"] > 0)
+                    * b["graph"].num_residue for b in data)
+        figures["esm_mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 3)
+    del task, optimizer
+    figures["loss_difference"], figures["gradient_difference"] = check(
+        cfg, esm, options, to_device(batches(items, args.batch, False)[0], device), device)
+    tolerance = 2e-2 if options["precision"] == "bf16" else 1e-5
+    figures["loss_check"] = "ok" if figures["loss_difference"] < tolerance else f"FAILED (> {tolerance})"
+    return figures
 
 
 def main():
@@ -100,64 +205,37 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-proteins", type=int, default=48)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device bf16 dense peak, for MFU")
+    parser.add_argument("--levers", default=None, help="comma-separated subset of the levers (default: all)")
+    parser.add_argument("--lever", help=argparse.SUPPRESS)  # internal: run one lever in this process
     args = parser.parse_args()
     esm = tuple(int(x) for x in args.esm.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / args.config), {"branch": "MF", "ckpt": None})
-    proteins, _ = load_structures(real_structure_files()[:args.max_proteins], workers=2, progress=False)
+
+    if args.lever is None:  # the parent: one process per lever
+        names = args.levers.split(",") if args.levers else list(lever_options(device.type == "cuda"))
+        print(f"ESM-2 {esm}; batch {args.batch}; {device}, {torch.get_num_threads()} threads; one process per lever")
+        results = {}
+        for name in names:
+            command = [sys.executable, __file__, *sys.argv[1:], "--lever", name]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[name] = json.loads(output.split("LEVER ", 1)[1])
+            print(f"{name:11s} {results[name]}", flush=True)
+        base = results.get("baseline", next(iter(results.values())))["proteins_per_s"]
+        print()
+        for name, figures in results.items():
+            print(f"{DESCRIPTIONS[name]:70s} {figures['proteins_per_s']:7.2f} proteins/s  "
+                  f"{figures['proteins_per_s'] / base:5.2f}x  loss check {figures['loss_check']}")
+        report("train_step", device=str(device), esm=list(esm), batch=args.batch,
+               **{n: dict(f, ratio=round(f["proteins_per_s"] / base, 2)) for n, f in results.items()})
+        return
+
+    cfg = load_config(str(HERE.parent / args.config), {"branch": "MF", "ckpt": None})
+    proteins, _ = load_structures(real_structure_files()[:args.max_proteins], workers=1, progress=False)
     crop = TruncateProtein(max_length=550)
-    items = [{"graph": crop(p), "targets": (torch.rand(538) < 0.01).float()} for p in proteins]
-    residues = sum(it["graph"].num_residue for it in items)
-    print(f"{len(items)} real proteins, {residues} residues after cropping to 550; ESM-2 {esm}; batch {args.batch}; "
-          f"{device}, {torch.get_num_threads()} threads")
-
-    # the fast path computes the same loss as fair-esm's attention (fp32, same weights, same batch)
-    check = to_device(batches(items, args.batch, False)[0], device)
-    plain, _ = build_task(cfg, esm, "esm", 0.1, 538, device)
-    fast, _ = build_task(cfg, esm, "sdpa", 0.1, 538, device)
-    fast.load_state_dict(plain.state_dict())
-    plain.eval(), fast.eval()
-    with torch.no_grad():
-        reference = float(plain(check)[0])
-        difference = abs(reference - float(fast(check)[0])) / abs(reference)
-    print(f"loss, SDPA vs fair-esm attention on one batch (fp32): relative difference {difference:.2e}")
-    assert difference < 1e-5
-
-    levers = [("baseline", "esm", False, "fp32", 0.1), ("sdpa", "sdpa", False, "fp32", 0.1),
-              ("sdpa+bucket", "sdpa", True, "fp32", 0.1)]
-    if device.type == "cuda":
-        levers.append(("sdpa+bucket+bf16", "sdpa", True, "bf16", 0.1))
-    levers.append(("sdpa+bucket+frozen", "sdpa", True, levers[-1][3], 0.0))
-    results = {}
-    for name, attention, bucket, precision, ratio in levers:
-        task, optimizer = build_task(cfg, esm, attention, ratio, 538, device)
-        data = batches(items, args.batch, bucket)
-        padded = sum(b["graph"].batch_size * int(b["graph"].num_residues.max()) for b in data)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        epoch(task, optimizer, data, device, precision)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            epoch(task, optimizer, data, device, precision)
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
-        memory = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-        figures = {"proteins_per_s": round(len(items) / seconds, 2), "residues_per_s": round(residues / seconds),
-                   "padding": round(padded / residues, 3), "peak_memory_gib": round(memory, 2)}
-        if device.type == "cuda":
-            flops = sum(esm_flops_per_residue(esm, int(b["graph"].num_residues.max())) * b["graph"].num_residue
-                        for b in data)
-            figures["esm_mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 3)
-        results[name] = figures
-        print(f"{name:22s} {figures}")
-        del task, optimizer
-    base = results["baseline"]["proteins_per_s"]
-    for name, figures in results.items():
-        print(f"{name:22s} {figures['proteins_per_s'] / base:.2f}x the baseline")
-    report("train_step", device=str(device), esm=list(esm), batch=args.batch, loss_difference=difference,
-           **{name: dict(figures, ratio=round(figures["proteins_per_s"] / base, 2)) for name, figures in results.items()})
+    generator = torch.Generator().manual_seed(0)
+    items = [{"graph": crop(p), "targets": (torch.rand(NUM_TASK, generator=generator) < 0.01).float()}
+             for p in proteins]
+    print("LEVER " + json.dumps(run_lever(args, args.lever, cfg, esm, items, device)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..data import constants
@@ -100,12 +101,35 @@ def _rotary(length: int, inv_freq: torch.Tensor, dtype) -> Tuple[torch.Tensor, t
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx: int, mask_idx: int) -> torch.Tensor:
+def _sdpa_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """One ESM-2 transformer layer (pre-norm attention with rotary embeddings, then the feed-forward)."""
+    attn = layer.self_attn
+    batch, length, dim = x.shape
+    heads = attn.num_heads
+    head_dim = dim // heads
+    h = layer.self_attn_layer_norm(x)
+    q = attn.q_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    x = x + attn.out_proj(h.transpose(1, 2).reshape(batch, length, dim))
+    h = layer.final_layer_norm(x)
+    return x + layer.fc2(F.gelu(layer.fc1(h)))
+
+
+def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx: int, mask_idx: int,
+                      checkpoint: bool = False, layer_fn=_sdpa_layer) -> torch.Tensor:
     """ESM-2 representations of layer `repr_layer` through `scaled_dot_product_attention`.
 
     Args:
         model: a fair-esm `ESM2` (its weights are used as they are).
         tokens: [B, T] token ids, `<cls>` ... `<eos>` then padding.
+        checkpoint: recompute each layer's activations in the backward pass instead of keeping them
+            (activation checkpointing: memory per layer drops to its input, for one extra forward).
+        layer_fn: the function computing one layer (`_sdpa_layer`, or a `torch.compile`d version of it).
     Returns:
         [B, T, D]; the last layer's output goes through `emb_layer_norm_after`, as in fair-esm.
     """
@@ -119,24 +143,15 @@ def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx:
         mask_ratio_observed = is_mask.sum(-1).to(x.dtype) / lengths
         x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[:, None, None]
     x = x * (~padding).unsqueeze(-1).to(x.dtype)
-    batch, length, dim = x.shape
-    heads = model.attention_heads
-    head_dim = dim // heads
     attn_mask = None if not padding.any() else (~padding)[:, None, None, :]
     if repr_layer:
-        cos, sin = _rotary(length, model.layers[0].self_attn.rot_emb.inv_freq, x.dtype)
+        cos, sin = _rotary(tokens.shape[1], model.layers[0].self_attn.rot_emb.inv_freq, x.dtype)
+    checkpoint = checkpoint and torch.is_grad_enabled()
     for layer in model.layers[:repr_layer]:
-        attn = layer.self_attn
-        h = layer.self_attn_layer_norm(x)
-        q = attn.q_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        x = x + attn.out_proj(h.transpose(1, 2).reshape(batch, length, dim))
-        h = layer.final_layer_norm(x)
-        x = x + layer.fc2(F.gelu(layer.fc1(h)))
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(layer_fn, layer, x, cos, sin, attn_mask, use_reentrant=False)
+        else:
+            x = layer_fn(layer, x, cos, sin, attn_mask)
     if repr_layer == len(model.layers):
         x = model.emb_layer_norm_after(x)
     return x
@@ -154,6 +169,15 @@ class ESM(nn.Module):
         repr_layer: layer whose output is the residue feature (default: the last).
         attention: "sdpa" (fast path) or "esm" (fair-esm's own forward).
         architecture: (num_layers, embed_dim, heads) for a custom random-weight ESM-2 (pretrained False).
+        activation_checkpointing: recompute each layer in the backward pass instead of storing its activations
+            (less memory for long proteins and big models, about one more forward of time; sdpa path only).
+        feature_cache_gib: host memory (GiB) for the residue features of a *frozen* ESM (every parameter
+            without gradient, e.g. `sequence_model_lr_ratio: 0`). Each protein's features are then computed
+            once and reused, keyed by the exact residue sequence fed to ESM: a crop or mutation that changes
+            the sequence is a new entry, never a wrong hit. Proteins are added until the budget is full.
+            Masked residues (pre-training) bypass the cache. 0 turns it off.
+        compile: run each transformer layer through `torch.compile` (dynamic shapes; sdpa path only). The first
+            batches pay the compilation (tens of seconds); on CPU it needs a C++ compiler.
     Forward:
         batch: ProteinBatch with `residue_type` [N]; `residue_mask` [N] bool (optional) marks residues that
         get ESM's `<mask>` token.
@@ -166,12 +190,16 @@ class ESM(nn.Module):
 
     def __init__(self, path: Optional[str] = None, model: str = "ESM-2-650M", readout: str = "mean",
                  pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
-                 architecture: Optional[Tuple[int, int, int]] = None):
+                 architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
+                 feature_cache_gib: float = 0.0, compile: bool = False):
         super().__init__()
         if readout not in ("mean", "sum"):
             raise ValueError(f"ESM: readout must be 'mean' or 'sum', got {readout!r}.")
         if attention not in ("sdpa", "esm"):
             raise ValueError(f"ESM: attention must be 'sdpa' or 'esm', got {attention!r}.")
+        for option, value in (("activation_checkpointing", activation_checkpointing), ("compile", compile)):
+            if value and attention != "sdpa":
+                raise ValueError(f"ESM: {option} works on the sdpa path; set `attention: sdpa`.")
         if architecture is not None:
             if pretrained:
                 raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
@@ -198,6 +226,14 @@ class ESM(nn.Module):
         self.readout = readout
         self.attention = attention
         self.is_esm2 = type(esm_model).__name__ == "ESM2"
+        if (activation_checkpointing or compile) and not self.is_esm2:
+            raise ValueError("ESM: activation_checkpointing and compile are built for ESM-2 models; remove them "
+                             "for ESM-1b.")
+        self.activation_checkpointing = activation_checkpointing
+        self._layer_fn = torch.compile(_sdpa_layer, dynamic=True) if compile else _sdpa_layer
+        self.feature_cache_gib = float(feature_cache_gib)
+        self._cache: Dict[bytes, torch.Tensor] = {}  # residue types (uint8 bytes) -> [L, D] on the CPU
+        self._cache_bytes = 0
         num_layers = esm_model.num_layers
         self.repr_layer = num_layers if repr_layer is None else repr_layer
         if not 0 <= self.repr_layer <= num_layers:
@@ -227,6 +263,7 @@ class ESM(nn.Module):
             if not torch.equal(theirs[:constants.NUM_RESIDUE_TYPES].cpu(), self.mapping[:constants.NUM_RESIDUE_TYPES].cpu()):
                 raise ValueError(f"{key}: the checkpoint maps residues to ESM tokens in another order than this "
                                  "framework (G A S P V T C I L N D Q K E M H F R Y W); it cannot be loaded as is.")
+        self.clear_cache()  # cached features belong to the old weights
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def tokenize(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
@@ -235,16 +272,21 @@ class ESM(nn.Module):
         Returns:
             tokens [W, T], and the (window row, column) of every packed residue ([N], [N]).
         """
+        return self._tokenize(batch.residue_type, batch.num_residues, residue_mask)
+
+    def _tokenize(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
+                  residue_mask: Optional[torch.Tensor] = None):
         alphabet = self.alphabet
-        ids = self.mapping[batch.residue_type]
+        ids = self.mapping[residue_type]
         if residue_mask is not None:
             ids = ids.masked_fill(residue_mask, alphabet.mask_idx)
-        position = functional.position_in_segment(batch.num_residues, batch.residue2graph)
-        windows_per_protein = (batch.num_residues + MAX_RESIDUES - 1) // MAX_RESIDUES
-        if bool((batch.num_residues > MAX_RESIDUES).any()):
+        position = functional.position_in_segment(num_residues)
+        windows_per_protein = (num_residues + MAX_RESIDUES - 1) // MAX_RESIDUES
+        if bool((num_residues > MAX_RESIDUES).any()):
             warnings.warn(f"ESM: proteins longer than {MAX_RESIDUES} residues are embedded in windows of "
-                          f"{MAX_RESIDUES} residues.", stacklevel=3)
-        window = functional.offsets(windows_per_protein)[batch.residue2graph] + position // MAX_RESIDUES
+                          f"{MAX_RESIDUES} residues.", stacklevel=4)
+        residue2graph = functional.segment_ids(num_residues)
+        window = functional.offsets(windows_per_protein)[residue2graph] + position // MAX_RESIDUES
         column = position % MAX_RESIDUES + int(alphabet.prepend_bos)
         num_windows = int(windows_per_protein.sum())
         window_length = torch.bincount(window, minlength=num_windows)
@@ -258,15 +300,56 @@ class ESM(nn.Module):
             tokens[rows, window_length + int(alphabet.prepend_bos)] = alphabet.eos_idx
         return tokens, window, column
 
-    def forward(self, batch: ProteinBatch, input: Optional[torch.Tensor] = None,
-                residue_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        tokens, window, column = self.tokenize(batch, residue_mask)
+    def _features(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
+                  residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, D] residue features of packed proteins."""
+        tokens, window, column = self._tokenize(residue_type, num_residues, residue_mask)
         if self.attention == "sdpa" and self.is_esm2:
             hidden = esm2_forward_sdpa(self.model, tokens, self.repr_layer, self.alphabet.padding_idx,
-                                       self.alphabet.mask_idx)
+                                       self.alphabet.mask_idx, checkpoint=self.activation_checkpointing,
+                                       layer_fn=self._layer_fn)
         else:
             hidden = self.model(tokens, repr_layers=[self.repr_layer])["representations"][self.repr_layer]
-        residue_feature = hidden[window, column]
+        return hidden[window, column]
+
+    def _cached_features(self, batch: ProteinBatch) -> torch.Tensor:
+        """Features of a frozen ESM-2, computed only for the proteins not cached yet (in one batch)."""
+        sizes = batch.num_residues.tolist()
+        keys = [chunk.numpy().tobytes() for chunk in batch.residue_type.to("cpu", torch.uint8).split(sizes)]
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        fresh: Dict[bytes, torch.Tensor] = {}
+        if missing:
+            chosen = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.residue_type.device)
+            chosen[missing] = True
+            computed = self._features(batch.residue_type[chosen[batch.residue2graph]], batch.num_residues[chosen])
+            for i, feature in zip(missing, computed.split([sizes[i] for i in missing])):
+                fresh[keys[i]] = feature
+                size = feature.numel() * feature.element_size()
+                if keys[i] not in self._cache and self._cache_bytes + size <= self.feature_cache_gib * 2 ** 30:
+                    self._cache[keys[i]] = feature.to("cpu", copy=True)
+                    self._cache_bytes += size
+        device = batch.residue_type.device
+        return torch.cat([fresh[key] if key in fresh else self._cache[key].to(device, non_blocking=True)
+                          for key in keys])
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._cache_bytes = 0
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.model.parameters())
+
+    def forward(self, batch: ProteinBatch, input: Optional[torch.Tensor] = None,
+                residue_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        if not self.frozen:
+            residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask)
+        else:  # no gradient reaches a frozen ESM: keep no activations for one
+            with torch.no_grad():
+                if self.feature_cache_gib > 0 and residue_mask is None and self.is_esm2 and batch.batch_size:
+                    residue_feature = self._cached_features(batch)
+                else:
+                    residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask)
         return {"residue_feature": residue_feature,
                 "graph_feature": functional.readout(residue_feature, batch.residue2graph, batch.batch_size,
                                                     self.readout)}

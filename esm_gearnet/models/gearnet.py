@@ -5,6 +5,7 @@ Parameter names are TorchDrug's (`layers.{i}.linear`, `layers.{i}.self_loop`, `l
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -18,18 +19,43 @@ from ..registry import register
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
-def relational_sum(x: torch.Tensor, edge_list: torch.Tensor, num_node: int, num_relation: int) -> torch.Tensor:
+def relational_adjacency(edge_list: torch.Tensor, num_node: int, num_relation: int,
+                         num_source: Optional[int] = None) -> torch.Tensor:
+    """The graph as a sparse [N * R, N_source] CSR matrix: entry (i * R + r, j) counts the edges j -> i of
+    relation r. Built once per batch and shared by every layer.
+
+    Args:
+        edge_list: [E, 3] (source, target, relation).
+        num_source: number of source rows (default `num_node`).
+    """
+    num_source = num_node if num_source is None else num_source
+    source, target, relation = edge_list.unbind(-1)
+    key, count = torch.unique((target * num_relation + relation) * num_source + source, return_counts=True)
+    row, column = key // num_source, key % num_source
+    crow = torch.zeros(num_node * num_relation + 1, dtype=torch.long, device=edge_list.device)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=num_node * num_relation), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, column, count.float(), (num_node * num_relation, num_source),
+                                       check_invariants=False)  # sorted, unique and in range by construction
+
+
+def relational_sum(x: torch.Tensor, adjacency: torch.Tensor, num_relation: int) -> torch.Tensor:
     """Per relation, the sum of source features over incoming edges, relations side by side.
 
     Args:
-        x: [N, D] node features; edge_list: [E, 3] (source, target, relation).
+        x: [N_source, D] node features; adjacency: from `relational_adjacency`.
     Returns:
         [N, R * D]: block r of row i = sum of x[j] over the edges j -> i of relation r.
+
+    One sparse-dense product (and its transpose in the backward pass): on CPU 4.5x faster than gathering
+    [E, D] source rows and scattering them with `index_add_` (benchmarks/encoders.py). Computed in at least
+    fp32, outside autocast.
     """
-    source, target, relation = edge_list.unbind(-1)
-    out = x.new_zeros(num_node * num_relation, x.shape[-1])
-    out.index_add_(0, target * num_relation + relation, x[source])
-    return out.view(num_node, num_relation * x.shape[-1])
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        out = torch.sparse.mm(adjacency.to(dtype), x.to(dtype))
+    return out.view(-1, num_relation * x.shape[-1])
 
 
 class GeometricRelationalGraphConv(nn.Module):
@@ -44,8 +70,9 @@ class GeometricRelationalGraphConv(nn.Module):
         self.batch_norm = nn.BatchNorm1d(output_dim) if batch_norm else None
         self.activation = ACTIVATIONS[activation]() if activation else None
 
-    def forward(self, x: torch.Tensor, edge_list: torch.Tensor) -> torch.Tensor:
-        update = relational_sum(x, edge_list, len(x), self.num_relation)
+    def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+        """x: [N, D_in]; adjacency: [N * R, N] from `relational_adjacency`."""
+        update = relational_sum(x, adjacency, self.num_relation)
         output = self.linear(update) + self.self_loop(x)
         if self.batch_norm is not None:
             output = self.batch_norm(output)
@@ -111,22 +138,25 @@ class GearNet(nn.Module):
             raise ValueError(f"GearNet: input features have {input.shape[-1]} channels but input_dim is "
                              f"{self.input_dim}; set input_dim: {input.shape[-1]}.")
         edge_list = batch.edge_list
+        adjacency = relational_adjacency(edge_list, batch.num_residue, self.num_relation)
         if self.num_angle_bin:
             line_graph = self.spatial_line_graph(batch)
+            line_adjacency = relational_adjacency(line_graph.edge_list, len(edge_list), self.num_angle_bin)
             edge_input = batch.edge_feature.float()
             # each edge's message goes to its target residue, under its relation
             edge_to_node = torch.stack([torch.arange(len(edge_list), device=edge_list.device),
                                         edge_list[:, 1], edge_list[:, 2]], -1)
+            edge_to_node = relational_adjacency(edge_to_node, batch.num_residue, self.num_relation, len(edge_list))
         hiddens = []
         layer_input = input
         for i, layer in enumerate(self.layers):
-            hidden = layer(layer_input, edge_list)
+            hidden = layer(layer_input, adjacency)
             if self.short_cut and hidden.shape == layer_input.shape:
                 hidden = hidden + layer_input
             if self.num_angle_bin:
-                edge_hidden = self.edge_layers[i](edge_input, line_graph.edge_list)
+                edge_hidden = self.edge_layers[i](edge_input, line_adjacency)
                 # edge messages scattered to their target residue, per relation, through the conv's linear map
-                update = relational_sum(edge_hidden, edge_to_node, len(hidden), self.num_relation)
+                update = relational_sum(edge_hidden, edge_to_node, self.num_relation)
                 hidden = hidden + layer.activation(layer.linear(update))
                 edge_input = edge_hidden
             if self.batch_norms is not None:
