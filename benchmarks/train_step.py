@@ -185,7 +185,7 @@ def run_lever(args, name, cfg, esm, items, device):
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     figures = {"proteins_per_s": round(len(items) / seconds, 2), "residues_per_s": round(residues / seconds),
                "padding": round(padded / residues, 3), "peak_memory_gib": round(memory, 2)}
-    if device.type == "cuda":
+    if device.type == "cuda" and not options["cache_gib"]:  # with the cache, ESM does not run in timed epochs
         flops = sum(esm_flops_per_residue(esm, int(b["graph"].num_residues.max()), options["ratio"] > 0)
                     * b["graph"].num_residue for b in data)
         figures["esm_mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 3)
