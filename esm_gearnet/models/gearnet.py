@@ -48,9 +48,9 @@ def relational_sum(x: torch.Tensor, adjacency: torch.Tensor, num_relation: int) 
     Returns:
         [N, R * D]: block r of row i = sum of x[j] over the edges j -> i of relation r.
 
-    One sparse-dense product (and its transpose in the backward pass): on CPU 4.5x faster than gathering
-    [E, D] source rows and scattering them with `index_add_` (benchmarks/encoders.py). Computed in at least
-    fp32, outside autocast.
+    One sparse-dense product (and its transpose in the backward pass) instead of gathering [E, D] source rows
+    and scattering them with `index_add_`: GearNet 6x512 trains 1.34x faster on CPU, GearNet-Edge 1.96x
+    (benchmarks/encoders.py). Computed in at least fp32, outside autocast.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
