@@ -38,9 +38,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# benchmarks/esm.py would shadow fair-esm: keep this folder off sys.path
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
@@ -217,8 +215,10 @@ def main():
         results = {}
         for name in names:
             command = [sys.executable, __file__, *sys.argv[1:], "--lever", name]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[name] = json.loads(output.split("LEVER ", 1)[1])
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode != 0:
+                raise SystemExit(f"lever {name} failed:\n{child.stderr[-4000:]}")
+            results[name] = json.loads(child.stdout.split("LEVER ", 1)[1])
             print(f"{name:11s} {results[name]}", flush=True)
         base = results.get("baseline", next(iter(results.values())))["proteins_per_s"]
         print()

@@ -3,17 +3,14 @@
 Random-weight ESM-2 models of the real architectures (6 layers x 320, 12 x 480; 33 x 1280 on CUDA) at
 batch 4 x 550 residues; fp32 on CPU, fp32 and bf16 autocast on CUDA. Median of repeats after warm-up.
 
-    python benchmarks/esm.py [--repeats 3] [--batch 4] [--length 550]
+    python benchmarks/esm_attention.py [--repeats 3] [--batch 4] [--length 550]
 """
 import argparse
 import contextlib
 import sys
 from pathlib import Path
 
-# this file is named esm.py: keep its folder off sys.path so that `import esm` finds fair-esm
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
