@@ -210,7 +210,11 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.lever is None:  # the parent: one process per lever
-        names = args.levers.split(",") if args.levers else list(lever_options(device.type == "cuda"))
+        known = list(lever_options(device.type == "cuda"))
+        names = args.levers.split(",") if args.levers else known
+        if set(names) - set(known):
+            parser.error(f"--levers: unknown {', '.join(sorted(set(names) - set(known)))}; choose from "
+                         f"{', '.join(known)}.")
         print(f"ESM-2 {esm}; batch {args.batch}; {device}, {torch.get_num_threads()} threads; one process per lever")
         results = {}
         for name in names:
