@@ -22,23 +22,16 @@ import torch  # noqa: E402
 from benchmarks._common import real_structure_files, report  # noqa: E402
 from esm_gearnet.data import collate  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
+from esm_gearnet.data.datasets.base import StructureDataset  # noqa: E402
 from esm_gearnet.data.datasets.cache import load_or_build  # noqa: E402
 
 
-class Cropped(torch.utils.data.Dataset):
-    def __init__(self, proteins):
-        self.proteins, self.crop = proteins, TruncateProtein(max_length=550)
-
-    def __len__(self):
-        return len(self.proteins)
-
-    def __getitem__(self, index):
-        return {"graph": self.crop(self.proteins[index])}
-
-
 def loader_rate(proteins, workers, batch_size=8):
-    loader = torch.utils.data.DataLoader(Cropped(proteins), batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, collate_fn=collate)
+    dataset = StructureDataset()  # the datasets' own item path: {"graph", "targets"}, then the transform
+    dataset.proteins, dataset.targets = proteins, torch.zeros(len(proteins), 0)
+    dataset.transform = TruncateProtein(max_length=550)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         collate_fn=collate)
     start = time.perf_counter()
     count = sum(batch["graph"].batch_size for batch in loader)
     return count / (time.perf_counter() - start)

@@ -47,6 +47,7 @@ from benchmarks._common import real_structure_files, report, scatter_aggregation
 from esm_gearnet.config import load_config  # noqa: E402
 from esm_gearnet.data import collate, load_structures  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
+from esm_gearnet.engine import to_device  # noqa: E402
 from esm_gearnet.registry import build  # noqa: E402
 from esm_gearnet.sampler import LengthBucketSampler  # noqa: E402
 from esm_gearnet.training import parameter_groups  # noqa: E402
@@ -106,10 +107,6 @@ def batches(items, batch_size, bucket, seed=0):
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return [collate([items[i] for i in group]) for group in groups]
-
-
-def to_device(batch, device):
-    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
 def autocast(precision):
