@@ -98,15 +98,26 @@ def report_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+@_one_sentence
+def downstream_main(argv: Optional[List[str]] = None) -> int:
+    from .training import run_downstream
+
+    run_downstream(argv)
+    return 0
+
+
+@_one_sentence
+def pretrain_main(argv: Optional[List[str]] = None) -> int:
+    from .pretraining import run_pretrain
+
+    run_pretrain(argv)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"embed": embed_main, "predict": predict_main, "report": report_main}
-    if argv and argv[0] in ("downstream", "pretrain"):
-        from .pretraining import run_pretrain
-        from .training import run_downstream
-
-        (run_downstream if argv[0] == "downstream" else run_pretrain)(argv[1:])
-        return 0
+    commands = {"embed": embed_main, "predict": predict_main, "report": report_main,
+                "downstream": downstream_main, "pretrain": pretrain_main}
     if not argv or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed
-from .config import base_parser, parse_args, load_config, render_config
+from .config import ConfigError, base_parser, parse_args, load_config, render_config
 from .engine import Engine, lower_is_better
 from .registry import build
 
@@ -163,6 +163,11 @@ def training_run(argv: Optional[List[str]], description: str):
     if args.ckpt is not None and "ckpt" in variables:
         variables["ckpt"] = args.ckpt
     cfg = load_config(args.config, variables)
+    missing = [key for key in ("dataset", "task", "optimizer", "train") if not cfg.get(key)]
+    missing += ["task.model"] if cfg.get("task") and not cfg.task.get("model") else []
+    if missing:
+        raise ConfigError(f"{args.config} lacks {', '.join(missing)}; a training config needs dataset, "
+                          "task (with its model), optimizer and train, as config/EC/esm_gearnet.yaml has.")
     resume = args.resume or cfg.get("checkpoint")
     distributed.init()
     try:

@@ -142,10 +142,18 @@ def test_length_batches_respect_the_budget():
 
 
 def test_command_line_errors_are_one_sentence(tmp_path, capsys):
-    from esm_gearnet.cli import embed_main, report_main
+    from esm_gearnet.cli import downstream_main, embed_main, pretrain_main, report_main
 
     assert embed_main(["--ckpt", str(tmp_path / "missing.pth"), str(tmp_path), "-o", str(tmp_path / "e.npz")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: checkpoint {tmp_path / 'missing.pth'} does not exist; "
                                                "check the path given to --ckpt / --resume.")
     assert report_main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    # a training config without one of its sections: one sentence too
+    config = tmp_path / "bad.yaml"
+    config.write_text("task:\n  class: MultipleBinaryClassification\noptimizer:\n  class: Adam\n")
+    for main in (downstream_main, pretrain_main):
+        assert main(["-c", str(config)]) == 2
+        assert capsys.readouterr().err == (f"error: {config} lacks dataset, train, task.model; a training config "
+                                           "needs dataset, task (with its model), optimizer and train, as "
+                                           "config/EC/esm_gearnet.yaml has.\n")
