@@ -61,10 +61,14 @@ def literal(value: Any) -> Any:
 
 
 def render_config(path: str, variables: Optional[Dict[str, Any]] = None) -> str:
-    """The config text after Jinja rendering."""
+    """The config text after Jinja rendering. Every variable of the config that `variables` does not give is
+    None, so one file renders to one config wherever it is read (training, pre-training, embed, predict, tests):
+    `{{ true if x is none else x }}` means true everywhere."""
     text = _read(path)
-    environment, _ = _parse_template(text, path)
-    return environment.from_string(text).render(dict(variables or {}))
+    environment, tree = _parse_template(text, path)
+    given = {name: None for name in jinja2.meta.find_undeclared_variables(tree)}
+    given.update(variables or {})
+    return environment.from_string(text).render(given)
 
 
 def load_config(path: str, variables: Optional[Dict[str, Any]] = None) -> easydict.EasyDict:

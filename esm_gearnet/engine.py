@@ -99,7 +99,7 @@ class Engine:
                  log_interval: int = 100, gradient_interval: int = 1, clip_norm: Optional[float] = None,
                  precision: str = "fp32", on_nonfinite: str = "stop", sync_batch_norm: bool = True,
                  find_unused_parameters: bool = False, bucket: bool = False, run_dir=None, config: Optional[Dict] = None,
-                 seed: int = 0, device: Optional[torch.device] = None, progress: bool = True):
+                 task_names: Sequence[str] = (), seed: int = 0, device: Optional[torch.device] = None, progress: bool = True):
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"engine.precision must be fp32, bf16 or fp16, got {precision!r}.")
         if on_nonfinite not in ("stop", "skip"):
@@ -134,7 +134,7 @@ class Engine:
         self.best: Dict[str, Any] = {"epoch": None, "score": None}
         self.history: List[Dict[str, Any]] = []
         self.num_evaluated: Dict[str, int] = {}
-        self.extra: Dict[str, Any] = {}  # saved with the training state (pre-training: its position)
+        self.task_names = [str(t) for t in task_names]
         self._writer = self._tensorboard()
 
     # ---- data --------------------------------------------------------------------------------------------
@@ -156,16 +156,17 @@ class Engine:
         return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     # ---- training ----------------------------------------------------------------------------------------
-    def train_epoch(self) -> Dict[str, float]:
+    def train_epoch(self, train_set=None) -> Dict[str, float]:
         """One pass over the training split; returns the mean of the logged values."""
+        train_set = self.sets["train"] if train_set is None else train_set
         if self.bucket:
-            sampler = LengthBucketSampler(dataset_lengths(self.sets["train"]), self.batch_size, self.world_size,
+            sampler = LengthBucketSampler(dataset_lengths(train_set), self.batch_size, self.world_size,
                                           self.rank, seed=self.seed)
         else:
-            sampler = DistributedSampler(self.sets["train"], num_replicas=self.world_size, rank=self.rank,
+            sampler = DistributedSampler(train_set, num_replicas=self.world_size, rank=self.rank,
                                          shuffle=True, seed=self.seed)
         sampler.set_epoch(self.epoch)
-        loader = self._loader(self.sets["train"], sampler)
+        loader = self._loader(train_set, sampler)
         self.model.train()
         totals: Dict[str, float] = {}
         count, started, proteins = 0, time.perf_counter(), 0
@@ -266,19 +267,19 @@ class Engine:
             record = {"epoch": self.epoch, "step": self.step, "train": train, "valid": valid, "test": test,
                       "lr": [g["lr"] for g in self.optimizer.param_groups],
                       "num_evaluated": dict(self.num_evaluated)}
-            self._record(record)
+            self.record(record)
             if self.best["score"] is None or direction * score > direction * self.best["score"]:
                 self.best = {"epoch": self.epoch, "score": score}
-                self._save_model("best.pth")
+                self.save_weights("best.pth")
             self._step_scheduler(score)
             self.save("last.pth")
         if self.best["epoch"] is not None and self.run_dir is not None:
             distributed.barrier()
             state = checkpoint.load(self.run_dir / "best.pth")
-            self.task.load_state_dict(state["model"])
+            self.task.load_state_dict(checkpoint.task_state(state))
         final = {"best_epoch": self.best["epoch"], "valid": self.evaluate("valid"), "test": self.evaluate("test"),
                  "num_evaluated": dict(self.num_evaluated)}
-        self._record({"final": final})
+        self.record({"final": final})
         return final["test"]
 
     def _step_scheduler(self, score: float) -> None:
@@ -290,50 +291,53 @@ class Engine:
             self.scheduler.step()
 
     # ---- state -------------------------------------------------------------------------------------------
-    def state(self) -> Dict[str, Any]:
-        return {"model": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "epoch": self.epoch, "step": self.step, "config": self.config, "metrics": self.history,
-                "best": self.best, "world_size": self.world_size, "extra": self.extra}
-
-    def save(self, name: str) -> None:
+    def save(self, name: str, position: Optional[Dict[str, Any]] = None) -> None:
         """Full training state, written atomically by rank 0 (RNG states of every rank included)."""
         rng = distributed.gather_objects(_rng_state())
         if self.rank == 0 and self.run_dir is not None:
-            checkpoint.save_atomic({**self.state(), "rng": rng}, self.run_dir / name)
+            training = {"optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                        "step": self.step, "best": self.best, "metrics": self.history, "rng": rng,
+                        "world_size": self.world_size, "position": position}
+            checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, self.epoch, training),
+                                   self.run_dir / name)
         distributed.barrier()
 
-    def _save_model(self, name: str) -> None:
+    def save_weights(self, name: str) -> None:
         if self.rank == 0 and self.run_dir is not None:
-            checkpoint.save_atomic({"model": self.task.state_dict(), "epoch": self.epoch, "config": self.config,
-                                    "metrics": self.history[-1:], "extra": self.extra}, self.run_dir / name)
+            checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, self.epoch),
+                                   self.run_dir / name)
         distributed.barrier()
 
-    def resume(self, path) -> None:
+    def resume(self, path) -> Optional[Dict[str, Any]]:
         """Continue from a `last.pth` written by `save`: weights, optimizer, scheduler, counters, RNG."""
         state = checkpoint.load(path)
-        if "optimizer" not in state or "rng" not in state:
+        if not checkpoint.is_packed(state) or not state.get("training"):
             raise checkpoint.CheckpointError(f"{path} holds model weights only; resume needs a last.pth written "
                                              "during training (use --ckpt to start from weights).")
-        if state.get("world_size", 1) != self.world_size:
-            raise checkpoint.CheckpointError(f"{path} was written by {state['world_size']} process(es) but "
+        training = state["training"]
+        if training.get("world_size", 1) != self.world_size:
+            raise checkpoint.CheckpointError(f"{path} was written by {training['world_size']} process(es) but "
                                              f"{self.world_size} run now; resume with the same number.")
-        checkpoint.load_state_dict_checked(self.task, state["model"], str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
-        self.history = list(state["metrics"])
-        self.extra = dict(state.get("extra") or {})
-        _set_rng_state(state["rng"][self.rank])
+        checkpoint.load_state_dict_checked(self.task, checkpoint.task_state(state), str(path))
+        self.optimizer.load_state_dict(training["optimizer"])
+        if self.scheduler is not None and training["scheduler"] is not None:
+            self.scheduler.load_state_dict(training["scheduler"])
+        if self.scaler is not None and training.get("scaler"):
+            self.scaler.load_state_dict(training["scaler"])
+        self.epoch, self.step, self.best = state["epoch"], training["step"], training["best"]
+        self.history = list(training["metrics"])
+        _set_rng_state(training["rng"][self.rank])
         if self.rank == 0 and self.run_dir is not None:  # drop records the interrupted run wrote after `path`
-            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            metrics = self.run_dir / "metrics.jsonl"
+            if not metrics.is_file() or metrics.read_text() != text:
+                metrics.write_text(text)
+        return training.get("position")
 
     # ---- output ------------------------------------------------------------------------------------------
-    def _record(self, record: Dict[str, Any]) -> None:
+    def record(self, record: Dict[str, Any]) -> None:
         self.history.append(record)
         if self.rank != 0:
             return

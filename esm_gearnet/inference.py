@@ -5,6 +5,8 @@ be read is reported with its reason and skipped.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,10 +17,13 @@ import torch
 from easydict import EasyDict
 
 from . import checkpoint
+from .assembly import build_encoder, build_task, model_config
 from .config import load_config
 from .data import ProteinBatch, collate, load_structures
 from .data.io import is_structure_file
-from .registry import build
+from .models import Encoder
+from .registry import build, resolve
+from .tasks import MultipleBinaryClassification, PropertyPrediction
 
 logger = logging.getLogger("esm_gearnet")
 FORMATS = (".npz", ".pt", ".h5")
@@ -77,8 +82,9 @@ def length_batches(lengths: Sequence[int], max_residues: int = 4096, max_protein
         yield batch
 
 
-# ---- models -------------------------------------------------------------------------------------------------
-def _checkpoint_file(path) -> Path:
+# ---- models ----------------------------------------------------------------------------------------------
+def checkpoint_file(path) -> Path:
+    """The checkpoint a path names: a file, or a run directory's best.pth (fine-tuning) or last.pth."""
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir():
         for name in ("best.pth", "last.pth"):
@@ -89,25 +95,36 @@ def _checkpoint_file(path) -> Path:
 
 
 def load_run(config: Optional[str] = None, ckpt: Optional[str] = None) -> Tuple[EasyDict, Optional[Dict]]:
-    """(config, checkpoint or None): the config is `config` when given, else the one the checkpoint carries."""
-    state = checkpoint.load(_checkpoint_file(ckpt)) if ckpt else None
+    """(config, checkpoint or None). The config is `config` rendered (with the defaults training used) when
+    given, else the rendered config the checkpoint carries: a run is never rendered again."""
+    state = checkpoint.load(checkpoint_file(ckpt)) if ckpt else None
     if config is not None:
-        return load_config(str(config), {}), state
-    if state is None or not state.get("config"):
-        raise ValueError("give the model's config with -c CONFIG (only checkpoints written by this framework's "
-                         "training carry their config).")
+        return load_config(str(config)), state
+    if state is None:
+        raise ValueError("give the model's config with -c CONFIG, or --ckpt with a run directory or checkpoint "
+                         "of this framework (they carry their config).")
+    if not checkpoint.is_packed(state):
+        raise ValueError(f"{ckpt} holds no config (a bare state_dict, like the original's released files); "
+                         "give the config of the model it was saved from with -c CONFIG.")
     return EasyDict(state["config"]), state
 
 
-def build_encoder(cfg, state: Optional[Dict] = None) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
-    """(encoder, graph construction) of a config, with the checkpoint's encoder weights when given."""
-    model_cfg = cfg.task.model.model if cfg.task["class"] == "Unsupervised" else cfg.task.model
-    encoder = build(model_cfg, "task.model")
-    graph = cfg.task.get("graph_construction_model")
-    graph = build(graph, "task.graph_construction_model") if graph else None
+def load_encoder(cfg, state: Optional[Dict] = None, source: str = "the checkpoint") -> Encoder:
+    """The encoder of a config, in eval mode, with the checkpoint's encoder weights when given."""
+    encoder = build_encoder(cfg)
     if state is not None:
-        checkpoint.load_state_dict_checked(encoder, checkpoint.model_weights(state), "the checkpoint")
-    return encoder.eval(), graph
+        checkpoint.load_state_dict_checked(encoder, checkpoint.encoder_state(state, source), source)
+    return encoder.eval()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and values of a module's state_dict: which weights these are."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _device(device: Optional[str]) -> torch.device:
@@ -116,36 +133,44 @@ def _device(device: Optional[str]) -> torch.device:
 
 # ---- embeddings ---------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def embed_proteins(encoder, graph_model, proteins, per_residue: bool = False, device=None,
-                   max_residues: int = 4096, progress: bool = False):
-    """([P, D] protein embeddings, per-residue [L_p, D] list or None) in the order of `proteins`."""
+def embed_proteins(encoder: Encoder, proteins, per_residue: bool = False, device=None, max_residues: int = 4096,
+                   progress: bool = False):
+    """([P, D] protein embeddings, per-residue [L_p, D] list or None) in the order of `proteins`; L_p counts the
+    residues the encoder's graph construction keeps (all residues with a CA atom)."""
     from tqdm.auto import tqdm
 
     device = _device(device)
     encoder.to(device)
-    if graph_model is not None:
-        graph_model.to(device)
     graph_out: List[Optional[torch.Tensor]] = [None] * len(proteins)
     residue_out: List[Optional[torch.Tensor]] = [None] * len(proteins)
     batches = list(length_batches([p.num_residue for p in proteins], max_residues))
     for batch_index in tqdm(batches, desc="embedding", disable=not progress, unit="batch"):
-        batch = ProteinBatch.pack([proteins[i] for i in batch_index]).to(device)
-        if graph_model is not None:
-            batch = graph_model(batch)
-        output = encoder(batch)
+        graph = encoder.construct(ProteinBatch.pack([proteins[i] for i in batch_index]).to(device))
+        output = encoder.encode(graph)
         graph_feature = output["graph_feature"].float().cpu()
-        residue = output["residue_feature"].float().cpu().split(batch.num_residues.tolist()) if per_residue else None
+        residue = output["residue_feature"].float().cpu().split(graph.num_residues.tolist()) if per_residue else None
         for k, i in enumerate(batch_index):
             graph_out[i] = graph_feature[k]
             if per_residue:
                 residue_out[i] = residue[k]
-    embedding = torch.stack(graph_out) if proteins else torch.zeros(0, getattr(encoder, "output_dim", 0))
+    embedding = torch.stack(graph_out) if proteins else torch.zeros(0, encoder.output_dim)
     return embedding, (residue_out if per_residue else None)
 
 
+def embedding_options(cfg, encoder: Encoder, per_residue: bool) -> str:
+    """What an embedding file was made with, as JSON: the encoder's weights (sha256), its config (model and
+    graph construction) and the options that change what the file holds."""
+    model, _ = model_config(cfg)
+    graph = cfg.task.get("graph_construction_model")
+    config = hashlib.sha256(json.dumps([model, graph], sort_keys=True, default=str).encode()).hexdigest()
+    return json.dumps({"encoder_sha256": weights_digest(encoder), "config_sha256": config,
+                       "per_residue": bool(per_residue)}, sort_keys=True)
+
+
 def save_embeddings(path: Path, records: Dict) -> None:
-    """Write {"ids", "files", "chains", "sequences", "embedding" [P, D], optional "residue_embedding" list} as
-    .npz (numpy only, no pickle: per-residue rows concatenated with "residue_offsets"), .pt or .h5."""
+    """Write {"ids", "files", "chains", "sequences", "embedding" [P, D], "options" (JSON text, see
+    `embedding_options`), optional "residue_embedding" list} as .npz (numpy only, no pickle: per-residue rows
+    concatenated with "residue_offsets"), .pt or .h5."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     residue = records.get("residue_embedding")
@@ -154,6 +179,7 @@ def save_embeddings(path: Path, records: Dict) -> None:
         return
     arrays = {key: np.asarray(records[key], dtype=str) for key in ("ids", "files", "chains", "sequences")}
     arrays["embedding"] = records["embedding"].numpy()
+    arrays["options"] = np.asarray(records.get("options", ""), dtype=str)
     if residue is not None:
         arrays["residue_embedding"] = (torch.cat(residue).numpy() if residue
                                        else np.zeros((0, arrays["embedding"].shape[1]), np.float32))
@@ -184,9 +210,11 @@ def load_embeddings(path: Path) -> Dict:
         import h5py
         with h5py.File(path, "r") as handle:
             data = {k: handle[k][()] for k in handle}
-        data = {k: (v.astype(str) if v.dtype.kind in "OS" else v) for k, v in data.items()}
+        data = {k: (v.decode() if isinstance(v, bytes) else v.astype(str) if v.dtype.kind in "OS" else v)
+                for k, v in data.items()}
     records = {key: [str(x) for x in data[key]] for key in ("ids", "files", "chains", "sequences")}
     records["embedding"] = torch.from_numpy(np.asarray(data["embedding"]))
+    records["options"] = str(data["options"]) if "options" in data else ""
     if "residue_embedding" in data:
         offsets, rows = data["residue_offsets"], torch.from_numpy(np.asarray(data["residue_embedding"]))
         records["residue_embedding"] = [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
@@ -197,23 +225,33 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
               per_residue: bool = False, resume: bool = False, workers: int = 2, device: Optional[str] = None,
               max_residues: int = 4096, progress: bool = True) -> Tuple[int, List[Tuple[str, str]]]:
     """Embed the inputs into `output`; returns (proteins embedded now, skipped [(input, reason)]). The skipped
-    inputs are also listed in `<output>.skipped.tsv`."""
+    inputs are also listed in `<output>.skipped.tsv`. With `resume`, the proteins already in `output` are kept
+    (per-protein and per-residue rows) and only the others are embedded; the file must have been written by the
+    same encoder weights, config and options."""
     output = Path(output)
     if output.suffix not in FORMATS:
         raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
     cfg, state = load_run(config, ckpt)
-    encoder, graph_model = build_encoder(cfg, state)
+    encoder = load_encoder(cfg, state, str(ckpt))
+    options = embedding_options(cfg, encoder, per_residue)
     previous = load_embeddings(output) if resume and output.exists() else None
+    if previous is not None and previous["options"] != options:
+        theirs = json.loads(previous["options"]) if previous["options"] else {}
+        differ = [key for key, value in json.loads(options).items() if theirs.get(key) != value]
+        raise ValueError(f"{output} was written with another {', '.join(differ) or 'model'} than this command's "
+                         "(--resume adds only to a file of the same encoder weights, config and --per-residue); "
+                         "write to a new file, or leave out --resume to start it anew.")
     done = set(previous["files"]) if previous is not None else set()
     proteins, kept, skipped = read_inputs(inputs, workers, progress, exclude=done)
-    embedding, residue = embed_proteins(encoder, graph_model, proteins, per_residue, device, max_residues, progress)
+    embedding, residue = embed_proteins(encoder, proteins, per_residue, device, max_residues, progress)
     records = {"ids": [p.name for p in proteins], "files": kept, "chains": [",".join(p.chain_ids) for p in proteins],
                "sequences": [p.sequence for p in proteins], "embedding": embedding}
     if per_residue:
         records["residue_embedding"] = residue
     if previous is not None:
         records = {key: (torch.cat([previous[key], records[key]]) if key == "embedding"
-                         else list(previous.get(key, [])) + list(records[key])) for key in records}
+                         else list(previous[key]) + list(records[key])) for key in records}
+    records["options"] = options
     save_embeddings(output, records)
     write_skipped(output, skipped)
     return len(proteins), skipped
@@ -226,16 +264,19 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
                 max_residues: int = 4096, progress: bool = True) -> Tuple[int, List[Tuple[str, str]]]:
     """Predict with a trained task; one CSV row per protein. Returns (proteins predicted, skipped)."""
     cfg, state = load_run(config, ckpt)
-    kind = cfg.task["class"]
-    if kind not in ("MultipleBinaryClassification", "PropertyPrediction"):
+    if not checkpoint.is_packed(state):
+        raise ValueError(f"{ckpt} holds no prediction head; predict needs a fine-tuning run directory or its "
+                         "best.pth.")
+    kind = resolve(cfg.task["class"], "task")
+    if not issubclass(kind, (MultipleBinaryClassification, PropertyPrediction)):
         raise ValueError(f"predict handles protein-level tasks (MultipleBinaryClassification, PropertyPrediction); "
-                         f"this checkpoint's task is {kind}.")
-    names = list((state.get("extra") or {}).get("tasks") or [])
+                         f"this checkpoint's task is {cfg.task['class']}.")
+    names = list(state["task_names"])
     if not names:
-        raise ValueError(f"{ckpt}: the checkpoint does not list its task names; it was written before they were "
-                         "saved, retrain or fine-tune with this version.")
-    task = build(cfg.task, "task", task=list(range(len(names))) if kind == "MultipleBinaryClassification" else names)
-    task.load_state_dict(state["model"])
+        raise ValueError(f"{ckpt}: the checkpoint lists no task names; predict needs a fine-tuning checkpoint.")
+    multilabel = issubclass(kind, MultipleBinaryClassification)
+    task = build_task(cfg, list(range(len(names))) if multilabel else names)
+    checkpoint.load_state_dict_checked(task, checkpoint.task_state(state), str(ckpt))
     device = _device(device)
     task.to(device).eval()
     transform = cfg.dataset.get("transform")
@@ -249,7 +290,7 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
         batch = collate([items[i] for i in batch_index])
         batch = {"graph": batch["graph"].to(device)}
         pred = task.predict(batch).float().cpu()
-        if kind == "MultipleBinaryClassification":
+        if multilabel:
             pred = torch.sigmoid(pred)
         for k, i in enumerate(batch_index):
             values[i] = pred[k]
@@ -258,7 +299,7 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="") as handle:
         writer = csv.writer(handle)
-        if kind == "MultipleBinaryClassification":
+        if multilabel:
             writer.writerow(["id", "file", "chains", "length", "top_terms", f"terms_above_{threshold:g}"])
             for protein, file, row in zip(proteins, kept, matrix):
                 order = torch.argsort(row, descending=True)

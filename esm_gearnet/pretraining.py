@@ -2,23 +2,29 @@
 
 For every block of `save_interval` epochs: for every species in `dataset.species_start..species_end` (one
 dataset when absent) and every split of it, train `save_interval` epochs on that split; after the block, save
-the encoder's weights as `model_epoch_N.pth` (a bare state_dict, what `--ckpt` reads). After each split the full
-training state goes to `last.pth` with the number of splits done, so `--resume RUN_DIR` continues where a
-crashed run stopped.
+the encoder's weights as `model_epoch_N.pth` (a checkpoint of this framework's layout, what `--ckpt` and
+`embed` read). After each split the full training state goes to `last.pth` with the loop's position (splits
+done, and the number of splits of every species met so far), so `--resume RUN_DIR`:
+
+* skips the finished splits without loading them (their count per species is in the position),
+* rewrites no `model_epoch_N.pth` of a finished block (one is written only by the run that finished its block,
+  or by the resume that finds it missing right at the block's end),
+* changes no file when the run had finished, and otherwise ends with the weights of the uninterrupted run.
 """
 from __future__ import annotations
 
 import copy
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import checkpoint, distributed
+from . import distributed
+from .assembly import build_task, optimizer_groups
 from .engine import Engine
 from .registry import build
-from .training import parameter_groups, resume_file, training_run
+from .training import load_encoder_weights, resume_file, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -42,48 +48,51 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
                 dataset_cfg.update(species_id=species, split_id=split)
             return build(dataset_cfg, "dataset")
 
-        dataset = load(species_list[0], 0)
-        task = build(cfg.task, "task")
+        task = build_task(cfg)
         if args.ckpt:
-            checkpoint.load_state_dict_checked(task.encoder, checkpoint.model_weights(checkpoint.load(args.ckpt)),
-                                               args.ckpt)
+            load_encoder_weights(task, args.ckpt)
         lr = float(cfg.optimizer.get("lr", 1e-3))
-        optimizer = build(cfg.optimizer, "optimizer", params=parameter_groups(cfg, task, lr))
-        engine = Engine(task, _training_split(dataset), None, None, optimizer, run_dir=run_dir, config=cfg,
-                        seed=args.seed, **dict(cfg.get("engine") or {}))
+        optimizer = build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, lr))
+        engine = Engine(task, None, None, None, optimizer, run_dir=run_dir, config=cfg, seed=args.seed,
+                        **dict(cfg.get("engine") or {}))
         torch.manual_seed(args.seed + distributed.rank())
+        position: Dict[str, Any] = {"splits_done": 0, "num_splits": {}}
         if resume:
-            engine.resume(resume_file(resume))
-            logger.info("resumed after %d split(s) of training", engine.extra.get("units_done", 0))
-        done = engine.extra.get("units_done", 0)
+            position = engine.resume(resume_file(resume)) or position
+            logger.info("resumed after %d split(s) of training", position["splits_done"])
+        done, num_splits = position["splits_done"], dict(position["num_splits"])
         interval, num_epoch = int(cfg.get("save_interval", 1)), int(cfg.train.num_epoch)
-        unit = 0
-        current = (species_list[0], 0)
+        unit = 0  # splits of the schedule passed so far, done before or now
+        logging_to_run_dir = resume is None
         for first in range(0, num_epoch, interval):
             epochs = min(interval, num_epoch - first)
             for species in species_list:
                 split = 0
                 while True:
-                    if (species, split) != current:
-                        dataset, current = load(species, split), (species, split)
-                    if unit >= done:
-                        engine.sets["train"] = _training_split(dataset)
+                    if unit >= done:  # load and train only the splits not done yet
+                        if not logging_to_run_dir:
+                            setup_logging(run_dir)
+                            logging_to_run_dir = True
+                        dataset = load(species, split)
+                        num_splits[str(species)] = getattr(dataset, "num_splits", 1)
                         for _ in range(epochs):
-                            train = engine.train_epoch()
-                            engine._record({"epoch": engine.epoch, "step": engine.step, "species": species,
-                                            "split": split, "train": train,
-                                            "lr": [g["lr"] for g in optimizer.param_groups]})
-                        engine.extra["units_done"] = unit + 1
-                        engine.save("last.pth")
+                            train = engine.train_epoch(_training_split(dataset))
+                            engine.record({"epoch": engine.epoch, "step": engine.step, "species": species,
+                                           "split": split, "train": train,
+                                           "lr": [g["lr"] for g in optimizer.param_groups]})
+                        engine.save("last.pth", position={"splits_done": unit + 1, "num_splits": num_splits})
                     unit += 1
                     split += 1
-                    if split >= getattr(dataset, "num_splits", 1):
+                    if split >= num_splits[str(species)]:
                         break
-            if distributed.rank() == 0:
-                name = run_dir / f"model_epoch_{first + epochs}.pth"
-                checkpoint.save_atomic(task.encoder.state_dict(), name)
-                logger.info("saved the encoder's weights to %s", name)
-            distributed.barrier()
+            name = f"model_epoch_{first + epochs}.pth"
+            # trained in this block now, or stopped between the block's last split and this file
+            missing = distributed.broadcast_object((run_dir / name).exists() is False)
+            if unit > done or (unit == done and missing):
+                engine.save_weights(name)
+                logger.info("saved the encoder's weights to %s", run_dir / name)
+        if unit == done and resume:
+            logger.info("run %s had finished: nothing to do", run_dir)
     return run_dir
 
 

@@ -12,12 +12,13 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from . import checkpoint, distributed
+from .assembly import build_task, optimizer_groups, runtime_task_list
 from .config import ConfigError, base_parser, parse_args, load_config, render_config
 from .engine import Engine, lower_is_better
 from .registry import build
@@ -80,39 +81,6 @@ def make_run_dir(cfg, resume: Optional[str]) -> Path:
     return Path(distributed.broadcast_object(name))
 
 
-def runtime_task_list(cfg, dataset) -> List[Any]:
-    """What the original filled into `task.task`: term indices for EC/GO, target names otherwise."""
-    tasks = list(dataset.tasks)
-    return list(range(len(tasks))) if cfg.task["class"] == "MultipleBinaryClassification" else tasks
-
-
-def parameter_groups(cfg, task: torch.nn.Module, lr: float) -> List[Dict[str, Any]]:
-    """Optimizer groups from `sequence_model_lr_ratio` / `lr_ratio` / `fix_sequence_model`.
-
-    A ratio of 0 (or `fix_sequence_model`) freezes those parameters: requires_grad False, so they get no
-    gradients and no optimizer state.
-    """
-    scaled, ratio = None, None
-    encoder = getattr(task, "encoder", task.model)  # pre-training objectives wrap the encoder
-    if cfg.get("lr_ratio") is not None:  # esm.yaml: the whole encoder vs the head
-        scaled, ratio = encoder, float(cfg.lr_ratio)
-    if cfg.get("sequence_model_lr_ratio") is not None or cfg.get("fix_sequence_model"):
-        if not hasattr(encoder, "sequence_model"):
-            raise ValueError("sequence_model_lr_ratio / fix_sequence_model need task.model to be a FusionNetwork "
-                             "(it has no sequence_model); remove the key or use lr_ratio.")
-        scaled = encoder.sequence_model
-        ratio = 0.0 if cfg.get("fix_sequence_model") else float(cfg.sequence_model_lr_ratio)
-    if scaled is None:
-        return [{"params": [p for p in task.parameters() if p.requires_grad]}]
-    if ratio == 0:
-        scaled.requires_grad_(False)
-    scaled_ids = {id(p) for p in scaled.parameters()}
-    groups = [{"params": [p for p in task.parameters() if p.requires_grad and id(p) not in scaled_ids], "lr": lr}]
-    if ratio != 0:
-        groups.insert(0, {"params": [p for p in scaled.parameters() if p.requires_grad], "lr": lr * ratio})
-    return groups
-
-
 def selection_metric(cfg, task) -> str:
     """The validation metric that picks the best epoch and drives the scheduler: `metric:`, else the task's
     first."""
@@ -130,26 +98,30 @@ def build_scheduler(cfg, optimizer, metric: str):
     return build(cfg.scheduler, "scheduler", optimizer=optimizer, **options)
 
 
+def load_encoder_weights(task, path) -> None:
+    """`--ckpt`: the encoder's weights from a checkpoint of this framework (best.pth, last.pth,
+    model_epoch_N.pth) or one of the original's bare state_dicts; the head starts fresh."""
+    logger.info("loading encoder weights from %s", path)
+    state = checkpoint.encoder_state(checkpoint.load(path), str(path))
+    checkpoint.load_state_dict_checked(task.encoder, state, str(path))
+
+
 def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str] = None,
                      progress: bool = True) -> Engine:
     """Dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer, engine."""
     dataset = build(cfg.dataset, "dataset")
     train_set, valid_set, test_set = dataset.split()
     logger.info("%s: train %d, valid %d, test %d", dataset, len(train_set), len(valid_set), len(test_set))
-    task = build(cfg.task, "task", task=runtime_task_list(cfg, dataset))
+    task = build_task(cfg, runtime_task_list(cfg, dataset))
     weights = ckpt or cfg.get("model_checkpoint")
     if weights:
-        logger.info("loading model weights from %s", weights)
-        state = checkpoint.model_weights(checkpoint.load(weights))
-        checkpoint.load_state_dict_checked(task.model, state, str(weights))
+        load_encoder_weights(task, weights)
     task.preprocess(train_set)
     lr = float(cfg.optimizer.get("lr", 1e-3))
-    optimizer = build(cfg.optimizer, "optimizer", params=parameter_groups(cfg, task, lr))
+    optimizer = build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, lr))
     scheduler = build_scheduler(cfg, optimizer, selection_metric(cfg, task))
-    engine = Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir,
-                    config=cfg, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
-    engine.extra["tasks"] = [str(t) for t in dataset.tasks]  # term names, for script/predict.py
-    return engine
+    return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir, config=cfg,
+                  task_names=dataset.tasks, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
 
 
 @contextmanager
@@ -172,7 +144,9 @@ def training_run(argv: Optional[List[str]], description: str):
     distributed.init()
     try:
         run_dir = make_run_dir(cfg, resume)
-        setup_logging(run_dir)
+        # a resumed run's log.txt is appended to once it has work to do (`setup_logging(run_dir)` again): a
+        # resume that finds the run finished changes no file
+        setup_logging(run_dir if resume is None else None)
         if distributed.rank() == 0 and resume is None:
             (run_dir / "config.yaml").write_text(render_config(args.config, variables))
         logger.info("config %s, run directory %s, %d process(es)", args.config, run_dir, distributed.world_size())
@@ -197,10 +171,11 @@ def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
         torch.manual_seed(args.seed + distributed.rank())  # per-rank streams for dropout and augmentation
         if resume:
             engine.resume(resume_file(resume))
+            setup_logging(run_dir)
             logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
         result = engine.fit(int(cfg.train.num_epoch), selection_metric(cfg, engine.task))
         logger.info("test metrics of the best validation epoch (%s): %s", engine.best["epoch"], result)
     return result
 
 
-__all__ = ["build_downstream", "downstream_parser", "parameter_groups", "run_downstream", "seed_everything"]
+__all__ = ["build_downstream", "downstream_parser", "load_encoder_weights", "run_downstream", "seed_everything"]

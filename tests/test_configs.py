@@ -1,124 +1,141 @@
-"""Every config under config/ renders and builds; with tiny widths and random ESM weights substituted, its
-task takes a training step: EC/GO configs on generated proteins, PSR/MSP configs on ATOM3D LMDBs written from
-real structures."""
+"""The config matrix: every config under config/ (EC, GO, PSR, MSP, pretrain, demo), with tiny widths and random
+ESM weights substituted, is built through `esm_gearnet.assembly`, takes one training step, is saved by the
+engine into a run directory, is loaded back from that directory, and `embed` gives the in-memory encoder's
+embeddings of real structures; `predict` works wherever the task is protein-level.
+
+EC/GO/pre-training configs train on generated proteins (DemoFolds) with the config's transforms; PSR/MSP configs
+on ATOM3D LMDBs written from real structures. Structure input widths and GearNet's num_relation are left out of
+the shrunk configs: the assembly derives them."""
+import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import STRUCTURES, write_msp, write_psr
+from esm_gearnet.assembly import build_task, model_config, optimizer_groups, runtime_task_list
 from esm_gearnet.config import load_config
-from esm_gearnet.data import collate
+from esm_gearnet.data import collate, load_structures
+from esm_gearnet.engine import Engine
+from esm_gearnet.inference import embed_proteins, load_embeddings, run_embed, run_predict
 from esm_gearnet.registry import build
-from esm_gearnet.training import parameter_groups, runtime_task_list
+from esm_gearnet.tasks import MultipleBinaryClassification, PropertyPrediction
 
-CONFIGS = sorted(p for folder in ("EC", "GO", "demo")
-                 for p in (Path(__file__).resolve().parents[1] / "config" / folder).glob("*.yaml")
-                 if not p.name.startswith("pretrain_"))
-PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "config" / "pretrain").glob("*.yaml"))
-PRETRAIN_CONFIGS += sorted((Path(__file__).resolve().parents[1] / "config" / "demo").glob("pretrain_*.yaml"))
-ATOM3D_CONFIGS = sorted(p for folder in ("PSR", "MSP")
-                        for p in (Path(__file__).resolve().parents[1] / "config" / folder).glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for folder in ("EC", "GO", "PSR", "MSP", "pretrain", "demo")
+                 for p in (ROOT / "config" / folder).glob("*.yaml"))
 TINY_ESM = 32
+EMBED_FILES = ["1D66-A.pdb", "2N2U-A.pdb", "1A7G-E.cif"]
 
 
 @pytest.fixture(scope="session")
 def atom3d_root(tmp_path_factory):
-    if not STRUCTURES.exists():
-        pytest.skip("../shared/data is absent: the PSR/MSP configs train on LMDBs written from real structures")
     root = tmp_path_factory.mktemp("atom3d")
     write_psr(root)
     write_msp(root)
     return root
 
 
-def _shrink(cfg, dataset_path=None):
-    """Tiny widths and a random 1-layer ESM-2. EC/GO/pre-training datasets become DemoFolds with the config's
-    transforms; PSR/MSP datasets read `dataset_path`."""
-    if dataset_path is None:
+def _shrink(cfg, atom3d_root):
+    """Tiny widths, a random 1-layer ESM-2, a small dataset; derived sizes removed."""
+    if cfg.dataset["class"] in ("PSRDataset", "MSPDataset"):
+        cfg.dataset.update({"path": str(atom3d_root), "progress": False})
+    else:
         cfg.dataset = {"class": "DemoFolds", "num_protein": 8, "transform": cfg.dataset.get("transform")}
-    else:
-        cfg.dataset.update({"path": str(dataset_path), "progress": False})
-    model = cfg.task.model.model if cfg.task["class"] == "Unsupervised" else cfg.task.model
-    if model["class"] == "FusionNetwork":
-        model.sequence_model.update({"pretrained": False, "architecture": [1, TINY_ESM, 4]})
-        structure = model.structure_model
-        series = model.get("fusion") in (None, "series", "serial")
-    elif model["class"] == "ESM":
-        model.update({"pretrained": False, "architecture": [1, TINY_ESM, 4]})
+    model, _ = model_config(cfg)
+    fused = model["class"] == "FusionNetwork"
+    if model["class"] == "ESM" or fused:
+        sequence = model.sequence_model if fused else model
+        sequence.update({"pretrained": False, "architecture": [1, TINY_ESM, 4]})
+    if model["class"] == "ESM":
         return cfg
-    else:
-        structure, series = model, False
-    width = TINY_ESM if series else 21
+    structure = model.structure_model if fused else model
+    structure.pop("input_dim", None)
+    structure.pop("num_relation", None)
     if structure["class"] == "GearNet":
-        structure.update({"input_dim": width, "hidden_dims": [16, 16]})
+        structure.update({"hidden_dims": [16, 16]})
     elif structure["class"] == "GVPGNN":
-        structure.update({"node_in_dim": [width, 0], "node_h_dim": [16, 4], "edge_h_dim": [8, 1], "num_layers": 2})
+        series = fused and model.get("fusion") in (None, "series", "serial")
+        structure.update({"node_in_dim": [TINY_ESM if series else 21, 0], "node_h_dim": [16, 4],
+                          "edge_h_dim": [8, 1], "num_layers": 2})
     elif structure["class"] == "CDConv":
-        structure.update({"input_dim": width, "hidden_dims": [16, 32], "embedding_dim": 8})
+        structure.update({"hidden_dims": [16, 32], "embedding_dim": 8})
     if "cross_dim" in model:
         model.cross_dim = 16
+    cfg.engine = {"batch_size": 4}
     return cfg
 
 
-def _check_and_shrink(path, dataset_path=None):
-    cfg = load_config(str(path), {"branch": "MF", "ckpt": None})
-    model = cfg.task.model
-    if path.parent.name != "demo" and model["class"] != "ESM":
-        # the real widths agree with the fusion: ESM-2-650M's 1280 in series, the 21-dim one-hot otherwise
-        fused = model["class"] == "FusionNetwork"
-        structure = model.structure_model if fused else model
-        width = structure.get("input_dim") or structure.get("node_in_dim")[0]
-        assert width == (1280 if fused and model.get("fusion") in (None, "series", "serial") else 21)
-    if path.parent.name == "GO":
-        assert cfg.dataset.branch == "MF"
-    return _shrink(cfg, dataset_path)
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_config_builds_and_trains_one_step(path):
-    _one_step(_check_and_shrink(path))
-
-
-@pytest.mark.parametrize("path", ATOM3D_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_atom3d_config_builds_and_trains_one_step(path, atom3d_root):
-    _one_step(_check_and_shrink(path, atom3d_root))
-
-
-def _one_step(cfg):
-    torch.manual_seed(0)
-    dataset = build(cfg.dataset, "dataset")
-    task = build(cfg.task, "task", task=runtime_task_list(cfg, dataset))
-    optimizer = build(cfg.optimizer, "optimizer", params=parameter_groups(cfg, task, float(cfg.optimizer.lr)))
-    if cfg.get("scheduler"):
-        build(cfg.scheduler, "scheduler", optimizer=optimizer)
-    batch = collate([dataset[i] for i in range(3)])
-    loss, _ = task(batch)
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    assert cfg.metric in task.evaluate(task.predict(batch).detach(), task.target(batch))
-
-
-@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_pretrain_config_builds_and_trains_one_step(path):
-    cfg = load_config(str(path), {})
-    if path.parent.name == "pretrain":  # the original's settings
+def _original_settings(path, cfg):
+    """The config as the original wrote it: ESM-2-650M's 1280 in series fusion, the 21-dim one-hot otherwise."""
+    model, _ = model_config(cfg)
+    if path.parent.name == "pretrain":
         assert cfg.dataset["class"] == "AlphaFoldDB"
         assert (cfg.dataset.species_start, cfg.dataset.species_end) == (0, 21)
         assert cfg.save_interval == 5 and cfg.train.num_epoch == 50
-        if path.name != "contrast_esm_gearnet.yaml":
-            assert cfg.fix_sequence_model is True
-        cfg = _shrink(cfg)
+    if path.parent.name in ("demo", "pretrain") or model["class"] == "ESM":
+        return
+    fused = model["class"] == "FusionNetwork"
+    structure = model.structure_model if fused else model
+    width = structure.get("input_dim") or structure.get("node_in_dim")[0]
+    assert width == (1280 if fused and model.get("fusion") in (None, "series", "serial") else 21)
+    if path.parent.name == "GO":
+        assert cfg.dataset.branch == "MF"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_trains_saves_loads_and_embeds(path, atom3d_root, tmp_path):
+    if not STRUCTURES.exists():
+        pytest.skip("../shared/data is absent: the matrix embeds real structures")
+    cfg = load_config(str(path), {"branch": "MF"})
+    _original_settings(path, cfg)
+    cfg = _shrink(cfg, atom3d_root)
     torch.manual_seed(0)
     dataset = build(cfg.dataset, "dataset")
-    task = build(cfg.task, "task")
-    optimizer = build(cfg.optimizer, "optimizer", params=parameter_groups(cfg, task, float(cfg.optimizer.lr)))
-    esm = {k: v.clone() for k, v in task.encoder.sequence_model.state_dict().items()}
+    pretraining = path.parent.name == "pretrain" or path.name.startswith("pretrain_")
+    task = build_task(cfg) if pretraining else build_task(cfg, runtime_task_list(cfg, dataset))
+    optimizer = build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, float(cfg.optimizer.lr)))
+    if cfg.get("scheduler"):
+        build(cfg.scheduler, "scheduler", optimizer=optimizer)
+    frozen = {k: v.clone() for k, v in task.encoder.state_dict().items() if k.startswith("sequence_model.")}
+
+    # one training step
     task.train()
     loss, _ = task(collate([dataset[i] for i in range(4)]))
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss)
-    frozen = all(torch.equal(v, task.encoder.sequence_model.state_dict()[k]) for k, v in esm.items())
-    assert frozen == bool(cfg.get("fix_sequence_model"))
+    if cfg.get("fix_sequence_model"):
+        assert all(torch.equal(v, task.encoder.state_dict()[k]) for k, v in frozen.items())
+    if not pretraining:
+        batch = collate([dataset[i] for i in range(3)])
+        with torch.no_grad():
+            assert cfg.metric in task.evaluate(task.predict(batch), task.target(batch))
+
+    # saved by the engine into a run directory, loaded back from it by embed
+    run_dir = tmp_path / "run"
+    names = [] if pretraining else dataset.tasks
+    engine = Engine(task, dataset, None, None, optimizer, run_dir=run_dir, config=cfg, task_names=names,
+                    progress=False)
+    engine.save_weights("last.pth" if pretraining else "best.pth")
+    files = [str(STRUCTURES / name) for name in EMBED_FILES]
+    out = tmp_path / "embedding.npz"
+    count, skipped = run_embed(files, out, ckpt=str(run_dir), per_residue=True, workers=0, progress=False)
+    assert (count, skipped) == (3, [])
+    saved = load_embeddings(out)
+    proteins, _ = load_structures(files, workers=0, progress=False)
+    expected, expected_residues = embed_proteins(task.encoder.eval(), proteins, per_residue=True)
+    assert torch.isfinite(saved["embedding"]).all()
+    torch.testing.assert_close(saved["embedding"], expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(saved["residue_embedding"], expected_residues):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    if isinstance(task, (MultipleBinaryClassification, PropertyPrediction)):
+        table = tmp_path / "predictions.csv"
+        assert run_predict(files, table, str(run_dir), workers=0, progress=False) == (3, [])
+        with open(table) as handle:
+            rows = list(csv.DictReader(handle))
+        assert [row["id"] for row in rows] == [Path(f).stem for f in files]
+        if isinstance(task, PropertyPrediction):
+            assert all(np.isfinite(float(row[name])) for row in rows for name in names)

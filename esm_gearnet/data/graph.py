@@ -254,6 +254,11 @@ class GraphConstruction(nn.Module):
         self.edge_layers = nn.ModuleList(edge_layers or [])
         self.edge_feature = edge_feature
 
+    @property
+    def num_relation(self) -> int:
+        """R of the graphs it builds: the edge layers' relations side by side (0 without edge layers)."""
+        return sum(layer.num_relation for layer in self.edge_layers)
+
     def forward(self, batch: ProteinBatch) -> ProteinBatch:
         for layer in self.node_layers:
             batch = layer(batch)

@@ -1,8 +1,9 @@
-"""Encoders (ESM, GearNet, GVP-GNN, CDConv) and their fusion."""
+"""Encoders (ESM, GearNet, GVP-GNN, CDConv) and their fusion, all satisfying the `Encoder` contract."""
 from .cdconv import CDConv
+from .encoder import Encoder, StructureEncoder, residue_one_hot
 from .esm import ESM
-from .fusion import FusionNetwork, residue_one_hot
+from .fusion import FusionNetwork
 from .gearnet import GearNet
 from .gvp import GVPGNN
 
-__all__ = ["CDConv", "ESM", "FusionNetwork", "GearNet", "GVPGNN", "residue_one_hot"]
+__all__ = ["CDConv", "ESM", "Encoder", "FusionNetwork", "GearNet", "GVPGNN", "StructureEncoder", "residue_one_hot"]

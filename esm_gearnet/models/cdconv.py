@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from ..data.graph import radius_edges
 from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
+from .encoder import Features, StructureEncoder
 
 
 def local_frames(pos: torch.Tensor, num_residues: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ class CDBlock(nn.Module):
 
 
 @register
-class CDConv(nn.Module):
+class CDConv(StructureEncoder):
     """Continuous-discrete convolutional network over the residues (CA positions) of a `ProteinBatch`.
 
     Args:
@@ -212,16 +213,17 @@ class CDConv(nn.Module):
         kernel_dims: widths of the weight nets; base_width: bottleneck width per 64 output channels;
         batch_norm, dropout, bias: of the blocks' linear layers.
         residue_feature: "upsample" (default, see the module note) or "graph" (the original broadcast).
-    Forward:
-        batch: every residue needs a CA atom (the `ResidueGraph` transform or `AlphaCarbonNode` removes the
-        others); it needs no graph construction. input [N, input_dim].
-        Returns residue_feature [N, output_dim] and graph_feature [B, output_dim] (mean over the last stage).
+        graph_construction_model: optional; CDConv builds its own radius graphs, stage by stage.
+    `network(graph, input [N, input_dim])`: every residue needs a CA atom (the `ResidueGraph` transform or
+    `AlphaCarbonNode` removes the others). Returns residue_feature [N, output_dim] and graph_feature
+    [B, output_dim] (mean over the last stage).
     """
 
     def __init__(self, input_dim: int, embedding_dim: int, hidden_dims: Sequence[int], cutoffs: Sequence[float],
                  seq_cutoff: int, kernel_dims: Sequence[int], base_width: float = 16.0, batch_norm: bool = True,
-                 dropout: float = 0.2, bias: bool = False, residue_feature: str = "upsample"):
-        super().__init__()
+                 dropout: float = 0.2, bias: bool = False, residue_feature: str = "upsample",
+                 graph_construction_model: Optional[nn.Module] = None):
+        super().__init__(graph_construction_model)
         hidden_dims = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
         if len(cutoffs) < len(hidden_dims):
             raise ValueError(f"CDConv: cutoffs has {len(cutoffs)} radii for {len(hidden_dims)} stages "
@@ -241,7 +243,7 @@ class CDConv(nn.Module):
                 self.layers.append(CDBlock(seq_cutoff, cutoffs[i], kernel_dims, block_input, dims[i + 1],
                                            base_width=base_width, batch_norm=batch_norm, dropout=dropout, bias=bias))
 
-    def forward(self, batch: ProteinBatch, input: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def network(self, batch: ProteinBatch, input: torch.Tensor) -> Features:
         if not bool(batch.atom_mask[:, 1].all()):
             raise ValueError("CDConv needs a CA atom in every residue; add the ResidueGraph transform to the "
                              "dataset (or AlphaCarbonNode to the graph construction) to remove the others.")

@@ -21,6 +21,7 @@ from ..data import constants
 from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
+from .encoder import Encoder, Features
 
 URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"
 # config name -> (checkpoint stem, layers, embedding dim, heads)
@@ -158,7 +159,7 @@ def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx:
 
 
 @register
-class ESM(nn.Module):
+class ESM(Encoder):
     """ESM protein language model over the residues of a ProteinBatch.
 
     Args:
@@ -171,17 +172,17 @@ class ESM(nn.Module):
         architecture: (num_layers, embed_dim, heads) for a custom random-weight ESM-2 (pretrained False).
         activation_checkpointing: recompute each layer in the backward pass instead of storing its activations
             (less memory for long proteins and big models, about one more forward of time; sdpa path only).
-        feature_cache_gib: host memory (GiB) for the residue features of a *frozen* ESM (every parameter
-            without gradient, e.g. `sequence_model_lr_ratio: 0`). Each protein's features are then computed
+        feature_cache_gib: host memory (GiB) for the residue features of a *frozen* ESM (`freeze`, which
+            `fix_sequence_model` or `sequence_model_lr_ratio: 0` call). Each protein's features are then computed
             once and reused, keyed by the exact residue sequence fed to ESM: a crop or mutation that changes
             the sequence is a new entry, never a wrong hit. Proteins are added until the budget is full.
             Masked residues (pre-training) bypass the cache. 0 turns it off.
         compile: run each transformer layer through `torch.compile` (dynamic shapes; sdpa path only). The first
             batches pay the compilation (tens of seconds); on CPU it needs a C++ compiler.
-    Forward:
-        batch: ProteinBatch with `residue_type` [N]; `residue_mask` [N] bool (optional) marks residues that
-        get ESM's `<mask>` token.
-        Returns residue_feature [N, D] and graph_feature [B, D].
+        graph_construction_model: optional (ESM reads the sequence only; a node layer such as AlphaCarbonNode
+            still decides which residues it sees).
+    `encode(graph, residue_mask)`: `residue_mask` [N] bool (optional) marks residues that get ESM's `<mask>`
+    token. Returns residue_feature [N, D] and graph_feature [B, D].
 
     DEVIATION: proteins longer than 1022 residues were truncated by the original, which then failed in
     serial fusion (fewer ESM features than residues). Here they are cut into consecutive windows of at most
@@ -191,8 +192,9 @@ class ESM(nn.Module):
     def __init__(self, path: Optional[str] = None, model: str = "ESM-2-650M", readout: str = "mean",
                  pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
                  architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
-                 feature_cache_gib: float = 0.0, compile: bool = False):
-        super().__init__()
+                 feature_cache_gib: float = 0.0, compile: bool = False,
+                 graph_construction_model: Optional[nn.Module] = None):
+        super().__init__(graph_construction_model)
         if readout not in ("mean", "sum"):
             raise ValueError(f"ESM: readout must be 'mean' or 'sum', got {readout!r}.")
         if attention not in ("sdpa", "esm"):
@@ -336,13 +338,10 @@ class ESM(nn.Module):
         self._cache.clear()
         self._cache_bytes = 0
 
-    @property
-    def frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.model.parameters())
+    group = "sequence_model"
 
-    def forward(self, batch: ProteinBatch, input: Optional[torch.Tensor] = None,
-                residue_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        if not self.frozen:
+    def encode(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        if self.group not in self.frozen:
             residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask)
         else:  # no gradient reaches a frozen ESM: keep no activations for one
             with torch.no_grad():

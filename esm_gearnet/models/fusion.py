@@ -3,20 +3,15 @@ cross-attention, with the original's module names (`sequence_model`, `structure_
 `struct_linear`, `attn.{query,key,value,attn}`), so its checkpoints load directly."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ..data import constants
 from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
-
-
-def residue_one_hot(batch: ProteinBatch) -> torch.Tensor:
-    """[N, 21] one-hot residue type (index 20 = unknown): the structure input of parallel and cross fusion."""
-    return nn.functional.one_hot(batch.residue_type, constants.NUM_RESIDUE_TYPES + 1).float()
+from .encoder import ONE_HOT_DIM, Encoder, Features, StructureEncoder
 
 
 class SelfAttentionBlock(nn.Module):
@@ -35,38 +30,37 @@ class SelfAttentionBlock(nn.Module):
 
 
 @register
-class FusionNetwork(nn.Module):
-    """Sequence model + structure model.
+class FusionNetwork(Encoder):
+    """Sequence model + structure model, one encoder.
 
     Args:
-        sequence_model: an `ESM` (or any model returning residue_feature / graph_feature).
-        structure_model: GearNet, GVPGNN, CDConv, ...
+        sequence_model: an `ESM`.
+        structure_model: a `StructureEncoder` (GearNet, GVPGNN, CDConv).
         fusion: "series" (= "serial": ESM residue features are the structure input), "parallel" (the structure
             encoder reads the 21-dim one-hot residue types; both outputs concatenated) or "cross" (both
             projected to `cross_dim`, concatenated along each protein's sequence, one self-attention block).
         cross_dim: width of the cross-fusion projections.
-    Forward:
-        batch: ProteinBatch after graph construction; input: [N, 21] one-hot (computed when omitted);
-        residue_mask: [N] bool, residues hidden from ESM (its `<mask>` token).
-        Returns residue_feature [N, output_dim], graph_feature [B, output_dim].
+        graph_construction_model: the residue graph of the structure model (see `Encoder`).
+    `encode(graph, residue_mask)` returns residue_feature [N, output_dim], graph_feature [B, output_dim]; in
+    series and parallel fusion also sequence_graph_feature and structure_graph_feature. `residue_mask` rows get
+    ESM's `<mask>` token and, outside series fusion, a zero structure input.
     """
 
-    def __init__(self, sequence_model: nn.Module, structure_model: nn.Module, fusion: str = "series",
-                 cross_dim: Optional[int] = None):
-        super().__init__()
-        fusion = "series" if fusion in (None, "serial") else fusion
-        if fusion not in ("series", "parallel", "cross"):
-            raise ValueError(f"FusionNetwork: unknown fusion {fusion!r}; choose series, parallel or cross.")
+    def __init__(self, sequence_model: Encoder, structure_model: StructureEncoder, fusion: str = "series",
+                 cross_dim: Optional[int] = None, graph_construction_model: Optional[nn.Module] = None):
+        super().__init__(graph_construction_model)
+        fusion = self.fusion_mode(fusion)
         self.sequence_model = sequence_model
         self.structure_model = structure_model
         self.fusion = fusion
-        structure_input = getattr(structure_model, "input_dim", None)
-        expected = sequence_model.output_dim if fusion == "series" else constants.NUM_RESIDUE_TYPES + 1
-        if structure_input is not None and structure_input != expected:
+        expected = self.structure_input_dim(fusion, sequence_model.output_dim)
+        if structure_model.input_dim != expected:
             why = (f"the sequence model's output width ({type(sequence_model).__name__} gives {expected})"
                    if fusion == "series" else "the 21-dim one-hot residue types")
             raise ValueError(f"FusionNetwork ({fusion} fusion): the structure model's input_dim is "
-                             f"{structure_input} but it reads {why}; set structure_model.input_dim: {expected}.")
+                             f"{structure_model.input_dim} but it reads {why}; set structure_model.input_dim: "
+                             f"{expected} or leave it out.")
+        self.needs_graph = structure_model.needs_graph
         if fusion == "cross":
             if not cross_dim:
                 raise ValueError("FusionNetwork: cross fusion needs cross_dim (the original used 512).")
@@ -77,30 +71,64 @@ class FusionNetwork(nn.Module):
         else:
             self.output_dim = sequence_model.output_dim + structure_model.output_dim
 
-    def forward(self, batch: ProteinBatch, input: Optional[torch.Tensor] = None,
-                residue_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        if input is None:
-            input = residue_one_hot(batch)
-        sequence = self.sequence_model(batch, input, residue_mask=residue_mask)
-        structure_input = sequence["residue_feature"] if self.fusion == "series" else input
-        structure = self.structure_model(batch, structure_input)
+    @staticmethod
+    def fusion_mode(fusion: Optional[str]) -> str:
+        """"series", "parallel" or "cross" (the config may say "serial" or nothing for series)."""
+        fusion = "series" if fusion in (None, "serial") else fusion
+        if fusion not in ("series", "parallel", "cross"):
+            raise ValueError(f"FusionNetwork: unknown fusion {fusion!r}; choose series, parallel or cross.")
+        return fusion
+
+    @staticmethod
+    def structure_input_dim(fusion: str, sequence_dim: int) -> int:
+        """Width of the structure model's input: ESM's features in series fusion, else the one-hot types."""
+        return sequence_dim if fusion == "series" else ONE_HOT_DIM
+
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        groups = {"sequence_model": list(self.sequence_model.parameters()),
+                  "structure_model": list(self.structure_model.parameters())}
+        if self.fusion == "cross":
+            groups["fusion"] = [p for m in (self.seq_linear, self.struct_linear, self.attn) for p in m.parameters()]
+        return groups
+
+    def freeze(self, group: str) -> None:
+        part = {"sequence_model": self.sequence_model, "structure_model": self.structure_model}.get(group)
+        if part is not None:
+            part.freeze(part.group)  # the part knows what freezing means for it (ESM: no autograd, its cache)
+            self.frozen.add(group)
+        else:
+            super().freeze(group)
+
+    def independent_parts(self) -> Dict[str, int]:
+        if self.fusion != "parallel":  # series: the structure model reads ESM; cross: the parts are mixed
+            return {}
+        return {"sequence": self.sequence_model.output_dim, "structure": self.structure_model.output_dim}
+
+    def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        sequence = self.sequence_model.encode(graph, residue_mask)
+        if self.fusion == "series":
+            structure = self.structure_model.network(graph, sequence["residue_feature"])
+        else:
+            structure = self.structure_model.encode(graph, residue_mask)
         if self.fusion != "cross":
             return {
                 "residue_feature": torch.cat([sequence["residue_feature"], structure["residue_feature"]], -1),
                 "graph_feature": torch.cat([sequence["graph_feature"], structure["graph_feature"]], -1),
+                "sequence_graph_feature": sequence["graph_feature"],
+                "structure_graph_feature": structure["graph_feature"],
             }
         # per protein b: [its L_b sequence rows, its L_b structure rows] -> one padded sequence of 2 L_b
         seq = self.seq_linear(sequence["residue_feature"])
         struct = self.struct_linear(structure["residue_feature"])
-        position = functional.position_in_segment(batch.num_residues, batch.residue2graph)
-        length = int(batch.num_residues.max()) if batch.batch_size else 0
-        padded = seq.new_zeros(batch.batch_size, 2 * length, seq.shape[-1])
-        padded[batch.residue2graph, position] = seq
-        struct_column = position + batch.num_residues[batch.residue2graph]
-        padded[batch.residue2graph, struct_column] = struct
-        mask = torch.arange(2 * length, device=seq.device) < 2 * batch.num_residues.unsqueeze(-1)
+        position = functional.position_in_segment(graph.num_residues, graph.residue2graph)
+        length = int(graph.num_residues.max()) if graph.batch_size else 0
+        padded = seq.new_zeros(graph.batch_size, 2 * length, seq.shape[-1])
+        padded[graph.residue2graph, position] = seq
+        struct_column = position + graph.num_residues[graph.residue2graph]
+        padded[graph.residue2graph, struct_column] = struct
+        mask = torch.arange(2 * length, device=seq.device) < 2 * graph.num_residues.unsqueeze(-1)
         attended = self.attn(padded, mask)
-        residue_feature = torch.cat([attended[batch.residue2graph, position],
-                                     attended[batch.residue2graph, struct_column]], -1)
-        graph_feature = functional.segment_sum(residue_feature, batch.residue2graph, batch.batch_size)
+        residue_feature = torch.cat([attended[graph.residue2graph, position],
+                                     attended[graph.residue2graph, struct_column]], -1)
+        graph_feature = functional.segment_sum(residue_feature, graph.residue2graph, graph.batch_size)
         return {"residue_feature": residue_feature, "graph_feature": graph_feature}

@@ -6,7 +6,7 @@ Parameter names are TorchDrug's (`layers.{i}.linear`, `layers.{i}.self_loop`, `l
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from ..data.graph import SpatialLineGraph
 from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
+from .encoder import Features, StructureEncoder
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -82,7 +83,7 @@ class GeometricRelationalGraphConv(nn.Module):
 
 
 @register
-class GearNet(nn.Module):
+class GearNet(StructureEncoder):
     """Geometry-aware relational graph network (GearNet; GearNet-Edge with `num_angle_bin`).
 
     Args:
@@ -96,16 +97,19 @@ class GearNet(nn.Module):
         activation: name of the activation.
         concat_hidden: the residue feature concatenates every layer's output (else the last one).
         readout: "sum" or "mean" over residues.
-    Forward:
-        batch: ProteinBatch after graph construction; input: [N, D_in].
-        Returns residue_feature [N, output_dim], graph_feature [B, output_dim].
+        graph_construction_model: the residue graph (see `Encoder`).
+    `network(graph, input [N, D_in])` returns residue_feature [N, output_dim], graph_feature [B, output_dim].
     """
+
+    relation_key = "num_relation"
+    needs_graph = True
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_relation: int,
                  edge_input_dim: Optional[int] = None, num_angle_bin: Optional[int] = None,
                  short_cut: bool = False, batch_norm: bool = False, activation: str = "relu",
-                 concat_hidden: bool = False, readout: str = "sum"):
-        super().__init__()
+                 concat_hidden: bool = False, readout: str = "sum",
+                 graph_construction_model: Optional[nn.Module] = None):
+        super().__init__(graph_construction_model)
         if readout not in ("sum", "mean"):
             raise ValueError(f"GearNet: readout must be 'sum' or 'mean', got {readout!r}.")
         if num_angle_bin and not edge_input_dim:
@@ -128,9 +132,10 @@ class GearNet(nn.Module):
                 for i in range(len(hidden_dims)))
         self.batch_norms = nn.ModuleList(nn.BatchNorm1d(d) for d in hidden_dims) if batch_norm else None
 
-    def forward(self, batch: ProteinBatch, input: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def network(self, batch: ProteinBatch, input: torch.Tensor) -> Features:
         if batch.edge_list is None:
-            raise ValueError("GearNet needs a graph: run the batch through GraphConstruction first.")
+            raise ValueError("GearNet needs a residue graph: give the config a task.graph_construction_model "
+                             "(as config/EC/esm_gearnet.yaml has).")
         if batch.num_relation != self.num_relation:
             raise ValueError(f"GearNet was built for num_relation {self.num_relation} but the graph has "
                              f"{batch.num_relation} relations; set num_relation: {batch.num_relation}.")

@@ -17,6 +17,7 @@ from torch import nn
 from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
+from .encoder import StructureEncoder
 
 Features = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -167,24 +168,27 @@ def rbf(distance: torch.Tensor, num: int, d_min: float = 0.0, d_max: float = 20.
 
 
 @register
-class GVPGNN(nn.Module):
+class GVPGNN(StructureEncoder):
     """GVP-GNN over the residue graph, as the original configured it for ESM fusion.
 
     Args:
         node_in_dim: (scalar, vector) input channels; vectors must be 0 (node vectors start at zero).
         node_h_dim, edge_in_dim, edge_h_dim: (scalar, vector) widths; edge_in_dim[0] = number of RBFs.
         num_layers: GVPConvLayers; readout: "sum" or "mean"; drop_rate: dropout in every layer;
-        vector_gate: vector gating in every GVP.
-    Forward:
-        batch: ProteinBatch with edges (e.g. SpatialEdge(radius 10, min_distance 0)); input [N, node_in_dim[0]].
-        Returns residue_feature [N, node_h_dim[0]], graph_feature [B, node_h_dim[0]] and vector_feature
-        [N, node_h_dim[1], 3] (the last layer's vectors, which rotate with the protein).
+        vector_gate: vector gating in every GVP; graph_construction_model: the residue graph (see `Encoder`),
+        e.g. SpatialEdge(radius 10, min_distance 0).
+    `network(graph, input [N, node_in_dim[0]])` returns residue_feature [N, node_h_dim[0]], graph_feature
+    [B, node_h_dim[0]] and vector_feature [N, node_h_dim[1], 3] (the last layer's vectors, which rotate with the
+    protein).
     """
+
+    input_dim_key = ("node_in_dim", 0)
+    needs_graph = True
 
     def __init__(self, node_in_dim: Sequence[int], node_h_dim: Sequence[int], edge_in_dim: Sequence[int],
                  edge_h_dim: Sequence[int], readout: str = "sum", num_layers: int = 3, drop_rate: float = 0.1,
-                 vector_gate: bool = True):
-        super().__init__()
+                 vector_gate: bool = True, graph_construction_model: Optional[nn.Module] = None):
+        super().__init__(graph_construction_model)
         node_in_dim, node_h_dim = tuple(node_in_dim), tuple(node_h_dim)
         edge_in_dim, edge_h_dim = tuple(edge_in_dim), tuple(edge_h_dim)
         if node_in_dim[1] != 0 or edge_in_dim[1] != 1:
@@ -208,9 +212,10 @@ class GVPGNN(nn.Module):
                                    GVP(node_h_dim, (node_h_dim[0], 0), activations=activations,
                                        vector_gate=vector_gate))
 
-    def forward(self, batch: ProteinBatch, input: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def network(self, batch: ProteinBatch, input: torch.Tensor) -> Dict[str, torch.Tensor]:
         if batch.edge_list is None:
-            raise ValueError("GVPGNN needs a graph: run the batch through GraphConstruction first.")
+            raise ValueError("GVPGNN needs a residue graph: give the config a task.graph_construction_model "
+                             "(as config/EC/esm_gvp.yaml has).")
         edge_list = batch.edge_list
         displacement = batch.pos[edge_list[:, 1]] - batch.pos[edge_list[:, 0]]
         h_edge = self.W_e((rbf(displacement.norm(dim=-1), self.rbf_dim), displacement.unsqueeze(-2)))

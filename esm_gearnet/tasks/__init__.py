@@ -3,10 +3,10 @@ from .base import Task, dataset_targets
 from .contrast import SequenceStructureContrast
 from .pair import MSP
 from .pretrain import (AnglePrediction, DihedralPrediction, DistancePrediction, MultiviewContrast,
-                       ResidueTypePrediction, Unsupervised)
+                       ResidueTypePrediction)
 from .property import MultipleBinaryClassification, PropertyPrediction
 from .siamdiff import NoiseTransform, SiamDiff
 
 __all__ = ["AnglePrediction", "DihedralPrediction", "DistancePrediction", "MSP", "MultipleBinaryClassification",
            "MultiviewContrast", "NoiseTransform", "PropertyPrediction", "ResidueTypePrediction",
-           "SequenceStructureContrast", "SiamDiff", "Task", "Unsupervised", "dataset_targets"]
+           "SequenceStructureContrast", "SiamDiff", "Task", "dataset_targets"]

@@ -1,40 +1,32 @@
-"""What every fine-tuning task shares: graph construction on the device, the encoder call, evaluation."""
+"""What every task shares: an encoder (`models.Encoder`) and a head, the (loss, logged values) contract."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
 
-from ..data.protein import ProteinBatch
-from ..models.fusion import residue_one_hot
+from ..models import Encoder
 
 
 class Task(nn.Module):
-    """A model, an optional graph construction applied inside the task (on the batch's device), and a head.
+    """An encoder and a head. The encoder's weights are what `--ckpt` and `embed` read; the state_dict keys of
+    the task are `encoder.*` and the head's own.
 
-    Subclasses define `predict(batch) -> [B, T]`, `target(batch) -> [B, T]`, `loss(pred, target)` and
-    `evaluate(pred, target, extra) -> {name: value}`. `forward(batch)` returns (loss, {"loss": value}).
+    Fine-tuning subclasses define `predict(batch) -> [B, T]`, `target(batch) -> [B, T]`, `loss(pred, target)` and
+    `evaluate(pred, target, extra) -> {name: value}`; `forward(batch)` returns (loss, {"loss": value}).
+    Pre-training objectives override `forward`.
     """
 
     #: batch keys (besides tensors) that evaluation gathers and hands to `evaluate`
     extra_keys: Sequence[str] = ()
 
-    def __init__(self, model: nn.Module, graph_construction_model: Optional[nn.Module] = None):
+    def __init__(self, encoder: Encoder):
         super().__init__()
-        self.model = model
-        self.graph_construction_model = graph_construction_model
-
-    @property
-    def encoder(self) -> nn.Module:
-        """The model whose weights are saved for fine-tuning (pre-training objectives may wrap it)."""
-        return self.model
-
-    def encode(self, graph: ProteinBatch) -> Dict[str, torch.Tensor]:
-        """Graph construction, then the model on the one-hot residue types (FusionNetwork feeds ESM itself)."""
-        if self.graph_construction_model is not None:
-            graph = self.graph_construction_model(graph)
-        return self.model(graph, residue_one_hot(graph))
+        if not isinstance(encoder, Encoder):
+            raise TypeError(f"{type(self).__name__} needs an Encoder (ESM, GearNet, GVPGNN, CDConv, FusionNetwork), "
+                            f"got {type(encoder).__name__}.")
+        self.encoder = encoder
 
     def preprocess(self, train_set) -> None:
         """Statistics taken from the training split (e.g. target normalisation); nothing by default."""

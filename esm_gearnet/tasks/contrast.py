@@ -10,16 +10,14 @@ gradients, so the negatives span the global batch.
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .. import distributed
-from ..models.fusion import residue_one_hot
+from ..models import Encoder
 from ..registry import register
-from .pretrain import PretrainTask
+from .base import Task
 
 
 def projection_head(input_dim: int, embedding_dim: int) -> nn.Module:
@@ -40,27 +38,28 @@ def clip_loss(sequence: torch.Tensor, structure: torch.Tensor, scale: torch.Tens
 
 
 @register
-class SequenceStructureContrast(PretrainTask):
+class SequenceStructureContrast(Task):
     """Align the ESM and structure-encoder embeddings of the same protein.
 
     Args:
-        model: a FusionNetwork in parallel fusion (the structure encoder must read residue types and
-            coordinates, not ESM's features, or the task is trivial).
+        encoder: an `Encoder` whose sequence and structure parts are computed independently
+            (`independent_parts`: a FusionNetwork with fusion: parallel); if the structure part read ESM's
+            features, the task would be trivial.
         embedding_dim: width of the joint space; temperature: initial temperature;
-        learnable_temperature: learn logit_scale; graph_construction_model: as usual.
+        learnable_temperature: learn logit_scale.
     """
 
     max_scale = 100.0
 
-    def __init__(self, model: nn.Module, embedding_dim: int = 256, temperature: float = 0.07,
-                 learnable_temperature: bool = True, graph_construction_model: Optional[nn.Module] = None,
-                 verbose: int = 0):
-        super().__init__(model, graph_construction_model)
-        if getattr(model, "fusion", None) != "parallel":
+    def __init__(self, encoder: Encoder, embedding_dim: int = 256, temperature: float = 0.07,
+                 learnable_temperature: bool = True, verbose: int = 0):
+        super().__init__(encoder)
+        parts = encoder.independent_parts()
+        if not {"sequence", "structure"} <= set(parts):
             raise ValueError("SequenceStructureContrast needs task.model to be a FusionNetwork with fusion: "
                              "parallel, so that the structure encoder does not read ESM's features.")
-        self.sequence_head = projection_head(model.sequence_model.output_dim, embedding_dim)
-        self.structure_head = projection_head(model.structure_model.output_dim, embedding_dim)
+        self.sequence_head = projection_head(parts["sequence"], embedding_dim)
+        self.structure_head = projection_head(parts["structure"], embedding_dim)
         init = torch.tensor(math.log(1 / temperature))
         if learnable_temperature:
             self.logit_scale = nn.Parameter(init)
@@ -69,12 +68,9 @@ class SequenceStructureContrast(PretrainTask):
 
     def embed(self, graph):
         """(sequence [B, E], structure [B, E]) normalised embeddings of a raw batch."""
-        graph = self.construct(graph)
-        sequence = self.model.sequence_model(graph)["graph_feature"]
-        input = residue_one_hot(graph)
-        structure = self.model.structure_model(graph, input)["graph_feature"]
-        return (F.normalize(self.sequence_head(sequence), dim=-1),
-                F.normalize(self.structure_head(structure), dim=-1))
+        output = self.encoder(graph)
+        return (F.normalize(self.sequence_head(output["sequence_graph_feature"]), dim=-1),
+                F.normalize(self.structure_head(output["structure_graph_feature"]), dim=-1))
 
     def forward(self, batch):
         sequence, structure = self.embed(batch["graph"])

@@ -1,14 +1,14 @@
 """`MSP`: mutation stability from a wild-type / mutant pair of structures."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from .. import metrics
 from ..layers import MLP, functional
+from ..models import Encoder
 from ..registry import register
 from .base import Task
 
@@ -20,19 +20,18 @@ class MSP(Task):
     MLP; binary cross entropy. Metrics "auroc [label]" and "auprc [label]".
 
     Args:
-        model: encoder; task: target names (["label"], from the dataset); num_mlp_layer: MLP depth;
-        graph_construction_model: applied to both structures on the device.
+        encoder: the `Encoder`, run on both structures; task: target names (["label"], from the dataset);
+        num_mlp_layer: MLP depth.
     """
 
-    def __init__(self, model: nn.Module, task=("label",), num_mlp_layer: int = 1,
-                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
-        super().__init__(model, graph_construction_model)
+    def __init__(self, encoder: Encoder, task=("label",), num_mlp_layer: int = 1, verbose: int = 0):
+        super().__init__(encoder)
         self.task = list(task) if not isinstance(task, str) else [task]
-        hidden = [model.output_dim] * (num_mlp_layer - 1)
-        self.mlp = MLP(2 * model.output_dim, hidden + [1])
+        hidden = [encoder.output_dim] * (num_mlp_layer - 1)
+        self.mlp = MLP(2 * encoder.output_dim, hidden + [1])
 
     def _mutated_mean(self, graph, mutated) -> torch.Tensor:
-        feature = self.encode(graph)["residue_feature"]
+        feature = self.encoder(graph)["residue_feature"]
         mask = mutated.unsqueeze(-1).to(feature.dtype)
         total = functional.segment_sum(feature * mask, graph.residue2graph, graph.batch_size)
         count = functional.segment_sum(mask, graph.residue2graph, graph.batch_size)

@@ -1,27 +1,29 @@
 """Self-supervised pre-training objectives with the original config names: multiview contrast (`Unsupervised`
 around `MultiviewContrast`), residue type, distance, angle and dihedral prediction.
 
-Every objective is a `Task` whose `forward(batch)` returns (loss, logged values); the encoder (the
-`FusionNetwork` whose weights are saved) is `task.encoder`. Information an objective asks the model to
-predict is removed from everything the model sees: masked residues become ESM's `<mask>` token, a zero
-structure input row, an unknown residue type (so edge features carry nothing) and lose their side-chain atoms;
-sampled edges are removed together with every other edge between the same two residues.
+Every objective is a `Task` (an encoder and a head) whose `forward(batch)` returns (loss, logged values); it
+reaches the encoder only through the `Encoder` contract: `encoder(batch, residue_mask)`, or `construct` then
+`encode` where it edits the graph in between. Information an objective asks the model to predict is removed
+from everything the model sees: masked residues become ESM's `<mask>` token, a zero structure input row, an
+unknown residue type (so edge features carry nothing) and lose their side-chain atoms; sampled edges are removed
+together with every other edge between the same two residues.
+
+The original's `Unsupervised` task around `MultiviewContrast` is one task here, `MultiviewContrast`; the config
+layout maps onto it in `esm_gearnet.assembly`.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import random
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from ..data import constants
 from ..data.protein import ProteinBatch
 from ..layers import MLP, functional
-from ..models.fusion import residue_one_hot
+from ..models import Encoder
 from ..registry import register
 from .base import Task
 
@@ -39,7 +41,11 @@ def sample_in_segments(segment: torch.Tensor, counts: torch.Tensor) -> torch.Ten
 
 
 def sample_residues(graph: ProteinBatch, counts: torch.Tensor) -> torch.Tensor:
-    """[N] bool: `counts[b]` residues of known type drawn without replacement in each protein b."""
+    """[N] bool: `counts[b]` residues of known type drawn without replacement in each protein b.
+
+    DEVIATION: the original's residue-type masking drew its residues with replacement from all residues (so a
+    residue could be drawn twice, and unknown residues were drawn with targets that mean nothing).
+    """
     known = graph.residue_type < constants.NUM_RESIDUE_TYPES
     segment = torch.where(known, graph.residue2graph, torch.full_like(graph.residue2graph, graph.batch_size))
     return sample_in_segments(segment, torch.cat([counts, counts.new_zeros(1)]))
@@ -110,40 +116,21 @@ def to_bins(angle: torch.Tensor, num_class: int, low: float, high: float) -> tor
     return ((angle - low) / (high - low) * num_class).long().clamp(0, num_class - 1)
 
 
-class PretrainTask(Task):
-    """A pre-training objective: graph construction after the objective changed the batch, the encoder's
-    residue features, a head. `encoder` is the model whose weights are saved for fine-tuning."""
-
-    def construct(self, graph: ProteinBatch) -> ProteinBatch:
-        return self.graph_construction_model(graph) if self.graph_construction_model is not None else graph
-
-    def residue_features(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[N, D] encoder features of a constructed graph; `residue_mask` rows get a zero one-hot input and
-        ESM's `<mask>` token."""
-        input = residue_one_hot(graph)
-        if residue_mask is None:
-            return self.encoder(graph, input)["residue_feature"]
-        input = input.masked_fill(residue_mask.unsqueeze(-1), 0.0)
-        if "residue_mask" in inspect.signature(self.encoder.forward).parameters:
-            return self.encoder(graph, input, residue_mask=residue_mask)["residue_feature"]
-        return self.encoder(graph, input)["residue_feature"]
-
-
 # ---- residue type ---------------------------------------------------------------------------------------------
 @register
-class ResidueTypePrediction(PretrainTask):
+class ResidueTypePrediction(Task):
     """Predict the types of `mask_rate` of the residues (at least one per protein) from the masked protein.
 
     Args:
-        model: the encoder; mask_rate: share of residues masked; num_mlp_layer: head depth;
-        graph_construction_model: built after masking.
+        encoder: the `Encoder` (its graph is built after masking); mask_rate: share of residues masked;
+        num_mlp_layer: head depth.
     """
 
-    def __init__(self, model: nn.Module, mask_rate: float = 0.15, num_mlp_layer: int = 2,
-                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
-        super().__init__(model, graph_construction_model)
+    def __init__(self, encoder: Encoder, mask_rate: float = 0.15, num_mlp_layer: int = 2, verbose: int = 0):
+        super().__init__(encoder)
         self.mask_rate = mask_rate
-        self.mlp = MLP(model.output_dim, [model.output_dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
+        dim = encoder.output_dim
+        self.mlp = MLP(dim, [dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
 
     def sample_mask(self, graph: ProteinBatch) -> torch.Tensor:
         return sample_residues(graph, (graph.num_residues.float() * self.mask_rate).long().clamp(min=1))
@@ -151,24 +138,23 @@ class ResidueTypePrediction(PretrainTask):
     def forward(self, batch):
         graph = batch["graph"]
         mask = self.sample_mask(graph)
-        feature = self.residue_features(self.construct(mask_residues(graph, mask)), mask)
+        feature = self.encoder(mask_residues(graph, mask), residue_mask=mask)["residue_feature"]
         logits, target = self.mlp(feature[mask]), graph.residue_type[mask]
         loss = F.cross_entropy(logits, target)
         return loss, {"loss": loss.detach(), "accuracy": (logits.argmax(-1) == target).float().mean()}
 
 
 # ---- distance, angle, dihedral --------------------------------------------------------------------------------
-class _PathPrediction(PretrainTask):
+class _PathPrediction(Task):
     """Sample paths of `num_points` residues along edges, remove their edges, predict their geometry from the
     concatenated features of the path's residues."""
     num_points: int
 
-    def __init__(self, model: nn.Module, num_sample: int, num_output: int, num_mlp_layer: int,
-                 graph_construction_model: Optional[nn.Module]):
-        super().__init__(model, graph_construction_model)
+    def __init__(self, encoder: Encoder, num_sample: int, num_output: int, num_mlp_layer: int):
+        super().__init__(encoder)
         self.num_sample = num_sample
-        hidden = [model.output_dim] * (num_mlp_layer - 1)
-        self.mlp = MLP(self.num_points * model.output_dim, hidden + [num_output])
+        hidden = [encoder.output_dim] * (num_mlp_layer - 1)
+        self.mlp = MLP(self.num_points * encoder.output_dim, hidden + [num_output])
 
     def sample_paths(self, graph: ProteinBatch) -> torch.Tensor:
         """[P, num_points] residues of paths i-j(-k(-l)) along edges, without repeated residues."""
@@ -190,9 +176,10 @@ class _PathPrediction(PretrainTask):
         return {"loss": loss, "accuracy": (pred.argmax(-1) == target).float().mean()}
 
     def forward(self, batch):
-        graph = self.construct(batch["graph"])
+        graph = self.encoder.construct(batch["graph"])
         path = self.sample_paths(graph)
-        feature = self.residue_features(remove_pairs(graph, path[:, :-1].flatten(), path[:, 1:].flatten()))
+        hidden = remove_pairs(graph, path[:, :-1].flatten(), path[:, 1:].flatten())
+        feature = self.encoder.encode(hidden)["residue_feature"]
         values = self.criterion(self.mlp(feature[path].flatten(1)), self.target(graph.pos, path))
         return values["loss"], {k: v.detach() for k, v in values.items()}
 
@@ -202,13 +189,12 @@ class DistancePrediction(_PathPrediction):
     """Regress the Cα distance of `num_sample` sampled edges per protein, removed from the graph first.
 
     Args:
-        model, graph_construction_model; num_sample: edges per protein; num_mlp_layer: head depth.
+        encoder; num_sample: edges per protein; num_mlp_layer: head depth.
     """
     num_points = 2
 
-    def __init__(self, model: nn.Module, num_sample: int = 256, num_mlp_layer: int = 2,
-                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
-        super().__init__(model, num_sample, 1, num_mlp_layer, graph_construction_model)
+    def __init__(self, encoder: Encoder, num_sample: int = 256, num_mlp_layer: int = 2, verbose: int = 0):
+        super().__init__(encoder, num_sample, 1, num_mlp_layer)
 
     def target(self, pos, path):
         return (pos[path[:, 0]] - pos[path[:, 1]]).norm(dim=-1)
@@ -218,9 +204,9 @@ class DistancePrediction(_PathPrediction):
 
 
 class _GeometryClassification(_PathPrediction):
-    def __init__(self, model: nn.Module, num_sample: int = 512, num_class: int = 8, num_mlp_layer: int = 2,
-                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
-        super().__init__(model, num_sample, num_class, num_mlp_layer, graph_construction_model)
+    def __init__(self, encoder: Encoder, num_sample: int = 512, num_class: int = 8, num_mlp_layer: int = 2,
+                 verbose: int = 0):
+        super().__init__(encoder, num_sample, num_class, num_mlp_layer)
         self.num_class = num_class
 
 
@@ -242,9 +228,9 @@ class DihedralPrediction(_GeometryClassification):
     angle over [-π, π)."""
     num_points = 4
 
-    def __init__(self, model, num_sample: int = 512, num_class: int = 8, num_mlp_layer: int = 2,
-                 graph_construction_model=None, signed: bool = False, verbose: int = 0):
-        super().__init__(model, num_sample, num_class, num_mlp_layer, graph_construction_model)
+    def __init__(self, encoder: Encoder, num_sample: int = 512, num_class: int = 8, num_mlp_layer: int = 2,
+                 signed: bool = False, verbose: int = 0):
+        super().__init__(encoder, num_sample, num_class, num_mlp_layer)
         self.signed = signed
 
     def target(self, pos, path):
@@ -312,32 +298,37 @@ class RandomEdgeMask:
 
 
 @register
-class MultiviewContrast(nn.Module):
+class MultiviewContrast(Task):
     """Two views of every protein (a random crop, graph construction, a random noise), the encoder's protein
     features projected by an MLP, cosine similarities over `tau`, InfoNCE with the other view as the positive.
 
-    Made symmetric: the loss averages both directions (view 1 → view 2 and back); the original used one.
+    The original nested it as `task: {class: Unsupervised, model: {class: MultiviewContrast, model: ENCODER}}`;
+    `esm_gearnet.assembly` maps that layout onto this task. Made symmetric: the loss averages both directions
+    (view 1 → view 2 and back); the original used one.
+
+    Args:
+        encoder: the `Encoder`; crop_funcs, noise_funcs: one of each is drawn per view; num_mlp_layer: depth of
+        the projection; tau: temperature.
     """
 
-    def __init__(self, model: nn.Module, crop_funcs: Sequence = (), noise_funcs: Sequence = (),
+    def __init__(self, encoder: Encoder, crop_funcs: Sequence = (), noise_funcs: Sequence = (),
                  num_mlp_layer: int = 2, activation: str = "relu", tau: float = 0.07):
-        super().__init__()
-        self.model = model
+        super().__init__(encoder)
+        if activation != "relu":
+            raise ValueError(f"MultiviewContrast: activation must be 'relu' (the original's), got {activation!r}.")
         self.crop_funcs = list(crop_funcs) or [IdentityNode()]
         self.noise_funcs = list(noise_funcs) or [IdentityNode()]
         self.tau = tau
-        self.output_dim = model.output_dim
-        self.mlp = MLP(model.output_dim, [model.output_dim] * num_mlp_layer)
+        self.mlp = MLP(encoder.output_dim, [encoder.output_dim] * num_mlp_layer)
 
-    def view(self, graph: ProteinBatch, construct) -> ProteinBatch:
+    def view(self, graph: ProteinBatch) -> ProteinBatch:
         graph = random.choice(self.crop_funcs)(graph)
-        return random.choice(self.noise_funcs)(construct(graph))
+        return random.choice(self.noise_funcs)(self.encoder.construct(graph))
 
-    def loss(self, graph: ProteinBatch, construct):
+    def forward(self, batch):
         features = []
         for _ in range(2):
-            view = self.view(graph, construct)
-            output = self.model(view, residue_one_hot(view))
+            output = self.encoder.encode(self.view(batch["graph"]))
             features.append(F.normalize(self.mlp(output["graph_feature"]), dim=-1))
         score = features[0] @ features[1].t() / self.tau
         labels = torch.arange(len(score), device=score.device)
@@ -346,18 +337,5 @@ class MultiviewContrast(nn.Module):
         return loss, {"loss": loss.detach(), "accuracy": accuracy}
 
 
-@register
-class Unsupervised(PretrainTask):
-    """Runs a self-supervised model (`MultiviewContrast`) that computes its own loss, with graph construction
-    applied to each of its views."""
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.model.model
-
-    def forward(self, batch):
-        return self.model.loss(batch["graph"], self.construct)
-
-
 __all__ = ["AnglePrediction", "DihedralPrediction", "DistancePrediction", "IdentityNode", "MultiviewContrast",
-           "RandomEdgeMask", "ResidueTypePrediction", "SubspaceNode", "SubsequenceNode", "Unsupervised"]
+           "RandomEdgeMask", "ResidueTypePrediction", "SubspaceNode", "SubsequenceNode"]

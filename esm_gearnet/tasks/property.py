@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from .. import metrics
 from ..layers import MLP
+from ..models import Encoder
 from ..registry import register
 from .base import Task, dataset_targets
 
@@ -18,15 +18,15 @@ class MultipleBinaryClassification(Task):
     """One logit per term from the protein feature; binary cross entropy averaged over proteins and terms.
 
     Args:
-        model: encoder with `output_dim`; task: the term indices (filled in from the dataset at run time);
-        criterion: "bce"; num_mlp_layer: MLP depth (hidden widths = model.output_dim);
-        metric: names among auprc@micro, f1_max, auroc@micro; graph_construction_model: applied on the device.
+        encoder: the `Encoder` (config: task.model); task: the term indices (filled in from the dataset at run
+        time); criterion: "bce"; num_mlp_layer: MLP depth (hidden widths = encoder.output_dim);
+        metric: names among auprc@micro, f1_max, auroc@micro; verbose: the original's, ignored.
     """
 
-    def __init__(self, model: nn.Module, task: Sequence = (), criterion: str = "bce", num_mlp_layer: int = 1,
-                 metric: Sequence[str] = ("auprc@micro", "f1_max"), graph_construction_model: Optional[nn.Module] = None,
-                 mlp_batch_norm: bool = False, mlp_dropout: float = 0.0, verbose: int = 0):
-        super().__init__(model, graph_construction_model)
+    def __init__(self, encoder: Encoder, task: Sequence = (), criterion: str = "bce", num_mlp_layer: int = 1,
+                 metric: Sequence[str] = ("auprc@micro", "f1_max"), mlp_batch_norm: bool = False,
+                 mlp_dropout: float = 0.0, verbose: int = 0):
+        super().__init__(encoder)
         if criterion != "bce":
             raise ValueError(f"MultipleBinaryClassification: criterion must be 'bce', got {criterion!r}.")
         if not len(task):
@@ -36,11 +36,11 @@ class MultipleBinaryClassification(Task):
         self.metric = [metric] if isinstance(metric, str) else list(metric)
         for name in self.metric:
             metrics.get_metric(name.replace("auroc@micro", "auroc"))
-        hidden = [model.output_dim] * (num_mlp_layer - 1)
-        self.mlp = MLP(model.output_dim, hidden + [len(self.task)], batch_norm=mlp_batch_norm, dropout=mlp_dropout)
+        hidden = [encoder.output_dim] * (num_mlp_layer - 1)
+        self.mlp = MLP(encoder.output_dim, hidden + [len(self.task)], batch_norm=mlp_batch_norm, dropout=mlp_dropout)
 
     def predict(self, batch) -> torch.Tensor:
-        return self.mlp(self.encode(batch["graph"])["graph_feature"])
+        return self.mlp(self.encoder(batch["graph"])["graph_feature"])
 
     def target(self, batch) -> torch.Tensor:
         return batch["targets"].float()
@@ -75,11 +75,11 @@ class PropertyPrediction(Task):
 
     extra_keys = ("target_id",)
 
-    def __init__(self, model: nn.Module, task: Sequence = (), criterion: str = "mse",
+    def __init__(self, encoder: Encoder, task: Sequence = (), criterion: str = "mse",
                  metric: Sequence[str] = ("mae", "rmse"), num_mlp_layer: int = 1, normalization: bool = True,
-                 num_class: Optional[int] = None, graph_construction_model: Optional[nn.Module] = None,
-                 mlp_batch_norm: bool = False, mlp_dropout: float = 0.0, verbose: int = 0):
-        super().__init__(model, graph_construction_model)
+                 num_class: Optional[int] = None, mlp_batch_norm: bool = False, mlp_dropout: float = 0.0,
+                 verbose: int = 0):
+        super().__init__(encoder)
         if criterion not in ("mse", "bce", "ce"):
             raise ValueError(f"PropertyPrediction: criterion must be mse, bce or ce, got {criterion!r}.")
         if not len(task):
@@ -94,8 +94,8 @@ class PropertyPrediction(Task):
         self.normalization = normalization and criterion == "mse"
         self.register_buffer("mean", torch.zeros(len(self.task)))
         self.register_buffer("std", torch.ones(len(self.task)))
-        hidden = [model.output_dim] * (num_mlp_layer - 1)
-        self.mlp = MLP(model.output_dim, hidden + [len(self.task) * self.num_class], batch_norm=mlp_batch_norm,
+        hidden = [encoder.output_dim] * (num_mlp_layer - 1)
+        self.mlp = MLP(encoder.output_dim, hidden + [len(self.task) * self.num_class], batch_norm=mlp_batch_norm,
                        dropout=mlp_dropout)
 
     def preprocess(self, train_set) -> None:
@@ -110,7 +110,7 @@ class PropertyPrediction(Task):
         self.std.copy_(var.sqrt().clamp(min=1e-6).float())
 
     def predict(self, batch) -> torch.Tensor:
-        pred = self.mlp(self.encode(batch["graph"])["graph_feature"])
+        pred = self.mlp(self.encoder(batch["graph"])["graph_feature"])
         if self.criterion == "ce":
             return pred.view(len(pred), len(self.task), self.num_class)
         return pred * self.std + self.mean if self.normalization else pred

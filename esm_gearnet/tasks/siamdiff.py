@@ -11,17 +11,16 @@ entropy).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from ..data import constants
 from ..data.protein import ProteinBatch
 from ..layers import MLP, functional
 from ..registry import register
-from .pretrain import PretrainTask, mask_residues, sample_residues
+from ..models import Encoder
+from .base import Task
+from .pretrain import mask_residues, sample_residues
 
 
 @register
@@ -53,23 +52,22 @@ def perturb(graph: ProteinBatch, scale: torch.Tensor, noise: torch.Tensor) -> Pr
 
 
 @register
-class SiamDiff(PretrainTask):
+class SiamDiff(Task):
     """Args:
-        model: the encoder; graph_construction_model: built on each noisy conformer.
+        encoder: the `Encoder` (its graph is built on each noisy conformer).
         num_mlp_layer: depth of both heads; sigma_begin, sigma_end, num_noise_level: the beta schedule;
         gamma: weight of the structure loss; max_mask_ratio: share of residues masked at the last level.
     DEVIATION: masked residues get ESM's `<mask>` token (and a zero structure input); the original turned them
     into glycine (type 0), which is also a real residue to predict.
     """
 
-    def __init__(self, model: nn.Module, num_mlp_layer: int = 3, sigma_begin: float = 1e-3, sigma_end: float = 0.1,
-                 num_noise_level: int = 100, gamma: float = 0.5, max_mask_ratio: float = 1.0,
-                 graph_construction_model: Optional[nn.Module] = None, verbose: int = 0):
-        super().__init__(model, graph_construction_model)
+    def __init__(self, encoder: Encoder, num_mlp_layer: int = 3, sigma_begin: float = 1e-3, sigma_end: float = 0.1,
+                 num_noise_level: int = 100, gamma: float = 0.5, max_mask_ratio: float = 1.0, verbose: int = 0):
+        super().__init__(encoder)
         self.gamma, self.max_mask_ratio, self.num_noise_level = gamma, max_mask_ratio, num_noise_level
         alpha_bar = torch.cumprod(1 - sigmoid_schedule(sigma_begin, sigma_end, num_noise_level), 0)
         self.register_buffer("noise_scale", ((1 - alpha_bar) / alpha_bar).sqrt().float(), persistent=False)
-        dim = model.output_dim
+        dim = encoder.output_dim
         self.struct_mlp = MLP(2 * dim + 2, [dim] * (num_mlp_layer - 1) + [1])
         self.seq_mlp = MLP(dim, [dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
 
@@ -95,10 +93,10 @@ class SiamDiff(PretrainTask):
         noises, graphs, features = [], [], []
         for conformer in conformers:
             noise = torch.randn_like(conformer.pos)
-            graph = self.construct(mask_residues(perturb(conformer, scale, noise), mask))
+            graph = self.encoder.construct(mask_residues(perturb(conformer, scale, noise), mask))
             noises.append(noise)
             graphs.append(graph)
-            features.append(self.residue_features(graph, mask))
+            features.append(self.encoder.encode(graph, mask)["residue_feature"])
         level = t.float() / self.num_noise_level
         structure = sequence = 0.0
         target = conformers[0].residue_type[mask]

@@ -1,0 +1,186 @@
+"""From a config to objects: the one place where the original's config layout meets the encoder contract.
+
+=============================================================  ===================================================
+the original's config                                          what it becomes
+=============================================================  ===================================================
+task.model (FusionNetwork, GearNet, GVPGNN, CDConv, ESM)       the task's encoder (`models.Encoder`)
+task.graph_construction_model                                  that encoder's graph construction
+task: {class: Unsupervised, model: {class: MultiviewContrast,  the `MultiviewContrast` task over the encoder X
+       model: X, crop_funcs, noise_funcs, ...}}
+the rest of task                                               the task's head and options
+structure_model.input_dim (GVPGNN: node_in_dim[0])             derived: ESM's width in series fusion, else 21
+num_relation (GearNet)                                         derived from the graph construction's edge layers
+lr_ratio, sequence_model_lr_ratio, fix_sequence_model          learning-rate ratios of the encoder's parameter
+                                                               groups; ratio 0 freezes the group
+=============================================================  ===================================================
+
+A derived size that the config also gives must agree with it; otherwise one sentence names the key.
+Everything else (training, pre-training, embed, predict, tests, benchmarks) builds tasks and encoders through
+`build_task` / `build_encoder` and never looks inside a config's model layout.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .config import ConfigError
+from .models import Encoder, FusionNetwork, StructureEncoder
+from .models.encoder import ONE_HOT_DIM
+from .registry import build, resolve
+from .tasks import MultipleBinaryClassification, Task
+
+UNSUPERVISED = "Unsupervised"  # the original's wrapper around MultiviewContrast
+
+
+def model_config(cfg) -> Tuple[Dict[str, Any], str]:
+    """(the encoder's config, its key path): `task.model`, or `task.model.model` in the Unsupervised layout."""
+    task = cfg.get("task") or {}
+    if not task.get("model"):
+        raise ConfigError("the config has no task.model; it names the encoder (FusionNetwork, GearNet, ...), "
+                          "as config/EC/esm_gearnet.yaml does.")
+    if task.get("class") == UNSUPERVISED:
+        if not isinstance(task.model, dict) or not task.model.get("model"):
+            raise ConfigError("task.model of an Unsupervised task must be a MultiviewContrast with its own model: "
+                              "(the encoder), as config/pretrain/mc_esm_gearnet.yaml has.")
+        return task.model.model, "task.model.model"
+    return task.model, "task.model"
+
+
+def _derive(config: Dict[str, Any], key: Sequence, value: int, path: str, source: str) -> Dict[str, Any]:
+    """A copy of `config` with the size at `key` (a key, or a key and a list index) set to `value`; a config
+    value that disagrees ends in one sentence."""
+    config = copy.deepcopy(dict(config))
+    name, *index = key
+    given = config.get(name)
+    if index and given is not None:
+        given = list(given)
+        if given[index[0]] != value:
+            raise ConfigError(f"config key `{path}.{name}` is {config[name]} but {source} gives "
+                              f"{value} channels; set {name}[{index[0]}] to {value}.")
+        config[name] = given
+    elif given is not None and given != value:
+        raise ConfigError(f"config key `{path}.{name}` is {given} but {source} gives {value}; "
+                          f"remove the key (it is derived) or set it to {value}.")
+    elif given is None and not index:
+        config[name] = value
+    return config
+
+
+def _encoder(config: Dict[str, Any], path: str, input_dim: int, num_relation: int,
+             graph: Optional[nn.Module] = None, source: str = "the 21-dim one-hot residue input") -> Encoder:
+    """Build the encoder a `class:` dict describes, its derivable sizes filled in."""
+    if not isinstance(config, dict) or "class" not in config:
+        raise ConfigError(f"config key `{path}` must be a mapping with a `class:` entry (the encoder).")
+    cls = resolve(config["class"], path)
+    if not (inspect.isclass(cls) and issubclass(cls, Encoder)):
+        raise ConfigError(f"config key `{path}`: {config['class']} is not an encoder; use FusionNetwork, GearNet, "
+                          "GVPGNN, CDConv or ESM.")
+    runtime = {"graph_construction_model": graph} if graph is not None else {}
+    if issubclass(cls, FusionNetwork):
+        missing = [k for k in ("sequence_model", "structure_model") if not config.get(k)]
+        if missing:
+            raise ConfigError(f"config key `{path}`: FusionNetwork needs {' and '.join(missing)}.")
+        fusion = FusionNetwork.fusion_mode(config.get("fusion"))
+        sequence = _encoder(config["sequence_model"], f"{path}.sequence_model", input_dim, num_relation)
+        width = FusionNetwork.structure_input_dim(fusion, sequence.output_dim)
+        why = (f"the sequence model ({path}.sequence_model)" if fusion == "series"
+               else "the 21-dim one-hot residue input")
+        structure = _encoder(config["structure_model"], f"{path}.structure_model", width, num_relation, source=why)
+        rest = {k: v for k, v in config.items() if k not in ("sequence_model", "structure_model")}
+        return build(rest, path, sequence_model=sequence, structure_model=structure, **runtime)
+    if issubclass(cls, StructureEncoder):
+        config = _derive(config, cls.input_dim_key, input_dim, path, source)
+        if cls.relation_key and num_relation:
+            config = _derive(config, (cls.relation_key,), num_relation, path,
+                             "task.graph_construction_model's edge layers")
+    return build(config, path, **runtime)
+
+
+def learning_rate_ratios(cfg, encoder: Encoder) -> Dict[str, float]:
+    """The learning-rate ratio of each of the encoder's parameter groups (0 = frozen), from the config's
+    `lr_ratio` (the whole encoder against the head; it wins over the others, as in the original),
+    `sequence_model_lr_ratio`, `fix_sequence_model` and `original_optimizer_groups`.
+
+    DEVIATION: the original built its optimizer from `sequence_model`, `structure_model` and the head only, so
+    cross fusion's `seq_linear`, `struct_linear` and `attn` kept their random initialisation in every
+    `*_cross.yaml` run. They train here; `original_optimizer_groups: true` freezes them as the original did.
+    """
+    groups = encoder.parameter_groups()
+    if cfg.get("lr_ratio") is not None:
+        ratios = {name: float(cfg.lr_ratio) for name in groups}
+    else:
+        ratios = {name: 1.0 for name in groups}
+        if cfg.get("sequence_model_lr_ratio") is not None:
+            ratios["sequence_model"] = float(cfg.sequence_model_lr_ratio)
+            if cfg.get("original_optimizer_groups") and "fusion" in groups:
+                ratios["fusion"] = 0.0
+    if cfg.get("fix_sequence_model"):
+        ratios["sequence_model"] = 0.0
+    unknown = [name for name in ratios if name not in groups]
+    if unknown:
+        raise ConfigError(f"sequence_model_lr_ratio / fix_sequence_model need an encoder with a sequence model "
+                          f"(FusionNetwork or ESM); task.model has the parameter groups {', '.join(groups)}. "
+                          "Remove the key or use lr_ratio.")
+    return ratios
+
+
+def build_encoder(cfg) -> Encoder:
+    """The encoder of a config (graph construction attached, sizes derived, frozen groups frozen)."""
+    config, path = model_config(cfg)
+    graph_config = cfg.task.get("graph_construction_model")
+    graph = build(graph_config, "task.graph_construction_model") if graph_config else None
+    encoder = _encoder(config, path, ONE_HOT_DIM, getattr(graph, "num_relation", 0), graph)
+    if encoder.needs_graph and graph is None:
+        raise ConfigError(f"config key `{path}`: {config['class']} reads the residue graph's edges but the config "
+                          "has no task.graph_construction_model; add one (see config/EC/esm_gearnet.yaml).")
+    for group, ratio in learning_rate_ratios(cfg, encoder).items():
+        if ratio == 0:
+            encoder.freeze(group)
+    return encoder
+
+
+def runtime_task_list(cfg, dataset) -> List[Any]:
+    """What the original filled into `task.task`: term indices for multi-label classification (EC, GO),
+    target names otherwise."""
+    cls = resolve(cfg.task["class"], "task")
+    tasks = list(dataset.tasks)
+    return list(range(len(tasks))) if issubclass(cls, MultipleBinaryClassification) else tasks
+
+
+def build_task(cfg, task_list: Optional[Sequence] = None) -> Task:
+    """The task of a config: its encoder (`build_encoder`) and head. `task_list` is the runtime `task.task`
+    of fine-tuning tasks (see `runtime_task_list`); pre-training objectives take none."""
+    encoder = build_encoder(cfg)
+    if cfg.task.get("class") == UNSUPERVISED:
+        extra = [k for k in cfg.task if k not in ("class", "model", "graph_construction_model")]
+        if extra:
+            raise ConfigError(f"config key `task`: Unsupervised takes model and graph_construction_model only, "
+                              f"not {extra[0]!r}.")
+        head = {k: v for k, v in cfg.task.model.items() if k != "model"}
+        return build(head, "task.model", encoder=encoder)
+    head = {k: v for k, v in cfg.task.items() if k not in ("model", "graph_construction_model")}
+    runtime = {"task": list(task_list)} if task_list is not None else {}
+    return build(head, "task", encoder=encoder, **runtime)
+
+
+def optimizer_groups(cfg, task: Task, lr: float) -> List[Dict[str, Any]]:
+    """Optimizer parameter groups: each trainable encoder group at lr × its ratio, the head at lr. Frozen
+    groups (ratio 0) hold no parameter: they get no gradient and no optimizer state."""
+    ratios = learning_rate_ratios(cfg, task.encoder)
+    groups, seen = [], set()
+    for name, parameters in task.encoder.parameter_groups().items():
+        trainable = [p for p in parameters if p.requires_grad]
+        seen.update(id(p) for p in parameters)
+        if trainable and ratios[name] != 0:
+            groups.append({"params": trainable, "lr": lr * ratios[name]})
+    head = [p for p in task.parameters() if p.requires_grad and id(p) not in seen]
+    if head:
+        groups.append({"params": head, "lr": lr})
+    return groups
+
+
+__all__ = ["build_encoder", "build_task", "learning_rate_ratios", "model_config", "optimizer_groups",
+           "runtime_task_list"]

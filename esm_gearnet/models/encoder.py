@@ -1,0 +1,114 @@
+"""The encoder contract: what every model (ESM, GearNet, GVP-GNN, CDConv, FusionNetwork) offers to the tasks,
+pre-training objectives, `embed` and `predict`.
+
+An encoder owns its graph construction, its input featurisation and its network:
+
+====================================  ==========================================================================
+member                                meaning
+====================================  ==========================================================================
+output_dim                            D of its features
+needs_graph                           whether `encode` reads the residue graph's edges
+construct(batch) -> batch             the residue graph (the config's `graph_construction_model`); the batch
+                                      unchanged when the encoder needs none (ESM, CDConv)
+encode(graph, residue_mask=None)      features of a constructed graph: {"residue_feature": [N, D],
+                                      "graph_feature": [B, D]}; `residue_mask` [N] bool hides residues
+                                      (ESM's `<mask>` token, a zero one-hot structure input)
+forward(batch, residue_mask=None)     encode(construct(batch), residue_mask)
+parameter_groups() -> {name: params}  named parts a config may train at their own rate or freeze
+                                      ("sequence_model", "structure_model", "fusion"); each parameter once
+freeze(group)                         no gradient, no optimizer state for that group (a frozen ESM also runs
+                                      without autograd and may cache its features)
+independent_parts() -> {name: D}      parts of the output computed from disjoint inputs, returned as
+                                      "<name>_graph_feature" too (parallel fusion: sequence and structure)
+====================================  ==========================================================================
+
+Pre-training objectives that edit the graph (remove edges, add noise after construction) call `construct`, edit
+the result and call `encode`; everyone else calls the encoder itself.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set
+
+import torch
+from torch import nn
+
+from ..data import constants
+from ..data.protein import ProteinBatch
+
+Features = Dict[str, torch.Tensor]
+ONE_HOT_DIM = constants.NUM_RESIDUE_TYPES + 1  # 20 amino acids and unknown
+
+
+class Encoder(nn.Module):
+    """Base class of every encoder (see the module docstring).
+
+    Args:
+        graph_construction_model: builds the residue graph from a packed batch (None: none needed).
+    """
+
+    output_dim: int
+    #: the parameter group holding all of this encoder's parameters (composite encoders override
+    #: `parameter_groups`)
+    group: str = "structure_model"
+    #: whether `encode` reads the residue graph's edges (then a graph construction is required)
+    needs_graph: bool = False
+
+    def __init__(self, graph_construction_model: Optional[nn.Module] = None):
+        super().__init__()
+        self.graph_construction_model = graph_construction_model
+        self.frozen: Set[str] = set()
+
+    def construct(self, batch: ProteinBatch) -> ProteinBatch:
+        """The batch with its residue graph (a new object; the input is not changed)."""
+        return batch if self.graph_construction_model is None else self.graph_construction_model(batch)
+
+    def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        raise NotImplementedError
+
+    def forward(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        return self.encode(self.construct(batch), residue_mask)
+
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {self.group: list(self.parameters())}
+
+    def freeze(self, group: str) -> None:
+        groups = self.parameter_groups()
+        if group not in groups:
+            raise ValueError(f"{type(self).__name__} has no {group} to freeze or scale; its parameter groups are "
+                             f"{', '.join(groups)}.")
+        for parameter in groups[group]:
+            parameter.requires_grad_(False)
+        self.frozen.add(group)
+
+    def independent_parts(self) -> Dict[str, int]:
+        return {}
+
+
+def residue_one_hot(graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, 21] one-hot residue type (index 20 = unknown), zero on the rows of `residue_mask`: the input of a
+    structure encoder that does not read ESM's features."""
+    one_hot = nn.functional.one_hot(graph.residue_type, ONE_HOT_DIM).float()
+    if residue_mask is not None:
+        one_hot = one_hot.masked_fill(residue_mask.unsqueeze(-1), 0.0)
+    return one_hot
+
+
+class StructureEncoder(Encoder):
+    """A network over the residues of a (constructed) graph, from per-residue input features.
+
+    Alone, or beside ESM (parallel and cross fusion), it reads the 21-dim one-hot residue types; in series
+    fusion, ESM's residue features (`FusionNetwork` calls `network` with them).
+    """
+
+    #: where the config holds the width of the input features (derived by `assembly`, not written by hand)
+    input_dim_key: tuple = ("input_dim",)
+    #: the config key of the number of edge relations, for encoders that read them (derived from the graph)
+    relation_key: Optional[str] = None
+    input_dim: int
+
+    def network(self, graph: ProteinBatch, input: torch.Tensor) -> Features:
+        """Features of the graph from input features [N, input_dim]."""
+        raise NotImplementedError
+
+    def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        return self.network(graph, residue_one_hot(graph, residue_mask))
