@@ -58,7 +58,7 @@ def main():
             features = residue_one_hot(graph)
 
             def step():
-                out = model(graph, features)
+                out = model.network(graph, features)
                 out["graph_feature"].sum().backward()
                 model.zero_grad(set_to_none=True)
                 sync()

@@ -48,9 +48,8 @@ from esm_gearnet.config import load_config  # noqa: E402
 from esm_gearnet.data import collate, load_structures  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
 from esm_gearnet.engine import to_device  # noqa: E402
-from esm_gearnet.registry import build  # noqa: E402
 from esm_gearnet.sampler import LengthBucketSampler  # noqa: E402
-from esm_gearnet.training import parameter_groups  # noqa: E402
+from esm_gearnet.assembly import build_task as assemble_task, model_config, optimizer_groups  # noqa: E402
 
 NUM_TASK = 538  # EC
 PLAIN = dict(attention="esm", bucket=False, aggregation="scatter", precision="fp32", ratio=0.1, compile=False,
@@ -82,19 +81,17 @@ def lever_options(cuda):
 
 def build_task(cfg, esm, options, device):
     cfg = copy.deepcopy(cfg)
-    model = cfg.task.model
+    model, _ = model_config(cfg)
     layers, width, heads = esm
     model.sequence_model.update({"pretrained": False, "architecture": [layers, width, heads],
                                  "attention": options["attention"], "compile": options["compile"],
                                  "activation_checkpointing": options["checkpointing"],
                                  "feature_cache_gib": options["cache_gib"]})
-    if model.get("fusion") in (None, "series", "serial"):
-        key = "node_in_dim" if model.structure_model["class"] == "GVPGNN" else "input_dim"
-        model.structure_model[key] = [width, 0] if key == "node_in_dim" else width
+    model.structure_model.pop("input_dim", None)  # derived from the ESM width in series fusion
     cfg.sequence_model_lr_ratio = options["ratio"]
     torch.manual_seed(0)
-    task = build(cfg.task, "task", task=list(range(NUM_TASK)))
-    optimizer = torch.optim.Adam(parameter_groups(cfg, task, 1e-4), lr=1e-4)
+    task = assemble_task(cfg, list(range(NUM_TASK)))
+    optimizer = torch.optim.Adam(optimizer_groups(cfg, task, 1e-4), lr=1e-4)
     return task.to(device).train(), optimizer
 
 

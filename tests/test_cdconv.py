@@ -98,7 +98,7 @@ def test_matches_slow_reference_of_the_original(all_proteins):
     pos = batch.pos
     features = residue_one_hot(batch).double()
     with torch.no_grad():
-        out = model(batch, features)
+        out = model.network(batch, features)
         start = 0
         for b, protein in enumerate(proteins):
             rows = slice(start, start + protein.num_residue)
@@ -114,7 +114,7 @@ def test_original_broadcast_option():
     batch = ProteinBatch.pack([backbone_protein("ACDEFGHIKLMNPQ", "HHHHHHHLLEEEEE"), backbone_protein("GGSW", "LLLL")])
     model = _tiny(residue_feature="graph").eval()
     with torch.no_grad():
-        out = model(batch, residue_one_hot(batch))
+        out = model.network(batch, residue_one_hot(batch))
     torch.testing.assert_close(out["residue_feature"], out["graph_feature"][batch.residue2graph])
     with pytest.raises(ValueError, match="residue_feature must be 'upsample' or 'graph'"):
         _tiny(residue_feature="nearest")
@@ -160,8 +160,8 @@ def test_rotation_and_translation_leave_outputs_unchanged(all_proteins):
     moved_pos = (batch.atom_pos.double() @ rotation.T + shift).float() * batch.atom_mask.unsqueeze(-1)
     moved = batch.replace(atom_pos=moved_pos)
     with torch.no_grad():
-        a = model(batch, residue_one_hot(batch))
-        b = model(moved, residue_one_hot(moved))
+        a = model.network(batch, residue_one_hot(batch))
+        b = model.network(moved, residue_one_hot(moved))
     for key in ("residue_feature", "graph_feature"):
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
 
@@ -172,7 +172,7 @@ def test_packed_equals_one_at_a_time(all_proteins):
 
     def run(group):
         batch = ProteinBatch.pack(group)
-        return model(batch, residue_one_hot(batch))
+        return model.network(batch, residue_one_hot(batch))
 
     with torch.no_grad():
         assert_packed_equals_single(run, proteins)
@@ -212,8 +212,8 @@ def test_config_transforms_and_missing_alpha_carbon(all_proteins):
     model = _tiny().eval()
     batch = ProteinBatch.pack([broken])
     with pytest.raises(ValueError, match="CDConv needs a CA atom in every residue; add the ResidueGraph"):
-        model(batch, residue_one_hot(batch))
+        model.network(batch, residue_one_hot(batch))
     fixed = Orientation()(ResidueGraph()({"graph": broken}))["graph"]
     assert fixed.num_residue == protein.num_residue - 1
     batch = ProteinBatch.pack([fixed])
-    assert model(batch, residue_one_hot(batch))["residue_feature"].shape == (fixed.num_residue, 24)
+    assert model.network(batch, residue_one_hot(batch))["residue_feature"].shape == (fixed.num_residue, 24)

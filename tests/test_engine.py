@@ -16,7 +16,7 @@ import torch
 from esm_gearnet import checkpoint
 from esm_gearnet.data import collate
 from esm_gearnet.config import load_config
-from esm_gearnet.training import build_downstream, build_scheduler, parameter_groups
+from esm_gearnet.training import build_downstream, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
@@ -129,51 +129,25 @@ def _config(*pairs):
 def test_ckpt_round_trip_and_readable_mismatch(single_run):
     best = single_run / "best.pth"
     engine = build_downstream(_config(), None, seed=0, ckpt=str(best), progress=False)
-    saved = checkpoint.load(best)["model"]
-    own = engine.task.state_dict()
-    for key, value in saved.items():
-        if key.startswith("model."):
-            assert torch.equal(own[key], value), key
+    saved = checkpoint.load(best)["encoder"]
+    own = engine.task.encoder.state_dict()
+    assert saved.keys() == own.keys() and all(torch.equal(own[k], v) for k, v in saved.items())
     # the original's format: a bare FusionNetwork state_dict
     bare = single_run.parent / "bare.pth"
-    torch.save(engine.task.model.state_dict(), bare)
+    torch.save(engine.task.encoder.state_dict(), bare)
     again = build_downstream(_config(), None, seed=1, ckpt=str(bare), progress=False)
     batch = next(iter(torch.utils.data.DataLoader(engine.sets["test"], batch_size=3,
                                                   collate_fn=collate)))
     engine.task.eval(), again.task.eval()
     with torch.no_grad():
-        torch.testing.assert_close(engine.task.encode(batch["graph"])["graph_feature"],
-                                   again.task.encode(batch["graph"])["graph_feature"], atol=0, rtol=0)
-    wrong = {k: v for k, v in engine.task.model.state_dict().items() if "structure_model.layers.0" not in k}
+        torch.testing.assert_close(engine.task.encoder(batch["graph"])["graph_feature"],
+                                   again.task.encoder(batch["graph"])["graph_feature"], atol=0, rtol=0)
+    wrong = {k: v for k, v in engine.task.encoder.state_dict().items() if "structure_model.layers.0" not in k}
     wrong["extra.weight"] = torch.zeros(1)
     torch.save(wrong, bare)
     with pytest.raises(checkpoint.CheckpointError, match=r"missing keys: structure_model\.layers\.0.*"
                                                          r"unexpected keys: extra\.weight"):
         build_downstream(_config(), None, seed=0, ckpt=str(bare), progress=False)
-
-
-def test_lr_ratio_zero_freezes_the_sequence_model():
-    config = _config()
-    engine = build_downstream(config, None, seed=0, progress=False)
-    task = engine.task
-    config.sequence_model_lr_ratio = 0.0
-    groups = parameter_groups(config, task, 1e-3)
-    assert len(groups) == 1 and all(p.requires_grad for p in groups[0]["params"])
-    assert not any(p.requires_grad for p in task.model.sequence_model.parameters())
-    optimizer = torch.optim.Adam(groups, lr=1e-3)
-    batch = next(iter(torch.utils.data.DataLoader(engine.sets["train"], batch_size=4,
-                                                  collate_fn=collate)))
-    loss, _ = task(batch)
-    loss.backward()
-    optimizer.step()
-    assert all(p.grad is None for p in task.model.sequence_model.parameters())
-    frozen = {id(p) for p in task.model.sequence_model.parameters()}
-    assert not any(id(p) in frozen for p in optimizer.state)
-    config.sequence_model_lr_ratio = 0.1
-    for p in task.parameters():
-        p.requires_grad_(True)
-    groups = parameter_groups(config, task, 1e-3)
-    assert [g["lr"] for g in groups] == [pytest.approx(1e-4), 1e-3]
 
 
 def test_plateau_scheduler_follows_the_metric_direction():

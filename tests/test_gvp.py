@@ -32,8 +32,8 @@ def test_scalars_are_invariant_and_vectors_rotate(all_proteins):
     moved_pos = (batch.atom_pos.double() @ rotation.T + shift).float() * batch.atom_mask.unsqueeze(-1)
     moved = batch.replace(atom_pos=moved_pos)
     with torch.no_grad():
-        a = model(batch, residue_one_hot(batch))
-        b = model(moved, residue_one_hot(moved))
+        a = model.network(batch, residue_one_hot(batch))
+        b = model.network(moved, residue_one_hot(moved))
     torch.testing.assert_close(b["residue_feature"], a["residue_feature"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b["graph_feature"], a["graph_feature"], atol=1e-4, rtol=1e-4)
     rotated = a["vector_feature"].double() @ rotation.T
@@ -47,7 +47,7 @@ def test_packed_equals_one_at_a_time(all_proteins):
 
     def run(group):
         batch = GVP_GRAPH(ProteinBatch.pack(group))
-        return model(batch, residue_one_hot(batch))
+        return model.network(batch, residue_one_hot(batch))
 
     with torch.no_grad():
         assert_packed_equals_single(run, proteins)

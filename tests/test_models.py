@@ -149,7 +149,7 @@ def test_gearnet_on_a_hand_computed_graph():
         model.layers[0].self_loop.weight.fill_(100.0)
         model.layers[0].self_loop.bias.zero_()
     x = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]])
-    out = model(batch, x)
+    out = model.network(batch, x)
     # node 0: rel1 from 4 -> 10*5 + 100*1 = 150; node 1: rel0 from 0, 2 = 4, rel1 from 3 = 40, self 200 -> 244
     # node 2: self 300; node 3: self 400; node 4: rel0 from 1 = 2, self 500 -> 502
     assert out["residue_feature"].squeeze(-1).tolist() == [150.0, 244.0, 300.0, 400.0, 502.0]

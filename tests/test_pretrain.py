@@ -15,8 +15,7 @@ from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, Prote
                               SpatialEdge, load_structure)
 from esm_gearnet.models import ESM, FusionNetwork, GearNet
 from esm_gearnet.tasks import (AnglePrediction, DihedralPrediction, DistancePrediction, MultiviewContrast,
-                               NoiseTransform, ResidueTypePrediction, SequenceStructureContrast, SiamDiff,
-                               Unsupervised)
+                               NoiseTransform, ResidueTypePrediction, SequenceStructureContrast, SiamDiff)
 from esm_gearnet.tasks.contrast import clip_loss
 from esm_gearnet.tasks.pretrain import (RandomEdgeMask, SubspaceNode, SubsequenceNode, dihedral, mask_residues,
                                         remove_pairs, sample_in_segments)
@@ -49,7 +48,7 @@ def _encoder(fusion="series", width=16):
     esm = ESM(model="ESM-2-8M", pretrained=False, architecture=[1, 32, 4])
     gearnet = GearNet(input_dim=32 if fusion == "series" else 21, hidden_dims=[width, width], num_relation=7,
                       batch_norm=True, concat_hidden=True, short_cut=True, readout="sum")
-    return FusionNetwork(esm, gearnet, fusion=fusion)
+    return FusionNetwork(esm, gearnet, fusion=fusion, graph_construction_model=_graph())
 
 
 def _loss_after_one_step(task, batch, lr=1e-3):
@@ -70,16 +69,14 @@ def _loss_after_one_step(task, batch, lr=1e-3):
 
 
 OBJECTIVES = {
-    "residue_type": lambda: ResidueTypePrediction(_encoder(), mask_rate=0.15, graph_construction_model=_graph()),
-    "distance": lambda: DistancePrediction(_encoder(), num_sample=32, graph_construction_model=_graph()),
-    "angle": lambda: AnglePrediction(_encoder(), num_sample=32, graph_construction_model=_graph()),
-    "dihedral": lambda: DihedralPrediction(_encoder(), num_sample=32, graph_construction_model=_graph()),
-    "multiview": lambda: Unsupervised(MultiviewContrast(_encoder(), crop_funcs=[SubsequenceNode(30)],
-                                                       noise_funcs=[RandomEdgeMask(0.15)]),
-                                      graph_construction_model=_graph()),
-    "siamdiff": lambda: SiamDiff(_encoder(), graph_construction_model=_graph()),
-    "contrast": lambda: SequenceStructureContrast(_encoder("parallel"), embedding_dim=16,
-                                                  graph_construction_model=_graph()),
+    "residue_type": lambda: ResidueTypePrediction(_encoder(), mask_rate=0.15),
+    "distance": lambda: DistancePrediction(_encoder(), num_sample=32),
+    "angle": lambda: AnglePrediction(_encoder(), num_sample=32),
+    "dihedral": lambda: DihedralPrediction(_encoder(), num_sample=32),
+    "multiview": lambda: MultiviewContrast(_encoder(), crop_funcs=[SubsequenceNode(30)],
+                                           noise_funcs=[RandomEdgeMask(0.15)]),
+    "siamdiff": lambda: SiamDiff(_encoder()),
+    "contrast": lambda: SequenceStructureContrast(_encoder("parallel"), embedding_dim=16),
 }
 
 
@@ -96,7 +93,7 @@ def test_one_step_lowers_the_loss(proteins, name):
 
 
 def test_masked_residues_do_not_reach_the_model(proteins):
-    task = ResidueTypePrediction(_encoder(), mask_rate=0.3, graph_construction_model=_graph()).eval()
+    task = ResidueTypePrediction(_encoder(), mask_rate=0.3).eval()
     graph = _batch(proteins)
     torch.manual_seed(3)
     mask = task.sample_mask(graph)
@@ -109,17 +106,17 @@ def test_masked_residues_do_not_reach_the_model(proteins):
     for g in (graph, other):
         seen = mask_residues(g, mask)
         assert (seen.residue_type[mask] == 20).all() and not seen.atom_mask[mask, 4:].any()
-    a = task.residue_features(task.construct(mask_residues(graph, mask)), mask)
-    b = task.residue_features(task.construct(mask_residues(other, mask)), mask)
+    a = task.encoder(mask_residues(graph, mask), mask)["residue_feature"]
+    b = task.encoder(mask_residues(other, mask), mask)["residue_feature"]
     assert torch.equal(a, b)
-    unmasked = task.residue_features(task.construct(other))  # without the mask the change is visible
+    unmasked = task.encoder(other)["residue_feature"]  # without the mask the change is visible
     assert not torch.allclose(unmasked, a)
 
 
 def test_removed_edges_are_gone_in_every_relation(proteins):
     graph = _graph()(_batch(proteins)).replace(edge_feature=None)
     for cls, points in ((DistancePrediction, 2), (AnglePrediction, 3), (DihedralPrediction, 4)):
-        task = cls(_encoder(), num_sample=64, graph_construction_model=_graph())
+        task = cls(_encoder(), num_sample=64)
         torch.manual_seed(4)
         path = task.sample_paths(graph)
         assert len(path) > 0.5 * 64 * graph.batch_size
@@ -207,7 +204,7 @@ def test_crops_and_noises(proteins):
 
 def test_siamdiff_perturbation_and_masking(proteins):
     graph = _batch(proteins)
-    task = SiamDiff(_encoder(), graph_construction_model=_graph()).eval()
+    task = SiamDiff(_encoder()).eval()
     scale = torch.tensor([0.0, 0.5, 1.0, 2.0])
     noise = torch.randn(graph.num_residue, 3)
     moved = perturb(graph, scale, noise)
@@ -220,8 +217,8 @@ def test_siamdiff_perturbation_and_masking(proteins):
     counts = torch.bincount(graph.residue2graph[mask], minlength=4)
     assert torch.equal(counts, (graph.num_residues * (t + 1) / 100).long().clamp(min=1))
     other = graph.replace(residue_type=torch.where(mask, (graph.residue_type + 3) % 20, graph.residue_type))
-    a = task.residue_features(task.construct(mask_residues(graph, mask)), mask)
-    b = task.residue_features(task.construct(mask_residues(other, mask)), mask)
+    a = task.encoder(mask_residues(graph, mask), mask)["residue_feature"]
+    b = task.encoder(mask_residues(other, mask), mask)["residue_feature"]
     assert torch.equal(a, b)
     pair = NoiseTransform(sigma=0.3)({"graph": graph})
     delta = (pair["graph2"].atom_pos - graph.atom_pos)[graph.atom_mask]
@@ -230,8 +227,7 @@ def test_siamdiff_perturbation_and_masking(proteins):
 
 def test_sequence_structure_contrast_learns_retrieval(proteins):
     torch.manual_seed(0)
-    task = SequenceStructureContrast(_encoder("parallel", width=32), embedding_dim=32,
-                                     graph_construction_model=_graph())
+    task = SequenceStructureContrast(_encoder("parallel", width=32), embedding_dim=32)
     batch = {"graph": _batch(proteins, count=16, length=50)}
     optimizer = torch.optim.Adam(task.parameters(), lr=3e-3)
     task.train()

@@ -1,10 +1,15 @@
 """script/pretrain.py end to end: the species/split loop over an AlphaFold DB archive built from real structures,
-model_epoch_N.pth fine-tuned with downstream.py --ckpt (the exact tensors), and resume after a stop."""
+model_epoch_N.pth fine-tuned with downstream.py --ckpt (the exact tensors) and embedded, and resume after a stop
+or a kill -9 inside a block (the uninterrupted weights, no finished block's file rewritten, nothing changed when
+the run had finished)."""
 import gzip
+import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,10 @@ import torch
 
 from conftest import STRUCTURES
 from esm_gearnet import checkpoint
+from esm_gearnet.assembly import build_encoder
 from esm_gearnet.config import load_config
+from esm_gearnet.data import load_structures
+from esm_gearnet.inference import embed_proteins, load_embeddings
 from esm_gearnet.training import build_downstream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,31 +88,95 @@ def _run_dir(out):
     return run_dir
 
 
+def _encoder_weights(path):
+    return checkpoint.encoder_state(checkpoint.load(path), str(path))
+
+
+def _hashes(run_dir):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(out), "--num_epoch", "2")
+    return _run_dir(out)
+
+
 @pytest.mark.slow
-def test_pretrain_then_fine_tune_with_exactly_those_weights(config, tmp_path):
-    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(tmp_path / "a"), "--num_epoch", "2")
-    run_dir = _run_dir(tmp_path / "a")
-    records = [r for r in checkpoint.load(run_dir / "last.pth")["metrics"]]
+def test_pretrain_then_fine_tune_and_embed_with_exactly_those_weights(uninterrupted, tmp_path):
+    run_dir = uninterrupted
+    records = checkpoint.load(run_dir / "last.pth")["training"]["metrics"]
     assert [(r["epoch"], r["species"], r["split"]) for r in records] == [(1, 8, 0), (2, 8, 1), (3, 8, 0), (4, 8, 1)]
-    weights = torch.load(run_dir / "model_epoch_2.pth", weights_only=True)
-    first = torch.load(run_dir / "model_epoch_1.pth", weights_only=True)
+    weights = _encoder_weights(run_dir / "model_epoch_2.pth")
+    first = _encoder_weights(run_dir / "model_epoch_1.pth")
     assert any(not torch.equal(first[k], weights[k]) for k in weights if "structure_model" in k)
     assert all(torch.equal(first[k], weights[k]) for k in weights if "sequence_model" in k)  # ESM frozen
 
     demo = load_config(str(ROOT / "config/demo/esm_gearnet.yaml"),
-                       {"num_protein": 30, "num_epoch": 1, "batch_size": 8, "batch_norm": None,
-                        "output_dir": str(tmp_path / "ft")})
+                       {"num_protein": 30, "num_epoch": 1, "batch_size": 8, "output_dir": str(tmp_path / "ft")})
     engine = build_downstream(demo, None, seed=0, ckpt=str(run_dir / "model_epoch_2.pth"), progress=False)
-    loaded = engine.task.model.state_dict()
+    loaded = engine.task.encoder.state_dict()
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
     _run("script/downstream.py", "-c", "config/demo/esm_gearnet.yaml", "--num_protein", "30", "--num_epoch", "1",
          "--output_dir", str(tmp_path / "ft"), "--ckpt", str(run_dir / "model_epoch_2.pth"))
     assert list((tmp_path / "ft").glob("*/*/*/*/best.pth"))
 
-    # a run stopped after its first block resumes to the uninterrupted result
+    # embed: from the pre-training run directory (its last.pth and config), and from model_epoch_2.pth with the
+    # fine-tuning config, which renders to the same encoder: both give the weights' embeddings
+    files = [str(STRUCTURES / name) for name in FILES[:3]]
+    proteins, _ = load_structures(files, workers=0, progress=False)
+    encoder = build_encoder(demo).eval()
+    checkpoint.load_state_dict_checked(encoder, _encoder_weights(run_dir / "last.pth"), "last.pth")
+    expected, _ = embed_proteins(encoder, proteins)
+    for source in (["--ckpt", str(run_dir)],
+                   ["-c", "config/demo/esm_gearnet.yaml", "--ckpt", str(run_dir / "model_epoch_2.pth")]):
+        out = tmp_path / "embedding.npz"
+        _run("script/embed.py", *source, *files, "-o", str(out), "--quiet")
+        torch.testing.assert_close(load_embeddings(out)["embedding"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_continues_to_the_uninterrupted_weights_and_rewrites_nothing(config, uninterrupted, tmp_path):
+    reference = _encoder_weights(uninterrupted / "model_epoch_2.pth")
+    # resuming a finished run changes no file of its directory
+    before = _hashes(uninterrupted)
+    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(tmp_path), "--num_epoch", "2",
+         "--resume", str(uninterrupted))
+    assert _hashes(uninterrupted) == before
+
+    # a run stopped after its first block resumes to the uninterrupted result; block 1's file is not rewritten
     _run("script/pretrain.py", "-c", str(config), "--output_dir", str(tmp_path / "b"), "--num_epoch", "1")
     stopped = _run_dir(tmp_path / "b")
+    block_one = _hashes(stopped)["model_epoch_1.pth"]
     _run("script/pretrain.py", "-c", str(config), "--output_dir", str(tmp_path / "b"), "--num_epoch", "2",
          "--resume", str(stopped))
-    resumed = torch.load(stopped / "model_epoch_2.pth", weights_only=True)
-    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    resumed = _encoder_weights(stopped / "model_epoch_2.pth")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert _hashes(stopped)["model_epoch_1.pth"] == block_one
+
+    # kill -9 inside the second block (after its first split), then resume
+    out = tmp_path / "c"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "script/pretrain.py", "-c", str(config), "--output_dir", str(out),
+                                "--num_epoch", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline, killed_at = time.time() + 300, None
+    while time.time() < deadline and process.poll() is None:
+        found = list(out.glob("*/*/*/*/last.pth"))
+        if found:
+            position = checkpoint.load(found[0])["training"]["position"]
+            if position["splits_done"] >= 3:
+                process.send_signal(signal.SIGKILL)
+                killed_at = position["splits_done"]
+                break
+        time.sleep(0.02)
+    process.wait(timeout=60)
+    assert killed_at == 3 and process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed = _run_dir(out)
+    block_one = _hashes(killed)["model_epoch_1.pth"]
+    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(out), "--num_epoch", "2",
+         "--resume", str(killed))
+    resumed = _encoder_weights(killed / "model_epoch_2.pth")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert _hashes(killed)["model_epoch_1.pth"] == block_one

@@ -87,7 +87,7 @@ def test_frozen_esm_runs_without_autograd(all_proteins):
     esm = _tiny_esm()
     trained = esm(batch)["residue_feature"]
     assert trained.requires_grad
-    esm.model.requires_grad_(False)  # what `sequence_model_lr_ratio: 0` does
+    esm.freeze("sequence_model")  # what `sequence_model_lr_ratio: 0` and `fix_sequence_model` do
     frozen = esm(batch)["residue_feature"]
     assert not frozen.requires_grad and frozen.grad_fn is None
     assert torch.equal(frozen, trained.detach())
@@ -95,8 +95,10 @@ def test_frozen_esm_runs_without_autograd(all_proteins):
 
 def test_feature_cache_of_a_frozen_esm(all_proteins):
     proteins = [p.subresidue(torch.arange(min(len(p), 90))) for p in all_proteins[:5]]
-    reference = _tiny_esm().requires_grad_(False)
-    esm = _tiny_esm(feature_cache_gib=1.0).requires_grad_(False)
+    reference = _tiny_esm()
+    esm = _tiny_esm(feature_cache_gib=1.0)
+    for model in (reference, esm):
+        model.freeze("sequence_model")
     windows = _count_calls(esm.model.embed_tokens)  # proteins sent through ESM per call
 
     def check(chosen, computed):
@@ -130,12 +132,17 @@ def test_feature_cache_of_a_frozen_esm(all_proteins):
     esm.load_state_dict(reference.state_dict())
     assert not esm._cache
     # the budget is respected: room for one protein of 90 x 32 floats
-    small = _tiny_esm(feature_cache_gib=90 * 32 * 4 / 2 ** 30).requires_grad_(False)
+    small = _tiny_esm(feature_cache_gib=90 * 32 * 4 / 2 ** 30)
+    small.freeze("sequence_model")
     small(ProteinBatch.pack(proteins[:3]))
     assert len(small._cache) == 1
-    # a trained ESM never uses the cache
+    # a trained ESM never uses the cache, even with every parameter's requires_grad off by hand: the cache
+    # follows the freezing the config asked for, not the flags
     trained = _tiny_esm(feature_cache_gib=1.0)
     trained(ProteinBatch.pack(proteins[:2]))
+    trained.requires_grad_(False)
+    with torch.no_grad():
+        trained(ProteinBatch.pack(proteins[:2]))
     assert not trained._cache
 
 

@@ -11,10 +11,8 @@ from esm_gearnet.tasks import MSP, MultipleBinaryClassification, PropertyPredict
 
 def _gearnet():
     torch.manual_seed(0)
-    return GearNet(21, [16, 16], num_relation=3, readout="sum")
-
-
-GRAPH = GraphConstruction([AlphaCarbonNode()], [SequentialEdge(max_distance=1)])
+    graph = GraphConstruction([AlphaCarbonNode()], [SequentialEdge(max_distance=1)])
+    return GearNet(21, [16, 16], num_relation=3, readout="sum", graph_construction_model=graph)
 
 
 class _Items(torch.utils.data.Dataset):
@@ -26,8 +24,7 @@ class _Items(torch.utils.data.Dataset):
 
 
 def test_multiple_binary_classification(all_proteins):
-    task = MultipleBinaryClassification(_gearnet(), task=[0, 1, 2], num_mlp_layer=2,
-                                        graph_construction_model=GRAPH).eval()
+    task = MultipleBinaryClassification(_gearnet(), task=[0, 1, 2], num_mlp_layer=2).eval()
     batch = {"graph": ProteinBatch.pack(all_proteins[:3]), "targets": torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 1]])}
     pred = task.predict(batch)
     assert pred.shape == (3, 3) and len(task.mlp.layers) == 2
@@ -39,8 +36,7 @@ def test_multiple_binary_classification(all_proteins):
 
 
 def test_property_prediction_normalises_with_the_training_split(all_proteins):
-    task = PropertyPrediction(_gearnet(), task=["gdt_ts"], metric=["mae", "spearmanr"],
-                              graph_construction_model=GRAPH).eval()
+    task = PropertyPrediction(_gearnet(), task=["gdt_ts"], metric=["mae", "spearmanr"]).eval()
     train_targets = torch.tensor([[0.2], [0.4], [float("nan")], [0.9]])
     task.preprocess(_Items(train_targets))
     values = torch.tensor([0.2, 0.4, 0.9], dtype=torch.float64)
@@ -48,7 +44,7 @@ def test_property_prediction_normalises_with_the_training_split(all_proteins):
     assert task.std.item() == pytest.approx(values.std().item(), abs=1e-6)  # unlabeled entries ignored
     batch = {"graph": ProteinBatch.pack(all_proteins[:3]), "targets": torch.tensor([[0.3], [float("nan")], [0.8]])}
     pred = task.predict(batch)
-    raw = task.mlp(task.encode(batch["graph"])["graph_feature"])
+    raw = task.mlp(task.encoder(batch["graph"])["graph_feature"])
     torch.testing.assert_close(pred, raw * task.std + task.mean)  # reported in the original scale
     loss, _ = task(batch)
     expected = (((raw - (batch["targets"] - task.mean) / task.std) ** 2)[[0, 2]]).mean()
@@ -64,13 +60,13 @@ def test_msp_pools_the_mutated_positions(all_proteins):
     types = wild.residue_type.clone()
     types[[4, 17]] = (types[[4, 17]] + 1) % 20
     mutant = wild.replace(residue_type=types)
-    task = MSP(_gearnet(), task=["label"], num_mlp_layer=2, graph_construction_model=GRAPH).eval()
+    task = MSP(_gearnet(), task=["label"], num_mlp_layer=2).eval()
     batch = {"graph1": ProteinBatch.pack([wild, wild]), "graph2": ProteinBatch.pack([mutant, wild]),
              "targets": torch.tensor([1, 0])}
     pred = task.predict(batch)
     assert pred.shape == (2, 1)
-    features = task.encode(ProteinBatch.pack([wild]))["residue_feature"]
-    mutant_features = task.encode(ProteinBatch.pack([mutant]))["residue_feature"]
+    features = task.encoder(ProteinBatch.pack([wild]))["residue_feature"]
+    mutant_features = task.encoder(ProteinBatch.pack([mutant]))["residue_feature"]
     pooled = torch.cat([features[[4, 17]].mean(0), mutant_features[[4, 17]].mean(0)])
     torch.testing.assert_close(pred[0], task.mlp(pooled), atol=1e-5, rtol=1e-5)
     # no mutation: both sides pool nothing (zero vectors), as the original
