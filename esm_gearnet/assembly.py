@@ -92,6 +92,10 @@ def _encoder(config: Dict[str, Any], path: str, input_dim: int, num_relation: in
         rest = {k: v for k, v in config.items() if k not in ("sequence_model", "structure_model")}
         return build(rest, path, sequence_model=sequence, structure_model=structure, **runtime)
     if issubclass(cls, StructureEncoder):
+        if cls.needs_graph and not num_relation:
+            raise ConfigError(f"config key `{path}`: {config['class']} reads the residue graph's edges but the "
+                              "config has no task.graph_construction_model with edge layers; add one (see "
+                              "config/EC/esm_gearnet.yaml).")
         config = _derive(config, cls.input_dim_key, input_dim, path, source)
         if cls.relation_key and num_relation:
             config = _derive(config, (cls.relation_key,), num_relation, path,
@@ -133,9 +137,6 @@ def build_encoder(cfg) -> Encoder:
     graph_config = cfg.task.get("graph_construction_model")
     graph = build(graph_config, "task.graph_construction_model") if graph_config else None
     encoder = _encoder(config, path, ONE_HOT_DIM, getattr(graph, "num_relation", 0), graph)
-    if encoder.needs_graph and graph is None:
-        raise ConfigError(f"config key `{path}`: {config['class']} reads the residue graph's edges but the config "
-                          "has no task.graph_construction_model; add one (see config/EC/esm_gearnet.yaml).")
     for group, ratio in learning_rate_ratios(cfg, encoder).items():
         if ratio == 0:
             encoder.freeze(group)

@@ -83,6 +83,26 @@ def test_embed_from_the_command_line(run_dir, inputs, tmp_path):
     assert resumed["ids"] == ["1A7G-E", "1D66-A", "2N2U-A", "1ORC-A", "6MRR-A"]
     assert torch.equal(resumed["embedding"][:3], first["embedding"])
     torch.testing.assert_close(resumed["embedding"], records["embedding"], atol=1e-5, rtol=1e-5)
+    # --resume keeps every per-residue row and refuses another model or other options in one sentence
+    partial = tmp_path / "partial.npz"
+    _run("script/embed.py", "--ckpt", str(run_dir), inputs[0], "-o", str(partial), "--per-residue")
+    _run("script/embed.py", "--ckpt", str(run_dir), *inputs, "-o", str(partial), "--per-residue", "--resume")
+    whole = load_embeddings(partial)
+    assert whole["ids"] == expected
+    for got, want in zip(whole["residue_embedding"], records["residue_embedding"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    offsets = np.load(partial)["residue_offsets"]
+    assert offsets.tolist() == np.cumsum([0] + [len(s) for s in whole["sequences"]]).tolist()
+    before = partial.read_bytes()
+    refused = _run("script/embed.py", "--ckpt", str(run_dir), *inputs, "-o", str(partial), "--resume", expect=2)
+    assert refused.stderr.count("\n") == 1 and "another per_residue" in refused.stderr
+    other = tmp_path / "other.pth"
+    state = torch.load(run_dir / "best.pth", weights_only=True)
+    state["encoder"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["encoder"].items()}
+    torch.save(state, other)
+    refused = _run("script/embed.py", "--ckpt", str(other), *inputs, "-o", str(partial), "--per-residue",
+                   "--resume", expect=2)
+    assert "another encoder_sha256" in refused.stderr and partial.read_bytes() == before
     # nothing readable: a non-zero exit
     _run("script/embed.py", "--ckpt", str(run_dir), str(tmp_path / "mine" / "corrupt.pdb"), "-o",
          str(tmp_path / "none.npz"), expect=1)
@@ -157,3 +177,80 @@ def test_command_line_errors_are_one_sentence(tmp_path, capsys):
         assert capsys.readouterr().err == (f"error: {config} lacks dataset, train, task.model; a training config "
                                            "needs dataset, task (with its model), optimizer and train, as "
                                            "config/EC/esm_gearnet.yaml has.\n")
+
+
+def _write_config(path, model, graph=True):
+    """A config holding only what embed needs: task.model and the EC graph construction."""
+    import yaml
+
+    task = {"class": "PropertyPrediction", "model": model}
+    if graph:
+        task["graph_construction_model"] = {
+            "class": "GraphConstruction", "node_layers": [{"class": "AlphaCarbonNode"}],
+            "edge_layers": [{"class": "SequentialEdge", "max_distance": 2},
+                            {"class": "SpatialEdge", "radius": 10.0, "min_distance": 5},
+                            {"class": "KNNEdge", "k": 10, "min_distance": 5}]}
+    path.write_text(yaml.safe_dump({"task": task}))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["series", "parallel", "cross"])
+def test_embed_reproduces_the_original_from_its_bare_state_dict(mode, fidelity_dir, tmp_path):
+    """embed -c CONFIG --ckpt <the original's FusionNetwork state_dict> gives the original's outputs."""
+    from esm_gearnet.inference import run_embed
+
+    expected = torch.load(fidelity_dir / "expected.pt", weights_only=True)
+    arch = expected["esm"]
+    model = {"class": "FusionNetwork", "fusion": mode, "cross_dim": expected["cross_dim"],
+             "sequence_model": {"class": "ESM", "pretrained": False,
+                                "architecture": [arch["num_layers"], arch["embed_dim"], arch["attention_heads"]]},
+             "structure_model": {"class": "GearNet", **expected["gearnet"]}}  # input_dim derived
+    config = _write_config(tmp_path / "fusion.yaml", model)
+    files = [str(STRUCTURES / name) for name in expected["proteins"]]
+    out = tmp_path / "original.npz"
+    assert run_embed(files, out, str(config), str(fidelity_dir / f"{mode}.pt"), per_residue=True, workers=0,
+                     progress=False) == (4, [])
+    records = load_embeddings(out)
+    torch.testing.assert_close(records["embedding"], expected[mode]["graph_feature"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(records["residue_embedding"]), expected[mode]["residue_feature"],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bare_gvp_and_cdconv_state_dicts_load_and_embed(tmp_path, capsys):
+    """The original's GVP-GNN state_dicts carry empty `vdropout.dummy_param` tensors (accepted, dropped); bare
+    CDConv state_dicts load too; a file that fits no encoder gets one sentence saying what it holds."""
+    from esm_gearnet.assembly import build_encoder
+    from esm_gearnet.cli import embed_main
+    from esm_gearnet.config import load_config
+    from esm_gearnet.data import load_structures
+    from esm_gearnet.inference import embed_proteins, run_embed
+
+    if not STRUCTURES.exists():
+        pytest.skip("../shared/data is absent: these tests embed real structures")
+    files = [str(STRUCTURES / name) for name in FOLDER_FILES]
+    proteins, _ = load_structures(files, workers=0, progress=False)
+    gvp = {"class": "GVPGNN", "node_in_dim": [21, 0], "node_h_dim": [16, 4], "edge_in_dim": [16, 1],
+           "edge_h_dim": [8, 1], "num_layers": 2, "readout": "mean"}
+    cdconv = {"class": "CDConv", "embedding_dim": 8, "hidden_dims": [16, 32], "cutoffs": [8.0, 12.0],
+              "seq_cutoff": 21, "kernel_dims": [8]}
+    for name, model, graph in (("gvp", gvp, True), ("cdconv", cdconv, False)):
+        config = _write_config(tmp_path / f"{name}.yaml", model, graph)
+        torch.manual_seed(0)
+        encoder = build_encoder(load_config(str(config))).eval()
+        state = encoder.state_dict()
+        if name == "gvp":
+            for i in range(2):
+                for j in range(2):
+                    state[f"layers.{i}.dropout.{j}.vdropout.dummy_param"] = torch.empty(0)
+        torch.save(state, tmp_path / f"{name}.pth")
+        out = tmp_path / f"{name}.npz"
+        assert run_embed(files, out, str(config), str(tmp_path / f"{name}.pth"), workers=0, progress=False)[0] == 3
+        expected, _ = embed_proteins(encoder, proteins)
+        torch.testing.assert_close(load_embeddings(out)["embedding"], expected, atol=1e-5, rtol=1e-5)
+    torch.save({"epoch": 3, "note": "not weights"}, tmp_path / "other.pth")
+    assert embed_main(["-c", str(tmp_path / "gvp.yaml"), "--ckpt", str(tmp_path / "other.pth"), *files,
+                       "-o", str(tmp_path / "x.npz")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds the keys epoch, note, which is neither" in error
+    assert embed_main(["--ckpt", str(tmp_path / "gvp.pth"), *files, "-o", str(tmp_path / "x.npz")]) == 2
+    assert "holds no config (a bare state_dict" in capsys.readouterr().err

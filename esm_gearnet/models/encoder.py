@@ -7,7 +7,6 @@ An encoder owns its graph construction, its input featurisation and its network:
 member                                meaning
 ====================================  ==========================================================================
 output_dim                            D of its features
-needs_graph                           whether `encode` reads the residue graph's edges
 construct(batch) -> batch             the residue graph (the config's `graph_construction_model`); the batch
                                       unchanged when the encoder needs none (ESM, CDConv)
 encode(graph, residue_mask=None)      features of a constructed graph: {"residue_feature": [N, D],
@@ -50,8 +49,6 @@ class Encoder(nn.Module):
     #: the parameter group holding all of this encoder's parameters (composite encoders override
     #: `parameter_groups`)
     group: str = "structure_model"
-    #: whether `encode` reads the residue graph's edges (then a graph construction is required)
-    needs_graph: bool = False
 
     def __init__(self, graph_construction_model: Optional[nn.Module] = None):
         super().__init__()
@@ -104,6 +101,8 @@ class StructureEncoder(Encoder):
     input_dim_key: tuple = ("input_dim",)
     #: the config key of the number of edge relations, for encoders that read them (derived from the graph)
     relation_key: Optional[str] = None
+    #: whether `network` reads the residue graph's edges (then the config needs a graph construction)
+    needs_graph: bool = False
     input_dim: int
 
     def network(self, graph: ProteinBatch, input: torch.Tensor) -> Features:

@@ -60,7 +60,6 @@ class FusionNetwork(Encoder):
             raise ValueError(f"FusionNetwork ({fusion} fusion): the structure model's input_dim is "
                              f"{structure_model.input_dim} but it reads {why}; set structure_model.input_dim: "
                              f"{expected} or leave it out.")
-        self.needs_graph = structure_model.needs_graph
         if fusion == "cross":
             if not cross_dim:
                 raise ValueError("FusionNetwork: cross fusion needs cross_dim (the original used 512).")
