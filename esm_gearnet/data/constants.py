@@ -61,6 +61,11 @@ def residue_letter(code: str) -> str:
 
     Standard amino acids map directly; modified ones through the chemical component dictionary that
     gemmi carries (its lower-case one-letter codes name the parent amino acid).
+
+    DEVIATION: the original (TorchDrug's parser, and `Atom3DDataset.protein_from_data_frame` for PSR/MSP) made
+    every unknown or modified residue a glycine (type 0), a real amino acid that ESM and the residue-type targets
+    then read as such; here a modified residue is its parent amino acid and anything else is unknown (type 20,
+    ESM's `<unk>`).
     """
     letter = THREE_TO_ONE.get(code)
     if letter is not None:
