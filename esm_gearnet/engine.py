@@ -1,45 +1,59 @@
 """The training engine: one loop for one CPU, one GPU and many GPUs (DDP), with exact resume.
 
-* Training data: `DistributedSampler` (shuffled, `set_epoch` every epoch); `batch_size` is per process.
+* Training data: `DistributedSampler` (shuffled, `set_epoch` every epoch) or length buckets; `batch_size` is per
+  process.
 * Evaluation: each rank scores a contiguous slice of the split, predictions are gathered in rank order.
   DEVIATION: the original evaluated through a padded DistributedSampler, which scored some proteins twice.
 * Selection: after every epoch, valid and test are evaluated; the best validation score of `metric` is kept
   (`best.pth`) and the final test score is the best-validation model's. DEVIATION: the original reported the
   last epoch's.
-* Checkpoints: `last.pth` = {model, optimizer, scheduler, scaler, epoch, step, config, metrics, best, rng},
-  written atomically by rank 0 after every epoch; `resume()` restores all of it, RNG streams of every rank
-  included, so a resumed run ends with the same parameters as an uninterrupted one.
+* Checkpoints, in `checkpoint.pack`'s layout: `last.pth` carries `training` = {optimizer, scheduler, scaler, step,
+  best, metrics, rng, world_size, position}, written atomically by rank 0 after every epoch; `resume()` restores
+  all of it, RNG streams of every rank included, so a resumed run ends with the same parameters as an
+  uninterrupted one. `best.pth` holds the weights only (`training` None).
+
+The engine wires together parts with one concern each; what stays here is the DDP wrapper, the training loop
+(`Engine.train_epoch`, one function read top to bottom), evaluation, the epoch loop (`Engine.fit`) and the files
+a run writes.
+
+==============  ===============================================================================================
+module          concern
+==============  ===============================================================================================
+loaders         this rank's DataLoaders: shuffled or length-bucketed training batches, evaluation slices
+stepper         precision, the non-finite-loss policy, gradient accumulation, clipping, optimizer and scheduler
+gathering       evaluation slices, and predictions and training means gathered across ranks
+selection       the best validation epoch (`lower_is_better`)
+run_log         the history of records, metrics.jsonl, curves.png, TensorBoard
+rng             the random streams of a process, captured and restored
+checkpoint      the file layout (`pack`, `task_state`) and safe loading
+==============  ===============================================================================================
 """
 from __future__ import annotations
 
-import inspect
-import json
 import logging
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import checkpoint, distributed, report
-from .data.protein import ProteinBatch, collate
-from .sampler import LengthBucketSampler, dataset_lengths
+from . import checkpoint, distributed, rng
+from .data.protein import ProteinBatch
+from .gathering import gather_predictions, mean_over_ranks
+from .loaders import Loaders
+from .run_log import RunLog
+from .selection import LOWER_IS_BETTER, BestEpoch, lower_is_better, selection_score
+from .stepper import Stepper
 
 logger = logging.getLogger("esm_gearnet")
 
-LOWER_IS_BETTER = ("mae", "rmse", "loss")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.split(" ")[0] in LOWER_IS_BETTER
+__all__ = ["Engine", "LOWER_IS_BETTER", "lower_is_better", "to_device"]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, ProteinBatch, or dict of them and other values) on `device`; other values as they are."""
     if isinstance(batch, (torch.Tensor, ProteinBatch)):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -47,32 +61,19 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _rng_state() -> Dict[str, Any]:
-    numpy_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_gauss": random.getstate()[2],
-             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _plain(value: Any) -> Any:
-    """Config values as plain dicts/lists (EasyDict subclasses dict), for weights_only checkpoints."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+def data_parallel(task: nn.Module, device: torch.device, world_size: int, sync_batch_norm: bool,
+                  find_unused_parameters: bool) -> Tuple[nn.Module, nn.Module]:
+    """(task, model): the task on `device` (its batch norms made SyncBatchNorm under multi-GPU DDP when
+    `sync_batch_norm`), and what training calls: the task itself in one process, its DDP wrapper in several.
+    Evaluation calls the task directly: each rank scores its own slice, no gradient is synchronised."""
+    task = task.to(device)
+    if world_size == 1:
+        return task, task
+    if sync_batch_norm and device.type == "cuda":
+        task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
+    model = nn.parallel.DistributedDataParallel(task, device_ids=[device] if device.type == "cuda" else None,
+                                                find_unused_parameters=find_unused_parameters)
+    return task, model
 
 
 class Engine:
@@ -91,108 +92,86 @@ class Engine:
         find_unused_parameters: passed to DDP.
         bucket: length-bucketed training batches (`sampler.LengthBucketSampler`): less padding for ESM.
         run_dir: where checkpoints, metrics.jsonl and the log go; config: stored in checkpoints.
+        task_names: the dataset's target names in the head's output order, stored in checkpoints.
         seed: the sampler's shuffling seed.
+        device: default: this rank's GPU, else the CPU. progress: progress bars (rank 0 only).
     """
 
     def __init__(self, task: nn.Module, train_set, valid_set, test_set, optimizer: torch.optim.Optimizer,
                  scheduler=None, batch_size: int = 1, num_worker: int = 0, gpus: Optional[Sequence[int]] = None,
                  log_interval: int = 100, gradient_interval: int = 1, clip_norm: Optional[float] = None,
                  precision: str = "fp32", on_nonfinite: str = "stop", sync_batch_norm: bool = True,
-                 find_unused_parameters: bool = False, bucket: bool = False, run_dir=None, config: Optional[Dict] = None,
-                 task_names: Sequence[str] = (), seed: int = 0, device: Optional[torch.device] = None, progress: bool = True):
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"engine.precision must be fp32, bf16 or fp16, got {precision!r}.")
-        if on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"engine.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
+                 find_unused_parameters: bool = False, bucket: bool = False, run_dir=None,
+                 config: Optional[Dict] = None, task_names: Sequence[str] = (), seed: int = 0,
+                 device: Optional[torch.device] = None, progress: bool = True):
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.device = device or (torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available()
+                                 else torch.device("cpu"))
+        self.stepper = Stepper(optimizer, scheduler, self.device, precision, gradient_interval, clip_norm,
+                               on_nonfinite)
         if gpus is not None and len(gpus) != self.world_size:
             logger.warning("engine.gpus lists %d devices but %d process(es) run; batch_size %d is per process, "
                            "so the global batch is %d. Launch with torchrun --nproc_per_node=%d for the "
                            "original setting.", len(gpus), self.world_size, batch_size,
                            batch_size * self.world_size, len(gpus))
-        self.device = device or (torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available()
-                                 else torch.device("cpu"))
-        self.task = task.to(self.device)
-        self.model = self.task
-        if self.world_size > 1:
-            if sync_batch_norm and self.device.type == "cuda":
-                self.task = nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
-            self.model = nn.parallel.DistributedDataParallel(
-                self.task, device_ids=[self.device] if self.device.type == "cuda" else None,
-                find_unused_parameters=find_unused_parameters)
+        self.task, self.model = data_parallel(task, self.device, self.world_size, sync_batch_norm,
+                                              find_unused_parameters)
         self.sets = {"train": train_set, "valid": valid_set, "test": test_set}
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.batch_size, self.num_worker, self.bucket = batch_size, num_worker, bucket
-        self.log_interval, self.gradient_interval = log_interval, max(1, gradient_interval)
-        self.clip_norm, self.on_nonfinite = clip_norm, on_nonfinite
-        self.precision = precision if self.device.type == "cuda" else "fp32"
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.loaders = Loaders(batch_size, num_worker, self.rank, self.world_size, seed=seed, bucket=bucket,
+                               pin_memory=self.device.type == "cuda")
+        self.log_interval = log_interval
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.config = _plain(config or {})
-        self.seed, self.progress = seed, progress and self.rank == 0
-        self.epoch, self.step = 0, 0
-        self.best: Dict[str, Any] = {"epoch": None, "score": None}
-        self.history: List[Dict[str, Any]] = []
-        self.num_evaluated: Dict[str, int] = {}
         self.task_names = [str(t) for t in task_names]
-        self._writer = self._tensorboard()
+        self.progress = progress and self.rank == 0
+        self.epoch, self.step = 0, 0
+        self.selection = BestEpoch()
+        self.run_log = RunLog(self.run_dir, writes=self.rank == 0)
+        self.num_evaluated: Dict[str, int] = {}
 
-    # ---- data --------------------------------------------------------------------------------------------
-    def _loader(self, dataset, sampler=None) -> DataLoader:
-        options = dict(num_workers=self.num_worker, collate_fn=collate, pin_memory=self.device.type == "cuda")
-        if isinstance(sampler, LengthBucketSampler):
-            return DataLoader(dataset, batch_sampler=sampler, **options)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, **options)
+    @property
+    def best(self) -> Dict[str, Any]:
+        """{"epoch", "score"} of the best validation epoch so far (None, None before the first)."""
+        return self.selection.state_dict()
 
-    def _rank_slice(self, dataset) -> Subset:
-        """This rank's contiguous share of an evaluation split (sizes differ by at most one, no padding)."""
-        n = len(dataset)
-        lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
-        return Subset(dataset, list(range(lo, hi)))
-
-    def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        """Every record so far, resumed ones included."""
+        return self.run_log.history
 
     # ---- training ----------------------------------------------------------------------------------------
     def train_epoch(self, train_set=None) -> Dict[str, float]:
-        """One pass over the training split; returns the mean of the logged values."""
-        train_set = self.sets["train"] if train_set is None else train_set
-        if self.bucket:
-            sampler = LengthBucketSampler(dataset_lengths(train_set), self.batch_size, self.world_size,
-                                          self.rank, seed=self.seed)
-        else:
-            sampler = DistributedSampler(train_set, num_replicas=self.world_size, rank=self.rank,
-                                         shuffle=True, seed=self.seed)
-        sampler.set_epoch(self.epoch)
-        loader = self._loader(train_set, sampler)
+        """One pass over `train_set` (default: the training split); returns the mean over batches and ranks of
+        every value the task logs (its `info`)."""
+        dataset = self.sets["train"] if train_set is None else train_set
+        # this rank's batches, in the order of (seed, epoch): the same on every rank and after a resume
+        loader = self.loaders.train(dataset, self.epoch)
         self.model.train()
         totals: Dict[str, float] = {}
         count, started, proteins = 0, time.perf_counter(), 0
         bar = self._bar(loader, f"epoch {self.epoch}")
-        self.optimizer.zero_grad(set_to_none=True)
+        self.stepper.zero_grad()
         for i, batch in enumerate(bar):
+            # the batch onto this process's device
             batch = to_device(batch, self.device)
-            boundary = (i + 1) % self.gradient_interval == 0 or i + 1 == len(loader)
+            # an optimizer step ends every gradient_interval batches and the epoch; before it, DDP accumulates
+            # gradients locally (no_sync) instead of all-reducing them after every backward pass
+            boundary = (i + 1) % self.stepper.gradient_interval == 0 or i + 1 == len(loader)
             sync = nullcontext() if boundary or self.model is self.task else self.model.no_sync()
             with sync:
-                with self._autocast():
+                # forward: the loss and the values to log (autocast under bf16/fp16)
+                with self.stepper.autocast():
                     loss, info = self.model(batch)
-                bad = distributed.any_true(not bool(torch.isfinite(loss)), self.device)
-                if bad:
-                    message = (f"non-finite loss ({float(loss.detach()):g}) at epoch {self.epoch}, step {self.step}, "
-                               f"batch {i}")
-                    if self.on_nonfinite == "stop":
-                        raise FloatingPointError(message + "; lower the learning rate, use fp32, or set "
-                                                 "engine.on_nonfinite: skip to skip such steps.")
-                    logger.warning("%s: step skipped", message)
-                    self.optimizer.zero_grad(set_to_none=True)
+                # a non-finite loss on any rank: raise ("stop"), or drop the step's gradients on every rank
+                if not self.stepper.loss_is_finite(loss, f"epoch {self.epoch}, step {self.step}, batch {i}"):
                     continue
-                scaled = loss / self.gradient_interval
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                # backward: this batch's share of the step's gradient (loss / gradient_interval)
+                self.stepper.backward(loss)
+            # update: clip, optimizer step, gradients to None
             if boundary:
-                self._optimizer_step()
+                self.stepper.step(self.task.parameters())
+                self.step += 1
+            # bookkeeping: sums of the logged values, throughput on the bar, a log line every log_interval
             for key, value in info.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
@@ -202,50 +181,31 @@ class Engine:
                                 proteins_per_s=f"{proteins / (time.perf_counter() - started):.1f}")
             if self.rank == 0 and self.log_interval and (i + 1) % self.log_interval == 0:
                 logger.info("epoch %d step %d loss %.5f", self.epoch, self.step, float(loss.detach()))
-        means = {k: v / max(count, 1) for k, v in totals.items()}
-        means = {k: float(np.mean(v)) for k, v in _transpose(distributed.gather_objects(means)).items()}
+        # the epoch's means over this rank's batches, then over the ranks
+        means = mean_over_ranks({k: v / max(count, 1) for k, v in totals.items()})
         self.epoch += 1
         return means
-
-    def _optimizer_step(self) -> None:
-        if self.clip_norm:
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.task.parameters(), self.clip_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
 
     # ---- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, split: str):
         """(pred, target, extra) over the whole split, every protein once, in dataset order, on every rank."""
-        dataset = self.sets[split]
-        loader = self._loader(self._rank_slice(dataset))
+        loader = self.loaders.evaluation(self.sets[split])
         self.task.eval()
         preds, targets, extras = [], [], {k: [] for k in self.task.extra_keys}
         for batch in self._bar(loader, split):
             batch = to_device(batch, self.device)
-            with self._autocast():
+            with self.stepper.autocast():
                 pred = self.task.predict(batch)
             preds.append(pred.float().cpu())
             targets.append(self.task.target(batch).float().cpu())
             for key in extras:
                 if key in batch:
                     extras[key].extend(batch[key])
-        local = (torch.cat(preds) if preds else None, torch.cat(targets) if targets else None, extras)
-        parts = distributed.gather_objects(local)
-        pred = torch.cat([p for p, _, _ in parts if p is not None])
-        target = torch.cat([t for _, t, _ in parts if t is not None])
-        extra = {k: sum((e[k] for _, _, e in parts), []) for k in extras}
-        extra = {k: v for k, v in extra.items() if len(v) == len(pred)}
-        return pred, target, extra
+        return gather_predictions(preds, targets, extras)
 
     def evaluate(self, split: str) -> Dict[str, float]:
+        """The task's metrics on `split` ({} when the split is absent or empty)."""
         if self.sets.get(split) is None or len(self.sets[split]) == 0:
             return {}
         pred, target, extra = self.predict(split)
@@ -256,115 +216,81 @@ class Engine:
     def fit(self, num_epoch: int, metric: str) -> Dict[str, float]:
         """Train until `num_epoch` epochs are done (continuing a resumed run), keep the best validation model,
         and return the test metrics of that model."""
-        direction = -1.0 if lower_is_better(metric) else 1.0
         while self.epoch < num_epoch:
+            # one epoch of training, then both evaluation splits
             train = self.train_epoch()
             valid, test = self.evaluate("valid"), self.evaluate("test")
-            if metric not in valid:
-                raise KeyError(f"metric: {metric!r} is not among the validation metrics ({', '.join(valid)}); "
-                               "set `metric:` in the config to one of them.")
-            score = valid[metric]
-            record = {"epoch": self.epoch, "step": self.step, "train": train, "valid": valid, "test": test,
-                      "lr": [g["lr"] for g in self.optimizer.param_groups],
-                      "num_evaluated": dict(self.num_evaluated)}
-            self.record(record)
-            if self.best["score"] is None or direction * score > direction * self.best["score"]:
-                self.best = {"epoch": self.epoch, "score": score}
+            score = selection_score(valid, metric)
+            # the epoch's record: log, metrics.jsonl, curves.png, TensorBoard
+            self.record({"epoch": self.epoch, "step": self.step, "train": train, "valid": valid, "test": test,
+                         "lr": self.stepper.learning_rates(), "num_evaluated": dict(self.num_evaluated)})
+            # a better validation score: these weights become best.pth
+            if self.selection.update(self.epoch, score, metric):
                 self.save_weights("best.pth")
-            self._step_scheduler(score)
+            # the scheduler, then everything a resume needs
+            self.stepper.step_scheduler(score)
             self.save("last.pth")
+        # the best epoch's weights, scored once more (DEVIATION: the original reported the last epoch's test score)
         if self.best["epoch"] is not None and self.run_dir is not None:
             distributed.barrier()
-            state = checkpoint.load(self.run_dir / "best.pth")
-            self.task.load_state_dict(checkpoint.task_state(state))
+            self.task.load_state_dict(checkpoint.task_state(checkpoint.load(self.run_dir / "best.pth")))
         final = {"best_epoch": self.best["epoch"], "valid": self.evaluate("valid"), "test": self.evaluate("test"),
                  "num_evaluated": dict(self.num_evaluated)}
         self.record({"final": final})
         return final["test"]
 
-    def _step_scheduler(self, score: float) -> None:
-        if self.scheduler is None:
-            return
-        if "metrics" in inspect.signature(self.scheduler.step).parameters:
-            self.scheduler.step(score)
-        else:
-            self.scheduler.step()
+    def record(self, record: Dict[str, Any]) -> None:
+        """Append a JSON-able record to the history and (rank 0) to the log, metrics.jsonl and, for records
+        with "epoch", curves.png and TensorBoard (`run_log.RunLog`)."""
+        self.run_log.record(record)
 
-    # ---- state -------------------------------------------------------------------------------------------
+    # ---- checkpoints -------------------------------------------------------------------------------------
     def save(self, name: str, position: Optional[Dict[str, Any]] = None) -> None:
-        """Full training state, written atomically by rank 0 (RNG states of every rank included)."""
-        rng = distributed.gather_objects(_rng_state())
+        """The full training state as `run_dir/name`, written atomically by rank 0 (every rank's RNG included).
+
+        Args:
+            position: where a caller's own loop stands (a plain dict of numbers, strings and lists, or None),
+                given back by `resume`; e.g. pre-training's split.
+        """
+        rng_states = distributed.gather_objects(rng.capture())
         if self.rank == 0 and self.run_dir is not None:
-            training = {"optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                        "step": self.step, "best": self.best, "metrics": self.history, "rng": rng,
-                        "world_size": self.world_size, "position": position}
-            checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, self.epoch, training),
-                                   self.run_dir / name)
+            training = {**self.stepper.state_dict(), "step": self.step, "best": self.best,
+                        "metrics": self.history, "rng": rng_states, "world_size": self.world_size,
+                        "position": position}
+            checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, epoch=self.epoch,
+                                                   training=training), self.run_dir / name)
         distributed.barrier()
 
     def save_weights(self, name: str) -> None:
+        """The task's weights (no training state) as `run_dir/name`, written atomically by rank 0."""
         if self.rank == 0 and self.run_dir is not None:
-            checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, self.epoch),
-                                   self.run_dir / name)
+            checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, epoch=self.epoch,
+                                                   training=None), self.run_dir / name)
         distributed.barrier()
 
     def resume(self, path) -> Optional[Dict[str, Any]]:
-        """Continue from a `last.pth` written by `save`: weights, optimizer, scheduler, counters, RNG."""
+        """Continue from a file `save` wrote: weights, optimizer, scheduler, scaler, counters, best epoch,
+        history and this rank's RNG. Returns the `position` given to `save`."""
         state = checkpoint.load(path)
-        if not checkpoint.is_packed(state) or not state.get("training"):
+        if not checkpoint.is_packed(state):
+            raise checkpoint.CheckpointError(f"{path} is not a training checkpoint of this framework; resume needs "
+                                             "the last.pth a run of this version wrote during training.")
+        training = state["training"]
+        if training is None:
             raise checkpoint.CheckpointError(f"{path} holds model weights only; resume needs a last.pth written "
                                              "during training (use --ckpt to start from weights).")
-        training = state["training"]
-        if training.get("world_size", 1) != self.world_size:
+        if training["world_size"] != self.world_size:
             raise checkpoint.CheckpointError(f"{path} was written by {training['world_size']} process(es) but "
                                              f"{self.world_size} run now; resume with the same number.")
         checkpoint.load_state_dict_checked(self.task, checkpoint.task_state(state), str(path))
-        self.optimizer.load_state_dict(training["optimizer"])
-        if self.scheduler is not None and training["scheduler"] is not None:
-            self.scheduler.load_state_dict(training["scheduler"])
-        if self.scaler is not None and training.get("scaler"):
-            self.scaler.load_state_dict(training["scaler"])
-        self.epoch, self.step, self.best = state["epoch"], training["step"], training["best"]
-        self.history = list(training["metrics"])
-        _set_rng_state(training["rng"][self.rank])
-        if self.rank == 0 and self.run_dir is not None:  # drop records the interrupted run wrote after `path`
-            text = "".join(json.dumps(r) + "\n" for r in self.history)
-            metrics = self.run_dir / "metrics.jsonl"
-            if not metrics.is_file() or metrics.read_text() != text:
-                metrics.write_text(text)
-        return training.get("position")
+        self.stepper.load_state_dict(training)
+        self.epoch, self.step = state["epoch"], training["step"]
+        self.selection.load_state_dict(training["best"])
+        self.run_log.restore(training["metrics"])  # drops records the interrupted run wrote after `path`
+        rng.restore(training["rng"][self.rank])
+        return training["position"]
 
-    # ---- output ------------------------------------------------------------------------------------------
-    def record(self, record: Dict[str, Any]) -> None:
-        self.history.append(record)
-        if self.rank != 0:
-            return
-        logger.info("%s", json.dumps(record))
-        if self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            if "epoch" in record:
-                try:
-                    report.write_curves(self.run_dir)
-                except ImportError:  # matplotlib is a dependency; a broken install must not stop training
-                    logger.warning("matplotlib cannot be imported: curves.png is not drawn")
-        if self._writer is not None and "epoch" in record:
-            for split in ("train", "valid", "test"):
-                for key, value in record.get(split, {}).items():
-                    self._writer.add_scalar(f"{split}/{key}", value, record["epoch"])
-            self._writer.flush()
-
-    def _tensorboard(self):
-        if self.rank != 0 or self.run_dir is None:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return None
-        return SummaryWriter(str(self.run_dir))
-
+    # ---- console -----------------------------------------------------------------------------------------
     def _bar(self, iterable, description: str):
         if not self.progress:
             return iterable
@@ -372,16 +298,17 @@ class Engine:
         return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, mininterval=1.0)
 
 
+def _plain(value: Any) -> Any:
+    """Config values as plain dicts/lists (EasyDict subclasses dict), for weights_only checkpoints."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _num_proteins(batch: Dict[str, Any]) -> int:
     for value in batch.values():
         if isinstance(value, ProteinBatch):
             return value.batch_size
     return 0
-
-
-def _transpose(dicts: List[Dict[str, float]]) -> Dict[str, List[float]]:
-    out: Dict[str, List[float]] = {}
-    for d in dicts:
-        for k, v in d.items():
-            out.setdefault(k, []).append(v)
-    return out

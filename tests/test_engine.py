@@ -2,6 +2,7 @@
 kill -9 and resume, --ckpt round trips; plus optimizer groups, schedulers and non-finite losses in-process."""
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -10,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from esm_gearnet import checkpoint
 from esm_gearnet.data import collate
 from esm_gearnet.config import load_config
-from esm_gearnet.training import build_downstream, build_scheduler
+from esm_gearnet.training import build_downstream, build_scheduler, seed_everything, selection_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
@@ -84,8 +86,8 @@ def test_two_gloo_ranks_match_one_process(single_run, tmp_path, launcher):
         for split in ("valid", "test"):
             for key, value in a[split].items():
                 assert b[split][key] == pytest.approx(value, abs=1e-4), (split, key)
-    _assert_same_weights(checkpoint.load(single_run / "last.pth")["model"],
-                         checkpoint.load(run_dir / "last.pth")["model"], atol=1e-4)
+    _assert_same_weights(checkpoint.task_state(checkpoint.load(single_run / "last.pth")),
+                         checkpoint.task_state(checkpoint.load(run_dir / "last.pth")), atol=1e-4)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "log.txt").is_file()
 
 
@@ -113,9 +115,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(single_run, tmp_path):
                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = checkpoint.load(uninterrupted / "last.pth"), checkpoint.load(run_dir / "last.pth")
-    assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["epoch"] == b["epoch"] == 4 and a["training"]["step"] == b["training"]["step"]
+    a, b = checkpoint.task_state(a), checkpoint.task_state(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
     assert [r["epoch"] for r in _records(run_dir) if "epoch" in r] == [1, 2, 3, 4]
     assert _records(run_dir)[-1]["final"] == _records(uninterrupted)[-1]["final"]
 
@@ -157,15 +160,19 @@ def test_plateau_scheduler_follows_the_metric_direction():
     assert build_scheduler(config, optimizer, "rmse [gdt_ts]").mode == "min"
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
-    engine = build_downstream(_config(), tmp_path, seed=0, progress=False)
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_stops_with_the_step_or_is_skipped(tmp_path, policy):
+    config = _config()
+    config.engine.on_nonfinite = policy
+    engine = build_downstream(config, tmp_path, seed=0, progress=False)
     with torch.no_grad():
         engine.task.mlp.layers[0].weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 0, step 0, batch 0; lower"):
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 0, step 0, batch 0; lower"):
+            engine.train_epoch()
+    else:
         engine.train_epoch()
-    engine.on_nonfinite = "skip"
-    engine.train_epoch()
-    assert engine.step == 0 and engine.epoch == 1  # every step skipped, the epoch still ends
+        assert engine.step == 0 and engine.epoch == 1  # every step skipped, the epoch still ends
 
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
@@ -193,3 +200,88 @@ def test_checkpoint_written_atomically_and_loaded_safely(tmp_path):
     shutil.rmtree(tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.load(path)
+
+
+def _files(run_dir):
+    """{name: (bytes, mtime)} of every file in a run directory."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.iterdir()) if p.is_file()}
+
+
+def _resumable(run_dir):
+    """An engine built as script/downstream.py builds one (seeded before and after)."""
+    run_dir.mkdir(exist_ok=True)
+    seed_everything(0)
+    engine = build_downstream(_config(("num_epoch", 2)), run_dir, seed=0, progress=False)
+    torch.manual_seed(0)
+    return engine
+
+
+def test_resume_in_process_continues_bit_identically(tmp_path):
+    uninterrupted = _resumable(tmp_path / "a")
+    metric = selection_metric(_config(), uninterrupted.task)
+    uninterrupted.fit(2, metric)
+    first = _resumable(tmp_path / "b")
+    first.fit(1, metric)  # its last.pth holds epoch 1; metrics.jsonl ends with a final record after it
+    resumed = _resumable(tmp_path / "b")
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # streams the checkpoint must restore
+    assert resumed.resume(tmp_path / "b" / "last.pth") is None  # no position given to save
+    assert [r["epoch"] for r in _records(tmp_path / "b")] == [1]
+    resumed.fit(2, metric)
+    a, b = checkpoint.load(tmp_path / "a" / "last.pth"), checkpoint.load(tmp_path / "b" / "last.pth")
+    assert a["training"]["step"] == b["training"]["step"] and a["training"]["best"] == b["training"]["best"]
+    a, b = checkpoint.task_state(a), checkpoint.task_state(b)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert _records(tmp_path / "a") == _records(tmp_path / "b")
+
+
+def test_resume_returns_the_position_and_changes_no_file(tmp_path):
+    engine = build_downstream(_config(), tmp_path, seed=0, progress=False)
+    engine.record({"epoch": 1, "step": 5, "train": {"loss": 0.5}})
+    position = {"units_done": 3, "species": [8, 9], "name": "split"}
+    engine.save("last.pth", position=position)
+    saved = checkpoint.load(tmp_path / "last.pth")
+    assert saved["task_names"] == engine.task_names and len(engine.task_names) > 0
+    assert saved["config"]["task"]["class"] == "MultipleBinaryClassification"
+    for path in tmp_path.iterdir():  # an old mtime, so a rewrite with the same bytes would show
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    before = _files(tmp_path)
+    again = build_downstream(_config(), tmp_path, seed=0, progress=False)
+    assert again.resume(tmp_path / "last.pth") == position
+    assert _files(tmp_path) == before  # metrics.jsonl matched the history: same bytes, same mtime, no new file
+    assert again.history == engine.history and again.epoch == engine.epoch and again.best == engine.best
+    # a record written after the checkpoint (the interrupted run's) is dropped from metrics.jsonl
+    engine.record({"epoch": 2, "step": 10, "train": {"loss": 0.4}})
+    build_downstream(_config(), tmp_path, seed=0, progress=False).resume(tmp_path / "last.pth")
+    assert _records(tmp_path) == [{"epoch": 1, "step": 5, "train": {"loss": 0.5}}]
+
+
+def test_resume_names_files_it_cannot_continue(tmp_path):
+    engine = build_downstream(_config(), tmp_path, seed=0, progress=False)
+    engine.save_weights("best.pth")
+    saved = checkpoint.load(tmp_path / "best.pth")
+    assert saved["training"] is None and checkpoint.task_state(saved).keys() == engine.task.state_dict().keys()
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"best\.pth holds model weights only; resume needs a last\.pth written during "
+                             r"training \(use --ckpt to start from weights\)\.$"):
+        engine.resume(tmp_path / "best.pth")
+    torch.save(engine.task.state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(checkpoint.CheckpointError, match=r"bare\.pth is not a training checkpoint of this framework"):
+        engine.resume(tmp_path / "bare.pth")
+    engine.save("last.pth")
+    state = checkpoint.load(tmp_path / "last.pth")
+    state["training"]["world_size"] = 2
+    checkpoint.save_atomic(state, tmp_path / "two.pth")
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"two\.pth was written by 2 process\(es\) but 1 run now; resume with the same number\."):
+        engine.resume(tmp_path / "two.pth")
+
+
+def test_engine_options_are_checked():
+    config = _config()
+    config.engine.precision = "fp8"
+    with pytest.raises(ValueError, match=r"engine\.precision must be fp32, bf16 or fp16, got 'fp8'\."):
+        build_downstream(config, None, seed=0, progress=False)
+    config = _config()
+    config.engine.on_nonfinite = "ignore"
+    with pytest.raises(ValueError, match=r"engine\.on_nonfinite must be 'stop' or 'skip', got 'ignore'\."):
+        build_downstream(config, None, seed=0, progress=False)

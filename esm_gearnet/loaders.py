@@ -1,0 +1,53 @@
+"""The DataLoaders of one rank: shuffled training batches and its slice of an evaluation split.
+
+Training: a `DistributedSampler` (shuffled by (seed, epoch), padded so every rank sees equally many batches),
+or with `bucket` a `sampler.LengthBucketSampler` (proteins of similar length share a batch: less padding for
+ESM). `batch_size` is per process, so the global batch is batch_size x world size.
+
+Evaluation: the rank's contiguous slice (`gathering.rank_slice`), in dataset order, every protein once.
+"""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .data.protein import collate
+from .gathering import rank_slice
+from .sampler import LengthBucketSampler, dataset_lengths
+
+
+class Loaders:
+    """Builds this rank's DataLoaders.
+
+    Args:
+        batch_size: proteins per batch and process; num_worker: DataLoader worker processes.
+        rank, world_size: this process among the ranks.
+        seed: the training order's seed (one order per (seed, epoch), the same on every rank).
+        bucket: length-bucketed training batches.
+        pin_memory: page-locked host batches (for CUDA).
+    """
+
+    def __init__(self, batch_size: int, num_worker: int, rank: int, world_size: int, seed: int = 0,
+                 bucket: bool = False, pin_memory: bool = False):
+        self.batch_size, self.num_worker = batch_size, num_worker
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.bucket, self.pin_memory = bucket, pin_memory
+
+    def train(self, dataset, epoch: int) -> DataLoader:
+        """This rank's batches of `dataset` for `epoch`: a new shuffled order every epoch."""
+        if self.bucket:
+            sampler = LengthBucketSampler(dataset_lengths(dataset), self.batch_size, self.world_size, self.rank,
+                                          seed=self.seed)
+            sampler.set_epoch(epoch)
+            return DataLoader(dataset, batch_sampler=sampler, **self._options())
+        sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=self.seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, **self._options())
+
+    def evaluation(self, dataset) -> DataLoader:
+        """This rank's contiguous slice of `dataset`, in order."""
+        return DataLoader(rank_slice(dataset, self.rank, self.world_size), batch_size=self.batch_size,
+                          sampler=None, shuffle=False, **self._options())
+
+    def _options(self):
+        return dict(num_workers=self.num_worker, collate_fn=collate, pin_memory=self.pin_memory)
