@@ -189,6 +189,8 @@ class ESM(Encoder):
     1022 residues, each run with its own `<cls>`/`<eos>`, so every residue gets a feature (a warning says so).
     """
 
+    group = "sequence_model"
+
     def __init__(self, path: Optional[str] = None, model: str = "ESM-2-650M", readout: str = "mean",
                  pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
                  architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
@@ -337,8 +339,6 @@ class ESM(Encoder):
     def clear_cache(self) -> None:
         self._cache.clear()
         self._cache_bytes = 0
-
-    group = "sequence_model"
 
     def encode(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
         if self.group not in self.frozen:
