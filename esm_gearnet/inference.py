@@ -237,8 +237,10 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
     previous = load_embeddings(output) if resume and output.exists() else None
     if previous is not None and previous["options"] != options:
         theirs = json.loads(previous["options"]) if previous["options"] else {}
-        differ = [key for key, value in json.loads(options).items() if theirs.get(key) != value]
-        raise ValueError(f"{output} was written with another {', '.join(differ) or 'model'} than this command's "
+        names = {"encoder_sha256": "encoder weights", "config_sha256": "model config",
+                 "per_residue": "--per-residue setting"}
+        differ = [names[key] for key, value in json.loads(options).items() if theirs.get(key) != value]
+        raise ValueError(f"{output} was written with other {' and '.join(differ) or 'options'} than this command's "
                          "(--resume adds only to a file of the same encoder weights, config and --per-residue); "
                          "write to a new file, or leave out --resume to start it anew.")
     done = set(previous["files"]) if previous is not None else set()

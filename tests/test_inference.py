@@ -95,14 +95,14 @@ def test_embed_from_the_command_line(run_dir, inputs, tmp_path):
     assert offsets.tolist() == np.cumsum([0] + [len(s) for s in whole["sequences"]]).tolist()
     before = partial.read_bytes()
     refused = _run("script/embed.py", "--ckpt", str(run_dir), *inputs, "-o", str(partial), "--resume", expect=2)
-    assert refused.stderr.count("\n") == 1 and "another per_residue" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "other --per-residue setting" in refused.stderr
     other = tmp_path / "other.pth"
     state = torch.load(run_dir / "best.pth", weights_only=True)
     state["encoder"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["encoder"].items()}
     torch.save(state, other)
     refused = _run("script/embed.py", "--ckpt", str(other), *inputs, "-o", str(partial), "--per-residue",
                    "--resume", expect=2)
-    assert "another encoder_sha256" in refused.stderr and partial.read_bytes() == before
+    assert "other encoder weights" in refused.stderr and partial.read_bytes() == before
     # nothing readable: a non-zero exit
     _run("script/embed.py", "--ckpt", str(run_dir), str(tmp_path / "mine" / "corrupt.pdb"), "-o",
          str(tmp_path / "none.npz"), expect=1)
