@@ -86,9 +86,9 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
                     if split >= num_splits[str(species)]:
                         break
             name = f"model_epoch_{first + epochs}.pth"
-            # trained in this block now, or stopped between the block's last split and this file
-            missing = distributed.broadcast_object((run_dir / name).exists() is False)
-            if unit > done or (unit == done and missing):
+            # trained in this block now, or stopped between the block's last split and this file (every rank
+            # reaches the same branch, so the broadcast is collective)
+            if unit > done or (unit == done and distributed.broadcast_object(not (run_dir / name).exists())):
                 engine.save_weights(name)
                 logger.info("saved the encoder's weights to %s", run_dir / name)
         if unit == done and resume:
