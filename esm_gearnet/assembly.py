@@ -29,7 +29,7 @@ from torch import nn
 from .config import ConfigError
 from .models import Encoder, FusionNetwork, StructureEncoder
 from .models.encoder import ONE_HOT_DIM
-from .registry import build, resolve
+from .registry import build, check, resolve
 from .tasks import MultipleBinaryClassification, Task
 
 UNSUPERVISED = "Unsupervised"  # the original's wrapper around MultiviewContrast
@@ -143,6 +143,27 @@ def build_encoder(cfg) -> Encoder:
     return encoder
 
 
+def check_task(cfg) -> None:
+    """Check the task block's classes, argument names and value types (`registry.check`) without building it."""
+    encoder_config, path = model_config(cfg)
+    check(encoder_config, path)
+    if cfg.task.get("graph_construction_model"):
+        check(cfg.task.graph_construction_model, "task.graph_construction_model")
+    if cfg.task.get("class") == UNSUPERVISED:
+        check(_unsupervised_head(cfg), "task.model")
+    else:
+        check({k: v for k, v in cfg.task.items() if k not in ("model", "graph_construction_model")}, "task")
+
+
+def _unsupervised_head(cfg) -> Dict[str, Any]:
+    """The MultiviewContrast head of the original's Unsupervised layout (task.model without its model)."""
+    extra = [k for k in cfg.task if k not in ("class", "model", "graph_construction_model")]
+    if extra:
+        raise ConfigError(f"config key `task`: Unsupervised takes model and graph_construction_model only, "
+                          f"not {extra[0]!r}.")
+    return {k: v for k, v in cfg.task.model.items() if k != "model"}
+
+
 def runtime_task_list(cfg, dataset) -> List[Any]:
     """What the original filled into `task.task`: term indices for multi-label classification (EC, GO),
     target names otherwise."""
@@ -156,12 +177,7 @@ def build_task(cfg, task_list: Optional[Sequence] = None) -> Task:
     of fine-tuning tasks (see `runtime_task_list`); pre-training objectives take none."""
     encoder = build_encoder(cfg)
     if cfg.task.get("class") == UNSUPERVISED:
-        extra = [k for k in cfg.task if k not in ("class", "model", "graph_construction_model")]
-        if extra:
-            raise ConfigError(f"config key `task`: Unsupervised takes model and graph_construction_model only, "
-                              f"not {extra[0]!r}.")
-        head = {k: v for k, v in cfg.task.model.items() if k != "model"}
-        return build(head, "task.model", encoder=encoder)
+        return build(_unsupervised_head(cfg), "task.model", encoder=encoder)
     head = {k: v for k, v in cfg.task.items() if k not in ("model", "graph_construction_model")}
     runtime = {"task": list(task_list)} if task_list is not None else {}
     return build(head, "task", encoder=encoder, **runtime)
@@ -183,5 +199,5 @@ def optimizer_groups(cfg, task: Task, lr: float) -> List[Dict[str, Any]]:
     return groups
 
 
-__all__ = ["build_encoder", "build_task", "learning_rate_ratios", "model_config", "optimizer_groups",
+__all__ = ["build_encoder", "build_task", "check_task", "learning_rate_ratios", "model_config", "optimizer_groups",
            "runtime_task_list"]

@@ -19,11 +19,11 @@ def _one_sentence(main):
 
     @functools.wraps(main)
     def wrapper(argv: Optional[List[str]] = None) -> int:
-        from .checkpoint import CheckpointError
+        from .errors import user_errors
 
         try:
             return main(argv)
-        except (ValueError, FileNotFoundError, ImportError, CheckpointError) as error:
+        except user_errors() as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
     return wrapper

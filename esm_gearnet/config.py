@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import traceback
 from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import easydict
@@ -36,17 +37,24 @@ def _finalize(value: Any) -> Any:
 
 
 def _parse_template(text: str, path: str):
-    environment = jinja2.Environment(finalize=_finalize)
+    """(template, syntax tree); a syntax error or an unknown filter or test ends in one sentence."""
+    # StrictUndefined: `{{ x.y }}` of a variable without that attribute is an error, not an empty value
+    environment = jinja2.Environment(finalize=_finalize, undefined=jinja2.StrictUndefined)
     try:
-        return environment, environment.parse(text)
-    except jinja2.TemplateSyntaxError as error:
-        raise ConfigError(f"{path}, line {error.lineno}: Jinja template error: {error.message}.") from None
+        return environment.from_string(text), environment.parse(text)
+    except jinja2.TemplateSyntaxError as error:  # an unknown filter is a TemplateAssertionError, one of these
+        raise ConfigError(f"{path}, line {error.lineno}: Jinja template error: {error.message.rstrip('.')}.") from None
+
+
+def _template_line(error: BaseException) -> str:
+    """", line N" of the template line that raised while rendering, from the traceback jinja2 rewrites."""
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if frame.filename == "<template>"]
+    return f", line {lines[-1]}" if lines else ""
 
 
 def detect_variables(path: str) -> Set[str]:
     """The undeclared Jinja variables of a config file (each one is a command-line option)."""
-    text = _read(path)
-    _, tree = _parse_template(text, path)
+    _, tree = _parse_template(_read(path), path)
     return set(jinja2.meta.find_undeclared_variables(tree))
 
 
@@ -64,11 +72,15 @@ def render_config(path: str, variables: Optional[Dict[str, Any]] = None) -> str:
     """The config text after Jinja rendering. Every variable of the config that `variables` does not give is
     None, so one file renders to one config wherever it is read (training, pre-training, embed, predict, tests):
     `{{ true if x is none else x }}` means true everywhere."""
-    text = _read(path)
-    environment, tree = _parse_template(text, path)
+    template, tree = _parse_template(_read(path), path)
     given = {name: None for name in jinja2.meta.find_undeclared_variables(tree)}
     given.update(variables or {})
-    return environment.from_string(text).render(given)
+    try:
+        return template.render(given)
+    except Exception as error:  # noqa: BLE001 - an undefined attribute, a division by zero, a failing filter
+        raise ConfigError(f"{path}{_template_line(error)}: the Jinja template fails while rendering "
+                          f"({type(error).__name__}: {error}); check the expression and the variables given on "
+                          "the command line.") from None
 
 
 def load_config(path: str, variables: Optional[Dict[str, Any]] = None) -> easydict.EasyDict:

@@ -30,6 +30,7 @@ checkpoint      the file layout (`pack`, `task_state`) and safe loading
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from contextlib import nullcontext
@@ -140,23 +141,27 @@ class Engine:
         return self.run_log.history
 
     # ---- training ----------------------------------------------------------------------------------------
-    def train_epoch(self, train_set=None) -> Dict[str, float]:
-        """One pass over `train_set` (default: the training split); returns the mean over batches and ranks of
-        every value the task logs (its `info`)."""
+    def train_epoch(self, train_set=None, batch_per_epoch: Optional[int] = None) -> Dict[str, float]:
+        """One pass over `train_set` (default: the training split), or its first `batch_per_epoch` batches (the
+        original's `train.batch_per_epoch`: each epoch the first batches of that epoch's order); returns the mean
+        over batches and ranks of every value the task logs (its `info`)."""
         dataset = self.sets["train"] if train_set is None else train_set
         # this rank's batches, in the order of (seed, epoch): the same on every rank and after a resume
         loader = self.loaders.train(dataset, self.epoch)
+        num_batch = min(len(loader), batch_per_epoch or len(loader))
+        if num_batch < len(loader):
+            loader = itertools.islice(loader, num_batch)
         self.model.train()
         totals: Dict[str, float] = {}
         count, started, proteins = 0, time.perf_counter(), 0
-        bar = self._bar(loader, f"epoch {self.epoch}")
+        bar = self._bar(loader, f"epoch {self.epoch}", num_batch)
         self.stepper.zero_grad()
         for i, batch in enumerate(bar):
             # the batch onto this process's device
             batch = to_device(batch, self.device)
             # an optimizer step ends every gradient_interval batches and the epoch; before it, DDP accumulates
             # gradients locally (no_sync) instead of all-reducing them after every backward pass
-            boundary = (i + 1) % self.stepper.gradient_interval == 0 or i + 1 == len(loader)
+            boundary = (i + 1) % self.stepper.gradient_interval == 0 or i + 1 == num_batch
             sync = nullcontext() if boundary or self.model is self.task else self.model.no_sync()
             with sync:
                 # forward: the loss and the values to log (autocast under bf16/fp16)
@@ -213,12 +218,12 @@ class Engine:
         return self.task.evaluate(pred, target, extra)
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    def fit(self, num_epoch: int, metric: str) -> Dict[str, float]:
-        """Train until `num_epoch` epochs are done (continuing a resumed run), keep the best validation model,
-        and return the test metrics of that model."""
+    def fit(self, num_epoch: int, metric: str, batch_per_epoch: Optional[int] = None) -> Dict[str, float]:
+        """Train until `num_epoch` epochs (of `batch_per_epoch` batches, default all) are done (continuing a
+        resumed run), keep the best validation model, and return the test metrics of that model."""
         while self.epoch < num_epoch:
             # one epoch of training, then both evaluation splits
-            train = self.train_epoch()
+            train = self.train_epoch(batch_per_epoch=batch_per_epoch)
             valid, test = self.evaluate("valid"), self.evaluate("test")
             score = selection_score(valid, metric)
             # the epoch's record: log, metrics.jsonl, curves.png, TensorBoard
@@ -291,11 +296,11 @@ class Engine:
         return training["position"]
 
     # ---- console -----------------------------------------------------------------------------------------
-    def _bar(self, iterable, description: str):
+    def _bar(self, iterable, description: str, total: Optional[int] = None):
         if not self.progress:
             return iterable
         from tqdm import tqdm
-        return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, mininterval=1.0)
+        return tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True, mininterval=1.0)
 
 
 def _plain(value: Any) -> Any:

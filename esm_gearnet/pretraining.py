@@ -29,14 +29,18 @@ from .training import load_encoder_weights, resume_file, setup_logging, training
 logger = logging.getLogger("esm_gearnet")
 
 
+# keys of the config's dataset block read here, not by the dataset class: species_start..species_end
+DATASET_KEYS = {"species_start": int, "species_end": int}
+
+
 def _training_split(dataset):
     return dataset.split()[0] if hasattr(dataset, "split") else dataset
 
 
 def run_pretrain(argv: Optional[List[str]] = None) -> Path:
     """Returns the run directory."""
-    with training_run(argv, "Pre-train an encoder with a self-supervised objective (AlphaFold DB, ...).") as (
-            args, cfg, run_dir, resume):
+    with training_run(argv, "Pre-train an encoder with a self-supervised objective (AlphaFold DB, ...).",
+                      dataset_keys=DATASET_KEYS) as (args, cfg, run_dir, resume):
         dataset_cfg = copy.deepcopy(cfg.dataset)
         start, end = dataset_cfg.pop("species_start", 0), dataset_cfg.pop("species_end", 0)
         if end < start:
@@ -61,7 +65,7 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
             position = engine.resume(resume_file(resume)) or position
             logger.info("resumed after %d split(s) of training", position["splits_done"])
         done, num_splits = position["splits_done"], dict(position["num_splits"])
-        interval, num_epoch = int(cfg.get("save_interval", 1)), int(cfg.train.num_epoch)
+        interval, num_epoch = cfg.get("save_interval") or 1, cfg.train.num_epoch
         unit = 0  # splits of the schedule passed so far, done before or now
         logging_to_run_dir = resume is None
         for first in range(0, num_epoch, interval):
@@ -76,7 +80,7 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
                         dataset = load(species, split)
                         num_splits[str(species)] = getattr(dataset, "num_splits", 1)
                         for _ in range(epochs):
-                            train = engine.train_epoch(_training_split(dataset))
+                            train = engine.train_epoch(_training_split(dataset), cfg.train.get("batch_per_epoch"))
                             engine.record({"epoch": engine.epoch, "step": engine.step, "species": species,
                                            "split": split, "train": train,
                                            "lr": [g["lr"] for g in optimizer.param_groups]})

@@ -2,12 +2,17 @@
 
 `build({"class": "GearNet", "input_dim": 21, ...})` looks the class up, builds nested `class:` dicts first
 (depth first, lists included) and calls the constructor. torch optimizers and LR schedulers resolve by their
-torch names. Mistakes give one sentence naming the config key, the class and what it accepts.
+torch names. Mistakes give one sentence naming the config key, the class and what it accepts: an unknown
+class or argument (with the closest names), a missing argument, a value of the wrong type (read from the
+constructor's type hints: `hidden_dims: 64` where a list of integers is wanted) or a value the constructor refuses.
 """
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
+import types
+import typing
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -87,6 +92,136 @@ def _build_value(value: Any, path: str) -> Any:
     return value
 
 
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value (YAML: None, bool, int, float, str, list, dict) fits a type hint; hints this
+    cannot judge (classes of built objects, callables, tensors) accept anything."""
+    if hint is Any or hint is inspect.Parameter.empty or isinstance(value, dict) and "class" in value:
+        return True
+    if _is_union(hint):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, h) for v, h in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping) or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words: `Optional[Sequence[int]]` -> "a list of integers or null"."""
+    if _is_union(hint):
+        return " or ".join(dict.fromkeys(_describe(h) for h in typing.get_args(hint)))
+    words = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", tuple: "a list", dict: "a mapping"}
+    if hint in words:
+        return words[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    if args and args[-1] is not Ellipsis and origin is tuple:
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    item = _describe(args[0]) if args else "values"
+    for article in ("an ", "a "):
+        item = item[len(article):] if item.startswith(article) else item
+    plural = {"integer": "integers", "number": "numbers", "string": "strings", "true or false": "booleans"}
+    return f"a list of {plural.get(item, item)}"
+
+
+def _type_hints(cls: Callable) -> Dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.__init__ if inspect.isclass(cls) else cls)
+    except Exception:  # noqa: BLE001 - hints that do not resolve are not checked
+        return {}
+
+
+def check_arguments(cls: Callable, kwargs: Dict[str, Any], path: str, supplied=(), missing: bool = True) -> None:
+    """Refuse, in one sentence naming `path`, an argument `cls` does not take, a missing one (when `missing`) or
+    a value that does not fit the constructor's type hint (`supplied`: arguments given at run time, unchecked)."""
+    named, accepts_any = _parameters(cls)
+    names = [p.name for p in named]
+    accepted = ", ".join(names) or "no arguments"
+    if not accepts_any:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config key `{path}`: {cls.__name__} got unknown argument {unknown[0]!r}{hint}; "
+                              f"it accepts: {accepted}.")
+    absent = [p.name for p in named if p.default is p.empty and p.name not in kwargs] if missing else []
+    if absent:
+        raise ConfigError(f"config key `{path}`: {cls.__name__} needs argument {absent[0]!r}; "
+                          f"it accepts: {accepted}.")
+    hints = _type_hints(cls)
+    for key, value in kwargs.items():
+        if key in hints and key not in supplied and not _matches(value, hints[key]):
+            raise type_error(f"{path}.{key}", value, hints[key])
+
+
+def type_error(path: str, value: Any, hint: Any) -> ConfigError:
+    """The sentence for a config value that does not fit its type hint."""
+    extra = ""
+    if isinstance(value, str) and _matches(1.0, hint) and _is_number(value):
+        extra = " (YAML reads a number without a decimal point, such as 1e-4, as text: write 1.0e-4)"
+    elif value is None:
+        extra = " (a Jinja variable of the config that is not given on the command line renders as null)"
+    return ConfigError(f"config key `{path}` must be {_describe(hint)}, got {value!r}{extra}.")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def check(config: Any, path: str = "config") -> None:
+    """Check a `class:` dict and every `class:` dict nested in it without building anything: classes, argument
+    names and value types. Missing arguments are left to `build`, since some are derived or given at run time."""
+    if not isinstance(config, dict) or "class" not in config:
+        raise ConfigError(f"config key `{path}` must be a mapping with a `class:` entry.")
+    cls = resolve(config["class"], path)
+    given = {k: v for k, v in config.items() if k != "class"}
+    check_arguments(cls, given, path, missing=False)
+    for key, value in given.items():
+        for sub, item in _nested(value, f"{path}.{key}"):
+            check(item, sub)
+
+
+def _nested(value: Any, path: str):
+    """(path, dict) of every `class:` dict in a config value, outermost first."""
+    if isinstance(value, dict) and "class" in value:
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _nested(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _nested(item, f"{path}[{i}]")
+
+
 def build(config: Dict[str, Any], path: str = "config", **runtime: Any) -> Any:
     """Build the object a `class:` dict describes.
 
@@ -98,20 +233,13 @@ def build(config: Dict[str, Any], path: str = "config", **runtime: Any) -> Any:
     if not isinstance(config, dict) or "class" not in config:
         raise ConfigError(f"config key `{path}` must be a mapping with a `class:` entry.")
     cls = resolve(config["class"], path)
-    kwargs = {k: _build_value(v, f"{path}.{k}") for k, v in config.items() if k != "class"}
+    given = {k: v for k, v in config.items() if k != "class"}
+    check_arguments(cls, {**given, **runtime}, path, supplied=tuple(runtime))
+    kwargs = {k: _build_value(v, f"{path}.{k}") for k, v in given.items()}
     kwargs.update(runtime)
-    named, accepts_any = _parameters(cls)
-    names = [p.name for p in named]
-    accepted = ", ".join(names) or "no arguments"
-    if not accepts_any:
-        unknown = [k for k in kwargs if k not in names]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"config key `{path}`: {cls.__name__} got unknown argument {unknown[0]!r}{hint}; "
-                              f"it accepts: {accepted}.")
-    missing = [p.name for p in named if p.default is p.empty and p.name not in kwargs]
-    if missing:
-        raise ConfigError(f"config key `{path}`: {cls.__name__} needs argument {missing[0]!r}; "
-                          f"it accepts: {accepted}.")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a value the constructor refuses (a negative lr, a factor above 1, ...)
+        raise ConfigError(f"config key `{path}`: {cls.__name__} refuses its arguments: {error}") from None

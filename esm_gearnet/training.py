@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -21,7 +22,9 @@ from . import checkpoint, distributed
 from .assembly import build_task, optimizer_groups, runtime_task_list
 from .config import ConfigError, base_parser, parse_args, load_config, render_config
 from .engine import Engine, lower_is_better
+from .errors import user_errors
 from .registry import build
+from .schema import validate
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -83,8 +86,14 @@ def make_run_dir(cfg, resume: Optional[str]) -> Path:
 
 def selection_metric(cfg, task) -> str:
     """The validation metric that picks the best epoch and drives the scheduler: `metric:`, else the task's
-    first."""
-    return cfg.get("metric") or next(iter(task.metric))
+    first. A `metric:` the task does not report is refused here, before any training."""
+    names = task.metric_names()
+    if cfg.get("metric") is None:
+        return names[0] if names else next(iter(task.metric))
+    if names is not None and cfg.metric not in names:
+        raise ConfigError(f"config key `metric`: {type(task).__name__} reports no {cfg.metric!r}; its validation "
+                          f"metrics are {', '.join(names)}.")
+    return cfg.metric
 
 
 def build_scheduler(cfg, optimizer, metric: str):
@@ -116,32 +125,35 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
     weights = ckpt or cfg.get("model_checkpoint")
     if weights:
         load_encoder_weights(task, weights)
+    metric = selection_metric(cfg, task)
     task.preprocess(train_set)
     lr = float(cfg.optimizer.get("lr", 1e-3))
     optimizer = build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, lr))
-    scheduler = build_scheduler(cfg, optimizer, selection_metric(cfg, task))
+    scheduler = build_scheduler(cfg, optimizer, metric)
     return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir, config=cfg,
                   task_names=dataset.tasks, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
 
 
 @contextmanager
-def training_run(argv: Optional[List[str]], description: str):
-    """What every training script does around its work: parse the command line, render the config, join the
-    process group, make (or reuse, when resuming) the run directory, log there, save the rendered config and
-    seed every rank alike. Yields (args, cfg, run_dir, resume); leaves the process group at the end (at once
-    after an error: the other ranks may never reach the barrier)."""
+def training_run(argv: Optional[List[str]], description: str, dataset_keys: Optional[Dict] = None):
+    """What every training script does around its work: parse the command line, render and validate the config
+    (`schema.validate`: nothing is made before it passes), join the process group, make (or reuse, when
+    resuming) the run directory, log there, save the rendered config and seed every rank alike. Yields (args,
+    cfg, run_dir, resume); an error after the run directory exists is written into its log.txt too; leaves the
+    process group at the end (at once after an error: the other ranks may never reach the barrier).
+
+    Args:
+        dataset_keys: keys of the config's `dataset` that the script reads itself (see `schema.validate`).
+    """
     parser = downstream_parser(description)
     args, variables = parse_args(argv, parser)
     if args.ckpt is not None and "ckpt" in variables:
         variables["ckpt"] = args.ckpt
     cfg = load_config(args.config, variables)
-    missing = [key for key in ("dataset", "task", "optimizer", "train") if not cfg.get(key)]
-    missing += ["task.model"] if cfg.get("task") and not cfg.task.get("model") else []
-    if missing:
-        raise ConfigError(f"{args.config} lacks {', '.join(missing)}; a training config needs dataset, "
-                          "task (with its model), optimizer and train, as config/EC/esm_gearnet.yaml has.")
+    validate(cfg, args.config, dataset_keys)
     resume = args.resume or cfg.get("checkpoint")
     distributed.init()
+    run_dir = None
     try:
         run_dir = make_run_dir(cfg, resume)
         # a resumed run's log.txt is appended to once it has work to do (`setup_logging(run_dir)` again): a
@@ -152,10 +164,24 @@ def training_run(argv: Optional[List[str]], description: str):
         logger.info("config %s, run directory %s, %d process(es)", args.config, run_dir, distributed.world_size())
         seed_everything(args.seed)  # same initial weights on every rank
         yield args, cfg, run_dir, resume
-    except BaseException:
+    except BaseException as error:
+        _log_error(run_dir, error)
         distributed.shutdown(wait=False)
         raise
     distributed.shutdown()
+
+
+def _log_error(run_dir: Optional[Path], error: BaseException) -> None:
+    """Rank 0 appends the error that ends a run to its log.txt: the one sentence of an error a user can act on,
+    else the traceback."""
+    if run_dir is None or distributed.rank() != 0 or not Path(run_dir).is_dir():
+        return
+    if isinstance(error, user_errors()):
+        text = f"error: {error}\n"
+    else:
+        text = "".join(traceback.format_exception(error))
+    with open(Path(run_dir) / "log.txt", "a") as handle:
+        handle.write(f"{time.strftime('%H:%M:%S')} {text}")
 
 
 def resume_file(resume) -> Path:
@@ -173,7 +199,7 @@ def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
             engine.resume(resume_file(resume))
             setup_logging(run_dir)
             logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
-        result = engine.fit(int(cfg.train.num_epoch), selection_metric(cfg, engine.task))
+        result = engine.fit(cfg.train.num_epoch, selection_metric(cfg, engine.task), cfg.train.get("batch_per_epoch"))
         logger.info("test metrics of the best validation epoch (%s): %s", engine.best["epoch"], result)
     return result
 

@@ -153,3 +153,18 @@ def write_msp(root):
     for split, items in layout.items():
         write_lmdb(base / split, items)
     return expected
+
+
+@pytest.fixture
+def cli(capsys):
+    """Runs `esm-gearnet ARGS...` in this process: returns (exit code, stdout, stderr)."""
+    from esm_gearnet.cli import main
+
+    def run(*args):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

@@ -5,7 +5,7 @@ Transforms return new items and never change their input.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -58,7 +58,7 @@ class TruncateProtein:
         keys: item keys holding proteins.
     """
 
-    def __init__(self, max_length: int = None, random: bool = False, keys: Union[str, Sequence[str]] = "graph"):
+    def __init__(self, max_length: Optional[int] = None, random: bool = False, keys: Union[str, Sequence[str]] = "graph"):
         self.max_length = max_length
         self.random = random
         self.keys = _keys(keys)
@@ -87,7 +87,7 @@ class TruncateProteinPair:
     cut from its start. DEVIATION: the original's random branch called `math.randint`, which does not exist.
     """
 
-    def __init__(self, max_length: int = None, random: bool = False):
+    def __init__(self, max_length: Optional[int] = None, random: bool = False):
         self.max_length = max_length
         self.random = random
 

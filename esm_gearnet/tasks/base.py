@@ -1,7 +1,7 @@
 """What every task shares: an encoder (`models.Encoder`) and a head, the (loss, logged values) contract."""
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,10 @@ class Task(nn.Module):
             raise TypeError(f"{type(self).__name__} needs an Encoder (ESM, GearNet, GVPGNN, CDConv, FusionNetwork), "
                             f"got {type(encoder).__name__}.")
         self.encoder = encoder
+
+    def metric_names(self) -> Optional[List[str]]:
+        """The names `evaluate` reports, in order (the first is the default selection metric); None if unknown."""
+        return None
 
     def preprocess(self, train_set) -> None:
         """Statistics taken from the training split (e.g. target normalisation); nothing by default."""

@@ -1,7 +1,7 @@
 """`MSP`: mutation stability from a wild-type / mutant pair of structures."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch.nn import functional as F
@@ -29,6 +29,9 @@ class MSP(Task):
         self.task = list(task) if not isinstance(task, str) else [task]
         hidden = [encoder.output_dim] * (num_mlp_layer - 1)
         self.mlp = MLP(2 * encoder.output_dim, hidden + [1])
+
+    def metric_names(self) -> List[str]:
+        return [f"auroc [{self.task[0]}]", f"auprc [{self.task[0]}]"]
 
     def _mutated_mean(self, graph, mutated) -> torch.Tensor:
         feature = self.encoder(graph)["residue_feature"]

@@ -1,7 +1,7 @@
 """Protein-level prediction: `MultipleBinaryClassification` (EC, GO) and `PropertyPrediction` (PSR, ...)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -38,6 +38,9 @@ class MultipleBinaryClassification(Task):
             metrics.get_metric(name.replace("auroc@micro", "auroc"))
         hidden = [encoder.output_dim] * (num_mlp_layer - 1)
         self.mlp = MLP(encoder.output_dim, hidden + [len(self.task)], batch_norm=mlp_batch_norm, dropout=mlp_dropout)
+
+    def metric_names(self) -> List[str]:
+        return list(self.metric)
 
     def predict(self, batch) -> torch.Tensor:
         return self.mlp(self.encoder(batch["graph"])["graph_feature"])
@@ -108,6 +111,13 @@ class PropertyPrediction(Task):
         var = torch.where(labeled, (values - mean) ** 2, 0).sum(0) / (count - 1).clamp(min=1)
         self.mean.copy_(mean.float())
         self.std.copy_(var.sqrt().clamp(min=1e-6).float())
+
+    def metric_names(self) -> List[str]:
+        names = []
+        for name in self.task:
+            names += [f"{metric} [{name}]" for metric in self.metric]
+            names += [f"per_target_spearmanr [{name}]"] if "spearmanr" in self.metric else []
+        return names
 
     def predict(self, batch) -> torch.Tensor:
         pred = self.mlp(self.encoder(batch["graph"])["graph_feature"])

@@ -17,6 +17,7 @@ import math
 import os
 import tarfile
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 
@@ -70,8 +71,9 @@ class AlphaFoldDB(StructureDataset):
     split_length = 22000
 
     def __init__(self, path, species_id: int = 0, split_id: int = 0, transform=None, version: str = "v4",
-                 split_length: int = None, workers: int = 2, progress: bool = True, verbose: int = 0,
-                 **_torchdrug_options):
+                 split_length: Optional[int] = None, workers: int = 2, progress: bool = True, verbose: int = 0,
+                 atom_feature: None = None, bond_feature: None = None,
+                 residue_feature: Literal["default"] = "default"):
         self.split_length = split_length or self.split_length
         if not 0 <= species_id < len(SPECIES):
             raise ValueError(f"AlphaFoldDB: species_id must be in 0..{len(SPECIES) - 1}, got {species_id}.")

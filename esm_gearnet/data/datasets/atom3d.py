@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Tuple
 
 import numpy as np
 import torch
@@ -301,7 +301,8 @@ class PSRDataset(_Atom3D):
     tasks = ["gdt_ts"]
 
     def __init__(self, path, transform=None, workers: int = 2, progress: bool = True, verbose: int = 0,
-                 **_torchdrug_options):
+                 atom_feature: None = None, bond_feature: None = None,
+                 residue_feature: Literal["default"] = "default"):
         state = self._load(path, workers, progress)
         self.proteins = PackedProteins(state["packs"][0])
         ids = [ast.literal_eval(r["id"]) if r["id"].startswith("(") else ("", r["id"]) for r in state["records"]]
@@ -333,7 +334,8 @@ class MSPDataset(_Atom3D):
     tasks = ["label"]
 
     def __init__(self, path, transform=None, workers: int = 2, progress: bool = True, verbose: int = 0,
-                 **_torchdrug_options):
+                 atom_feature: None = None, bond_feature: None = None,
+                 residue_feature: Literal["default"] = "default"):
         state = self._load(path, workers, progress)
         self.proteins = PackedProteins(state["packs"][0])
         self.mutants = PackedProteins(state["packs"][1])

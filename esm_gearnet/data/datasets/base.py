@@ -1,4 +1,9 @@
-"""What structure datasets share: packed proteins from the cache, targets, splits, transforms."""
+"""What structure datasets share: packed proteins from the cache, targets, splits, transforms.
+
+The original's datasets took TorchDrug's featurisation options; EC, GO, PSR, MSP and AlphaFoldDB accept them by
+name with the values the original's configs use (`atom_feature: null`, `bond_feature: null`, `residue_feature:
+default`) and refuse any other, since the encoders featurise residues themselves (a 21-dim one-hot).
+"""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Union

@@ -15,7 +15,7 @@ import csv
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Literal
 
 import torch
 
@@ -128,7 +128,8 @@ class EnzymeCommission(_DeepFRI):
     folder, prefix = "EnzymeCommission", "nrPDB-EC"
 
     def __init__(self, path, test_cutoff: float = 0.95, transform=None, workers: int = 2, progress: bool = True,
-                 verbose: int = 0, **_torchdrug_options):
+                 verbose: int = 0, atom_feature: None = None, bond_feature: None = None,
+                 residue_feature: Literal["default"] = "default"):
         folder, removed = self._prepare(path, test_cutoff, workers, progress)
         self._label(*read_ec_annotation(folder / f"{self.prefix}_annot.tsv"), removed)
         self.transform = transform
@@ -147,7 +148,8 @@ class GeneOntology(_DeepFRI):
     folder, prefix = "GeneOntology", "nrPDB-GO"
 
     def __init__(self, path, branch: str = "MF", test_cutoff: float = 0.95, transform=None, workers: int = 2,
-                 progress: bool = True, verbose: int = 0, **_torchdrug_options):
+                 progress: bool = True, verbose: int = 0, atom_feature: None = None, bond_feature: None = None,
+                 residue_feature: Literal["default"] = "default"):
         folder, removed = self._prepare(path, test_cutoff, workers, progress)
         self.branch = branch
         self._label(*read_go_annotation(folder / f"{self.prefix}_annot.tsv", branch), removed)

@@ -7,23 +7,6 @@
     test_fault_state.py       checkpoints and caches: digests, truncation, tampering, temporary files
     test_fault_distributed.py ranks that stop answering
 
-A case is a small table row (what is broken, what must be said); add one where its group lives.
+The `cli` fixture (tests/conftest.py) runs `esm-gearnet ...` in this process. A case is a small table row
+(what is broken, what must be said); add one where its group lives.
 """
-import sys
-
-import pytest
-
-
-@pytest.fixture
-def cli(capsys):
-    """Runs `esm-gearnet ARGS...` in this process: returns (exit code, stdout, stderr)."""
-    from esm_gearnet.cli import main
-
-    def run(*args):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exit_:  # argparse
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
