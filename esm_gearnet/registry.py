@@ -97,8 +97,8 @@ def _is_union(hint) -> bool:
 
 
 def _matches(value: Any, hint: Any) -> bool:
-    """Whether a config value (YAML: None, bool, int, float, str, list, dict) fits a type hint; hints this
-    cannot judge (classes of built objects, callables, tensors) accept anything."""
+    """Whether a config value (YAML: None, bool, int, float, str, list, dict) fits a type hint. A `class:` dict
+    fits any hint (it is checked when built); hints this cannot judge (callables, type variables) fit anything."""
     if hint is Any or hint is inspect.Parameter.empty or isinstance(value, dict) and "class" in value:
         return True
     if _is_union(hint):
@@ -124,13 +124,17 @@ def _matches(value: Any, hint: Any) -> bool:
         return not args or all(_matches(v, args[0]) for v in value)
     if origin in (dict, collections.abc.Mapping) or hint is dict:
         return isinstance(value, dict)
+    if inspect.isclass(hint) and origin is None:  # a tensor, a module: no YAML value is one
+        return isinstance(value, hint)
     return True
 
 
 def _describe(hint: Any) -> str:
     """A type hint in words: `Optional[Sequence[int]]` -> "a list of integers or null"."""
-    if _is_union(hint):
-        return " or ".join(dict.fromkeys(_describe(h) for h in typing.get_args(hint)))
+    if _is_union(hint):  # without the alternatives no config value can be (tensors, modules)
+        words = [_describe(h) for h in typing.get_args(hint)
+                 if not (inspect.isclass(h) and typing.get_origin(h) is None and h.__module__ != "builtins")]
+        return " or ".join(dict.fromkeys(words))
     words = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
              list: "a list", tuple: "a list", dict: "a mapping"}
     if hint in words:
