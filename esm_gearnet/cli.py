@@ -2,14 +2,20 @@
 
     esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
     esm-gearnet predict --ckpt RUN_DIR_OR_CHECKPOINT INPUT... -o predictions.csv [--threshold T] [--scores S.npz]
-    esm-gearnet report RUN_DIR... [-o report.png]
-    esm-gearnet downstream -c CONFIG ...   /   esm-gearnet pretrain -c CONFIG ...
+    esm-gearnet report RUN_DIR... [--label NAME...] [-o report.png]
+    esm-gearnet downstream -c CONFIG ...   /   esm-gearnet pretrain -c CONFIG ...   /   ... --resume RUN_DIR
+
+Any key of the config can be set on the command line: --engine.batch_size 4 --dataset.path /data (see
+`esm-gearnet downstream -c CONFIG --help`). `esm-gearnet COMMAND --help` describes each command.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
+
+from .arguments import parse_args, script_parser
 
 
 def _one_sentence(main):
@@ -39,7 +45,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def embed_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Embeddings of your own structures (.npz, .pt or .h5).")
+    parser = script_parser("Embeddings of your own structures (.npz, .pt or .h5).")
     parser.add_argument("-c", "--config", default=None, help="the model's config (optional with --ckpt of a run)")
     parser.add_argument("--ckpt", default=None, help="weights: a run directory, a checkpoint or a bare state_dict")
     parser.add_argument("--per-residue", action="store_true", help="also write per-residue embeddings")
@@ -49,7 +55,7 @@ def embed_parser() -> argparse.ArgumentParser:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Predictions of a trained task for your own structures (CSV).")
+    parser = script_parser("Predictions of a trained task for your own structures (CSV).")
     parser.add_argument("--ckpt", required=True, help="a run directory (its best.pth) or a checkpoint of it")
     parser.add_argument("-c", "--config", default=None, help="override the config the checkpoint carries")
     parser.add_argument("--threshold", type=float, default=0.5, help="terms scored at least this are listed")
@@ -64,10 +70,11 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
     from .inference import run_embed
     from .training import setup_logging
 
-    args = embed_parser().parse_args(argv)
+    args, variables, overrides = parse_args(argv, embed_parser())
     setup_logging(None)
     count, skipped = run_embed(args.inputs, args.output, args.config, args.ckpt, args.per_residue, args.resume,
-                               args.workers, args.device, args.max_residues, progress=not args.quiet)
+                               args.workers, args.device, args.max_residues, progress=not args.quiet,
+                               variables=variables, overrides=overrides)
     print(f"embedded {count} protein(s) into {args.output}; {len(skipped)} input(s) skipped")
     return 0 if count or (args.resume and not skipped) else 1
 
@@ -77,10 +84,11 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     from .inference import run_predict
     from .training import setup_logging
 
-    args = predict_parser().parse_args(argv)
+    args, variables, overrides = parse_args(argv, predict_parser())
     setup_logging(None)
     count, skipped = run_predict(args.inputs, args.output, args.ckpt, args.config, args.threshold, args.top,
-                                 args.scores, args.workers, args.device, args.max_residues, not args.quiet)
+                                 args.scores, args.workers, args.device, args.max_residues, not args.quiet,
+                                 variables=variables, overrides=overrides)
     print(f"predicted {count} protein(s) into {args.output}; {len(skipped)} input(s) skipped")
     return 0 if count else 1
 
@@ -91,10 +99,14 @@ def report_main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(description="Training curves of one or more runs side by side.")
     parser.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")
-    parser.add_argument("-o", "--output", default="report.png")
+    parser.add_argument("--label", action="append", default=None,
+                        help="the name of a run in the legend, once per run in order (default: the config keys "
+                             "in which the runs differ)")
+    parser.add_argument("-o", "--output", default=None, help="the figure (default: report.png in the first run)")
     args = parser.parse_args(argv)
-    plot_runs(args.runs, args.output)
-    print(f"wrote {args.output}")
+    output = args.output or str(Path(args.runs[0]) / "report.png")
+    plot_runs(args.runs, output, args.label)
+    print(f"wrote {output}")
     return 0
 
 
@@ -118,8 +130,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"embed": embed_main, "predict": predict_main, "report": report_main,
                 "downstream": downstream_main, "pretrain": pretrain_main}
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
+        print(f"\nerror: name a command: {', '.join(commands)}.", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

@@ -1,21 +1,26 @@
-"""Config files: Jinja2 template -> YAML -> EasyDict, and the command-line options they declare.
+"""Config files: Jinja2 template -> YAML -> key overrides -> EasyDict.
 
 A config may hold Jinja variables (`branch: {{ branch }}`); every undeclared variable becomes a command-line
-option of the scripts (`--branch MF`). Values are read as Python literals where they are one (`3`, `0.1`,
-`[1, 2]`, `None`), else kept as strings. A variable that is not given renders as YAML null, as in the original.
+option of the scripts (`--branch MF`, see `arguments`). Values are read as Python literals where they are one
+(`3`, `0.1`, `[1, 2]`, `None`), else kept as strings. A variable that is not given renders as YAML null, as in the
+original. Key overrides (`--engine.batch_size 4`) set keys of the rendered config (`apply_overrides`).
 """
 from __future__ import annotations
 
-import argparse
 import ast
+import difflib
 import os
+import re
 import traceback
-from typing import Any, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import easydict
 import jinja2
 import jinja2.meta
 import yaml
+
+
+Override = Tuple[str, str]  # (key path, VALUE as typed)
 
 
 class ConfigError(ValueError):
@@ -83,11 +88,12 @@ def render_config(path: str, variables: Optional[Dict[str, Any]] = None) -> str:
                           "the command line.") from None
 
 
-def load_config(path: str, variables: Optional[Dict[str, Any]] = None) -> easydict.EasyDict:
-    """Render a config with `variables`, parse it as YAML and return it as an EasyDict.
+def load_config(path: str, variables: Optional[Dict[str, Any]] = None,
+                overrides: Sequence[Override] = ()) -> easydict.EasyDict:
+    """Render a config with `variables`, parse it as YAML, set the key `overrides` and return it as an EasyDict.
 
     Raises:
-        ConfigError: missing file, template error or YAML error, naming the file (and line).
+        ConfigError: missing file, template error, YAML error or unknown override, naming the file (and line).
     """
     rendered = render_config(path, variables)
     try:
@@ -101,33 +107,64 @@ def load_config(path: str, variables: Optional[Dict[str, Any]] = None) -> easydi
         config = {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping of keys (output_dir, dataset, task, ...).")
-    return easydict.EasyDict(config)
+    return easydict.EasyDict(apply_overrides(config, overrides, path, list(variables or ())))
 
 
-def base_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
-    """The options every script shares: -c/--config and -s/--seed."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("-c", "--config", required=True, help="YAML configuration file (a Jinja template)")
-    parser.add_argument("-s", "--seed", type=int, default=1024, help="random seed (default 1024)")
-    return parser
+def plain(value: Any) -> Any:
+    """A config (EasyDict) as plain dicts and lists, for yaml.safe_dump."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None
-               ) -> Tuple[argparse.Namespace, Dict[str, Any]]:
-    """Parse the script options, then the options the config's Jinja variables declare.
+def _value(text: str) -> Any:
+    """VALUE read as YAML; `1e-4`, which YAML 1.1 reads as text, is a number as in YAML 1.2."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot read {text!r} as a YAML value ({getattr(error, 'problem', error)}).") from None
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        return float(value)
+    return value
 
-    Returns:
-        (args, variables): the script's options, and a dict of every config variable (None where not given).
+
+def _key_paths(node: Any, prefix: str = "") -> List[str]:
+    paths = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        paths += [path] + _key_paths(value, path)
+    return paths
+
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[Override], source: str,
+                    variables: Sequence[str] = ()) -> Dict[str, Any]:
+    """`cfg` with each (key path, VALUE) set; an unknown path ends in one sentence with the closest keys.
+
+    Args:
+        source: the config file, for messages; variables: the config's Jinja variables, offered as alternatives.
     """
-    parser = parser or base_parser()
-    args, unparsed = parser.parse_known_args(argv)
-    names = sorted(detect_variables(args.config))
-    variable_parser = argparse.ArgumentParser(
-        prog=f"{parser.prog} -c {args.config}", description="options declared by the config's Jinja variables")
-    for name in names:
-        variable_parser.add_argument(f"--{name}", default=None, help=f"value of {{{{ {name} }}}} in the config")
-    values, rest = variable_parser.parse_known_args(unparsed)
-    if rest:
-        hint = f"; this config declares {', '.join('--' + n for n in names)}" if names else ""
-        parser.error(f"unrecognised arguments: {' '.join(rest)}{hint}")
-    return args, {name: literal(getattr(values, name)) for name in names}
+    for name, text in overrides:
+        keys = [k for k in re.split(r"\.|\[(\d+)\]\.?", name) if k]
+        node, found = cfg, True
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+                key = int(key)
+            elif not (isinstance(node, dict) and (key in node or last and i > 0)):
+                found = False
+                break
+            if last:
+                node[key] = _value(text)
+            else:
+                node = node[key]
+        if not found:
+            candidates = list(dict.fromkeys([f"--{v}" for v in variables] + [f"--{p}" for p in _key_paths(cfg)]))
+            close = difflib.get_close_matches(f"--{name}", candidates, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else \
+                f"; its top-level keys are {', '.join(map(str, cfg))}."
+            raise ConfigError(f"option --{name} is neither an option of the script, a variable of {source} nor "
+                              f"a key path of it{hint}")
+    return cfg

@@ -35,7 +35,7 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -92,6 +92,7 @@ class Engine:
         sync_batch_norm: convert batch norms to SyncBatchNorm under multi-GPU DDP.
         find_unused_parameters: passed to DDP.
         bucket: length-bucketed training batches (`sampler.LengthBucketSampler`): less padding for ESM.
+        logger: "logging" (log, metrics.jsonl, curves.png, TensorBoard) or "wandb" (also Weights & Biases).
         run_dir: where checkpoints, metrics.jsonl and the log go; config: stored in checkpoints.
         task_names: the dataset's target names in the head's output order, stored in checkpoints.
         seed: the sampler's shuffling seed.
@@ -102,7 +103,8 @@ class Engine:
                  scheduler=None, batch_size: int = 1, num_worker: int = 0, gpus: Optional[Sequence[int]] = None,
                  log_interval: int = 100, gradient_interval: int = 1, clip_norm: Optional[float] = None,
                  precision: str = "fp32", on_nonfinite: str = "stop", sync_batch_norm: bool = True,
-                 find_unused_parameters: bool = False, bucket: bool = False, run_dir=None,
+                 find_unused_parameters: bool = False, bucket: bool = False,
+                 logger: Literal["logging", "wandb"] = "logging", run_dir=None,
                  config: Optional[Dict] = None, task_names: Sequence[str] = (), seed: int = 0,
                  device: Optional[torch.device] = None, progress: bool = True):
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
@@ -111,10 +113,10 @@ class Engine:
         self.stepper = Stepper(optimizer, scheduler, self.device, precision, gradient_interval, clip_norm,
                                on_nonfinite)
         if gpus is not None and len(gpus) != self.world_size:
-            logger.warning("engine.gpus lists %d devices but %d process(es) run; batch_size %d is per process, "
-                           "so the global batch is %d. Launch with torchrun --nproc_per_node=%d for the "
-                           "original setting.", len(gpus), self.world_size, batch_size,
-                           batch_size * self.world_size, len(gpus))
+            log = logging.getLogger("esm_gearnet")  # `logger` is the engine.logger option here
+            log.warning("engine.gpus lists %d devices but %d process(es) run; batch_size %d is per process, so the "
+                        "global batch is %d. Launch with torchrun --nproc_per_node=%d for the original setting.",
+                        len(gpus), self.world_size, batch_size, batch_size * self.world_size, len(gpus))
         self.task, self.model = data_parallel(task, self.device, self.world_size, sync_batch_norm,
                                               find_unused_parameters)
         self.sets = {"train": train_set, "valid": valid_set, "test": test_set}
@@ -127,7 +129,7 @@ class Engine:
         self.progress = progress and self.rank == 0
         self.epoch, self.step = 0, 0
         self.selection = BestEpoch()
-        self.run_log = RunLog(self.run_dir, writes=self.rank == 0)
+        self.run_log = RunLog(self.run_dir, writes=self.rank == 0, logger=logger, config=self.config)
         self.num_evaluated: Dict[str, int] = {}
 
     @property
@@ -154,7 +156,8 @@ class Engine:
         self.model.train()
         totals: Dict[str, float] = {}
         count, started, proteins = 0, time.perf_counter(), 0
-        bar = self._bar(loader, f"epoch {self.epoch}", num_batch)
+        epoch = self.epoch + 1  # epochs count from 1 everywhere: bar, log, metrics.jsonl, checkpoints
+        bar = self._bar(loader, f"epoch {epoch}", num_batch)
         self.stepper.zero_grad()
         for i, batch in enumerate(bar):
             # the batch onto this process's device
@@ -168,7 +171,7 @@ class Engine:
                 with self.stepper.autocast():
                     loss, info = self.model(batch)
                 # a non-finite loss on any rank: raise ("stop"), or drop the step's gradients on every rank
-                if not self.stepper.loss_is_finite(loss, f"epoch {self.epoch}, step {self.step}, batch {i}"):
+                if not self.stepper.loss_is_finite(loss, f"epoch {epoch}, step {self.step}, batch {i}"):
                     continue
                 # backward: this batch's share of the step's gradient (loss / gradient_interval)
                 self.stepper.backward(loss)
@@ -185,7 +188,7 @@ class Engine:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
                                 proteins_per_s=f"{proteins / (time.perf_counter() - started):.1f}")
             if self.rank == 0 and self.log_interval and (i + 1) % self.log_interval == 0:
-                logger.info("epoch %d step %d loss %.5f", self.epoch, self.step, float(loss.detach()))
+                logger.info("epoch %d step %d loss %.4g", epoch, self.step, float(loss.detach()))
         # the epoch's means over this rank's batches, then over the ranks
         means = mean_over_ranks({k: v / max(count, 1) for k, v in totals.items()})
         self.epoch += 1
@@ -226,11 +229,13 @@ class Engine:
             train = self.train_epoch(batch_per_epoch=batch_per_epoch)
             valid, test = self.evaluate("valid"), self.evaluate("test")
             score = selection_score(valid, metric)
-            # the epoch's record: log, metrics.jsonl, curves.png, TensorBoard
+            improved = self.selection.update(self.epoch, score, metric)
+            # the epoch's record: log, metrics.jsonl, curves.png (the best epoch marked), TensorBoard
             self.record({"epoch": self.epoch, "step": self.step, "train": train, "valid": valid, "test": test,
-                         "lr": self.stepper.learning_rates(), "num_evaluated": dict(self.num_evaluated)})
+                         "lr": self.stepper.learning_rates(), "num_evaluated": dict(self.num_evaluated),
+                         "best_epoch": self.best["epoch"]})
             # a better validation score: these weights become best.pth
-            if self.selection.update(self.epoch, score, metric):
+            if improved:
                 self.save_weights("best.pth")
             # the scheduler, then everything a resume needs
             self.stepper.step_scheduler(score)

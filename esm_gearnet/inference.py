@@ -4,6 +4,7 @@ be read is reported with its reason and skipped.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -18,7 +19,7 @@ from easydict import EasyDict
 
 from . import checkpoint
 from .assembly import build_encoder, build_task, model_config
-from .config import load_config
+from .config import apply_overrides, load_config
 from .data import ProteinBatch, collate, load_structures
 from .data.io import is_structure_file
 from .models import Encoder
@@ -94,19 +95,21 @@ def checkpoint_file(path) -> Path:
     return path
 
 
-def load_run(config: Optional[str] = None, ckpt: Optional[str] = None) -> Tuple[EasyDict, Optional[Dict]]:
-    """(config, checkpoint or None). The config is `config` rendered (with the defaults training used) when
-    given, else the rendered config the checkpoint carries: a run is never rendered again."""
+def load_run(config: Optional[str] = None, ckpt: Optional[str] = None, variables: Optional[Dict] = None,
+             overrides: Sequence = ()) -> Tuple[EasyDict, Optional[Dict]]:
+    """(config, checkpoint or None). The config is `config` rendered (with `variables`, the defaults training
+    used) when given, else the rendered config the checkpoint carries: a run is never rendered again. Key
+    `overrides` (`config.apply_overrides`) are set on either."""
     state = checkpoint.load(checkpoint_file(ckpt)) if ckpt else None
     if config is not None:
-        return load_config(str(config)), state
+        return load_config(str(config), variables, overrides), state
     if state is None:
         raise ValueError("give the model's config with -c CONFIG, or --ckpt with a run directory or checkpoint "
                          "of this framework (they carry their config).")
     if not checkpoint.is_packed(state):
         raise ValueError(f"{ckpt} holds no config (a bare state_dict, like the original's released files); "
                          "give the config of the model it was saved from with -c CONFIG.")
-    return EasyDict(state["config"]), state
+    return EasyDict(apply_overrides(copy.deepcopy(state["config"]), overrides, str(ckpt))), state
 
 
 def load_encoder(cfg, state: Optional[Dict] = None, source: str = "the checkpoint") -> Encoder:
@@ -223,7 +226,8 @@ def load_embeddings(path: Path) -> Dict:
 
 def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Optional[str] = None,
               per_residue: bool = False, resume: bool = False, workers: int = 2, device: Optional[str] = None,
-              max_residues: int = 4096, progress: bool = True) -> Tuple[int, List[Tuple[str, str]]]:
+              max_residues: int = 4096, progress: bool = True, variables: Optional[Dict] = None,
+              overrides: Sequence = ()) -> Tuple[int, List[Tuple[str, str]]]:
     """Embed the inputs into `output`; returns (proteins embedded now, skipped [(input, reason)]). The skipped
     inputs are also listed in `<output>.skipped.tsv`. With `resume`, the proteins already in `output` are kept
     (per-protein and per-residue rows) and only the others are embedded; the file must have been written by the
@@ -231,7 +235,7 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
     output = Path(output)
     if output.suffix not in FORMATS:
         raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
-    cfg, state = load_run(config, ckpt)
+    cfg, state = load_run(config, ckpt, variables, overrides)
     encoder = load_encoder(cfg, state, str(ckpt))
     options = embedding_options(cfg, encoder, per_residue)
     previous = load_embeddings(output) if resume and output.exists() else None
@@ -263,9 +267,10 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
 @torch.inference_mode()
 def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = None, threshold: float = 0.5,
                 top: int = 5, scores: Optional[str] = None, workers: int = 2, device: Optional[str] = None,
-                max_residues: int = 4096, progress: bool = True) -> Tuple[int, List[Tuple[str, str]]]:
+                max_residues: int = 4096, progress: bool = True, variables: Optional[Dict] = None,
+                overrides: Sequence = ()) -> Tuple[int, List[Tuple[str, str]]]:
     """Predict with a trained task; one CSV row per protein. Returns (proteins predicted, skipped)."""
-    cfg, state = load_run(config, ckpt)
+    cfg, state = load_run(config, ckpt, variables, overrides)
     if not checkpoint.is_packed(state):
         raise ValueError(f"{ckpt} holds no prediction head; predict needs a fine-tuning run directory or its "
                          "best.pth.")

@@ -95,8 +95,12 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
             if unit > done or (unit == done and distributed.broadcast_object(not (run_dir / name).exists())):
                 engine.save_weights(name)
                 logger.info("saved the encoder's weights to %s", run_dir / name)
+        engine.run_log.close()
         if unit == done and resume:
             logger.info("run %s had finished: nothing to do", run_dir)
+        else:
+            logger.info("done: run directory %s; encoder weights model_epoch_*.pth (for --ckpt and embed); "
+                        "curves: %s", run_dir, run_dir / "curves.png")
     return run_dir
 
 

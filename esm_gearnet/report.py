@@ -2,8 +2,10 @@
 side by side.
 
 One panel per quantity: the training loss (and any other logged training value, e.g. a pre-training accuracy),
-then one panel per validation metric with the test metric dashed in the same colour. One colour per run. The
-x axis is the epoch. The figure is drawn from `metrics.jsonl`, so what is plotted is what was logged.
+then one panel per validation metric with the test metric dashed in the same colour. One colour per run; a dotted
+vertical line marks each run's best validation epoch. The x axis is the epoch. The figure is drawn from
+`metrics.jsonl`, so what is plotted is what was logged. Runs are labelled by the config keys in which they
+differ (their `config.yaml`), else by their directory names, unless labels are given.
 """
 from __future__ import annotations
 
@@ -52,8 +54,12 @@ def plot_runs(run_dirs: Sequence, path=None, names: Sequence[str] = None):
     from matplotlib import pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs = [(Path(d), series(read_records(d))) for d in run_dirs]
-    names = list(names or _short_names([d for d, _ in runs]))
+    records = [read_records(d) for d in run_dirs]
+    runs = [(Path(d), series(r)) for d, r in zip(run_dirs, records)]
+    names = list(names or run_labels([d for d, _ in runs]))
+    if len(names) != len(runs):
+        raise ValueError(f"{len(names)} label(s) for {len(runs)} run(s); give one --label per run.")
+    best = [next((r["best_epoch"] for r in reversed(rs) if r.get("best_epoch") is not None), None) for rs in records]
     panels = list(dict.fromkeys(p for _, s in runs for p in s))
     columns = min(3, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))
@@ -68,6 +74,9 @@ def plot_runs(run_dirs: Sequence, path=None, names: Sequence[str] = None):
                     xs, ys = data[panel][split]
                     axis.plot(xs, ys, style, color=colour, marker="o", markersize=3,
                               label=split if len(runs) == 1 else (name if split != "test" else None))
+            if best[k] is not None and not panel.startswith("train "):
+                axis.axvline(best[k], color=colour, linestyle=":", linewidth=1.2,
+                             label=f"best epoch {best[k]}" if len(runs) == 1 else None)
         axis.set_title(panel if panel.startswith("train ") else f"{panel} (valid solid, test dashed)", fontsize=10)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -97,9 +106,27 @@ def write_curves(run_dir) -> Path:
     return path
 
 
-def _short_names(run_dirs: Sequence[Path]) -> List[str]:
-    """Model/time of each run (the last two path parts), numbered when two runs would share a name."""
-    names = ["/".join(d.parts[-2:]) for d in run_dirs]
+def _flat(value, prefix: str = "") -> Dict[str, str]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): json.dumps(value)}
+
+
+def run_labels(run_dirs: Sequence[Path]) -> List[str]:
+    """A label per run: the config keys in which the runs differ (`key=value`, at most three, from each run's
+    config.yaml), else the last two parts of the run directory, numbered when two would be the same."""
+    import yaml
+
+    names = ["/".join(Path(d).parts[-2:]) for d in run_dirs]
+    try:
+        configs = [_flat(yaml.safe_load((Path(d) / "config.yaml").read_text())) for d in run_dirs]
+    except (OSError, yaml.YAMLError, AttributeError):
+        configs = []
+    if len(configs) > 1:
+        keys = [k for k in dict.fromkeys(k for c in configs for k in c)
+                if k != "output_dir" and len({c.get(k) for c in configs}) > 1]
+        if keys:
+            names = [", ".join(f"{k.split('.')[-1]}={c.get(k, 'null')}" for k in keys[:3]) for c in configs]
     if len(set(names)) < len(names):
         names = [f"{k + 1}: {name}" for k, name in enumerate(names)]
     return names

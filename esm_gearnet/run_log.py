@@ -12,6 +12,9 @@ curves.png       redrawn from metrics.jsonl after every per-epoch record (`repor
 events.out.*     TensorBoard scalars "<split>/<metric>" at step = epoch; the writer is opened at the first
                  per-epoch record (so a run that trains nothing leaves no events file); optional: without
                  the tensorboard package nothing is written
+wandb/           with `engine.logger: wandb` (the original's option), the same scalars in a Weights & Biases run
+                 (project "esm_gearnet", named after the run directory, the config attached); `WANDB_MODE=offline`
+                 works without network
 ===============  ==============================================================================================
 """
 from __future__ import annotations
@@ -34,11 +37,23 @@ class RunLog:
     Args:
         run_dir: the run directory, or None to write no file.
         writes: whether this process writes (rank 0) or only keeps the history (the other ranks).
+        logger: "logging" (the log, metrics.jsonl, curves, TensorBoard) or "wandb" (those and Weights & Biases).
+        config: the run's config, attached to the Weights & Biases run.
     """
 
-    def __init__(self, run_dir: Optional[Path], writes: bool):
+    def __init__(self, run_dir: Optional[Path], writes: bool, logger: str = "logging",
+                 config: Optional[Dict[str, Any]] = None):
+        if logger not in ("logging", "wandb"):
+            raise ValueError(f"engine.logger must be logging or wandb, got {logger!r}.")
+        if logger == "wandb" and writes and run_dir is not None:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ImportError("engine.logger: wandb needs the wandb package: pip install wandb (set "
+                                  "WANDB_MODE=offline to log without network), or use logger: logging.") from None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writes = writes
+        self.logger, self.config, self.wandb = logger, config, None
         self.history: List[Dict[str, Any]] = []
         self.tensorboard = None  # a SummaryWriter once the first per-epoch record is written
         self.tensorboard_missing = False
@@ -53,7 +68,7 @@ class RunLog:
         self.history.append(record)
         if not self.writes:
             return
-        logger.info("%s", json.dumps(record))
+        logger.info("%s", format_record(record))
         if self.run_dir is None:
             return
         with open(self.metrics_file, "a") as handle:
@@ -64,12 +79,31 @@ class RunLog:
             report.write_curves(self.run_dir)
         except ImportError:  # matplotlib is a dependency; a broken install must not stop training
             logger.warning("matplotlib cannot be imported: curves.png is not drawn")
+        scalars = {f"{split}/{key}": value for split in SPLITS for key, value in (record.get(split) or {}).items()}
         writer = self._tensorboard()
         if writer is not None:
-            for split in SPLITS:
-                for key, value in record.get(split, {}).items():
-                    writer.add_scalar(f"{split}/{key}", value, record["epoch"])
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, record["epoch"])
             writer.flush()
+        if self.logger == "wandb":
+            self._wandb().log(scalars, step=record["epoch"])
+
+    def close(self) -> None:
+        """Finish the Weights & Biases run and close the TensorBoard writer (if open)."""
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def _wandb(self):
+        if self.wandb is None:
+            import wandb
+
+            self.wandb = wandb.init(project="esm_gearnet", name=self.run_dir.name, dir=str(self.run_dir),
+                                    config=self.config, resume="allow", id=self.run_dir.name)
+        return self.wandb
 
     def restore(self, history: List[Dict[str, Any]]) -> None:
         """Continue from `history` (a resumed run's). The writing rank rewrites metrics.jsonl to it when the file
@@ -94,3 +128,23 @@ class RunLog:
                 return None
             self.tensorboard = SummaryWriter(str(self.run_dir))
         return self.tensorboard
+
+
+def format_metrics(metrics: Dict[str, Any]) -> str:
+    """`{"f1_max": 0.81234, "auprc@micro": 0.7}` -> "f1_max 0.8123, auprc@micro 0.7" (4 significant digits)."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def format_record(record: Dict[str, Any]) -> str:
+    """One readable log line for a record (metrics.jsonl keeps every digit)."""
+    if "final" in record:
+        final = record["final"]
+        return (f"best validation epoch {final['best_epoch']}: valid {format_metrics(final['valid'])}; "
+                f"test {format_metrics(final['test'])}")
+    if "epoch" not in record:
+        return json.dumps(record)
+    parts = [f"epoch {record['epoch']}"] + [f"{split} {format_metrics(record[split])}" for split in SPLITS
+                                            if record.get(split)]
+    if record.get("best_epoch") is not None:
+        parts.append(f"best epoch {record['best_epoch']}")
+    return "; ".join(parts)

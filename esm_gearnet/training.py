@@ -17,13 +17,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import yaml
 
 from . import checkpoint, distributed
 from .assembly import build_task, optimizer_groups, runtime_task_list
-from .config import ConfigError, base_parser, parse_args, load_config, render_config
+from .arguments import base_parser, parse_args
+from .config import ConfigError, load_config, plain
 from .engine import Engine, lower_is_better
 from .errors import user_errors
 from .registry import build
+from .run_log import format_metrics
 from .schema import validate
 
 logger = logging.getLogger("esm_gearnet")
@@ -33,7 +36,8 @@ def downstream_parser(description: str) -> argparse.ArgumentParser:
     parser = base_parser(description)
     parser.add_argument("--ckpt", default=None,
                         help="model weights to fine-tune from (the original's .pth or a checkpoint of this framework)")
-    parser.add_argument("--resume", default=None, help="run directory (or its last.pth) to continue exactly")
+    parser.add_argument("--resume", default=None, help="run directory (or its last.pth) to continue exactly; "
+                        "without -c, the run's own config.yaml")
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch
     return parser
@@ -145,12 +149,15 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     Args:
         dataset_keys: keys of the config's `dataset` that the script reads itself (see `schema.validate`).
     """
-    parser = downstream_parser(description)
-    args, variables = parse_args(argv, parser)
+    args, variables, overrides = parse_args(argv, downstream_parser(description), config_file)
+    source = config_file(args)
+    if source is None:
+        raise ConfigError("give the config with -c CONFIG, or --resume RUN_DIR to continue a run from its own "
+                          "config.yaml.")
     if args.ckpt is not None and "ckpt" in variables:
         variables["ckpt"] = args.ckpt
-    cfg = load_config(args.config, variables)
-    validate(cfg, args.config, dataset_keys)
+    cfg = load_config(source, variables, overrides)
+    validate(cfg, source, dataset_keys)
     resume = args.resume or cfg.get("checkpoint")
     distributed.init()
     run_dir = None
@@ -159,9 +166,9 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         # a resumed run's log.txt is appended to once it has work to do (`setup_logging(run_dir)` again): a
         # resume that finds the run finished changes no file
         setup_logging(run_dir if resume is None else None)
-        if distributed.rank() == 0 and resume is None:
-            (run_dir / "config.yaml").write_text(render_config(args.config, variables))
-        logger.info("config %s, run directory %s, %d process(es)", args.config, run_dir, distributed.world_size())
+        if distributed.rank() == 0 and resume is None:  # the config as run: rendered, overrides applied
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
+        logger.info("config %s, run directory %s, %d process(es)", source, run_dir, distributed.world_size())
         seed_everything(args.seed)  # same initial weights on every rank
         yield args, cfg, run_dir, resume
     except BaseException as error:
@@ -184,6 +191,18 @@ def _log_error(run_dir: Optional[Path], error: BaseException) -> None:
         handle.write(f"{time.strftime('%H:%M:%S')} {text}")
 
 
+def config_file(args) -> Optional[str]:
+    """-c CONFIG, else the config.yaml of the run that --resume names (None without either)."""
+    if args.config or not args.resume:
+        return args.config
+    run_dir = Path(os.path.expanduser(args.resume))
+    run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} holds no config.yaml, so it is not a run directory of this framework; "
+                          "give --resume a run directory, or the config with -c CONFIG.")
+    return str(run_dir / "config.yaml")
+
+
 def resume_file(resume) -> Path:
     """The last.pth of a run directory, or the checkpoint file given."""
     path = Path(os.path.expanduser(str(resume)))
@@ -200,7 +219,9 @@ def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
             setup_logging(run_dir)
             logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
         result = engine.fit(cfg.train.num_epoch, selection_metric(cfg, engine.task), cfg.train.get("batch_per_epoch"))
-        logger.info("test metrics of the best validation epoch (%s): %s", engine.best["epoch"], result)
+        engine.run_log.close()
+        logger.info("done: run directory %s; best validation epoch %s, its test metrics: %s; curves: %s",
+                    run_dir, engine.best["epoch"], format_metrics(result), run_dir / "curves.png")
     return result
 
 
