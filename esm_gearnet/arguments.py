@@ -73,12 +73,15 @@ def parse_args(argv: Optional[Sequence[str]], parser: argparse.ArgumentParser,
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, pairs = split_overrides(argv, parser)
+    if "-h" in rest or "--help" in rest:  # before the required options are asked for
+        only_config = argparse.ArgumentParser(add_help=False)
+        only_config.add_argument("-c", "--config", default=None)
+        path = only_config.parse_known_args(rest)[0].config
+        print(parser.format_help() + config_help(path, sorted(detect_variables(path)) if path else []))
+        raise SystemExit(0)
     args = parser.parse_args(rest)
     path = config_of(args)
     names = sorted(detect_variables(path)) if path else []
-    if args.help:
-        print(parser.format_help() + config_help(path, names))
-        raise SystemExit(0)
     variables = {name: None for name in names}
     overrides = []
     for name, value in pairs:

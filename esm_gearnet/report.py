@@ -109,7 +109,7 @@ def write_curves(run_dir) -> Path:
 def _flat(value, prefix: str = "") -> Dict[str, str]:
     if isinstance(value, dict):
         return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): json.dumps(value)}
+    return {prefix.rstrip("."): json.dumps(value, sort_keys=True)}
 
 
 def run_labels(run_dirs: Sequence[Path]) -> List[str]:

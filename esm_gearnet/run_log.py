@@ -19,6 +19,7 @@ wandb/           with `engine.logger: wandb` (the original's option), the same s
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -46,11 +47,9 @@ class RunLog:
         if logger not in ("logging", "wandb"):
             raise ValueError(f"engine.logger must be logging or wandb, got {logger!r}.")
         if logger == "wandb" and writes and run_dir is not None:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
+            if importlib.util.find_spec("wandb") is None:
                 raise ImportError("engine.logger: wandb needs the wandb package: pip install wandb (set "
-                                  "WANDB_MODE=offline to log without network), or use logger: logging.") from None
+                                  "WANDB_MODE=offline to log without network), or use logger: logging.")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writes = writes
         self.logger, self.config, self.wandb = logger, config, None

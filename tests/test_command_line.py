@@ -1,0 +1,175 @@
+"""The command line around the happy path: help, key overrides on all four commands, --resume RUN_DIR alone,
+the output of a run (epoch numbering, readable lines, the last line), report labels and engine.logger."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import STRUCTURES
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
+PRETRAIN = ROOT / "config" / "demo" / "pretrain_mc_esm_gearnet.yaml"
+# a small demo run: 32 proteins, one GearNet layer of 16
+SMALL = ["--num_protein", "32", "--batch_size", "8", "--task.model.structure_model.hidden_dims", "[16]"]
+
+
+def _run_dir(output: Path) -> Path:
+    (config,) = output.rglob("config.yaml")
+    return config.parent
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One epoch of the demo, set up only through overrides; (run directory, stderr)."""
+    from esm_gearnet.cli import main
+    import contextlib
+    import io
+
+    output = tmp_path_factory.mktemp("runs")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in ["downstream", "-c", DEMO, "--output_dir", output, *SMALL, "--train.num_epoch", "1",
+                     "--engine.log_interval", "2", "--optimizer.lr", "5e-3"]])
+    assert code == 0, err.getvalue()
+    return _run_dir(output), err.getvalue()
+
+
+def test_help_goes_to_stdout(cli):
+    code, out, err = cli("--help")
+    assert code == 0 and "esm-gearnet embed" in out and err == ""
+    for command in ("embed", "predict", "report"):
+        code, out, _ = cli(command, "--help")
+        assert code == 0 and "usage:" in out
+    code, out, _ = cli("downstream", "-c", DEMO, "--help")
+    assert code == 0 and "--config" in out
+    assert f"options of {DEMO} (its Jinja variables):" in out
+    for name in ("--batch_norm VALUE", "--batch_size VALUE", "--num_epoch VALUE", "--num_protein VALUE",
+                 "--output_dir VALUE", "--KEY.PATH VALUE", "--engine.batch_size 4"):
+        assert name in out
+    code, _, err = cli()
+    assert code == 2 and "name a command" in err
+
+
+def test_overrides_are_applied_and_saved(demo_run):
+    run_dir, err = demo_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["task"]["model"]["structure_model"]["hidden_dims"] == [16]
+    assert config["train"]["num_epoch"] == 1 and config["optimizer"]["lr"] == 5e-3  # 5e-3 read as a number
+    assert config["dataset"]["num_protein"] == 32 and config["engine"]["log_interval"] == 2
+
+
+def test_a_run_reports_in_readable_lines(demo_run):
+    run_dir, err = demo_run
+    log = (run_dir / "log.txt").read_text()
+    assert "epoch 1 step 2 loss " in log  # the step lines count epochs from 1, as metrics.jsonl does
+    epoch_line = next(line for line in log.splitlines() if "epoch 1; train loss" in line)
+    valid = epoch_line.split("; valid ")[1].split(";")[0]
+    for item in valid.split(", "):  # 4 significant digits at most
+        digits = item.split(" ")[1].lstrip("0.").replace(".", "")
+        assert len(digits.rstrip("e-0123456789") or digits) <= 4 or "e" in item, item
+    last = err.strip().splitlines()[-1]
+    assert f"run directory {run_dir}" in last and "best validation epoch 1" in last
+    assert str(run_dir / "curves.png") in last and "f1_max" in last
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["epoch"] == 1 and records[0]["best_epoch"] == 1
+
+
+def test_unknown_key_path_names_the_closest(cli, tmp_path):
+    code, _, err = cli("downstream", "-c", DEMO, "--output_dir", tmp_path, "--engine.batchsize", "4")
+    assert code == 2 and err.startswith("error: config key `engine.batchsize` is unknown; did you mean batch_size")
+    code, _, err = cli("downstream", "-c", DEMO, "--output_dir", tmp_path, "--engin.batch_size", "4")
+    assert code == 2 and "option --engin.batch_size is neither an option of the script" in err
+    assert "did you mean --engine.batch_size" in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_resume_run_dir_alone_continues_with_its_own_config(demo_run, cli, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run[0], run_dir)
+    code, _, err = cli("downstream", "--resume", run_dir, "--train.num_epoch", "2")
+    assert code == 0, err
+    epochs = [json.loads(line).get("epoch") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e for e in epochs if e] == [1, 2]
+    code, _, err = cli("downstream", "--resume", tmp_path)
+    assert code == 2 and "holds no config.yaml" in err
+
+
+def test_embed_and_predict_take_overrides(demo_run, cli, tmp_path, structures_dir):
+    run_dir, _ = demo_run
+    files = sorted(structures_dir.glob("*.pdb"))[:2]
+    code, _, err = cli("predict", "--ckpt", run_dir, *files, "-o", tmp_path / "a.csv", "--scores", tmp_path / "a.npz",
+                       "--quiet")
+    assert code == 0, err
+    # fair-esm's own attention instead of SDPA: the same predictions
+    code, _, err = cli("predict", "--ckpt", run_dir, *files, "-o", tmp_path / "b.csv", "--scores",
+                       tmp_path / "b.npz", "--quiet", "--task.model.sequence_model.attention", "esm")
+    assert code == 0, err
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert np.abs(a["scores"] - b["scores"]).max() < 1e-4
+    # embed: the variables and a key path of the config, the inputs after them
+    code, _, err = cli("embed", "-c", DEMO, "--task.model.structure_model.hidden_dims", "[8, 8]", *files,
+                       "-o", tmp_path / "e.npz", "--quiet")
+    assert code == 0, err
+    assert np.load(tmp_path / "e.npz")["embedding"].shape == (2, 64 + 16)  # ESM 64 and concat_hidden 8 + 8
+    code, _, err = cli("embed", "-c", DEMO, "--task.model.structur_model.hidden_dims", "[8]", *files, "-o",
+                       tmp_path / "f.npz")
+    assert code == 2 and "did you mean --task.model.structure_model.hidden_dims" in err
+
+
+def test_pretrain_takes_overrides(cli, tmp_path):
+    code, _, err = cli("pretrain", "-c", PRETRAIN, "--output_dir", tmp_path, "--num_protein", "8",
+                       "--train.num_epoch", "1", "--task.model.model.structure_model.hidden_dims", "[8]",
+                       "--engine.batch_size", "4")
+    assert code == 0, err
+    config = yaml.safe_load((_run_dir(tmp_path) / "config.yaml").read_text())
+    assert config["task"]["model"]["model"]["structure_model"]["hidden_dims"] == [8]
+    assert (_run_dir(tmp_path) / "model_epoch_1.pth").is_file()
+
+
+def test_report_labels_and_default_output(demo_run, cli, tmp_path):
+    import shutil
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(demo_run[0], first)
+    shutil.copytree(demo_run[0], second)
+    config = yaml.safe_load((second / "config.yaml").read_text())
+    config["optimizer"]["lr"] = 1e-3
+    (second / "config.yaml").write_text(yaml.safe_dump(config))
+    from esm_gearnet.report import run_labels
+
+    assert run_labels([first, second]) == ["lr=0.005", "lr=0.001"]  # what differs between the runs
+    code, out, err = cli("report", first, second, "--label", "fast", "--label", "slow")
+    assert code == 0 and (first / "report.png").is_file() and out.strip() == f"wrote {first / 'report.png'}"
+    code, _, err = cli("report", first, second, "--label", "one")
+    assert code == 2 and "1 label(s) for 2 run(s)" in err
+
+
+def test_wandb_logger_offline(cli, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs, logged = [], []
+    real_init = wandb.init
+
+    def init(**kwargs):  # the real offline run, its log calls recorded
+        run = real_init(**kwargs)
+        real_log = run.log
+        run.log = lambda data, step=None: logged.append((step, dict(data))) or real_log(data, step=step)
+        runs.append(kwargs)
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    code, _, err = cli("downstream", "-c", DEMO, "--output_dir", tmp_path, *SMALL, "--num_protein", "16",
+                       "--train.num_epoch", "1", "--engine.logger", "wandb")
+    assert code == 0, err
+    run_dir = _run_dir(tmp_path)
+    assert len(runs) == 1 and runs[0]["dir"] == str(run_dir) and runs[0]["name"] == run_dir.name
+    assert runs[0]["config"]["task"]["model"]["structure_model"]["hidden_dims"] == [16]
+    assert [step for step, _ in logged] == [1] and {"train/loss", "valid/f1_max", "test/auprc@micro"} <= set(logged[0][1])
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
