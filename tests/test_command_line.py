@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import STRUCTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
