@@ -63,6 +63,31 @@ def detect_variables(path: str) -> Set[str]:
     return set(jinja2.meta.find_undeclared_variables(tree))
 
 
+MARK = "__jinja_variable__"
+
+
+def variable_keys(path: str) -> Dict[str, str]:
+    """{key path: variable} of the keys whose whole value is one Jinja variable of the config (found by
+    rendering every variable as a marker); {} when the config cannot be rendered so."""
+    names = detect_variables(path)
+    try:
+        config = yaml.safe_load(render_config(path, {name: f"{MARK}{name}{MARK}" for name in names}))
+    except Exception:  # noqa: BLE001 - arithmetic or filters on a variable: no marker survives
+        return {}
+    found = {}
+
+    def walk(node, prefix):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            where = f"{prefix}.{key}" if isinstance(node, dict) and prefix else f"{prefix}[{key}]" \
+                if isinstance(node, list) else str(key)
+            if isinstance(value, str) and value.startswith(MARK) and value.endswith(MARK):
+                found[where] = value[len(MARK):-len(MARK)]
+            walk(value, where)
+    walk(config, "")
+    return found
+
+
 def literal(value: Any) -> Any:
     """`"3"` -> 3, `"[1, 2]"` -> [1, 2], `"None"` -> None; text that is no Python literal stays a string."""
     if not isinstance(value, str):

@@ -190,7 +190,9 @@ def type_error(path: str, value: Any, hint: Any) -> ConfigError:
         extra = " (YAML reads a number without a decimal point, such as 1e-4, as text: write 1.0e-4)"
     elif value is None:
         extra = " (a Jinja variable of the config that is not given on the command line renders as null)"
-    return ConfigError(f"config key `{path}` must be {_describe(hint)}, got {value!r}{extra}.")
+    error = ConfigError(f"config key `{path}` must be {_describe(hint)}, got {value!r}{extra}.")
+    error.key, error.value, error.expected = path, value, _describe(hint)
+    return error
 
 
 def _is_number(text: str) -> bool:

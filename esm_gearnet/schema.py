@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .assembly import check_task
-from .config import ConfigError
+from .config import ConfigError, variable_keys
 from .engine import Engine
 from .registry import _matches, _parameters, _type_hints, build, check, type_error
 
@@ -70,6 +70,19 @@ def validate(cfg, source: str, dataset_keys: Optional[Dict[str, Any]] = None) ->
     Raises:
         ConfigError
     """
+    try:
+        _validate(cfg, source, dataset_keys)
+    except ConfigError as error:
+        # a null that a Jinja variable left: name the variable to give on the command line
+        variable = variable_keys(source).get(getattr(error, "key", None)) if getattr(error, "value", 0) is None \
+            else None
+        if variable is None:
+            raise
+        raise ConfigError(f"{source}: config key `{error.key}` is {{{{ {variable} }}}}, which was not given; pass "
+                          f"--{variable} ({error.expected.replace(' or null', '')}).") from None
+
+
+def _validate(cfg, source: str, dataset_keys: Optional[Dict[str, Any]]) -> None:
     missing = [key for key in REQUIRED if not cfg.get(key)]
     missing += ["task.model"] if isinstance(cfg.get("task"), dict) and not cfg.task.get("model") else []
     if missing:

@@ -62,8 +62,8 @@ CASES = [
      "config key `dataset.residue_feature` must be one of 'default', got 'symbol'."),
     ("an unknown dataset argument", EC, "dataset.atom_featur", None,
      "EnzymeCommission got unknown argument 'atom_featur' (did you mean 'atom_feature'?)"),
-    ("a GO config without --branch", ROOT / "config" / "GO" / "esm_gearnet.yaml", "dataset.path", "/nonexistent",
-     "config key `dataset.branch` must be a string, got None (a Jinja variable of the config that is not given"),
+    ("a GO branch that is none", ROOT / "config" / "GO" / "esm_gearnet.yaml", "dataset.branch", "XX",
+     "config key `dataset.branch` must be one of 'MF', 'BP', 'CC', got 'XX'."),
 ]
 
 
@@ -76,6 +76,18 @@ def test_config_fault_is_one_sentence_before_anything_is_made(cli, tmp_path, cas
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and sentence in err, err  # not even a log line
     assert not (tmp_path / "runs").exists()  # no run directory for a config that cannot run
+
+
+def test_go_config_without_branch_names_the_option(cli, tmp_path, monkeypatch):
+    """Before any download: the variable the config left null, and what it takes."""
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    go = ROOT / "config" / "GO" / "esm_gearnet.yaml"
+    code, _, err = cli("downstream", "-c", go, "--output_dir", tmp_path)
+    assert code == 2 and err == (f"error: {go}: config key `dataset.branch` is {{{{ branch }}}}, which was not "
+                                 "given; pass --branch (one of 'MF', 'BP', 'CC').\n")
+    assert not any(tmp_path.iterdir())
 
 
 JINJA_CASES = [

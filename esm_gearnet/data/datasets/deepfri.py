@@ -147,7 +147,7 @@ class GeneOntology(_DeepFRI):
     md5 = "376be1f088cd1fe720e1eaafb701b5cb"
     folder, prefix = "GeneOntology", "nrPDB-GO"
 
-    def __init__(self, path, branch: str = "MF", test_cutoff: float = 0.95, transform=None, workers: int = 2,
+    def __init__(self, path, branch: Literal["MF", "BP", "CC"] = "MF", test_cutoff: float = 0.95, transform=None, workers: int = 2,
                  progress: bool = True, verbose: int = 0, atom_feature: None = None, bond_feature: None = None,
                  residue_feature: Literal["default"] = "default"):
         folder, removed = self._prepare(path, test_cutoff, workers, progress)
