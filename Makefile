@@ -1,22 +1,50 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+#
+# Inside an active virtual environment they install into it; otherwise they create `.venv` in the repository
+# and use it (so a system Python that refuses `pip install`, PEP 668, is never touched). Installing happens once
+# and again only when pyproject.toml or setup.py change (a stamp file in the environment).
+#
+# torch is installed first when missing, pinned: on a machine that reaches only PyPI a bare `torch` requirement
+# pulls several GB of CUDA wheels. Give PyTorch's own wheel index for a CPU-only or a CUDA build:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cu126
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+
+ifdef VIRTUAL_ENV
+ENV := $(VIRTUAL_ENV)
+else
+ENV := .venv
+endif
+PY := $(ENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
 
 .PHONY: install demo test bench
 
-install:
-	@# torch first, pinned: a bare `torch` requirement would pull several GB of CUDA wheels on a CPU machine
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install -q -e ".[test]"
+$(PY):
+	$(PYTHON) -m venv $(ENV)
 
-demo: install
-	$(PYTHON) script/demo.py
-	$(PYTHON) script/downstream.py -c config/demo/esm_gearnet.yaml --output_dir output/demo
+$(ENV)/.esm_gearnet-core: pyproject.toml setup.py | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)" \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -e .
+	@touch $@
 
-test: install
-	$(PYTHON) -m pytest -q tests
+$(ENV)/.esm_gearnet-test: $(ENV)/.esm_gearnet-core
+	$(PIP) install -q -e ".[test]"
+	@touch $@
 
-bench: install
-	$(PYTHON) -m pip install -q biotite
-	$(PYTHON) benchmarks/structure_io.py
-	$(PYTHON) benchmarks/graph_construction.py
+install: $(ENV)/.esm_gearnet-core
+
+demo: $(ENV)/.esm_gearnet-core
+	$(PY) script/demo.py
+	$(PY) script/downstream.py -c config/demo/esm_gearnet.yaml --output_dir output/demo
+
+test: $(ENV)/.esm_gearnet-test
+	$(PY) -m pytest -q tests
+
+bench: $(ENV)/.esm_gearnet-core
+	$(PIP) install -q biotite
+	$(PY) benchmarks/structure_io.py
+	$(PY) benchmarks/graph_construction.py
