@@ -141,7 +141,7 @@ def training_run(argv: Optional[List[str]], description: str):
         raise ConfigError(f"{args.config} lacks {', '.join(missing)}; a training config needs dataset, "
                           "task (with its model), optimizer and train, as config/EC/esm_gearnet.yaml has.")
     resume = args.resume or cfg.get("checkpoint")
-    distributed.init()
+    distributed.init((cfg.get("engine") or {}).get("timeout", distributed.DEFAULT_TIMEOUT))
     try:
         run_dir = make_run_dir(cfg, resume)
         # a resumed run's log.txt is appended to once it has work to do (`setup_logging(run_dir)` again): a
