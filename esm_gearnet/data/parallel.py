@@ -16,7 +16,8 @@ logger = logging.getLogger("esm_gearnet")
 
 
 class WorkerDied(RuntimeError):
-    """A job killed its worker process twice (the second time alone in a fresh one), and no `on_death` was given."""
+    """A job in progress when a worker died, run again alone in a fresh process, killed that one too (and no
+    `on_death` was given)."""
 
 
 def ordered_map(fn: Callable, jobs: Sequence, workers: int = 0, progress: bool = True, description: str = "",
@@ -33,7 +34,7 @@ def ordered_map(fn: Callable, jobs: Sequence, workers: int = 0, progress: bool =
         jobs: its arguments.
         workers: processes; 0 or 1 runs every job in this process.
         progress, description, unit: the tqdm progress bar.
-        on_death: what to yield for a job that killed its worker twice; by default `WorkerDied` is raised.
+        on_death: what to yield for a job whose fresh process died too; by default `WorkerDied` is raised.
     Returns:
         An iterator over the results, in the order of `jobs`.
     """
@@ -58,9 +59,15 @@ def _in_workers(fn: Callable, jobs: Sequence, workers: int, on_death) -> Iterato
     try:
         while in_flight or submitted < len(chunks):
             pool = pool or ProcessPoolExecutor(workers, mp_context=context)
-            while submitted < len(chunks) and len(in_flight) < 2 * workers:
-                in_flight.append((chunks[submitted], pool.submit(_run_chunk, fn, chunks[submitted])))
-                submitted += 1
+            try:
+                while submitted < len(chunks) and len(in_flight) < 2 * workers:
+                    in_flight.append((chunks[submitted], pool.submit(_run_chunk, fn, chunks[submitted])))
+                    submitted += 1
+            except BrokenProcessPool:  # a worker died since the last results came back: the chunks below say
+                if not in_flight:  # it held none
+                    pool.shutdown(wait=True)
+                    pool = None
+                    continue
             chunk, future = in_flight.popleft()
             results = _results(future)
             if results is not None:
@@ -104,22 +111,29 @@ def _alone(fn: Callable, job, context, on_death):
     process.start()
     send.close()
     try:
-        result = receive.recv()
+        ok, result = receive.recv()
     except EOFError:  # the process ended without sending: it died
         process.join()
         code = process.exitcode
         how = signal.Signals(-code).name if code is not None and code < 0 else f"exit code {code}"
         if on_death is None:
-            raise WorkerDied(f"a worker process died ({how}) while working on {job!r}, twice, the second time alone "
-                             "in a fresh process; find what kills it (out of memory: fewer workers or more "
-                             "memory) or leave that input out.") from None
+            raise WorkerDied(f"a worker process died ({how}) while working on {job!r}, run again alone in a fresh "
+                             "process after a first worker died with it in progress; find what kills it (out of "
+                             "memory: fewer workers or more memory) or leave that input out.") from None
         return on_death(job, how)
     finally:
         receive.close()
     process.join()
+    if not ok:
+        raise result  # fn's own exception, as the pool would raise it
     return result
 
 
 def _send(fn: Callable, job, send) -> None:
-    send.send(fn(job))
+    """(True, fn(job)) or (False, the exception it raised) through `send`."""
+    try:
+        reply = True, fn(job)
+    except Exception as error:  # noqa: BLE001 - handed to the parent
+        reply = False, error
+    send.send(reply)
     send.close()

@@ -1,6 +1,7 @@
 """Worker processes that die (the OOM killer, a crash in C code) and ATOM3D LMDBs that cannot be read: the run
 ends within seconds with a sentence naming the job, or the job is retried alone, reported and skipped; never a
 hang, and the other jobs' results all come back in order."""
+import faulthandler
 import gzip
 import importlib.util
 import json
@@ -22,7 +23,7 @@ from esm_gearnet.data.parallel import WorkerDied, ordered_map
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 DEATHS = {  # what a job does to its worker: (how ordered_map names it)
     "kill": (lambda: os.kill(os.getpid(), signal.SIGKILL), "SIGKILL"),
-    "segfault": (lambda: os.kill(os.getpid(), signal.SIGSEGV), "SIGSEGV"),
+    "segfault": (lambda: (faulthandler.disable(), os.kill(os.getpid(), signal.SIGSEGV)), "SIGSEGV"),  # quietly
     "exit": (lambda: os._exit(3), "exit code 3"),
 }
 
@@ -54,8 +55,24 @@ def test_job_killing_its_worker_is_reported_and_the_rest_come_in_order(death, wo
 
 def test_without_on_death_the_map_ends_with_a_sentence_naming_the_job():
     with pytest.raises(WorkerDied, match=r"^a worker process died \(SIGKILL\) while working on \(13, 'kill', None\), "
-                                         r"twice, the second time alone in a fresh process; find what kills it"):
+                                         r"run again alone in a fresh process after a first worker died with it in progress; find what kills it"):
         list(ordered_map(_dies_on, [(n, "kill", None) for n in range(40)], workers=2, progress=False))
+
+
+def _raises_after_a_death(job):
+    number, marker = job
+    if number == 13 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if number == 13:
+        raise ValueError("job 13 raised")
+    return number
+
+
+def test_exception_of_a_job_run_again_alone_is_raised_as_in_the_pool(tmp_path):
+    with pytest.raises(ValueError, match="job 13 raised"):
+        list(ordered_map(_raises_after_a_death, [(n, str(tmp_path / "m")) for n in range(40)], workers=2,
+                         progress=False))
 
 
 def test_worker_killed_once_is_retried_alone_and_reported(tmp_path, caplog):

@@ -271,7 +271,7 @@ def _parse_item(job):
 
 
 def _died(job, how: str):
-    """The (None, reason) of an item whose worker process died twice (`parallel.ordered_map`'s on_death)."""
+    """The (None, reason) of an item whose process died, also when run again alone (`ordered_map`'s on_death)."""
     path, index, _ = job
     return None, f"{path}[{index}]: the process reading this item died ({how}), also when retried alone."
 

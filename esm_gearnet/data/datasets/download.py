@@ -55,8 +55,9 @@ def _check(member: tarfile.TarInfo, root: Path, archive: Path) -> tarfile.TarInf
 
     The filter refuses members that would land outside (`..`, below a link that leads outside), links that point
     outside, device files and FIFOs. On top of it, absolute paths (which the filter strips) and `..` components
-    are refused, so that files land where the archive says; and links are refused: dataset archives hold files and folders only, and the filter
-    of Pythons before 3.11.13 / 3.12.11 can be led outside through chains of links (CVE-2025-4517).
+    are refused, so that files land where the archive says; and links are refused: dataset archives hold files
+    and folders only, and the filter of Pythons before 3.11.13 / 3.12.11 can be led outside through chains of
+    links (CVE-2025-4517).
     """
     try:
         checked = tarfile.data_filter(member, str(root))
