@@ -24,7 +24,8 @@ import torch.distributed as dist
 logger = logging.getLogger("esm_gearnet")
 DEFAULT_TIMEOUT = 600.0  # seconds: a rank loading a large checkpoint or cache must not end the job
 # what gloo says (lower-cased) when a peer stopped answering (the timeout) or when its connection closed
-_TIMED_OUT, _CLOSED = ("timed out", "timeout caused pair closure", "socket timeout"), ("closed by peer", "reset by peer")
+_TIMED_OUT = ("timed out waiting", "timeout caused pair closure", "socket timeout")
+_CLOSED = ("connection closed by peer", "connection reset by peer")
 _timeout: Optional[float] = None
 
 

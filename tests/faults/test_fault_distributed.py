@@ -75,3 +75,37 @@ def test_timeout_must_be_a_positive_number_of_seconds(cli, tmp_path, timeout):
     code, _, err = cli("downstream", "-c", config, "--output_dir", tmp_path / "out")
     shown = {"ten": "'ten'", True: "True"}.get(timeout, timeout)
     assert code == 2 and f"engine.timeout must be a positive number of seconds, got {shown}." in err
+
+
+GLOO_ERRORS = {  # what a failing collective raises: the words of the sentence, or None (not a lost rank: raised as is)
+    "[unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete": "did not answer within 5 s",
+    "Application timeout caused pair closure": "did not answer within 5 s",
+    "[pair.cc:534] Connection closed by peer [127.0.0.1]:41234": "closed its connection",
+    "DataLoader timed out after 5 seconds": None,
+    "CUDA out of memory": None,
+}
+
+
+@pytest.mark.parametrize("raised", GLOO_ERRORS)
+def test_only_a_lost_rank_becomes_the_stall_sentence(monkeypatch, raised):
+    from esm_gearnet import distributed
+
+    def fail():
+        raise RuntimeError(raised)
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(distributed.dist, "barrier", fail)
+    monkeypatch.setattr(distributed, "_timeout", 5.0)
+    expected = GLOO_ERRORS[raised]
+    with pytest.raises(distributed.StalledError if expected else RuntimeError) as error:
+        with distributed.stalls_named(lambda: "predict at epoch 3, step 70"):
+            distributed.barrier()
+    if expected:  # the collective: the innermost helper of esm_gearnet.distributed it failed in
+        assert str(error.value) == (f"rank 1 of 4: another rank {expected}"
+                                    f"{' (engine.timeout)' if 'within' in expected else ''} in distributed.barrier "
+                                    "during predict at epoch 3, step 70; it stopped or died (its own output says "
+                                    "why, if it could), so the job ends here.")
+    else:
+        assert type(error.value) is RuntimeError and str(error.value) == raised
