@@ -20,18 +20,21 @@ from .arguments import parse_args, script_parser
 
 def _one_sentence(main):
     """Errors a user can act on (a bad path, config or checkpoint) end the command with their one sentence
-    and exit code 2, not a traceback."""
+    and exit code 2, faults of the machine (`errors.fault_errors`) with theirs and exit code 1."""
     import functools
 
     @functools.wraps(main)
     def wrapper(argv: Optional[List[str]] = None) -> int:
-        from .errors import user_errors
+        from .errors import fault_errors, user_errors
 
         try:
             return main(argv)
         except user_errors() as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except fault_errors() as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     return wrapper
 
 

@@ -2,14 +2,35 @@
 
 Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them the run is
 one process. NCCL on CUDA, gloo on CPU. Every helper also works when no group is initialised.
+
+A rank that stops answering (stopped, swapped out, dead without its connections closing) holds the others in
+their next collective for the group's timeout, `engine.timeout` (DEFAULT_TIMEOUT; gloo's own is 30 minutes).
+Under gloo the collective then fails on the ranks that wait, and `stalls_named` turns that failure into one
+sentence naming the rank, the collective and the step. NCCL's watchdog ends the process itself, with its own
+message naming the collective.
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, List, Tuple
+import traceback
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("esm_gearnet")
+DEFAULT_TIMEOUT = 600.0  # seconds: a rank loading a large checkpoint or cache must not end the job
+# what gloo says (lower-cased) when a peer stopped answering (the timeout) or when its connection closed
+_TIMED_OUT = ("timed out waiting", "timeout caused pair closure", "socket timeout")
+_CLOSED = ("connection closed by peer", "connection reset by peer")
+_timeout: Optional[float] = None
+
+
+class StalledError(RuntimeError):
+    """A collective that another rank did not answer within the group's timeout, or whose peer went away."""
 
 
 def world_size() -> int:
@@ -24,16 +45,58 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def init() -> torch.device:
-    """Join the process group the launcher describes (if any) and return this process's device."""
+def init(timeout: float = DEFAULT_TIMEOUT) -> torch.device:
+    """Join the process group the launcher describes (if any) and return this process's device.
+
+    Args:
+        timeout: seconds a collective waits for the other ranks before it fails (`engine.timeout`).
+    Returns:
+        This rank's GPU, else the CPU.
+    """
+    global _timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"engine.timeout must be a positive number of seconds, got {timeout!r}.")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+        _timeout = float(timeout)
     return device
+
+
+@contextmanager
+def stalls_named(where: Callable[[], str]):
+    """A collective inside the block that fails because another rank stopped answering or went away: logged and
+    raised as one StalledError sentence naming this rank, the collective and `where()` (e.g. the step).
+
+    Args:
+        where: what this rank was doing, asked only when a collective fails.
+    """
+    try:
+        yield
+    except StalledError:
+        raise
+    except RuntimeError as error:
+        text = str(error).lower()
+        timed_out = any(words in text for words in _TIMED_OUT)
+        if not dist.is_initialized() or not (timed_out or any(words in text for words in _CLOSED)):
+            raise
+        codes = [frame.f_code for frame, _ in traceback.walk_tb(error.__traceback__)][1:]  # [0]: this function
+        ours = [code.co_name for code in codes if code.co_filename == __file__]
+        names = {code.co_name for code in codes}
+        collective = (f"distributed.{ours[-1]}" if ours else "DDP's buffer broadcast" if "_sync_buffers" in names
+                      else "DDP's gradient all-reduce" if "backward" in names else "a collective of DDP")
+        if timed_out:
+            what = f"did not answer within {_timeout:g} s (engine.timeout)" if _timeout else "did not answer in time"
+        else:
+            what = "closed its connection"
+        message = (f"rank {rank()} of {world_size()}: another rank {what} in {collective} during {where()}; it "
+                   "stopped or died (its own output says why, if it could), so the job ends here.")
+        logger.error(message)
+        raise StalledError(message) from error
 
 
 def barrier() -> None:

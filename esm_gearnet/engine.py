@@ -30,6 +30,7 @@ checkpoint      the file layout (`pack`, `task_state`) and safe loading
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -77,6 +78,16 @@ def data_parallel(task: nn.Module, device: torch.device, world_size: int, sync_b
     return task, model
 
 
+def _stalls_named(method):
+    """`method` of the Engine, with a collective that another rank does not answer ending the job in one
+    sentence naming this rank, the collective, the method, the epoch and the step (`distributed.stalls_named`)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with distributed.stalls_named(lambda: f"{method.__name__} at epoch {self.epoch}, step {self.step}"):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Engine:
     """Trains and evaluates a task.
 
@@ -97,6 +108,9 @@ class Engine:
         task_names: the dataset's target names in the head's output order, stored in checkpoints.
         seed: the sampler's shuffling seed.
         device: default: this rank's GPU, else the CPU. progress: progress bars (rank 0 only).
+        timeout: seconds a collective waits for the other ranks (default `distributed.DEFAULT_TIMEOUT`, 10
+            minutes); `training_run` joins the process group with it. A rank that stops answering then ends the
+            job with a sentence naming the waiting rank, the collective and the step (`_stalls_named`).
     """
 
     def __init__(self, task: nn.Module, train_set, valid_set, test_set, optimizer: torch.optim.Optimizer,
@@ -106,7 +120,8 @@ class Engine:
                  find_unused_parameters: bool = False, bucket: bool = False,
                  logger: Literal["logging", "wandb"] = "logging", run_dir=None,
                  config: Optional[Dict] = None, task_names: Sequence[str] = (), seed: int = 0,
-                 device: Optional[torch.device] = None, progress: bool = True):
+                 device: Optional[torch.device] = None, progress: bool = True,
+                 timeout: float = distributed.DEFAULT_TIMEOUT):
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
         self.device = device or (torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available()
                                  else torch.device("cpu"))
@@ -143,6 +158,7 @@ class Engine:
         return self.run_log.history
 
     # ---- training ----------------------------------------------------------------------------------------
+    @_stalls_named
     def train_epoch(self, train_set=None, batch_per_epoch: Optional[int] = None) -> Dict[str, float]:
         """One pass over `train_set` (default: the training split), or its first `batch_per_epoch` batches (the
         original's `train.batch_per_epoch`: each epoch the first batches of that epoch's order); returns the mean
@@ -196,6 +212,7 @@ class Engine:
 
     # ---- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
+    @_stalls_named
     def predict(self, split: str):
         """(pred, target, extra) over the whole split, every protein once, in dataset order, on every rank."""
         loader = self.loaders.evaluation(self.sets[split])
@@ -221,6 +238,7 @@ class Engine:
         return self.task.evaluate(pred, target, extra)
 
     # ---- the loop ----------------------------------------------------------------------------------------
+    @_stalls_named
     def fit(self, num_epoch: int, metric: str, batch_per_epoch: Optional[int] = None) -> Dict[str, float]:
         """Train until `num_epoch` epochs (of `batch_per_epoch` batches, default all) are done (continuing a
         resumed run), keep the best validation model, and return the test metrics of that model."""
@@ -255,6 +273,7 @@ class Engine:
         self.run_log.record(record)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
+    @_stalls_named
     def save(self, name: str, position: Optional[Dict[str, Any]] = None) -> None:
         """The full training state as `run_dir/name`, written atomically by rank 0 (every rank's RNG included).
 
@@ -271,6 +290,7 @@ class Engine:
                                                    training=training), self.run_dir / name)
         distributed.barrier()
 
+    @_stalls_named
     def save_weights(self, name: str) -> None:
         """The task's weights (no training state) as `run_dir/name`, written atomically by rank 0."""
         if self.rank == 0 and self.run_dir is not None:

@@ -1,5 +1,6 @@
-"""Which errors a user can act on: the commands end them with their one sentence and exit code 2, and a run
-writes that sentence (not a traceback) into its log.txt. Anything else is a bug and keeps its traceback."""
+"""Which errors end a command with their one sentence instead of a traceback (a run writes that sentence into
+its log.txt too): errors a user can act on (bad input: exit code 2) and faults of the machine (a rank that
+stopped answering, a worker process killed twice: exit code 1). Anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 from typing import Tuple, Type
@@ -11,3 +12,10 @@ def user_errors() -> Tuple[Type[BaseException], ...]:
 
     # ConfigError, StructureError and the datasets' refusals are ValueErrors
     return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError
+
+
+def fault_errors() -> Tuple[Type[BaseException], ...]:
+    from .data.parallel import WorkerDied
+    from .distributed import StalledError
+
+    return StalledError, WorkerDied

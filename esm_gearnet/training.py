@@ -24,7 +24,7 @@ from .assembly import build_task, optimizer_groups, runtime_task_list
 from .arguments import base_parser, parse_args
 from .config import ConfigError, load_config, plain
 from .engine import Engine, lower_is_better
-from .errors import user_errors
+from .errors import fault_errors, user_errors
 from .registry import build
 from .run_log import format_metrics
 from .schema import validate
@@ -159,7 +159,7 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     cfg = load_config(source, variables, overrides)
     validate(cfg, source, dataset_keys)
     resume = args.resume or cfg.get("checkpoint")
-    distributed.init()
+    distributed.init((cfg.get("engine") or {}).get("timeout", distributed.DEFAULT_TIMEOUT))
     run_dir = None
     try:
         run_dir = make_run_dir(cfg, resume)
@@ -183,7 +183,7 @@ def _log_error(run_dir: Optional[Path], error: BaseException) -> None:
     else the traceback."""
     if run_dir is None or distributed.rank() != 0 or not Path(run_dir).is_dir():
         return
-    if isinstance(error, user_errors()):
+    if isinstance(error, user_errors() + fault_errors()):
         text = f"error: {error}\n"
     else:
         text = "".join(traceback.format_exception(error))

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Literal, Tuple
 
@@ -40,6 +41,24 @@ NEEDED_COLUMNS = ("model", "chain", "hetero", "insertion_code", "residue", "resn
 
 
 # ---- the container ----------------------------------------------------------------------------------------
+class LMDBError(ValueError):
+    """An ATOM3D LMDB that cannot be read; the message names its path."""
+
+
+@contextmanager
+def _reading(path: Path, what: str):
+    """Any error of the lmdb library, the decompression or the decoding while reading `what` of the LMDB at
+    `path`, raised again as one LMDBError sentence naming the path."""
+    try:
+        yield
+    except (LMDBError, FileNotFoundError, ImportError):
+        raise
+    except Exception as error:  # noqa: BLE001 - lmdb, gzip, zlib, json and msgpack each raise their own
+        text = str(error).splitlines()[0] if str(error) else ""
+        raise LMDBError(f"{path}: {what} cannot be read ({type(error).__name__}{': ' + text if text else ''}); "
+                        "the LMDB is damaged or not ATOM3D's: download it again.") from error
+
+
 def _open(path):
     import lmdb
 
@@ -63,14 +82,15 @@ class LMDBFile:
     def __init__(self, path):
         self.path = Path(os.path.expanduser(str(path)))
         self._env = None
-        with _open(self.path).begin() as txn:
+        with _reading(self.path, "the header (num_examples, serialization_format, id_to_idx)"), \
+                _open(self.path).begin() as txn:
             count = txn.get(b"num_examples")
             if count is None:
-                raise ValueError(f"{self.path}: not an ATOM3D LMDB (no num_examples key).")
+                raise LMDBError(f"{self.path}: not an ATOM3D LMDB (no num_examples key).")
             self.length = int(count)
             self.format = (txn.get(b"serialization_format") or b"json").decode()
             if self.format not in ("json", "msgpack"):
-                raise ValueError(f"{self.path}: serialization format {self.format!r} is not read here (only json "
+                raise LMDBError(f"{self.path}: serialization format {self.format!r} is not read here (only json "
                                  "and msgpack; pickled LMDBs can run code when loaded): convert it with atom3d's "
                                  "make_lmdb_dataset(..., serialization_format='json').")
             raw = txn.get(b"id_to_idx")
@@ -87,13 +107,16 @@ class LMDBFile:
     def __getitem__(self, index: int) -> Dict[str, Any]:
         if not 0 <= index < self.length:
             raise IndexError(f"{self.path}: index {index} out of range (0..{self.length - 1}).")
-        if self._env is None:  # opened lazily: an open LMDB environment must not cross a fork
-            self._env = _open(self.path)
-        with self._env.begin() as txn:
-            data = txn.get(str(index).encode())
-        if data is None:
-            raise KeyError(f"{self.path}: item {index} is missing.")
-        item = _deserialize(gzip.GzipFile(fileobj=io.BytesIO(data)).read(), self.format)
+        with _reading(self.path, f"item {index}"):
+            if self._env is None:  # opened lazily: an open LMDB environment must not cross a fork
+                self._env = _open(self.path)
+            with self._env.begin() as txn:
+                data = txn.get(str(index).encode())
+            if data is None:
+                raise LMDBError(f"{self.path}: item {index} is missing.")
+            item = _deserialize(gzip.GzipFile(fileobj=io.BytesIO(data)).read(), self.format)
+            if not isinstance(item, dict):
+                raise LMDBError(f"{self.path}: item {index} is a {type(item).__name__}, not a dict.")
         item.setdefault("id", str(index))
         item.setdefault("file_path", str(self.path))
         return item
@@ -238,11 +261,19 @@ def _parse_item(job):
                                  f"{len(mutant[0]['residue_type'])} residues; a pair needs the same residues")
         label = item["label"]
         return {"id": name, "proteins": [wild, mutant], "label": float(str(label) == "1")}, None
+    except LMDBError as error:
+        return None, str(error)
     except KeyError as error:
         return None, f"{where}: the item has no field {error}."
     except Exception as error:  # noqa: BLE001 - one bad item never ends the preprocessing
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         return None, f"{where}: {text}"
+
+
+def _died(job, how: str):
+    """The (None, reason) of an item whose process died, also when run again alone (`ordered_map`'s on_death)."""
+    path, index, _ = job
+    return None, f"{path}[{index}]: the process reading this item died ({how}), also when retried alone."
 
 
 class _Atom3D(StructureDataset):
@@ -262,8 +293,8 @@ class _Atom3D(StructureDataset):
         def build():
             jobs = [(str(p), i, self.kind) for p in lmdbs for i in range(len(LMDBFile(p)))]
             records, skipped, split = [], [], []
-            for (lmdb_path, _, _), (record, reason) in zip(
-                    jobs, ordered_map(_parse_item, jobs, workers, progress, f"reading {self.dir_name}")):
+            for (lmdb_path, _, _), (record, reason) in zip(jobs, ordered_map(
+                    _parse_item, jobs, workers, progress, f"reading {self.dir_name}", on_death=_died)):
                 if record is None:
                     skipped.append((f"{lmdb_path}", reason))
                     logger.warning("skipped %s", reason)
@@ -275,6 +306,12 @@ class _Atom3D(StructureDataset):
                                           (r["proteins"][k] for r in records)], ids).state()
                      for k in range(1 if self.kind == "psr" else 2)]
             write_skipped(cache_file, skipped, len(jobs), what="LMDB items")
+            for k, lmdb_path in enumerate(lmdbs):  # an LMDB none of whose items reads is not a smaller dataset
+                reasons = [reason for where, reason in skipped if where == str(lmdb_path)]
+                if reasons and k not in split:
+                    raise LMDBError(f"{lmdb_path}: none of its {len(reasons)} items could be read (first: "
+                                    f"{' '.join(reasons[:2])}); the LMDB is damaged or not {self.dir_name}'s: "
+                                    "download it again.")
             return {"packs": packs, "records": [{k: v for k, v in r.items() if k != "proteins"} for r in records],
                     "split": split, "skipped": [list(s) for s in skipped]}
 

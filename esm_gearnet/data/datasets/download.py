@@ -5,6 +5,8 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
+import sys
 import tarfile
 import urllib.request
 import zipfile
@@ -48,36 +50,74 @@ def download(url: str, folder, md5: str = None, name: str = None) -> Path:
     return target
 
 
-def _inside(root: Path, name: str) -> Path:
-    destination = (root / name).resolve()
-    if destination != root and root not in destination.parents:
-        raise DownloadError(f"archive member {name!r} would be written outside {root}; the archive is refused.")
-    return destination
+def _check(member: tarfile.TarInfo, root: Path, archive: Path) -> tarfile.TarInfo:
+    """`member` as the standard library's "data" extraction filter passes it, or DownloadError.
+
+    The filter refuses members that would land outside (`..`, below a link that leads outside), links that point
+    outside, device files and FIFOs. On top of it, absolute paths (which the filter strips) and `..` components
+    are refused, so that files land where the archive says; and links are refused: dataset archives hold files
+    and folders only, and the filter of Pythons before 3.11.13 / 3.12.11 can be led outside through chains of
+    links (CVE-2025-4517).
+    """
+    try:
+        checked = tarfile.data_filter(member, str(root))
+        if checked.name != member.name or ".." in member.name.split("/"):
+            raise tarfile.FilterError(f"member {member.name!r} has an absolute path or a '..' component")
+        if member.issym() or member.islnk():
+            raise tarfile.FilterError(f"{member.name!r} is a {'symbolic' if member.issym() else 'hard'} link to "
+                                      f"{member.linkname!r}, and dataset archives hold only files and folders")
+    except tarfile.FilterError as error:
+        raise DownloadError(f"{archive}: {error}; the archive is refused and nothing was extracted (fetch it "
+                            "again from its source).") from None
+    return checked
+
+
+def _zip_as_tar(handle: zipfile.ZipFile, member: zipfile.ZipInfo) -> tarfile.TarInfo:
+    """A zip member described as a tar member (name, kind, mode, link target) for `_check`."""
+    info = tarfile.TarInfo(member.filename)
+    mode = member.external_attr >> 16
+    kinds = {stat.S_IFLNK: tarfile.SYMTYPE, stat.S_IFCHR: tarfile.CHRTYPE, stat.S_IFBLK: tarfile.BLKTYPE,
+             stat.S_IFIFO: tarfile.FIFOTYPE}
+    info.type = tarfile.DIRTYPE if member.is_dir() else kinds.get(stat.S_IFMT(mode), tarfile.REGTYPE)
+    info.mode, info.size = stat.S_IMODE(mode) or 0o644, member.file_size
+    if info.issym():  # zip keeps a link's target as the entry's content
+        with handle.open(member) as entry:
+            info.linkname = entry.read(4096).decode("utf-8", "replace")
+    return info
 
 
 def extract(archive, folder=None, select: Optional[Callable[[str], bool]] = None) -> Path:
-    """Extract a .zip, .tar, .tar.gz or .tgz into `folder` (default: beside the archive), refusing members
-    with absolute paths, `..` or links that point outside the folder. `select(name)` keeps only some members."""
+    """Extract a .zip, .tar, .tar.gz or .tgz into `folder`, all or nothing: every selected member passes `_check`
+    (the standard library's "data" filter; absolute paths and links refused) before the first is written, and
+    tar members pass it again as they are written.
+
+    Args:
+        archive: the archive file.
+        folder: where to extract (default: beside the archive); created if absent.
+        select: `select(name)` keeps only some members (default: all).
+    Returns:
+        The folder, resolved.
+    Raises:
+        DownloadError: one sentence naming the archive and the refused member; nothing is extracted then.
+    """
     archive = Path(archive)
+    if not hasattr(tarfile, "data_filter"):
+        raise DownloadError(f"extracting {archive} needs tarfile's extraction filters (Python 3.10.12+, 3.11.4+ "
+                            f"or 3.12+); this is Python {sys.version.split()[0]}: upgrade Python.")
     root = Path(folder or archive.parent).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as handle:
             members = [m for m in handle.infolist() if select is None or select(m.filename)]
             for member in members:
-                _inside(root, member.filename)
+                _check(_zip_as_tar(handle, member), root, archive)
             handle.extractall(root, members=members)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as handle:
             members = [m for m in handle.getmembers() if select is None or select(m.name)]
             for member in members:
-                _inside(root, member.name)
-                if member.issym() or member.islnk():
-                    _inside(root, str(Path(member.name).parent / member.linkname) if member.issym()
-                            else member.linkname)
-                if member.isdev():
-                    raise DownloadError(f"archive member {member.name!r} is a device file; the archive is refused.")
-            handle.extractall(root, members=members)
+                _check(member, root, archive)
+            handle.extractall(root, members=members, filter=lambda member, _: _check(member, root, archive))
     else:
         raise DownloadError(f"{archive} is neither a zip nor a tar archive.")
     return root
