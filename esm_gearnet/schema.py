@@ -35,7 +35,7 @@ ENGINE_RUNTIME = {"task", "train_set", "valid_set", "test_set", "optimizer", "sc
 
 MINIMUM = {"save_interval": 1, "lr_ratio": 0, "sequence_model_lr_ratio": 0, "train.num_epoch": 0,
            "train.batch_per_epoch": 1, "engine.batch_size": 1, "engine.gradient_interval": 1,
-           "engine.num_worker": 0, "engine.log_interval": 0}
+           "engine.num_worker": 0, "engine.log_interval": 0, "engine.timeout": 1}
 
 
 def engine_options() -> Dict[str, Any]:

@@ -168,3 +168,18 @@ def cli(capsys):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logger():
+    """A command run in-process (`training.setup_logging`) gives the esm_gearnet logger its own handlers and
+    stops propagation; undo that after each test so `caplog` sees the next test's records."""
+    import logging
+
+    yield
+    log = logging.getLogger("esm_gearnet")
+    for handler in log.handlers:
+        handler.close()
+    log.handlers.clear()
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
