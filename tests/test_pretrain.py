@@ -225,6 +225,7 @@ def test_siamdiff_perturbation_and_masking(proteins):
     assert 0.2 < float(delta.std()) < 0.4 and torch.equal(pair["graph2"].residue_type, graph.residue_type)
 
 
+@pytest.mark.slow
 def test_sequence_structure_contrast_learns_retrieval(proteins):
     torch.manual_seed(0)
     task = SequenceStructureContrast(_encoder("parallel", width=32), embedding_dim=32)
@@ -262,6 +263,7 @@ def _gather_worker(rank, port, sequence, structure, out):
     distributed.shutdown()  # together: a rank that leaves while its peer still talks makes gloo abort the peer
 
 
+@pytest.mark.slow
 def test_contrast_gathers_negatives_across_two_gloo_ranks(tmp_path):
     torch.manual_seed(0)
     sequence = torch.nn.functional.normalize(torch.randn(8, 6), dim=-1)
