@@ -101,6 +101,7 @@ def build_scheduler(cfg, optimizer, metric: str):
 def load_encoder_weights(task, path) -> None:
     """`--ckpt`: the encoder's weights from a checkpoint of this framework (best.pth, last.pth,
     model_epoch_N.pth) or one of the original's bare state_dicts; the head starts fresh."""
+    path = checkpoint.locate(path)
     logger.info("loading encoder weights from %s", path)
     state = checkpoint.encoder_state(checkpoint.load(path), str(path))
     checkpoint.load_state_dict_checked(task.encoder, state, str(path))
@@ -149,6 +150,8 @@ def training_run(argv: Optional[List[str]], description: str):
         setup_logging(run_dir if resume is None else None)
         if distributed.rank() == 0 and resume is None:
             (run_dir / "config.yaml").write_text(render_config(args.config, variables))
+        elif distributed.rank() == 0 and run_dir.is_dir():
+            checkpoint.remove_leftovers(run_dir)  # what a killed run was writing: .last.pth.PID@HOST.xxxxxxxx
         logger.info("config %s, run directory %s, %d process(es)", args.config, run_dir, distributed.world_size())
         seed_everything(args.seed)  # same initial weights on every rank
         yield args, cfg, run_dir, resume
@@ -160,8 +163,7 @@ def training_run(argv: Optional[List[str]], description: str):
 
 def resume_file(resume) -> Path:
     """The last.pth of a run directory, or the checkpoint file given."""
-    path = Path(os.path.expanduser(str(resume)))
-    return path / "last.pth" if path.is_dir() else path
+    return checkpoint.locate(resume, ("last.pth",))
 
 
 def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
