@@ -120,6 +120,14 @@ def _device(device: Optional[str]) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def output_file(path, example: str) -> Path:
+    """`-o PATH` as a Path, refused at once (before any work) when it names a directory."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise ValueError(f"-o {path} is a directory; name the file to write, e.g. {path / example}.")
+    return path
+
+
 # ---- embeddings ---------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def embed_proteins(encoder: Encoder, proteins, per_residue: bool = False, device=None, max_residues: int = 4096,
@@ -237,11 +245,9 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
     inputs are also listed in `<output>.skipped.tsv`. With `resume`, the proteins already in `output` are kept
     (per-protein and per-residue rows) and only the others are embedded; the file must have been written by the
     same encoder weights, config and options."""
-    output = Path(output)
+    output = output_file(output, "embeddings.npz")
     if output.suffix not in FORMATS:
         raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
-    if output.is_dir():
-        raise ValueError(f"-o {output} is a directory; name the file to write, e.g. {output / 'embeddings.npz'}.")
     checkpoint.remove_leftovers(output)
     cfg, state = load_run(config, ckpt)
     encoder = load_encoder(cfg, state, str(ckpt))
@@ -277,6 +283,7 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
                 top: int = 5, scores: Optional[str] = None, workers: int = 2, device: Optional[str] = None,
                 max_residues: int = 4096, progress: bool = True) -> Tuple[int, List[Tuple[str, str]]]:
     """Predict with a trained task; one CSV row per protein. Returns (proteins predicted, skipped)."""
+    output = output_file(output, "predictions.csv")
     cfg, state = load_run(config, ckpt)
     if not checkpoint.is_packed(state):
         raise ValueError(f"{ckpt} holds no prediction head; predict needs a fine-tuning run directory or its "
@@ -309,7 +316,6 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
         for k, i in enumerate(batch_index):
             values[i] = pred[k]
     matrix = torch.stack(values) if values else torch.zeros(0, len(names))
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="") as handle:
         writer = csv.writer(handle)
