@@ -84,23 +84,12 @@ def length_batches(lengths: Sequence[int], max_residues: int = 4096, max_protein
 
 
 # ---- models ----------------------------------------------------------------------------------------------
-def checkpoint_file(path) -> Path:
-    """The checkpoint a path names: a file, or a run directory's best.pth (fine-tuning) or last.pth."""
-    path = Path(os.path.expanduser(str(path)))
-    if path.is_dir():
-        for name in ("best.pth", "last.pth"):
-            if (path / name).is_file():
-                return path / name
-        raise checkpoint.CheckpointError(f"{path}: no best.pth or last.pth in this run directory.")
-    return path
-
-
 def load_run(config: Optional[str] = None, ckpt: Optional[str] = None, variables: Optional[Dict] = None,
              overrides: Sequence = ()) -> Tuple[EasyDict, Optional[Dict]]:
     """(config, checkpoint or None). The config is `config` rendered (with `variables`, the defaults training
     used) when given, else the rendered config the checkpoint carries: a run is never rendered again. Key
     `overrides` (`config.apply_overrides`) are set on either."""
-    state = checkpoint.load(checkpoint_file(ckpt)) if ckpt else None
+    state = checkpoint.load(checkpoint.locate(ckpt)) if ckpt else None
     if config is not None:
         return load_config(str(config), variables, overrides), state
     if state is None:
@@ -132,6 +121,14 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 def _device(device: Optional[str]) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def output_file(path, example: str) -> Path:
+    """`-o PATH` as a Path, refused at once (before any work) when it names a directory."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise ValueError(f"-o {path} is a directory; name the file to write, e.g. {path / example}.")
+    return path
 
 
 # ---- embeddings ---------------------------------------------------------------------------------------------
@@ -175,10 +172,12 @@ def save_embeddings(path: Path, records: Dict) -> None:
     `embedding_options`), optional "residue_embedding" list} as .npz (numpy only, no pickle: per-residue rows
     concatenated with "residue_offsets"), .pt or .h5."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix not in FORMATS:
+        raise ValueError(f"{path}: choose an output ending in {', '.join(FORMATS)}.")
     residue = records.get("residue_embedding")
     if path.suffix == ".pt":
-        torch.save(records, path)
+        with checkpoint.replacing(path) as temporary:
+            torch.save(records, temporary)
         return
     arrays = {key: np.asarray(records[key], dtype=str) for key in ("ids", "files", "chains", "sequences")}
     arrays["embedding"] = records["embedding"].numpy()
@@ -187,41 +186,59 @@ def save_embeddings(path: Path, records: Dict) -> None:
         arrays["residue_embedding"] = (torch.cat(residue).numpy() if residue
                                        else np.zeros((0, arrays["embedding"].shape[1]), np.float32))
         arrays["residue_offsets"] = np.cumsum([0] + [len(r) for r in residue])
-    if path.suffix == ".npz":
-        np.savez(path, **arrays)
-    elif path.suffix == ".h5":
+    if path.suffix == ".h5":
         try:
             import h5py
         except ImportError:
             raise ImportError("writing .h5 needs h5py (pip install h5py); or write .npz or .pt.") from None
-        with h5py.File(path, "w") as handle:
-            for key, value in arrays.items():
-                handle.create_dataset(key, data=value.astype(object) if value.dtype.kind == "U" else value,
-                                      dtype=h5py.string_dtype() if value.dtype.kind == "U" else None)
-    else:
-        raise ValueError(f"{path}: choose an output ending in {', '.join(FORMATS)}.")
+    # a temporary file, then renamed: a killed or failed write leaves the previous file (what --resume reads) whole
+    with checkpoint.replacing(path) as temporary:
+        if path.suffix == ".npz":
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **arrays)
+        else:
+            with h5py.File(temporary, "w") as handle:
+                for key, value in arrays.items():
+                    handle.create_dataset(key, data=value.astype(object) if value.dtype.kind == "U" else value,
+                                          dtype=h5py.string_dtype() if value.dtype.kind == "U" else None)
 
 
 def load_embeddings(path: Path) -> Dict:
-    """The records `save_embeddings` wrote (embedding as a tensor, per-residue as a list of tensors)."""
+    """The records `save_embeddings` wrote (embedding as a tensor, per-residue as a list of tensors).
+
+    Raises:
+        ValueError: one sentence naming the file when it cannot be read (truncated, not written by embed).
+    """
     path = Path(path)
-    if path.suffix == ".pt":
-        return torch.load(path, weights_only=True)
-    if path.suffix == ".npz":
-        data = dict(np.load(path))
-    else:
-        import h5py
-        with h5py.File(path, "r") as handle:
-            data = {k: handle[k][()] for k in handle}
-        data = {k: (v.decode() if isinstance(v, bytes) else v.astype(str) if v.dtype.kind in "OS" else v)
-                for k, v in data.items()}
-    records = {key: [str(x) for x in data[key]] for key in ("ids", "files", "chains", "sequences")}
-    records["embedding"] = torch.from_numpy(np.asarray(data["embedding"]))
-    records["options"] = str(data["options"]) if "options" in data else ""
-    if "residue_embedding" in data:
-        offsets, rows = data["residue_offsets"], torch.from_numpy(np.asarray(data["residue_embedding"]))
-        records["residue_embedding"] = [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    return records
+    try:
+        if path.suffix == ".pt":
+            records = torch.load(path, weights_only=True)
+            if not (isinstance(records, dict) and {"ids", "files", "embedding"} <= set(records)):
+                raise ValueError("it holds no embedding records")
+            return records
+        if path.suffix == ".npz":
+            with np.load(path) as archive:
+                data = dict(archive)
+        else:
+            import h5py
+            with h5py.File(path, "r") as handle:
+                data = {k: handle[k][()] for k in handle}
+            data = {k: (v.decode() if isinstance(v, bytes) else v.astype(str) if v.dtype.kind in "OS" else v)
+                    for k, v in data.items()}
+        records = {key: [str(x) for x in data[key]] for key in ("ids", "files", "chains", "sequences")}
+        records["embedding"] = torch.from_numpy(np.asarray(data["embedding"]))
+        records["options"] = str(data["options"]) if "options" in data else ""
+        if "residue_embedding" in data:
+            offsets, rows = data["residue_offsets"], torch.from_numpy(np.asarray(data["residue_embedding"]))
+            records["residue_embedding"] = [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        return records
+    except ImportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - one sentence for any unreadable file
+        reason = checkpoint.first_line(error)
+        raise ValueError(f"{path} cannot be read as an embedding file ({reason}): it is truncated or damaged, or "
+                         "was not written by embed; it was left as it is: write to a new file, or leave out "
+                         "--resume to write it anew.") from None
 
 
 def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Optional[str] = None,
@@ -232,9 +249,10 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
     inputs are also listed in `<output>.skipped.tsv`. With `resume`, the proteins already in `output` are kept
     (per-protein and per-residue rows) and only the others are embedded; the file must have been written by the
     same encoder weights, config and options."""
-    output = Path(output)
+    output = output_file(output, "embeddings.npz")
     if output.suffix not in FORMATS:
         raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
+    checkpoint.remove_leftovers(output)
     cfg, state = load_run(config, ckpt, variables, overrides)
     encoder = load_encoder(cfg, state, str(ckpt))
     options = embedding_options(cfg, encoder, per_residue)
@@ -270,6 +288,7 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
                 max_residues: int = 4096, progress: bool = True, variables: Optional[Dict] = None,
                 overrides: Sequence = ()) -> Tuple[int, List[Tuple[str, str]]]:
     """Predict with a trained task; one CSV row per protein. Returns (proteins predicted, skipped)."""
+    output = output_file(output, "predictions.csv")
     cfg, state = load_run(config, ckpt, variables, overrides)
     if not checkpoint.is_packed(state):
         raise ValueError(f"{ckpt} holds no prediction head; predict needs a fine-tuning run directory or its "
@@ -302,7 +321,6 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
         for k, i in enumerate(batch_index):
             values[i] = pred[k]
     matrix = torch.stack(values) if values else torch.zeros(0, len(names))
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -114,6 +114,7 @@ def build_scheduler(cfg, optimizer, metric: str):
 def load_encoder_weights(task, path) -> None:
     """`--ckpt`: the encoder's weights from a checkpoint of this framework (best.pth, last.pth,
     model_epoch_N.pth) or one of the original's bare state_dicts; the head starts fresh."""
+    path = checkpoint.locate(path)
     logger.info("loading encoder weights from %s", path)
     state = checkpoint.encoder_state(checkpoint.load(path), str(path))
     checkpoint.load_state_dict_checked(task.encoder, state, str(path))
@@ -159,6 +160,12 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     cfg = load_config(source, variables, overrides)
     validate(cfg, source, dataset_keys)
     resume = args.resume or cfg.get("checkpoint")
+    # the weight files named, found before anything is made (they are read once the model exists)
+    weights = args.ckpt or cfg.get("model_checkpoint")
+    if weights:
+        checkpoint.present(checkpoint.locate(weights))
+    if resume:
+        checkpoint.present(resume_file(resume))
     distributed.init((cfg.get("engine") or {}).get("timeout", distributed.DEFAULT_TIMEOUT))
     run_dir = None
     try:
@@ -168,6 +175,8 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         setup_logging(run_dir if resume is None else None)
         if distributed.rank() == 0 and resume is None:  # the config as run: rendered, overrides applied
             (run_dir / "config.yaml").write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
+        elif distributed.rank() == 0 and run_dir.is_dir():
+            checkpoint.remove_leftovers(run_dir)  # what a killed run was writing: .last.pth.PID@HOST.xxxxxxxx
         logger.info("config %s, run directory %s, %d process(es)", source, run_dir, distributed.world_size())
         seed_everything(args.seed)  # same initial weights on every rank
         yield args, cfg, run_dir, resume
@@ -205,8 +214,7 @@ def config_file(args) -> Optional[str]:
 
 def resume_file(resume) -> Path:
     """The last.pth of a run directory, or the checkpoint file given."""
-    path = Path(os.path.expanduser(str(resume)))
-    return path / "last.pth" if path.is_dir() else path
+    return checkpoint.locate(resume, ("last.pth",))
 
 
 def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:

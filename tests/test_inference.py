@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import STRUCTURES
+from esm_gearnet import checkpoint
 from esm_gearnet.inference import length_batches, load_embeddings
 from esm_gearnet.report import plot_runs
 
@@ -97,9 +98,9 @@ def test_embed_from_the_command_line(run_dir, inputs, tmp_path):
     refused = _run("script/embed.py", "--ckpt", str(run_dir), *inputs, "-o", str(partial), "--resume", expect=2)
     assert refused.stderr.count("\n") == 1 and "other --per-residue setting" in refused.stderr
     other = tmp_path / "other.pth"
-    state = torch.load(run_dir / "best.pth", weights_only=True)
+    state = checkpoint.load(run_dir / "best.pth")
     state["encoder"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["encoder"].items()}
-    torch.save(state, other)
+    checkpoint.save_atomic(state, other)  # other weights, with their own digest
     refused = _run("script/embed.py", "--ckpt", str(other), *inputs, "-o", str(partial), "--per-residue",
                    "--resume", expect=2)
     assert "other encoder weights" in refused.stderr and partial.read_bytes() == before

@@ -1,7 +1,6 @@
 """Ranks that stop answering: the waiting rank ends the job after `engine.timeout` seconds with one sentence naming
 itself, the collective and the step, instead of waiting for gloo's 30 minutes."""
 import os
-import signal
 import socket
 import subprocess
 import sys

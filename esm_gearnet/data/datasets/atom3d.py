@@ -315,7 +315,19 @@ class _Atom3D(StructureDataset):
             return {"packs": packs, "records": [{k: v for k, v in r.items() if k != "proteins"} for r in records],
                     "split": split, "skipped": [list(s) for s in skipped]}
 
-        state = cached(cache_file, cache_key([p / "data.mdb" for p in lmdbs], {"kind": self.kind}), build)
+        def check(state):
+            packs = state["packs"]
+            if len(packs) != (1 if self.kind == "psr" else 2):
+                raise ValueError(f"holds {len(packs)} packs of proteins")
+            for pack in packs:
+                PackedProteins.check(pack)
+                if not len(pack["lengths"]) == len(state["records"]) == len(state["split"]):
+                    raise ValueError(f"holds {len(pack['lengths'])} proteins for {len(state['records'])} records "
+                                     f"and {len(state['split'])} split labels")
+            if not isinstance(state["skipped"], list):
+                raise ValueError("lacks the list of skipped items")
+
+        state = cached(cache_file, cache_key([p / "data.mdb" for p in lmdbs], {"kind": self.kind}), build, check)
         self.skipped = [tuple(s) for s in state["skipped"]]
         self.split_indices = [[i for i, s in enumerate(state["split"]) if s == k] for k in range(len(SPLITS))]
         return state

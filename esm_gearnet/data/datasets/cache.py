@@ -1,10 +1,13 @@
 """The preprocessing cache: structures parsed once (worker processes, progress bar) into one packed file.
 
 The file holds every per-residue field concatenated over the proteins plus their lengths, names and chain
-ids; it is written atomically (temporary file + rename) and loaded memory-mapped, so a cache of 20,000
-proteins opens in well under a second. Its key hashes the preprocessing options and the files (path, size,
-modification time): change any and the cache is rebuilt. A file that cannot be read (truncated, or from
-another version) is rebuilt with a warning, never used. Files that fail to parse are skipped and listed,
+ids; it is written atomically (temporary file + rename) with the digest of its content
+(`checkpoint.save_atomic`), and loaded memory-mapped, so a cache of 20,000 proteins opens in under a second,
+its digest checked. Its key hashes the preprocessing options and the files (path, size, modification time):
+change any and the cache is rebuilt. A cache that cannot be used is rebuilt with a warning naming it and the
+reason, never used: unreadable (truncated, from another version), not matching its digest (flipped bits), or
+with a structure that does not fit (a field missing, dtypes or shapes that disagree, lengths that do not sum
+to the fields' rows, counts of names or files that differ). Files that fail to parse are skipped and listed,
 with the reason, in `<cache>.skipped.tsv`.
 """
 from __future__ import annotations
@@ -20,14 +23,14 @@ import torch
 
 from ..io import load_structures
 from ..protein import RESIDUE_FIELDS, Protein
-from ...checkpoint import save_atomic
+from ...checkpoint import CheckpointError, load, remove_leftovers, save_atomic
 
 logger = logging.getLogger("esm_gearnet")
-VERSION = 1
+FORMAT = "esm_gearnet.cache/2"  # /2: a digest in every file, no "complete" mark
 
 
 def cache_key(files: Sequence[Path], options: Dict) -> str:
-    digest = hashlib.sha1(json.dumps({"version": VERSION, "options": options}, sort_keys=True).encode())
+    digest = hashlib.sha1(json.dumps({"version": FORMAT, "options": options}, sort_keys=True).encode())
     for path in files:
         stat = os.stat(path)
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -56,6 +59,30 @@ class PackedProteins:
             "num_dropped": torch.tensor([p.num_dropped for p in proteins], dtype=torch.long),
             "files": list(files)})
 
+    @staticmethod
+    def check(state: Dict) -> None:
+        """Raises ValueError naming the first thing in `state` (what `state()` returns) that does not fit."""
+        missing = [k for k in ("fields", "lengths", "names", "chain_ids", "num_dropped", "files") if k not in state]
+        fields = state.get("fields") if isinstance(state.get("fields"), dict) else {}
+        missing += [f"fields.{k}" for k in RESIDUE_FIELDS if k not in fields]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        lengths = state["lengths"]
+        if not (isinstance(lengths, torch.Tensor) and lengths.dtype == torch.long and lengths.dim() == 1
+                and bool((lengths >= 0).all())):
+            raise ValueError("lengths is not a 1-d tensor of non-negative int64")
+        total, empty = int(lengths.sum()), Protein.from_sequence("")
+        for name in RESIDUE_FIELDS:
+            field, model = state["fields"][name], getattr(empty, name)
+            if not isinstance(field, torch.Tensor) or field.dtype != model.dtype or field.shape[1:] != model.shape[1:]:
+                shape = ", ".join(["N", *map(str, model.shape[1:])])
+                raise ValueError(f"fields.{name} is not a {model.dtype} tensor of shape [{shape}]")
+            if len(field) != total:
+                raise ValueError(f"fields.{name} has {len(field)} rows but the lengths sum to {total}")
+        for name in ("names", "chain_ids", "num_dropped", "files"):
+            if len(state[name]) != len(lengths):
+                raise ValueError(f"holds {len(state[name])} {name} for {len(lengths)} proteins")
+
     def state(self) -> Dict:
         return {"fields": self.fields, "lengths": self.lengths, "names": self.names, "chain_ids": self.chain_ids,
                 "num_dropped": self.num_dropped, "files": self.files}
@@ -70,21 +97,35 @@ class PackedProteins:
                        num_dropped=int(self.num_dropped[index]))
 
 
-def cached(cache_file: Path, key: str, build: Callable[[], Dict]) -> Dict:
+def cached(cache_file: Path, key: str, build: Callable[[], Dict], check: Callable[[Dict], None]) -> Dict:
     """The state saved in `cache_file` under `key`, or `build()` saved there atomically and returned.
 
-    A file made from other inputs (another key), written half (no completion mark) or unreadable is rebuilt.
+    Args:
+        key: what the cache was made from (`cache_key`): a file of another key is rebuilt.
+        check: raises ValueError naming what does not fit in a loaded state of the right key, which is then
+            rebuilt (its digest matched, but it was written by a faulty or tampering writer).
+    Raises:
+        CheckpointError: `cache_file` is a directory (never removed here).
     """
     cache_file = Path(cache_file)
-    if cache_file.is_file():
+    if cache_file.is_dir():
+        raise CheckpointError(f"the cache path {cache_file} is a directory; move it away (or delete it) so the "
+                              "preprocessed cache can be written there.")
+    remove_leftovers(cache_file)
+    if cache_file.exists():
         try:
-            state = torch.load(cache_file, map_location="cpu", weights_only=True, mmap=True)
-            if state.get("key") == key and state.get("complete"):
-                return state
-            logger.info("cache %s was made from other inputs or options: rebuilding it", cache_file)
-        except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
-            logger.warning("cache %s cannot be read (%s): rebuilding it", cache_file, type(error).__name__)
-    state = dict(build(), key=key, complete=True)
+            state = load(cache_file, mmap=True, what="cache", advice="rebuilding it")
+            if state.get("format") == FORMAT and state.get("key") == key:
+                try:
+                    check(state)
+                    return state
+                except (ValueError, TypeError, KeyError) as error:
+                    logger.warning("cache %s is inconsistent (%s); rebuilding it.", cache_file, error)
+            else:
+                logger.info("cache %s was made from other inputs, options or version: rebuilding it", cache_file)
+        except CheckpointError as error:
+            logger.warning("%s", error)
+    state = dict(build(), format=FORMAT, key=key)
     save_atomic(state, cache_file)
     return state
 
@@ -114,5 +155,10 @@ def load_or_build(files: Sequence[Path], cache_file: Path, options: Optional[Dic
         write_skipped(cache_file, skipped, len(files))
         return {**packed.state(), "skipped": [list(s) for s in skipped]}
 
-    state = cached(cache_file, cache_key(files, dict(options or {}, chain=chain)), build)
+    def check(state):
+        PackedProteins.check(state)
+        if not isinstance(state.get("skipped"), list):
+            raise ValueError("lacks the list of skipped files")
+
+    state = cached(cache_file, cache_key(files, dict(options or {}, chain=chain)), build, check)
     return PackedProteins(state), [tuple(s) for s in state["skipped"]]
