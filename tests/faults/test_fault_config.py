@@ -160,3 +160,12 @@ def test_batch_per_epoch_limits_the_optimizer_steps(cli, tmp_path):
     metrics = next((tmp_path / "runs").rglob("metrics.jsonl"))
     epochs = [json.loads(line) for line in metrics.read_text().splitlines() if '"epoch"' in line]
     assert [r["step"] for r in epochs if "train" in r] == [3, 6]  # 32 training proteins are 8 batches of 4
+
+
+@pytest.mark.parametrize("make", [lambda d: (d / "empty.pth").touch() or d / "empty.pth", lambda d: d / "missing.pth",
+                                  lambda d: d], ids=["empty", "missing", "a directory without best/last.pth"])
+def test_weights_named_by_ckpt_are_found_before_anything_is_made(cli, tmp_path, make):
+    weights = make(tmp_path)
+    code, _, err = cli("downstream", "-c", _demo(tmp_path), "--ckpt", weights)
+    assert code == 2 and err.startswith("error: ") and str(weights) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
