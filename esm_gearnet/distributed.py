@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("esm_gearnet")
-DEFAULT_TIMEOUT = 600.0  # seconds: a rank loading a large checkpoint or cache must not end the job
+# DEVIATION: the original used torch's default process-group timeout (30 minutes for gloo), so a rank that
+# stopped answering held the others that long; 10 minutes still lets a rank load a large checkpoint or cache.
+DEFAULT_TIMEOUT = 600.0  # seconds (engine.timeout)
 # what gloo says (lower-cased) when a peer stopped answering (the timeout) or when its connection closed
 _TIMED_OUT = ("timed out waiting", "timeout caused pair closure", "socket timeout")
 _CLOSED = ("connection closed by peer", "connection reset by peer")

@@ -91,6 +91,9 @@ def extract(archive, folder=None, select: Optional[Callable[[str], bool]] = None
     (the standard library's "data" filter; absolute paths and links refused) before the first is written, and
     tar members pass it again as they are written.
 
+    DEVIATION: links in archives are refused (the original extracted archives as they came); before Python
+    3.11.13 / 3.12.11 the "data" filter can be walked out of the folder through chains of links (CVE-2025-4517).
+
     Args:
         archive: the archive file.
         folder: where to extract (default: beside the archive); created if absent.
