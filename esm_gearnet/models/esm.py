@@ -115,13 +115,13 @@ def _load_hugging_face(path: str, model: Optional[str]):
         shape = (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"])
         names = [name for name, (_, *dims) in ARCHITECTURES.items() if tuple(dims) == shape and "ESM-2" in name]
         if model not in names:
+            found = f"{shape[0]} layers, width {shape[1]}, {shape[2]} heads"
             if model in ARCHITECTURES:
-                what = f"`model: {model}` is a different architecture than"
+                what = f"`model: {model}` is another architecture than the Hugging Face checkpoint in {folder} ({found})"
             else:
-                what = f"`model: {model}` names no file {model}.pt in {folder}, which holds"
+                what = f"`model: {model}` names no file {model}.pt in {folder}, which holds a Hugging Face checkpoint ({found})"
             fix = f"set `model: {names[0]}` or remove it" if names else "remove `model:`"
-            raise WeightError(f"ESM: {what} the Hugging Face checkpoint in {folder} ({shape[0]} layers, width "
-                              f"{shape[1]}, {shape[2]} heads); {fix} (config.json decides the architecture).")
+            raise WeightError(f"ESM: {what}; {fix} (config.json decides the architecture).")
     return esm_model, alphabet
 
 
@@ -257,6 +257,9 @@ class ESM(Encoder):
         elif model is None and pretrained and path is not None:
             stem = ARCHITECTURES[DEFAULT_MODEL][0]
             folder = os.path.expanduser(str(path))
+            if not os.path.isdir(folder):
+                raise WeightError(f"ESM: the folder {folder} given as `path` does not exist; point `path` at a "
+                                  "Hugging Face ESM checkpoint folder or a folder of fair-esm .pt files.")
             if not os.path.isfile(os.path.join(folder, stem + ".pt")):
                 raise WeightError(f"ESM: {folder} holds neither a Hugging Face ESM checkpoint (config.json) nor "
                                   f"{stem}.pt, the fair-esm file of the default `model: {DEFAULT_MODEL}`; point "

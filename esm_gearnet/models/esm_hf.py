@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import warnings
 from typing import Dict, List, Tuple
@@ -105,8 +106,9 @@ def hf_alphabet(folder: str, config: Dict):
             return name, alphabet
     size = len(tokens) if tokens is not None else config["vocab_size"]
     raise WeightError(f"ESM: {folder} has a vocabulary of {size} tokens (pad id {config['pad_token_id']}, mask id "
-                      f"{config['mask_token_id']}), not one this framework reads ({', '.join(VOCABULARIES)}: "
-                      f"<cls> <pad> <eos> <unk> L A G ... <mask>, 33 tokens).")
+                      f"{config['mask_token_id']}), not one this framework reads: "
+                      + ", ".join(f"{name}'s {len(factory().all_toks)} tokens" for name, factory in VOCABULARIES.items())
+                      + ".")
 
 
 # ---- architecture ------------------------------------------------------------------------------------------
@@ -134,8 +136,8 @@ def check_architecture(folder: str, config: Dict) -> None:
         raise WeightError(f"ESM: {folder}/config.json is not an ESM-2 architecture: {'; '.join(problems)}.")
     dropout = {k: config[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if config[k]}
     if dropout:
-        warnings.warn(f"ESM: {folder}/config.json sets {dropout}; fair-esm's ESM-2 module (used here) has no "
-                      "dropout, as ESM-2 was trained; eval-mode features are unaffected.", stacklevel=4)
+        warnings.warn(f"ESM: {folder}/config.json sets {dropout}; fair-esm's ESM-2 module (used here) applies "
+                      "no dropout (ESM-2's own configs set 0.0); eval-mode features are unaffected.", stacklevel=4)
 
 
 # ---- weights -----------------------------------------------------------------------------------------------
@@ -167,10 +169,15 @@ def read_weights(folder: str) -> Dict[str, torch.Tensor]:
         state: Dict[str, torch.Tensor] = {}
         for file in files:
             state.update(_load_file(file))
-    except Exception as error:  # noqa: BLE001 - a damaged, truncated or pickled-code file: one sentence
-        message = str(error).splitlines()[0][:200] if str(error) else ""
-        raise WeightError(f"ESM: the weights in {folder} ({present[0]}) cannot be read safely "
-                          f"({type(error).__name__}: {message}); download the checkpoint again.") from None
+    except pickle.UnpicklingError:  # weights_only refused a class: running it would mean running its code
+        raise WeightError(f"ESM: the weights in {folder} ({present[0]}) hold pickled Python objects besides "
+                          "tensors, which are never unpickled here; save them again with `save_pretrained` "
+                          "(model.safetensors).") from None
+    except Exception as error:  # noqa: BLE001 - a damaged or truncated file: one sentence
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(error).splitlines()[0] if str(error) else "")
+        raise WeightError(f"ESM: the weights in {folder} ({present[0]}) cannot be read "
+                          f"({type(error).__name__}: {message.split('. ')[0][:200]}); download the checkpoint "
+                          "again.") from None
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightError(f"ESM: {folder}/{present[0]} holds more than tensors; it is not a Hugging Face "
                           "checkpoint of weights.")
