@@ -27,7 +27,12 @@ from esm_gearnet.models import ESM
 from esm_gearnet.models.esm import WeightError, build_esm2
 from test_models import _write_official_checkpoint
 
+from packaging.version import Version
+
 transformers.logging.set_verbosity_error()
+# transformers before 5.3 gave EsmModel's embeddings no attention mask, so token dropout's rescaling counted the
+# padding of a padded row as residues (huggingface/transformers#44162); fair-esm and this framework count residues
+PADDED_TOKEN_DROPOUT_FIXED = Version(transformers.__version__) >= Version("5.3")
 # (layers, width, heads, layer_norm_eps): head widths 8 and 16; ESM-2's eps and transformers' default one
 ARCHITECTURES = [(2, 32, 4, 1e-5), (3, 48, 3, 1e-12)]
 
@@ -145,6 +150,9 @@ def _compare(reference, folder, proteins, masked):
 def test_features_equal_transformers_last_hidden_states(tmp_path, all_proteins, architecture):
     """A padded batch (120, 57 and 1100 residues) with token dropout on: one <mask> in the first protein, one in
     the long protein's first window, none in the second; the long one compared on its first 1022 residues."""
+    if not PADDED_TOKEN_DROPOUT_FIXED:
+        pytest.skip(f"transformers {transformers.__version__} rescales token dropout over padded lengths "
+                    "(huggingface/transformers#44162, fixed in 5.3); install transformers>=5.3")
     reference = _randomized(EsmModel(_hf_config(*architecture)), seed=architecture[0])
     folder = _save(reference, tmp_path / "hf", "safetensors")
     assert ESM(path=str(folder)).output_dim == architecture[1]
@@ -153,11 +161,12 @@ def test_features_equal_transformers_last_hidden_states(tmp_path, all_proteins, 
 
 @pytest.mark.slow
 def test_esm2_8m_shape_equals_transformers(tmp_path, all_proteins):
-    """The real ESM-2-8M shape (6 layers, width 320, 20 heads of 16), random weights, as above."""
+    """The real ESM-2-8M shape (6 layers, width 320, 20 heads of 16), random weights, on the padded batch (the
+    long protein is left to the small architectures above)."""
     reference = _randomized(EsmForMaskedLM(_hf_config(6, 320, 20, 1e-5)), seed=8)
     folder = _save(reference, tmp_path / "hf", "safetensors")
     assert ESM(path=str(folder), model="ESM-2-8M").output_dim == 320  # `model:` may name the architecture
-    _compare(reference, folder, _proteins(all_proteins), masked=[(0, 5), (2, 700)])
+    _compare(reference, folder, _proteins(all_proteins, long=False), masked=[(1, 5)])
 
 
 @pytest.mark.parametrize("cls,form", [(EsmModel, "bin"), (EsmForMaskedLM, "safetensors"),
