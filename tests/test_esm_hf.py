@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from easydict import EasyDict
+from packaging.version import Version
 
 try:
     import transformers
@@ -26,8 +28,6 @@ from esm_gearnet.data import ProteinBatch
 from esm_gearnet.models import ESM
 from esm_gearnet.models.esm import WeightError, build_esm2
 from test_models import _write_official_checkpoint
-
-from packaging.version import Version
 
 transformers.logging.set_verbosity_error()
 # transformers before 5.3 gave EsmModel's embeddings no attention mask, so token dropout's rescaling counted the
@@ -159,7 +159,6 @@ def test_features_equal_transformers_last_hidden_states(tmp_path, all_proteins, 
     _compare(reference, folder, _proteins(all_proteins), masked=[(0, 5), (2, 700)])
 
 
-@pytest.mark.slow
 def test_esm2_8m_shape_equals_transformers(tmp_path, all_proteins):
     """The real ESM-2-8M shape (6 layers, width 320, 20 heads of 16), random weights, on the padded batch (the
     long protein is left to the small architectures above)."""
@@ -207,8 +206,6 @@ def test_our_checkpoint_of_a_hugging_face_esm_round_trips(tmp_path, all_proteins
     folder = _save(_randomized(EsmModel(_hf_config(*ARCHITECTURES[0])), seed=5), tmp_path / "hf", "safetensors")
     config = {"task": {"class": "MultipleBinaryClassification", "num_mlp_layer": 2,
                        "model": {"class": "ESM", "path": str(folder)}}}
-    from easydict import EasyDict
-
     task = build_task(EasyDict(config), [0, 1, 2]).eval()
     again = build_task(EasyDict(config), [0, 1, 2]).eval()  # loading is deterministic (absent heads are zeros)
     assert all(torch.equal(v, again.encoder.state_dict()[k]) for k, v in task.encoder.state_dict().items())

@@ -1,9 +1,11 @@
 """ESM-2 protein language model as a residue encoder.
 
 The weights live in fair-esm's `ESM2` module (`self.model`), so state dicts use fair-esm's names and the
-original's checkpoints (`sequence_model.model.*`) load directly. Two forward paths share those weights:
-fair-esm's own, and a fast path through `scaled_dot_product_attention` with ESM-2's rotary embeddings
-(flash / memory-efficient kernels on CUDA). They agree to 1e-5 in fp32 (tests/test_models.py).
+original's checkpoints (`sequence_model.model.*`) load directly. They come from fair-esm's `.pt` files or from a
+Hugging Face ESM-2 folder (`esm_hf`: config.json + model.safetensors / pytorch_model.bin, renamed onto
+fair-esm's parameters; equal to `transformers.EsmModel` to 1e-5 in fp32, tests/test_esm_hf.py). Two forward
+paths share those weights: fair-esm's own, and a fast path through `scaled_dot_product_attention` with ESM-2's
+rotary embeddings (flash / memory-efficient kernels on CUDA). They agree to 1e-5 in fp32 (tests/test_models.py).
 """
 from __future__ import annotations
 
@@ -117,11 +119,11 @@ def _load_hugging_face(path: str, model: Optional[str]):
         if model not in names:
             found = f"{shape[0]} layers, width {shape[1]}, {shape[2]} heads"
             if model in ARCHITECTURES:
-                what = f"`model: {model}` is another architecture than the Hugging Face checkpoint in {folder} ({found})"
+                what = f"is another architecture than the Hugging Face checkpoint in {folder} ({found})"
             else:
-                what = f"`model: {model}` names no file {model}.pt in {folder}, which holds a Hugging Face checkpoint ({found})"
+                what = f"names no file {model}.pt in {folder}, which holds a Hugging Face checkpoint ({found})"
             fix = f"set `model: {names[0]}` or remove it" if names else "remove `model:`"
-            raise WeightError(f"ESM: {what}; {fix} (config.json decides the architecture).")
+            raise WeightError(f"ESM: `model: {model}` {what}; {fix} (config.json decides the architecture).")
     return esm_model, alphabet
 
 

@@ -107,7 +107,7 @@ def hf_alphabet(folder: str, config: Dict):
     size = len(tokens) if tokens is not None else config["vocab_size"]
     raise WeightError(f"ESM: {folder} has a vocabulary of {size} tokens (pad id {config['pad_token_id']}, mask id "
                       f"{config['mask_token_id']}), not one this framework reads: "
-                      + ", ".join(f"{name}'s {len(factory().all_toks)} tokens" for name, factory in VOCABULARIES.items())
+                      + ", ".join(f"{name}'s {len(make().all_toks)} tokens" for name, make in VOCABULARIES.items())
                       + ".")
 
 
@@ -210,8 +210,9 @@ def to_fair_esm(state: Dict[str, torch.Tensor], model, folder: str,
             for fair, hf in HF_LAYER_NAMES.items():
                 names[f"encoder.layer.{i}.{hf}.{p}"] = f"layers.{i}.{fair}.{p}"
     optional = {f"contact_head.regression.{p}": f"contact_head.regression.{p}" for p in ("weight", "bias")}
-    heads = {f"lm_head.{part}.{p}": f"lm_head.{part}.{p}" for part in ("dense", "layer_norm") for p in ("weight", "bias")}
-    heads["lm_head.bias"] = "lm_head.bias"
+    heads = {f"lm_head.{part}.{p}": f"lm_head.{part}.{p}" for part in ("dense", "layer_norm")
+             for p in ("weight", "bias")}
+    heads["lm_head.bias"] = "lm_head.bias"  # names shared by transformers' EsmLMHead and fair-esm's
 
     found: Dict[str, torch.Tensor] = {}
     inv_freq: Dict[str, torch.Tensor] = {}
@@ -257,7 +258,7 @@ def to_fair_esm(state: Dict[str, torch.Tensor], model, folder: str,
             value = 1.0 / (rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         elif tuple(value.shape) != tuple(own[key].shape):
             misshaped.append(f"rotary_embeddings.inv_freq {tuple(value.shape)} vs {tuple(own[key].shape)}")
-            continue
+            break
         found[key] = value
     if missing or unexpected or misshaped:
         raise WeightError(f"ESM: the weights in {folder} do not fit the ESM-2 architecture of its config.json: "
