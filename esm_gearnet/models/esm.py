@@ -1,9 +1,11 @@
 """ESM-2 protein language model as a residue encoder.
 
 The weights live in fair-esm's `ESM2` module (`self.model`), so state dicts use fair-esm's names and the
-original's checkpoints (`sequence_model.model.*`) load directly. Two forward paths share those weights:
-fair-esm's own, and a fast path through `scaled_dot_product_attention` with ESM-2's rotary embeddings
-(flash / memory-efficient kernels on CUDA). They agree to 1e-5 in fp32 (tests/test_models.py).
+original's checkpoints (`sequence_model.model.*`) load directly. They come from fair-esm's `.pt` files or from a
+Hugging Face ESM-2 folder (`esm_hf`: config.json + model.safetensors / pytorch_model.bin, renamed onto
+fair-esm's parameters; equal to `transformers.EsmModel` to 1e-5 in fp32, tests/test_esm_hf.py). Two forward
+paths share those weights: fair-esm's own, and a fast path through `scaled_dot_product_attention` with ESM-2's
+rotary embeddings (flash / memory-efficient kernels on CUDA). They agree to 1e-5 in fp32 (tests/test_models.py).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ ARCHITECTURES = {
     "ESM-2-15B": ("esm2_t48_15B_UR50D", 48, 5120, 40),
     "ESM-1b": ("esm1b_t33_650M_UR50S", 33, 1280, 20),
 }
+DEFAULT_MODEL = "ESM-2-650M"  # when `model` is omitted and no Hugging Face checkpoint is given
 MAX_RESIDUES = 1022  # ESM-2 was trained on 1024 positions, cls and eos included
 
 
@@ -51,11 +54,11 @@ def load_esm_checkpoint(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_esm2(num_layers: int, embed_dim: int, attention_heads: int, token_dropout: bool = True):
-    """A fair-esm ESM2 module (random weights) and its alphabet."""
+def build_esm2(num_layers: int, embed_dim: int, attention_heads: int, token_dropout: bool = True, alphabet=None):
+    """A fair-esm ESM2 module (random weights) and its alphabet (default: ESM-2's 33 tokens)."""
     import esm
 
-    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    alphabet = alphabet or esm.data.Alphabet.from_architecture("ESM-1b")
     model = esm.model.esm2.ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
                                 alphabet=alphabet, token_dropout=token_dropout)
     return model, alphabet
@@ -88,6 +91,40 @@ def load_esm_model(path: str, stem: str):
             regression_data = {"model": {"contact_head.regression.weight": torch.zeros(1, layers * heads),
                                          "contact_head.regression.bias": torch.zeros(1)}}
         return esm.pretrained.load_model_and_alphabet_core(stem, model_data, regression_data)
+
+
+def _reads_hugging_face(path: Optional[str], model: Optional[str]) -> bool:
+    """Whether `ESM(path, model)` loads a Hugging Face checkpoint: `path` holds config.json and `model` does not
+    name a fair-esm file there (fair-esm files keep working exactly as before)."""
+    from .esm_hf import is_hf_folder
+
+    if not is_hf_folder(path):
+        return False
+    if model is None:
+        return True
+    stem = ARCHITECTURES[model][0] if model in ARCHITECTURES else model
+    return not os.path.isfile(os.path.join(os.path.expanduser(str(path)), stem + ".pt"))
+
+
+def _load_hugging_face(path: str, model: Optional[str]):
+    """fair-esm ESM2 module and alphabet from a Hugging Face ESM folder; `model`, if given, must name its
+    architecture."""
+    from .esm_hf import load_hf_esm
+
+    folder = os.path.expanduser(str(path))
+    esm_model, alphabet, config = load_hf_esm(folder)
+    if model is not None:
+        shape = (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"])
+        names = [name for name, (_, *dims) in ARCHITECTURES.items() if tuple(dims) == shape and "ESM-2" in name]
+        if model not in names:
+            found = f"{shape[0]} layers, width {shape[1]}, {shape[2]} heads"
+            if model in ARCHITECTURES:
+                what = f"is another architecture than the Hugging Face checkpoint in {folder} ({found})"
+            else:
+                what = f"names no file {model}.pt in {folder}, which holds a Hugging Face checkpoint ({found})"
+            fix = f"set `model: {names[0]}` or remove it" if names else "remove `model:`"
+            raise WeightError(f"ESM: `model: {model}` {what}; {fix} (config.json decides the architecture).")
+    return esm_model, alphabet
 
 
 def _rotate_half(x):
@@ -163,8 +200,17 @@ class ESM(Encoder):
     """ESM protein language model over the residues of a ProteinBatch.
 
     Args:
-        path: folder of the official weight files (`esm2_t33_650M_UR50D.pt`, ...).
+        path: folder of the official fair-esm weight files (`esm2_t33_650M_UR50D.pt`, ...), or of a Hugging Face
+            ESM checkpoint (`config.json` with `model_type: esm`, and `model.safetensors` or `pytorch_model.bin`,
+            as `save_pretrained` writes `EsmModel` / `EsmForMaskedLM`, e.g. facebook/esm2_t33_650M_UR50D); see
+            `esm_hf`. Neither needs network access or unpickles code; `transformers` is not needed.
         model: ESM-2-8M, -35M, -150M, -650M, -3B, -15B or ESM-1b; or a checkpoint file stem in `path`.
+            How `model` and `path` decide what is loaded (pretrained weights):
+            - `model` given and `path/<its stem>.pt` exists: that fair-esm file, exactly as without Hugging Face.
+            - otherwise, `path` holds `config.json`: the Hugging Face checkpoint; its config.json decides the
+              architecture, and `model`, when given, must be the ESM-2 name of that architecture (a check).
+            - otherwise the fair-esm file of `model`, ESM-2-650M when `model` is omitted.
+            With `pretrained: false`, `path` is not read: `model` (default ESM-2-650M) or `architecture` decides.
         readout: "mean" or "sum" over residues (special tokens excluded).
         pretrained: False builds the architecture with random weights (no file needed; ESM-2 names only).
         repr_layer: layer whose output is the residue feature (default: the last).
@@ -191,7 +237,7 @@ class ESM(Encoder):
 
     group = "sequence_model"
 
-    def __init__(self, path: Optional[str] = None, model: str = "ESM-2-650M", readout: str = "mean",
+    def __init__(self, path: Optional[str] = None, model: Optional[str] = None, readout: str = "mean",
                  pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
                  architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
                  feature_cache_gib: float = 0.0, compile: bool = False,
@@ -208,14 +254,29 @@ class ESM(Encoder):
             if pretrained:
                 raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
             esm_model, alphabet = build_esm2(*architecture)
-        elif model in ARCHITECTURES or not pretrained:
+        elif pretrained and _reads_hugging_face(path, model):
+            esm_model, alphabet = _load_hugging_face(path, model)
+        elif model is None and pretrained and path is not None:
+            stem = ARCHITECTURES[DEFAULT_MODEL][0]
+            folder = os.path.expanduser(str(path))
+            if not os.path.isdir(folder):
+                raise WeightError(f"ESM: the folder {folder} given as `path` does not exist; point `path` at a "
+                                  "Hugging Face ESM checkpoint folder or a folder of fair-esm .pt files.")
+            if not os.path.isfile(os.path.join(folder, stem + ".pt")):
+                raise WeightError(f"ESM: {folder} holds neither a Hugging Face ESM checkpoint (config.json) nor "
+                                  f"{stem}.pt, the fair-esm file of the default `model: {DEFAULT_MODEL}`; point "
+                                  f"`path` at a folder with one of them (download {URL.format(stem)}), or set "
+                                  "`pretrained: false` for random weights.")
+            esm_model, alphabet = load_esm_model(path, stem)
+        elif (model := DEFAULT_MODEL if model is None else model) in ARCHITECTURES or not pretrained:
             if model not in ARCHITECTURES:
                 raise ValueError(f"ESM: unknown model {model!r}; choose one of {', '.join(ARCHITECTURES)}.")
             stem, layers, dim, heads = ARCHITECTURES[model]
             if pretrained:
                 if path is None:
                     raise WeightError(f"ESM: no `path` given for the {model} weights; set `path:` to the folder "
-                                      f"holding {stem}.pt (download {URL.format(stem)}), or `pretrained: false`.")
+                                      f"holding {stem}.pt (download {URL.format(stem)}) or to a Hugging Face ESM "
+                                      "checkpoint folder, or `pretrained: false`.")
                 esm_model, alphabet = load_esm_model(path, stem)
             elif model == "ESM-1b":
                 raise ValueError("ESM: random weights are built for ESM-2 models only; use an ESM-2 name.")
