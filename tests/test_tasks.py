@@ -72,3 +72,18 @@ def test_msp_pools_the_mutated_positions(all_proteins):
     # no mutation: both sides pool nothing (zero vectors), as the original
     torch.testing.assert_close(pred[1], task.mlp(torch.zeros_like(pooled)), atol=1e-5, rtol=1e-5)
     assert set(task.evaluate(pred, batch["targets"].float().view(-1, 1))) == {"auroc [label]", "auprc [label]"}
+
+
+def test_scores_stay_fp32_under_bf16_autocast(all_proteins):
+    """The encoder may run in bf16; the head's scores do not: bf16 logits keep about three significant digits,
+    and the ties they make lower tie-aware f1_max / auprc@micro (autocast on the CPU stands in for CUDA)."""
+    task = MultipleBinaryClassification(_gearnet(), task=list(range(64)), num_mlp_layer=2).eval()
+    torch.nn.init.normal_(task.mlp.layers[-1].weight, std=3.0)
+    batch = {"graph": ProteinBatch.pack(all_proteins[:8])}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = task.predict(batch)
+        feature = task.encoder(batch["graph"])["graph_feature"]
+        bf16 = task.mlp(feature)  # the head under autocast, as before
+    assert pred.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(pred, task.mlp(feature.float()))
+    assert len(torch.unique(pred)) > len(torch.unique(bf16.float()))  # fewer ties

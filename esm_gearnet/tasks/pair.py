@@ -46,7 +46,8 @@ class MSP(Task):
             raise ValueError("MSP: the wild-type and mutant structures of a pair must have the same residues "
                              "(same lengths); check the dataset's pairing or TruncateProteinPair.")
         mutated = wild.residue_type != mutant.residue_type
-        return self.mlp(torch.cat([self._mutated_mean(wild, mutated), self._mutated_mean(mutant, mutated)], -1))
+        pair = torch.cat([self._mutated_mean(wild, mutated), self._mutated_mean(mutant, mutated)], -1)
+        return self.in_fp32(self.mlp, pair)
 
     def target(self, batch) -> torch.Tensor:
         return batch["targets"].float().reshape(-1, 1)

@@ -43,7 +43,7 @@ class MultipleBinaryClassification(Task):
         return list(self.metric)
 
     def predict(self, batch) -> torch.Tensor:
-        return self.mlp(self.encoder(batch["graph"])["graph_feature"])
+        return self.in_fp32(self.mlp, self.encoder(batch["graph"])["graph_feature"])
 
     def target(self, batch) -> torch.Tensor:
         return batch["targets"].float()
@@ -120,7 +120,7 @@ class PropertyPrediction(Task):
         return names
 
     def predict(self, batch) -> torch.Tensor:
-        pred = self.mlp(self.encoder(batch["graph"])["graph_feature"])
+        pred = self.in_fp32(self.mlp, self.encoder(batch["graph"])["graph_feature"])
         if self.criterion == "ce":
             return pred.view(len(pred), len(self.task), self.num_class)
         return pred * self.std + self.mean if self.normalization else pred
