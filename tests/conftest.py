@@ -24,6 +24,24 @@ def structure_files():
     return sorted(STRUCTURES.iterdir()) + sorted(ALPHAFOLD.iterdir())
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# The tests that compare numbers run on every device at hand: "cpu" always, "cuda" (marked `cuda`) on a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not _cuda_available(), reason="no CUDA device here: the CUDA run of this test needs a GPU (make gpu-check)")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    import torch
+
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session")
 def structures_dir():
     return _require(STRUCTURES)

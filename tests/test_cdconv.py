@@ -166,12 +166,12 @@ def test_rotation_and_translation_leave_outputs_unchanged(all_proteins):
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
 
 
-def test_packed_equals_one_at_a_time(all_proteins):
-    model = _tiny().eval()
+def test_packed_equals_one_at_a_time(all_proteins, device):
+    model = _tiny().eval().to(device)
     proteins = all_proteins[3:6]
 
     def run(group):
-        batch = ProteinBatch.pack(group)
+        batch = ProteinBatch.pack(group).to(device)
         return model.network(batch, residue_one_hot(batch))
 
     with torch.no_grad():

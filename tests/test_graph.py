@@ -40,9 +40,9 @@ def _reference_neighbours(protein, cap, radius, min_distance, max_distance=None)
     return sorted(edges)
 
 
-def test_each_edge_layer_equals_brute_force_on_every_structure(all_proteins):
+def test_each_edge_layer_equals_brute_force_on_every_structure(all_proteins, device):
     for protein in all_proteins:
-        batch = ProteinBatch.pack([protein])
+        batch = ProteinBatch.pack([protein]).to(device)
         edges, relations = SequentialEdge(2)(batch)
         assert relations == 5 and _edges(edges) == _reference_sequential(protein, 2), protein.name
         edges, _ = SpatialEdge(10.0, 5)(batch)

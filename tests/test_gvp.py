@@ -41,12 +41,12 @@ def test_scalars_are_invariant_and_vectors_rotate(all_proteins):
     assert a["vector_feature"].abs().sum() > 0
 
 
-def test_packed_equals_one_at_a_time(all_proteins):
-    model = _gvp().eval()
+def test_packed_equals_one_at_a_time(all_proteins, device):
+    model = _gvp().eval().to(device)
     proteins = all_proteins[3:6]
 
     def run(group):
-        batch = GVP_GRAPH(ProteinBatch.pack(group))
+        batch = GVP_GRAPH(ProteinBatch.pack(group).to(device))
         return model.network(batch, residue_one_hot(batch))
 
     with torch.no_grad():

@@ -17,14 +17,15 @@ def _loop_relational_sum(x, edge_list, num_node, num_relation):
     return torch.stack([torch.cat(row) for row in out])
 
 
-def test_relational_sum_equals_a_loop_over_edges():
+def test_relational_sum_equals_a_loop_over_edges(device):
     generator = torch.Generator().manual_seed(0)
     num_node, num_source, num_relation = 13, 17, 3
     edge_list = torch.stack([torch.randint(0, num_source, (80,), generator=generator),
                              torch.randint(0, num_node, (80,), generator=generator),
                              torch.randint(0, num_relation, (80,), generator=generator)], -1)
     edge_list = torch.cat([edge_list, edge_list[:10]])  # repeated edges count twice
-    x = torch.randn(num_source, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    edge_list = edge_list.to(device)
+    x = torch.randn(num_source, 5, dtype=torch.float64, generator=generator).to(device).requires_grad_()
     adjacency = relational_adjacency(edge_list, num_node, num_relation, num_source)
     # a valid CSR matrix (sorted, unique, in range): rebuilding it with the invariant checks on must succeed
     torch.sparse_csr_tensor(adjacency.crow_indices(), adjacency.col_indices(), adjacency.values(),
