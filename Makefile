@@ -20,7 +20,7 @@ endif
 PY := $(ENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(ENV)
@@ -48,3 +48,20 @@ bench: $(ENV)/.esm_gearnet-core
 	$(PIP) install -q biotite
 	$(PY) benchmarks/structure_io.py
 	$(PY) benchmarks/graph_construction.py
+
+# The GPU path on a CUDA machine, install included, within 10 minutes; on a machine without CUDA, one line and
+# exit 0. It uses the machine's own Python and torch (a CUDA build), installing the package's other dependencies
+# from GPU_WHEELS when that folder exists (machines without network: `make gpu-wheels` fills it beforehand).
+GPU_WHEELS ?= .gpu/wheels
+GPU_REPORT ?= gpu_report.md
+
+gpu-check:
+	@$(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || \
+		{ echo "gpu-check: no CUDA device on this machine; nothing to check."; exit 0; }; \
+	if [ -d $(GPU_WHEELS) ]; then $(PYTHON) -m pip install -q --no-deps $(GPU_WHEELS)/*.whl; fi; \
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e . && \
+	$(PYTHON) benchmarks/gpu_check.py --report $(GPU_REPORT)
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--no-deps -d $(GPU_WHEELS) fair-esm gemmi lmdb easydict msgpack safetensors pytest iniconfig pluggy
