@@ -49,7 +49,7 @@ PathLike = Union[str, os.PathLike]
 
 MAX_STRUCTURE_BYTES = 1 << 30  # 1 GiB of text: several times the largest PDB entry, far below a decompression bomb
 COORDINATE_LIMIT = 1e5  # Å; no structure spans a tenth of a millimetre
-_CHUNK = 1 << 22
+_CHUNK = 1 << 18  # .gz read in chunks of 256 KiB
 
 
 class StructureError(ValueError):
@@ -114,7 +114,7 @@ def _read_bytes(path: Path, limit: int) -> bytes:
             chunks, size = [], 0
             with gzip.GzipFile(fileobj=raw) as handle:
                 while size <= limit:
-                    chunk = handle.read(_CHUNK)
+                    chunk = handle.read(min(_CHUNK, limit + 1 - size))
                     if not chunk:
                         return b"".join(chunks)
                     chunks.append(chunk)
@@ -247,7 +247,7 @@ def _check_numbers(path, where: Callable[[int], str], text: Callable[[int, int],
         row, j = (int(i) for i in np.argwhere(bad)[0])
         field = text(row, j).decode("latin-1").strip()
         what = {1: "is blank", 2: f"is not a number ({field!r})"}.get(
-            int(status[row, j]), f"{field} is beyond ±{_NUMBER_LIMITS[j]:g}" if j < 3 else f"{field} is too large")
+            int(status[row, j]), f"{field} is beyond ±{_NUMBER_LIMITS[j]:g} Å" if j < 3 else f"{field} is too large")
         raise StructureError(f"{path}: {where(row)}: the {_NUMBER_NAMES[j]} {what}; fix or remove that record.")
     return values
 
@@ -815,7 +815,7 @@ def _atoms_to_arrays(atoms: _Atoms, path: Path, chain: Optional[str], data: byte
     return arrays, meta
 
 
-def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes: int = MAX_STRUCTURE_BYTES):
+def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes: Optional[int] = None):
     """Parse a structure file into numpy arrays (the fields of `Protein`) plus metadata.
 
     Kept separate from `load_structure` so that worker processes send plain arrays back.
@@ -823,7 +823,7 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes
     Args:
         path: `.pdb`, `.ent`, `.cif`, `.mmcif`, or any of them `.gz`-compressed.
         chain: keep only this chain (author chain id); all chains by default.
-        max_bytes: refuse files (or `.gz` contents) larger than this.
+        max_bytes: refuse files (or `.gz` contents) larger than this; default `MAX_STRUCTURE_BYTES`.
     Returns:
         (arrays named like the per-residue fields of `Protein`, {"chain_ids", "name", "num_dropped"})
     Raises:
@@ -834,7 +834,7 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes
     if fmt is None:
         raise StructureError(f"{path}: unknown file type; expected one of "
                              f"{', '.join(STRUCTURE_SUFFIXES)} (optionally .gz).")
-    data = _read_bytes(path, max_bytes)
+    data = _read_bytes(path, MAX_STRUCTURE_BYTES if max_bytes is None else max_bytes)
     _refuse_control_bytes(data, path)
     atoms = _pdb_atoms(data, path) if fmt == "pdb" else _cif_atoms(data, path)
     return _atoms_to_arrays(atoms, path, chain, data)
