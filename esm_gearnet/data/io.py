@@ -138,22 +138,27 @@ def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
-def _refuse_control_bytes(data: bytes, path: Path) -> None:
+def _refuse_control_bytes(data: bytes, path: Path, newlines: Optional[int] = None) -> None:
+    """Refuse bytes below 32 other than tab, line feed and carriage return, and DEL (`newlines`: the count of
+    line feeds, when known)."""
     arr = np.frombuffer(data, np.uint8)
-    low = arr[arr < 32]  # fast; the regex only finds the line
-    if not ((low == 10) | (low == 13) | (low == 9)).all() or b"\x7f" in data:
+    allowed = np.count_nonzero(arr == 10) if newlines is None else newlines
+    if b"\r" in data or b"\t" in data:
+        allowed += data.count(b"\r") + data.count(b"\t")
+    if np.count_nonzero(arr < 32) != allowed or b"\x7f" in data:  # fast; the regex only finds the line
         at = _CONTROL_BYTE.search(data).start()
         raise StructureError(f"{path}: line {_line_of(data, at)} holds a control byte (0x{data[at]:02x}); the file "
                              "is damaged or not a text file.")
 
 
-def _perfect_hash(keys: np.ndarray, bits: int = 10) -> Tuple[np.uint64, np.ndarray]:
-    """A multiplier hashing the distinct uint64 `keys` into 2**bits slots without collision (`(key * m) >>
-    (64 - bits)`, found by a seeded search), and the index of the key in each slot (0 in empty ones)."""
+def _perfect_hash(keys: np.ndarray, bits: int = 10) -> Tuple[np.integer, np.ndarray]:
+    """A multiplier hashing the distinct unsigned `keys` into 2**bits slots without collision (`(key * m) >>
+    (key bits - bits)`, found by a seeded search), and the index of the key in each slot (0 in empty ones)."""
     rng = np.random.default_rng(0)
+    size = 8 * keys.itemsize
     while True:
-        multiplier = _U64(int(rng.integers(1 << 62)) * 2 + 1)
-        slots = (keys * multiplier) >> _U64(64 - bits)
+        multiplier = keys.dtype.type(int(rng.integers(1 << (size - 2))) * 2 + 1)
+        slots = (keys * multiplier) >> keys.dtype.type(size - bits)
         if len(np.unique(slots)) == len(keys):
             index = np.zeros(1 << bits, np.int64)
             index[slots] = np.arange(len(keys))
@@ -162,7 +167,7 @@ def _perfect_hash(keys: np.ndarray, bits: int = 10) -> Tuple[np.uint64, np.ndarr
 
 # ---- numbers ----------------------------------------------------------------------------------------------------
 # An 8-character field is one uint64 (its first character in the lowest byte). Its form is that word with each digit
-# byte replaced by 0x01: right-aligned fixed-point numbers ('  -1.234', '    12') have one of 60 forms, which give
+# byte replaced by 0xFF: right-aligned fixed-point numbers ('  -1.234', '    12') have one of 60 forms, which give
 # the position of the decimal point and the sign; any other field is read on its own with a strict pattern.
 _NUMBER = re.compile(rb"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")
 
@@ -174,10 +179,10 @@ def _number_forms():
     for point in range(1, 9):  # 8: no point
         for digits in range(1, point + 1):
             for minus in (0, 1)[: 1 + (digits < point)]:
-                text = b" " * (point - digits - minus) + b"-" * minus + b"\x01" * digits
+                text = b" " * (point - digits - minus) + b"-" * minus + b"\xff" * digits
                 move, scale = 0, 1.0
                 if point < 8:
-                    text += b"." + b"\x01" * (7 - point)
+                    text += b"." + b"\xff" * (7 - point)
                     move, scale = (1 << 8 * point) - 1, 10.0 ** (7 - point)
                 forms[int.from_bytes(text, "little")] = (move, -scale if minus else scale)
     return (np.array(list(forms), np.uint64), np.array([m for m, _ in forms.values()], np.uint64),
@@ -207,13 +212,12 @@ def _parse_numbers(words: np.ndarray, text: Callable[[int, int], bytes]) -> Tupl
     digit = words.view(np.uint8) - np.uint8(48)
     is_digit = (digit < 10).view("<u8")
     mask = is_digit * _U64(0xFF)
-    form = (words & ~mask) | is_digit
+    form = words | mask
     at = _FORM_OF_SLOT[(form * _FORM_HASH) >> _U64(54)]
     ok = _FORMS[at] == form
-    x = digit.view("<u8") & mask
-    move = _FORM_MOVE[at]
-    x = ((x & move) << _U64(8)) | (x & ~move)  # the point's byte is 0 in x
-    x = ((x & _U64(0x0F0F0F0F0F0F0F0F)) * _U64(2561)) >> _U64(8)
+    x = digit.view("<u8") & mask  # the digits' values, 0 elsewhere
+    x += (x & _FORM_MOVE[at]) * _U64(255)  # the digits before the point move up one byte, over it
+    x = (x * _U64(2561)) >> _U64(8)
     x = ((x & _U64(0x00FF00FF00FF00FF)) * _U64(6553601)) >> _U64(16)
     x = ((x & _U64(0x0000FFFF0000FFFF)) * _U64(42949672960001)) >> _U64(32)
     values = x / _FORM_DIVISOR[at]
@@ -249,7 +253,7 @@ def _check_numbers(path, where: Callable[[int], str], text: Callable[[int, int],
         what = {1: "is blank", 2: f"is not a number ({field!r})"}.get(
             int(status[row, j]), f"{field} is beyond ±{_NUMBER_LIMITS[j]:g} Å" if j < 3 else f"{field} is too large")
         raise StructureError(f"{path}: {where(row)}: the {_NUMBER_NAMES[j]} {what}; fix or remove that record.")
-    return values
+    return np.ascontiguousarray(values)
 
 
 # ---- the atom table common to both formats -----------------------------------------------------------------------
@@ -288,11 +292,12 @@ def _name_table():
         for i, name in enumerate(names):
             slot = layout.get(name, layout.get(constants.ATOM_ALIASES.get(name)))
             slots[rtype, i] = -1 if slot is None else slot
-    return np.array(list(codes), np.uint64), np.array(list(codes.values())), slots.ravel(), len(names) + 1
+    return np.array(list(codes), np.uint32), np.array(list(codes.values())), slots.ravel(), len(names) + 1
 
 
 _NAME_KEYS, _NAME_COLUMN, _SLOT_OF, _NUM_NAME_COLUMNS = _name_table()
 _NAME_HASH, _NAME_OF_SLOT = _perfect_hash(_NAME_KEYS, 12)
+_NAME_SHIFT = np.uint32(32 - 12)
 _NOT_CANDIDATE = len(constants.ATOM_SLOTS)
 
 
@@ -324,15 +329,6 @@ def _hydrogen_tables():
 _HYDROGEN_BY_ELEMENT, _HYDROGEN_BY_NAME = _hydrogen_tables()
 
 
-def _words(chars: np.ndarray) -> Tuple[np.ndarray, ...]:
-    """The rows of [n, W] uint8 as uint64 codes, 8 characters each (space-padded)."""
-    width = -(-chars.shape[1] // 8) * 8
-    if width != chars.shape[1]:
-        chars = np.pad(chars, ((0, 0), (0, width - chars.shape[1])), constant_values=32)
-    words = np.ascontiguousarray(chars).view("<u8")
-    return tuple(words[:, j] for j in range(words.shape[1]))
-
-
 # ---- PDB ----------------------------------------------------------------------------------------------------------
 def _id(text: bytes) -> int:
     return int.from_bytes(text, "little")
@@ -349,6 +345,7 @@ _PDB_FIELDS = (slice(30, 38), slice(38, 46), slice(46, 54), slice(54, 60), slice
 def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
     arr = np.frombuffer(data, np.uint8)
     starts = np.concatenate(([0], (arr == 10).nonzero()[0] + 1, [len(arr) + 1]))
+    _refuse_control_bytes(data, path, len(starts) - 2)
     padded = np.concatenate((arr, np.zeros(88, np.uint8)))
     text = np.ndarray((len(arr) + 1, 88), np.uint8, padded, 0, (1, 1))  # row i: the 88 bytes from offset i
     word = text[starts[:-1], :8].view("<u8")[:, 0]  # the first 8 characters of every line
@@ -367,7 +364,8 @@ def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
                              "(ENDMDL missing before it).")
     begin = starts[lines]
     length = starts[lines + 1] - begin - 1
-    length -= arr[begin + length - 1] == 13
+    if b"\r" in data:
+        length -= arr[begin + length - 1] == 13
     shortest = int(length.min())
     if shortest < 54:
         i = int(np.argmin(length))
@@ -451,39 +449,85 @@ def _gemmi_entity(data: bytes, path: Path, num_residue: int) -> np.ndarray:
 
 
 # ---- mmCIF --------------------------------------------------------------------------------------------------------
-_LOOP_HEAD = re.compile(rb"(?mi)^loop_[ \t]*\r?\n((?:[ \t]*_atom_site\.[^\s]+[ \t]*\r?\n)+)")
-_LOOP_END = re.compile(rb"(?mi)^(?:#|_|loop_|data_|save_|global_|stop_)")
+_CIF_SPECIAL = (b"'", b'"', b"#", b";")  # start quoted values, comments and text fields
+_CIF_END_OF_LOOP = (b"#", b"_", b"loop_", b"data_", b"save_", b"global_", b"stop_")
+_MAY_END_LOOP = np.zeros(256, bool)  # first characters of the lines that may end a loop
+_MAY_END_LOOP[[ord(c) for c in "#_dDgGlLsS"]] = True
+_SPACES = _U64(0x2020202020202020)
+_BYTES_BELOW = np.array([(1 << 8 * n) - 1 for n in range(9)], np.uint64)  # the first n bytes of a word
 
 
 class _Tokens(NamedTuple):
-    """The `_atom_site` table as byte offsets into `blob`: column j of row i is token i * width + j."""
-    blob: np.ndarray
+    """The `_atom_site` table as byte offsets into `text`: column j of row i is token i * width + j."""
+    text: bytes          # the file (or gemmi's tokens), and 8 spaces
     start: np.ndarray
     end: np.ndarray
     tags: Dict[str, int]
     where: Callable[[int], str]  # token index -> where it is, for messages
 
+    def words(self, span: Tuple[np.ndarray, np.ndarray], count: int = 0) -> Tuple[np.ndarray, ...]:
+        """Tokens as uint64 words of 8 characters, left-aligned and space-padded; `count` words (0: enough for
+        the longest)."""
+        start, end = span
+        count = count or max(1, -(-int((end - start).max(initial=1)) // 8))
+        windows = np.ndarray((len(self.text) - 7,), "<u8", self.text, 0, (1,))  # the 8 bytes at every offset
+        words = []
+        for k in range(count):
+            size = _BYTES_BELOW[np.clip(end - start - 8 * k, 0, 8)]
+            words.append(windows[np.minimum(start + 8 * k, len(windows) - 1)] & size | _SPACES & ~size)
+        return tuple(words)
+
+    def distinct(self, span: Tuple[np.ndarray, np.ndarray]) -> Tuple[List[str], np.ndarray]:
+        """The distinct tokens as str, and the index of each token among them."""
+        words = self.words(span)
+        if len(words) > 1:  # tokens longer than 8 characters: one by one
+            strings = [self.text[s:e].decode("latin-1") for s, e in zip(*span)]
+            return strings, np.arange(len(strings))
+        _, first, inverse = np.unique(words[0], return_index=True, return_inverse=True)
+        return [self.text[span[0][i]:span[1][i]].decode("latin-1") for i in first.tolist()], inverse.ravel()
+
+    def number_words(self, span: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Tokens as right-aligned, space-padded words; longer tokens as a word of no number form."""
+        start, end = span
+        windows = np.ndarray((len(self.text) - 7,), "<u8", self.text, 0, (1,))
+        length = end - start
+        kept = ~_BYTES_BELOW[np.maximum(8 - length, 0)]
+        words = windows[np.maximum(end - 8, 0)] & kept | _SPACES & ~kept
+        words[length > 8] = _U64(0xFFFFFFFFFFFFFFFF)
+        return words
+
 
 def _cif_tokens(data: bytes, path: Path) -> _Tokens:
     """Tokenise the `_atom_site` loop with NumPy (whitespace-separated, quotes without spaces inside); anything
     else CIF allows (text fields, comments, quoted spaces, a single-row table) goes through gemmi's parser."""
-    head = _LOOP_HEAD.search(data)
-    if head is not None:
-        tags = [line.split()[0].decode("latin-1").lower()[len("_atom_site."):]
-                for line in head.group(1).splitlines() if line.strip()]
-        tail = _LOOP_END.search(data, head.end())
-        body_end = tail.start() if tail else len(data)
-        blob = np.frombuffer(data, np.uint8)
-        solid = np.zeros(body_end - head.end() + 2, np.int8)
-        solid[1:-1] = blob[head.end():body_end] > 32
-        edges = np.diff(solid).nonzero()[0] + head.end()
+    first_tag = data.find(b"\n_atom_site.") + 1
+    if first_tag and data[data.rfind(b"\n", 0, first_tag - 1) + 1:first_tag].strip().lower() == b"loop_":
+        tags, body = [], first_tag
+        while data.startswith(b"_atom_site.", body):
+            line_end = data.find(b"\n", body) % (len(data) + 1)
+            tags.append(data[body + 11:line_end].strip().decode("latin-1").lower())
+            body = line_end + 1
+        arr = np.frombuffer(data, np.uint8)
+        lines = np.concatenate(([body], (arr[body:] == 10).nonzero()[0] + body + 1))
+        lines = lines[lines < len(data)]
+        ends = lines[_MAY_END_LOOP[arr[lines]]]
+        body_end = next((int(e) for e in ends if data[e:e + 7].lower().startswith(_CIF_END_OF_LOOP)), len(data))
+        solid = arr[body:body_end] > 32
+        edges = (solid[1:] != solid[:-1]).nonzero()[0] + body + 1
+        if len(solid) and solid[0]:
+            edges = np.concatenate(([body], edges))
+        if len(solid) and solid[-1]:
+            edges = np.concatenate((edges, [body_end]))
         start, end = edges[0::2], edges[1::2]
-        first, final = blob[start], blob[end - 1]
-        quoted = (first == 39) | (first == 34)
-        if not ((quoted & ((final != first) | (end - start < 2))).any() or ((first == 59) & (blob[start - 1] == 10)).any()
-                or (first == 35).any() or len(start) % len(tags)):
+        first = arr[start]
+        simple = all(" " not in t and t for t in tags) and len(start) % max(len(tags), 1) == 0
+        if simple and any(data.find(c, body, body_end) >= 0 for c in _CIF_SPECIAL):
+            quoted = (first == 39) | (first == 34)
+            simple = not (((quoted & ((arr[end - 1] != first) | (end - start < 2))).any())
+                          or (first == 35).any() or ((first == 59) & (arr[start - 1] == 10)).any())
             start, end = start + quoted, end - quoted
-            return _Tokens(blob, start, end, {t: j for j, t in enumerate(tags)},
+        if simple:
+            return _Tokens(data + b" " * 8, start, end, {t: j for j, t in enumerate(tags)},
                            lambda token: f"line {_line_of(data, int(start[token]))}")
     import gemmi  # not the simple form: let gemmi tokenise
 
@@ -497,25 +541,13 @@ def _cif_tokens(data: bytes, path: Path) -> _Tokens:
     values = [v if gemmi.cif.is_null(v) else gemmi.cif.as_string(v).replace("\n", " ")
               for row in table for v in row]
     lengths = np.array([len(v.encode("latin-1")) for v in values], np.int64)
-    end = (lengths + 1).cumsum() - 1
-    blob = np.frombuffer("\n".join(values).encode("latin-1") + b"\n", np.uint8)
+    end = (lengths + 1).cumsum() + 7
+    text = (" " * 8 + "\n".join(values) + " " * 9).encode("latin-1")
     tags = {t.lower()[len("_atom_site."):]: j for j, t in enumerate(table.tags)}
-    return _Tokens(blob, end - lengths, end, tags, lambda token: f"_atom_site row {token // len(tags) + 1}")
+    return _Tokens(text, end - lengths, end, tags, lambda token: f"_atom_site row {token // len(tags) + 1}")
 
 
-def _chars(tokens: _Tokens, span: Tuple[np.ndarray, np.ndarray], right: bool = False, width: int = 1) -> np.ndarray:
-    """Tokens as a space-padded [n, W] uint8 matrix, left- or right-aligned, at least `width` wide."""
-    start, end = span
-    lengths = end - start
-    width = max(width, int(lengths.max()) if len(lengths) else 1)
-    cols = np.arange(width)
-    if right:
-        index, blank = end[:, None] - width + cols, cols < width - lengths[:, None]
-    else:
-        index, blank = start[:, None] + cols, cols >= lengths[:, None]
-    out = tokens.blob[np.clip(index, 0, len(tokens.blob) - 1)]
-    out[blank] = 32
-    return out
+_NULL = (_U64(0x202020202020203F), _U64(0x202020202020202E))  # '?' and '.' as words
 
 
 def _cif_atoms(data: bytes, path: Path) -> _Atoms:
@@ -532,14 +564,23 @@ def _cif_atoms(data: bytes, path: Path) -> _Atoms:
             return None
         s, e = tokens.start[rows * width + found[0]], tokens.end[rows * width + found[0]]
         for j in found[1:]:
-            null = (e - s == 1) & ((tokens.blob[s] == 63) | (tokens.blob[s] == 46))
-            s, e = np.where(null, tokens.start[rows * width + j], s), np.where(null, tokens.end[rows * width + j], e)
+            one = (e - s == 1).nonzero()[0]  # a null is one character
+            if len(one):
+                null = one[np.isin(np.frombuffer(tokens.text, np.uint8)[s[one]], (46, 63))]
+                s, e = s.copy(), e.copy()
+                s[null], e[null] = tokens.start[rows[null] * width + j], tokens.end[rows[null] * width + j]
         return s, e
+
+    def letter(span, none):  # a one-character value: its first character, `none` when null or absent
+        if span is None:
+            return np.full(len(rows), none, np.uint8)
+        word = tokens.words(span, 1)[0]
+        return np.where((word == _NULL[0]) | (word == _NULL[1]), none, word & _U64(0xFF)).astype(np.uint8)
 
     model = column("pdbx_pdb_model_num", required=False)
     if model is not None and len(rows):
-        chars = _chars(tokens, model)
-        rows = rows[(chars == chars[0]).all(1)]  # gemmi's first model: the model number of the first row
+        words = tokens.words(model)
+        rows = rows[np.logical_and.reduce([w == w[0] for w in words])]  # gemmi's first model: the first row's
     if len(rows) == 0:
         raise StructureError(f"{path}: the file holds no atom records (the _atom_site table is empty).")
     row_token = rows * width
@@ -547,88 +588,85 @@ def _cif_atoms(data: bytes, path: Path) -> _Atoms:
     spans = [column(c) for c in ("cartn_x", "cartn_y", "cartn_z")]
     spans += [column(c, required=False) for c in ("occupancy", "b_iso_or_equiv")]
     spans.append(column("auth_seq_id", "label_seq_id"))
-    fields = [np.full((len(rows), 8), 32, np.uint8) if span is None else _chars(tokens, span, right=True, width=8)
-              for span in spans]
-    words = np.empty((len(rows), len(fields), 8), np.uint8)
-    for j, field in enumerate(fields):
-        words[:, j] = field[:, -8:]
-        if field.shape[1] > 8:  # longer than 8 characters: read on its own
-            words[(field[:, :-8] != 32).any(1), j] = 255
-    text = lambda i, j: fields[j][i].tobytes()  # noqa: E731
-    values, status = _parse_numbers(words.view("<u8")[..., 0], text)
+    words = np.empty((len(rows), len(spans)), np.uint64)
+    for j, span in enumerate(spans):
+        words[:, j] = _SPACES if span is None else tokens.number_words(span)
+    text = lambda i, j: b"" if spans[j] is None else tokens.text[spans[j][0][i]:spans[j][1][i]]  # noqa: E731
+    values, status = _parse_numbers(words, text)
     numbers = _check_numbers(path, where, text, values[:, :5], status[:, :5])
-
-    def letter(span, none):  # a one-character value: its first character, `none` when null or absent
-        if span is None:
-            return np.full(len(rows), none, np.uint8)
-        chars = _chars(tokens, span, width=2)
-        return np.where((chars[:, 1] == 32) & ((chars[:, 0] == 63) | (chars[:, 0] == 46)), none, chars[:, 0])
-
-    chain = _chars(tokens, column("auth_asym_id", "label_asym_id"))
-    comp = _chars(tokens, column("auth_comp_id", "label_comp_id"), width=8)
-    number = fields[5]
-    icode = letter(column("pdbx_pdb_ins_code", required=False), 32).astype(np.uint8)
-    atom = _chars(tokens, column("auth_atom_id", "label_atom_id"), width=5)
+    atom_span = column("auth_atom_id", "label_atom_id")
+    atom = tokens.words(atom_span, 1)[0]
     symbol = column("type_symbol", required=False)
     if symbol is not None:
-        symbol = _chars(tokens, symbol, width=2)
-        hydrogen = _is_hydrogen_symbol(symbol[:, 0], symbol[:, 1])
+        symbol = tokens.words(symbol, 1)[0]
+        hydrogen = _is_hydrogen_symbol(symbol & _U64(0xFF), (symbol >> _U64(8)) & _U64(0xFF))
     else:  # no element column: names H..., D... (or 1H...) are hydrogens
-        lead = np.where((atom[:, 0] >= 48) & (atom[:, 0] <= 57), atom[:, 1], atom[:, 0])
+        lead = atom & _U64(0xFF)
+        lead = np.where((lead >= 48) & (lead <= 57), (atom >> _U64(8)) & _U64(0xFF), lead)
         hydrogen = (lead == 72) | (lead == 68)
+    icode = letter(column("pdbx_pdb_ins_code", required=False), 32)
+    comp = tokens.words(column("auth_comp_id", "label_comp_id"))
     ids = [column(c, required=False) for c in ("label_entity_id", "label_asym_id")]
 
-    def entity(res, water):
-        at = [None if span is None else [bytes(tokens.blob[s:e]).decode("latin-1")
-                                         for s, e in zip(span[0][res.first_in_file], span[1][res.first_in_file])]
-              for span in ids]
-        return _cif_entity(data, *at)
+    def entity(res, water):  # the label_entity_id and label_asym_id of each residue's first atom
+        return _cif_entity(data, *(None if span is None else tokens.distinct((span[0][res.first_in_file],
+                                                                               span[1][res.first_in_file]))
+                                   for span in ids), len(res.first))
 
-    return _Atoms(chain=_words(chain), key=_words(np.concatenate((comp, number, icode[:, None]), axis=1)),
-                  resname_mask=(1 << 64) - 1,
-                  name=np.where(atom[:, 4:].max(1) == 32, np.ascontiguousarray(atom[:, :4]).view("<u4")[:, 0], 0),
-                  altloc=letter(column("label_alt_id", required=False), 32).astype(np.uint8), hydrogen=hydrogen,
+    return _Atoms(chain=tokens.words(column("auth_asym_id", "label_asym_id")),
+                  key=comp + tokens.words(spans[5]) + (icode,), resname_mask=(1 << 64) - 1,
+                  name=np.where(atom_span[1] - atom_span[0] <= 4, atom & _U64(0xFFFFFFFF), 0).astype(np.uint32),
+                  altloc=letter(column("label_alt_id", required=False), 32), hydrogen=hydrogen,
                   numbers=numbers, number=values[:, 5], number_status=status[:, 5],
                   number_text=lambda i: text(i, 5).decode("latin-1"), icode=icode, where=where, entity=entity,
                   merge_chain_parts=True)
 
 
-def _cif_category(data: bytes, category: str, fields: Sequence[str]) -> List[List[str]]:
+def _cif_category(data: bytes, lowered: bytes, category: str, fields: Sequence[str]) -> List[List[str]]:
     """Rows of a small mmCIF category (`_entity.` ...), its text cut out and read by gemmi."""
     import gemmi
 
-    found = re.search(rb"(?mi)^(?:loop_\s+)?" + re.escape(category.encode()), data)
-    if found is None:
+    name = category.encode()
+    at = lowered.find(b"\n" + name) + 1
+    if not at:
         return []
-    end, in_text = len(data), False
-    for line in re.finditer(rb"(?m)^(;|#|loop_|data_|save_|_\S+)", data[found.end():]):
-        if line.group(1) == b";":
+    start = data.rfind(b"\n", 0, at - 1) + 1
+    start = start if lowered[start:at].strip() == b"loop_" else at
+    pos, end, in_text = at, len(data), False
+    while pos < len(data):  # the category ends at a line, outside text fields, starting another item or block
+        if data.startswith(b";", pos):
             in_text = not in_text
-        elif not in_text and not line.group(1).lower().startswith(category.encode().lower()):
-            end = found.end() + line.start()
+        elif not in_text and lowered.startswith(_CIF_END_OF_LOOP, pos) and not lowered.startswith(name, pos):
+            end = pos
             break
+        pos = (data.find(b"\n", pos) + 1) or len(data)
     try:
-        block = gemmi.cif.read_string("data_x\n" + data[found.start():end].decode("latin-1")).sole_block()
+        block = gemmi.cif.read_string("data_x\n" + data[start:end].decode("latin-1")).sole_block()
         table = block.find(category, ["?" + f for f in fields])
         return [[row.str(i) if row.has(i) else "" for i in range(len(fields))] for row in table]
     except Exception:  # a malformed side table loses only the entity types, as in gemmi's own reader
         return []
 
 
-def _cif_entity(data: bytes, entity_ids: Optional[List[str]], asym_ids: Optional[List[str]]) -> np.ndarray:
-    """Entity kinds of residues (given the label_entity_id and label_asym_id of their first atoms): the entity
-    by `_struct_asym` (else label_entity_id), its kind by `_entity.type`; 2 non-polymer or water, else 1."""
-    types = {r[0]: r[1].lower() for r in _cif_category(data, "_entity.", ["id", "type"])}
-    for row in _cif_category(data, "_entity_poly.", ["entity_id"]):
+def _cif_entity(data: bytes, entity_ids, asym_ids, num_residue: int) -> np.ndarray:
+    """Entity kinds of residues: the entity by `_struct_asym` (else label_entity_id), its kind by `_entity.type`;
+    2 non-polymer or water, else 1.
+
+    Args:
+        entity_ids, asym_ids: (distinct values, [R] index among them) of the label_entity_id and label_asym_id
+            of each residue's first atom, or None for an absent column.
+    """
+    lowered = data.lower()
+    types = {r[0]: r[1].lower() for r in _cif_category(data, lowered, "_entity.", ["id", "type"])}
+    for row in _cif_category(data, lowered, "_entity_poly.", ["entity_id"]):
         types[row[0]] = types.get(row[0]) or "polymer"
-    num = len(entity_ids or asym_ids or [])
-    if not types or num == 0:
-        return np.ones(num, np.int8)
-    of_asym = {r[0]: r[1] for r in _cif_category(data, "_struct_asym.", ["id", "entity_id"])}
+    of_asym = types and {r[0]: r[1] for r in _cif_category(data, lowered, "_struct_asym.", ["id", "entity_id"])}
     if of_asym:
-        entity_ids = [of_asym.get(a) for a in asym_ids] if asym_ids else None
-    return np.array([2 if types.get(e) in ("non-polymer", "water") else 1 for e in entity_ids or [None] * num],
-                    np.int8)
+        entity_ids = None if asym_ids is None else ([of_asym.get(a) for a in asym_ids[0]], asym_ids[1])
+    if not types or entity_ids is None:
+        return np.ones(num_residue, np.int8)
+    kinds = np.array([2 if types.get(e) in ("non-polymer", "water") else 1 for e in entity_ids[0]], np.int8)
+    return kinds[entity_ids[1]]
 
 
 # ---- residues -----------------------------------------------------------------------------------------------------
@@ -767,9 +805,8 @@ def _atoms_to_arrays(atoms: _Atoms, path: Path, chain: Optional[str], data: byte
         if (candidate & (kind == 0)).any():
             kind = _gemmi_entity(data, path, num_residue)
         candidate &= kind != 2
-    name = atoms.name.astype(np.uint64)
-    at = _NAME_OF_SLOT[(name * _NAME_HASH) >> _U64(52)]
-    column = np.where(_NAME_KEYS[at] == name, _NAME_COLUMN[at], _NUM_NAME_COLUMNS - 1)
+    at = _NAME_OF_SLOT[(atoms.name * _NAME_HASH) >> _NAME_SHIFT]
+    column = np.where(_NAME_KEYS[at] == atoms.name, _NAME_COLUMN[at], _NUM_NAME_COLUMNS - 1)
     slot = _SLOT_OF[np.where(candidate, rtype, _NOT_CANDIDATE)[of_atom] * _NUM_NAME_COLUMNS + column]
     keep = (slot >= 0) & ~atoms.hydrogen
     if (atoms.altloc != 32).any():
@@ -804,15 +841,12 @@ def _atoms_to_arrays(atoms: _Atoms, path: Path, chain: Optional[str], data: byte
         winners = np.sort(order[_changes((group[order],))])
         final, numbers, icodes, chain_of = final[winners], numbers[winners], icodes[winners], chain_of[winners]
     new_chain = _changes((chain_of,))
+    chain_ids = tuple(chain_names[c] for c in chain_of[new_chain].tolist())
     atoms14 = atom_of[final].ravel()
     slots = (atoms14 >= 0).nonzero()[0]
-    ca = atom_of[final, 1]
-    arrays = residue_arrays(str(path), slots, np.take(atoms.numbers, atoms14[slots], axis=0)[:, :3], rtype[final],
-                            numbers, icodes, new_chain.cumsum() - 1, atoms.numbers[ca, 4],
-                            [chain_names[c] for c in chain_of[new_chain].tolist()])
-    meta = {"chain_ids": tuple(chain_names[c] for c in chain_of[new_chain].tolist()), "name": protein_name(path),
-            "num_dropped": num_dropped}
-    return arrays, meta
+    arrays = residue_arrays(path, slots, np.take(atoms.numbers, atoms14[slots], axis=0)[:, :3], rtype[final], numbers,
+                            icodes, new_chain.cumsum() - 1, atoms.numbers[atom_of[final, 1], 4], chain_ids)
+    return arrays, {"chain_ids": chain_ids, "name": protein_name(path), "num_dropped": num_dropped}
 
 
 def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes: Optional[int] = None):
@@ -835,8 +869,11 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes
         raise StructureError(f"{path}: unknown file type; expected one of "
                              f"{', '.join(STRUCTURE_SUFFIXES)} (optionally .gz).")
     data = _read_bytes(path, MAX_STRUCTURE_BYTES if max_bytes is None else max_bytes)
-    _refuse_control_bytes(data, path)
-    atoms = _pdb_atoms(data, path) if fmt == "pdb" else _cif_atoms(data, path)
+    if fmt == "pdb":
+        atoms = _pdb_atoms(data, path)
+    else:
+        _refuse_control_bytes(data, path)
+        atoms = _cif_atoms(data, path)
     return _atoms_to_arrays(atoms, path, chain, data)
 
 
