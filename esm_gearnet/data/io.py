@@ -272,7 +272,7 @@ class _Atoms(NamedTuple):
     number_text: Callable[[int], str]  # atom index -> its residue number as written
     icode: np.ndarray     # [A] uint8, 32 = none
     where: Callable[[int], str]  # atom index -> "line N", for messages
-    entity: Callable      # (residues, water [R]) -> [R] int8: 2 non-polymer or water, 1 polymer, 0 unknown (gemmi decides)
+    entity: Callable      # (residues, water [R], candidate [R]) -> [R] bool: the residue is a ligand or water
     merge_chain_parts: bool
 
 
@@ -393,8 +393,11 @@ def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
         hydrogen = np.where(element == 0, by_name, hydrogen)
     ters = lines.searchsorted((record3[:last] == _TER).nonzero()[0])  # atoms before each TER record
 
-    def entity(res, water):
-        return _pdb_entity(res, ters, water)
+    def entity(res, water, candidate):
+        kind = _pdb_entity(res, ters, water)
+        if (candidate & (kind == 0)).any():  # an amino acid in a chain without TER: gemmi's heuristic decides
+            kind = _gemmi_entity(data[:starts[last]], path, len(res.first))
+        return kind == 2
 
     return _Atoms(
         chain=(M[:, 20:22].view("<u2")[:, 0],),
@@ -424,7 +427,7 @@ def _pdb_entity(res, ters: np.ndarray, water: np.ndarray) -> np.ndarray:
                 return kind * 0
         elif len(own):
             polymer = res.first_in_file[rows] < own[0]
-            kind[rows] = np.where(polymer, 1, 2)
+            kind[rows] = 2 - polymer
             if len(own) > 1 or water[rows][polymer].any():
                 return kind * 0
         had_ter.setdefault(name, len(own) > 0)
@@ -608,10 +611,10 @@ def _cif_atoms(data: bytes, path: Path) -> _Atoms:
     comp = tokens.words(column("auth_comp_id", "label_comp_id"))
     ids = [column(c, required=False) for c in ("label_entity_id", "label_asym_id")]
 
-    def entity(res, water):  # the label_entity_id and label_asym_id of each residue's first atom
+    def entity(res, water, candidate):  # by the label_entity_id and label_asym_id of each residue's first atom
         return _cif_entity(data, *(None if span is None else tokens.distinct((span[0][res.first_in_file],
                                                                                span[1][res.first_in_file]))
-                                   for span in ids), len(res.first))
+                                   for span in ids), len(res.first)) == 2
 
     return _Atoms(chain=tokens.words(column("auth_asym_id", "label_asym_id")),
                   key=comp + tokens.words(spans[5]) + (icode,), resname_mask=(1 << 64) - 1,
@@ -681,7 +684,8 @@ class _Residues(NamedTuple):
 
 def _changes(columns: Tuple[np.ndarray, ...]) -> np.ndarray:
     """[A] bool: the atom differs from the one before in any of the columns (True for the first atom)."""
-    change = np.ones(len(columns[0]), bool)
+    change = np.empty(len(columns[0]), bool)
+    change[0] = True
     change[1:] = columns[0][1:] != columns[0][:-1]
     for column in columns[1:]:
         change[1:] |= column[1:] != column[:-1]
@@ -790,7 +794,7 @@ def _residue_types(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return types[at], water[at]
 
 
-def _atoms_to_arrays(atoms: _Atoms, path: Path, chain: Optional[str], data: bytes):
+def _atoms_to_arrays(atoms: _Atoms, path: Path, chain: Optional[str]):
     """The `Protein` arrays and metadata from the atom records (see the rules in the module docstring)."""
     order, res = _group(atoms)
     if order is not None:
@@ -801,10 +805,7 @@ def _atoms_to_arrays(atoms: _Atoms, path: Path, chain: Optional[str], data: byte
     if chain is not None:
         candidate &= np.array([n == chain for n in res.part_name])[res.part]
     if candidate.any():
-        kind = atoms.entity(res, water)
-        if (candidate & (kind == 0)).any():
-            kind = _gemmi_entity(data, path, num_residue)
-        candidate &= kind != 2
+        candidate &= ~atoms.entity(res, water, candidate)
     at = _NAME_OF_SLOT[(atoms.name * _NAME_HASH) >> _NAME_SHIFT]
     column = np.where(_NAME_KEYS[at] == atoms.name, _NAME_COLUMN[at], _NUM_NAME_COLUMNS - 1)
     slot = _SLOT_OF[np.where(candidate, rtype, _NOT_CANDIDATE)[of_atom] * _NUM_NAME_COLUMNS + column]
@@ -874,7 +875,7 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes
     else:
         _refuse_control_bytes(data, path)
         atoms = _cif_atoms(data, path)
-    return _atoms_to_arrays(atoms, path, chain, data)
+    return _atoms_to_arrays(atoms, path, chain)
 
 
 def residue_arrays(where: str, slots, xyz, residue_types, numbers, icodes, chain_index, bfactors, chain_ids):
@@ -910,7 +911,7 @@ def residue_arrays(where: str, slots, xyz, residue_types, numbers, icodes, chain
 
 def protein_name(path: PathLike) -> str:
     """File name without directory and structure suffixes: `a/1ABC-A.pdb.gz` -> `1ABC-A`."""
-    name = Path(path).name
+    name = os.path.basename(os.fspath(path))
     if name.lower().endswith(".gz"):
         name = name[:-3]
     stem, dot, suffix = name.rpartition(".")
