@@ -1,13 +1,17 @@
 """Reading PDB / mmCIF files into `Protein`s: fast, strict, and with clear errors.
 
 The atom records of the first model are read into NumPy arrays in one vectorised pass (PDB: the fixed columns
-of the ATOM/HETATM lines; mmCIF: the `_atom_site` table), checked there, and grouped into residues with the
-conventions of gemmi's readers (residues keyed by chain, number, insertion code, name (and PDB segment); a
-chain change starts a new chain part; mmCIF chain parts of one name are merged). Rules:
+of the ATOM/HETATM lines, a row of bytes per record; mmCIF: the `_atom_site` loop, tokenised by NumPy) and
+checked in that same pass; residues are then formed, chosen and laid out with array operations, following
+gemmi's readers (which the previous version of this module used): a residue is a chain part's atoms with one
+residue name, number, insertion code (and PDB segment), a change of chain name starts a chain part, and mmCIF
+parts of one chain are appended to its first. Rules:
 
 * first model only; hydrogens, waters and ligands dropped. Ligands are the residues gemmi's entity set-up marks
-  as non-polymer: in PDB files the residues of a chain after its TER record (a free amino acid among them),
-  and in chains without TER gemmi's heuristic decides (`setup_entities`); in mmCIF files the entity type;
+  as non-polymer: in PDB files the residues of a chain after its TER record (a free amino acid among them), in
+  chains without TER what gemmi's heuristic (`setup_entities`, run on the first model) decides; in mmCIF files
+  the residues of a `non-polymer` entity (by `_struct_asym`, else `label_entity_id`; kept when no entity is
+  given);
 * alternate locations: per residue, the conformer (altloc letter) of highest occupancy is kept, the first
   one on ties; when a residue number holds two residue types (micro-heterogeneity), the one of highest CA
   occupancy is kept;
@@ -16,12 +20,15 @@ chain change starts a new chain part; mmCIF chain parts of one name are merged).
 * residues without a CA atom are dropped and counted in `Protein.num_dropped`;
 * residues keep the file's order, insertion codes included.
 
-Refused, with a sentence naming the file and the line (or `_atom_site` row): control bytes (NUL and the like)
-anywhere in the text; an atom record whose coordinate is blank, not a number, or beyond ±`COORDINATE_LIMIT` Å;
-an occupancy or B-factor that is not a number; two records for one atom of a kept residue (same chain, residue
-number, insertion code, residue name, atom name and altloc); a kept residue whose number is not an integer;
-a PDB atom record too short to hold its coordinates; a file (or a `.gz`'s content) over `MAX_STRUCTURE_BYTES`.
-A blank or absent occupancy reads as 1.0, a blank or absent B-factor as 0.0.
+Refused, with one sentence naming the file and the line (or `_atom_site` row): a control byte (NUL and the
+like) anywhere in the text; an atom record whose coordinate is blank, not a number, or beyond
+±`COORDINATE_LIMIT` Å; an occupancy or B-factor that is not a number; two records for one atom of a kept residue
+(same chain, residue, atom name and altloc, or no altloc beside the chosen one); a kept residue whose number is
+not an integer; a PDB atom record too short for its coordinates; a file, or a `.gz`'s content, over
+`MAX_STRUCTURE_BYTES` (read in chunks, never held whole). A blank or absent occupancy reads as 1.0, a blank or
+absent B-factor as 0.0. mmCIF needs only the coordinates and the chain, residue name, residue number and atom
+name columns (auth_ or label_); label_alt_id, pdbx_PDB_ins_code, occupancy, B_iso_or_equiv, type_symbol and
+pdbx_PDB_model_num are optional.
 """
 from __future__ import annotations
 
