@@ -48,6 +48,8 @@ from .parallel import ordered_map
 from .protein import Protein
 
 _U64 = np.uint64
+_SPACES = _U64(0x2020202020202020)  # 8 characters as a little-endian word: the first one in the lowest byte
+_BYTES_BELOW = np.array([(1 << 8 * n) - 1 for n in range(9)], np.uint64)  # the first n characters of a word
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ PathLike = Union[str, os.PathLike]
 MAX_STRUCTURE_BYTES = 1 << 30  # 1 GiB of text: several times the largest PDB entry, far below a decompression bomb
 COORDINATE_LIMIT = 1e5  # Å; no structure spans a tenth of a millimetre
 _CHUNK = 1 << 18  # .gz read in chunks of 256 KiB
+_RAISE_LIMIT = "raise esm_gearnet.data.io.MAX_STRUCTURE_BYTES if the file is genuine"
 
 
 class StructureError(ValueError):
@@ -114,7 +117,7 @@ def _read_bytes(path: Path, limit: int) -> bytes:
             raise StructureError(f"{path}: the file is empty.")
         if info.st_size > limit:
             raise StructureError(f"{path}: the file is larger than {limit} bytes, more than any real structure; "
-                                 "refusing it (raise max_bytes if it is genuine).")
+                                 f"refusing it ({_RAISE_LIMIT}).")
         with open(path, "rb") as raw:
             if path.suffix.lower() != ".gz":
                 return raw.read()
@@ -134,8 +137,8 @@ def _read_bytes(path: Path, limit: int) -> bytes:
         raise StructureError(f"{path}: the compressed file is damaged or truncated ({_first_line(error)}).") from None
     except OSError as error:
         raise StructureError(f"{path}: cannot be read ({error.strerror or _first_line(error)}).") from None
-    raise StructureError(f"{path}: decompresses to more than {limit} bytes, more than any real structure "
-                         "(a decompression bomb?); refusing it (raise max_bytes if it is genuine).")
+    raise StructureError(f"{path}: decompresses to more than {limit} bytes, more than any real structure (a "
+                         f"decompression bomb?); refusing it ({_RAISE_LIMIT}).")
 
 
 _CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -273,7 +276,7 @@ class _Atoms(NamedTuple):
     name: np.ndarray      # [A] uint32 code of the atom name (4 bytes as written; 0 for longer names)
     altloc: np.ndarray    # [A] uint8, 32 (a space) = none
     hydrogen: np.ndarray  # [A] bool
-    numbers: np.ndarray   # [A, 5] float64: x, y, z, occupancy, B-factor
+    numbers: np.ndarray   # [A, 5] float64 (C-contiguous): x, y, z, occupancy, B-factor
     number: np.ndarray    # [A] float64: residue number where `number_status` is 0
     number_status: np.ndarray  # [A] int8: 0 a number, 1 blank, 2 not a number (see `number_text`)
     number_text: Callable[[int], str]  # atom index -> its residue number as written
@@ -284,9 +287,9 @@ class _Atoms(NamedTuple):
 
 
 def _name_table():
-    """Sorted uint32 codes of every placement of the atom14 names in 4 characters, their name column, and the
-    slot of each (residue type, name column) flattened; the last row (not a candidate residue) and the last
-    column (not an atom14 name) are -1."""
+    """The uint32 codes of every placement of the atom14 names in 4 characters (and unpadded, as mmCIF writes
+    them), their name column, the slot of each (residue type, name column) flattened (the last row, not a
+    candidate residue, and the last column, not an atom14 name, hold -1), and the number of columns."""
     names = sorted({n for layout in constants.ATOM_SLOTS for n in layout} | set(constants.ATOM_ALIASES))
     codes = {}
     for i, name in enumerate(names):
@@ -347,6 +350,8 @@ _TER, _END = (np.uint64(_id(t) & 0xD0DFDFDF) for t in (b"TER\0", b"END\0"))
 _DATA_ = np.uint64(_id(b"DATA_")), np.uint64(0xFFDFDFDFDF)
 _COLS = np.arange(88)
 _PDB_FIELDS = (slice(30, 38), slice(38, 46), slice(46, 54), slice(54, 60), slice(60, 66), slice(22, 26))
+_NARROW_FIELDS = [(j, f.stop - 8, ~_BYTES_BELOW[8 - (f.stop - f.start)], _SPACES & _BYTES_BELOW[8 - (f.stop - f.start)])
+                  for j, f in enumerate(_PDB_FIELDS) if f.stop - f.start < 8]
 
 
 def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
@@ -385,10 +390,8 @@ def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
     where = lambda i: f"line {lines[i] + 1}"  # noqa: E731
     words = np.empty((len(lines), 6), np.uint64)  # x, y, z, occupancy, B-factor, residue number: 8 characters each
     words[:, :3] = M[:, 30:54].view("<u8")
-    for j, start, blank in ((3, 52, 2), (4, 58, 2), (5, 18, 4)):  # narrower fields: blank the characters before
-        spaces = int.from_bytes(b" " * blank, "little")
-        words[:, j] = M[:, start:start + 8].view("<u8")[:, 0] & _U64(((1 << 64) - 1) ^ ((1 << 8 * blank) - 1)) \
-            | _U64(spaces)
+    for j, start, keep, spaces in _NARROW_FIELDS:  # the 8 characters ending with the field, those before it blank
+        words[:, j] = M[:, start:start + 8].view("<u8")[:, 0] & keep | spaces
     text = lambda i, j: M[i, _PDB_FIELDS[j]].tobytes()  # noqa: E731
     values, status = _parse_numbers(words, text)
     numbers = _check_numbers(path, where, text, values[:, :5], status[:, :5])
@@ -463,8 +466,6 @@ _CIF_SPECIAL = (b"'", b'"', b"#", b";")  # start quoted values, comments and tex
 _CIF_END_OF_LOOP = (b"#", b"_", b"loop_", b"data_", b"save_", b"global_", b"stop_")
 _MAY_END_LOOP = np.zeros(256, bool)  # first characters of the lines that may end a loop
 _MAY_END_LOOP[[ord(c) for c in "#_dDgGlLsS"]] = True
-_SPACES = _U64(0x2020202020202020)
-_BYTES_BELOW = np.array([(1 << 8 * n) - 1 for n in range(9)], np.uint64)  # the first n bytes of a word
 
 
 class _Tokens(NamedTuple):
