@@ -311,32 +311,34 @@ _NAME_SHIFT = np.uint32(32 - 12)
 _NOT_CANDIDATE = len(constants.ATOM_SLOTS)
 
 
-def _is_hydrogen_symbol(c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
-    """gemmi's element of a 2-character symbol (`find_element`) is H or D."""
-    first, second = c0 & 0xDF, c1 & 0xDF
-    hd = lambda c: (c == 72) | (c == 68)  # noqa: E731
-    return ((first == 0) & hd(second)) | (hd(first) & (second < 14))
+def _element_of_symbol(c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+    """gemmi's element of a 2-character symbol (`find_element`) as a class: 1 H or D, 2 C, 3 anything else."""
+    first, second = c0 & 0xDF, c1 & 0xDF  # upper case; a space reads as 0
+    single = np.where(first == 0, second, np.where(second < 14, first, 0))  # a one-letter symbol, or 0
+    return np.where((single == 72) | (single == 68), 1, np.where(single == 67, 2, 3)).astype(np.uint8)
 
 
-def _hydrogen_tables():
-    """gemmi's hydrogens of PDB atom records as two lookup tables: by the element columns 77-78 (as a uint16:
-    0 none given, 1 hydrogen, 2 another element), and, without one, by the padded atom name
-    (index name[0] << 9 | name[1] << 1 | name[3] is not blank)."""
+def _element_tables():
+    """gemmi's element class (1 H or D, 2 C, 3 other) of PDB atom records as two lookup tables: by the element
+    columns 77-78 (as a uint16; 0 when they hold no letter), and, without one, by the padded atom name (index
+    name[0] << 9 | name[1] << 1 | name[3] is not blank), as gemmi infers it."""
     code = np.arange(1 << 16)
     e0, e1 = code & 255, code >> 8
     alpha = lambda c: ((c | 0x20) >= 97) & ((c | 0x20) <= 122)  # noqa: E731
-    element = np.where(alpha(e0) | alpha(e1), np.where(_is_hydrogen_symbol(e0, e1), 1, 2), 0).astype(np.uint8)
+    by_symbol = np.where(alpha(e0) | alpha(e1), _element_of_symbol(e0, e1), 0).astype(np.uint8)
     code = np.arange(1 << 17)
     n0, n1, n3 = code >> 9, (code >> 1) & 255, code & 1
     digit = lambda c: (c >= 48) & (c <= 57)  # noqa: E731
-    single = lambda c: (c == 72) | (c == 68)  # noqa: E731
+    single = lambda c: np.where((c == 72) | (c == 68), 1, np.where(c == 67, 2, 3))  # noqa: E731
+    upper = n0 & 0xDF
     by_name = np.where((n0 == 32) | digit(n0), single(n1),
                        np.where(digit(n1), single(n0),
-                                np.where((n3 == 1) & single(n0 & 0xDF), True, _is_hydrogen_symbol(n0, n1))))
-    return element, by_name
+                                np.where((n3 == 1) & ((upper == 72) | (upper == 68)), 1,
+                                         _element_of_symbol(n0, n1))))
+    return by_symbol, by_name.astype(np.uint8)
 
 
-_HYDROGEN_BY_ELEMENT, _HYDROGEN_BY_NAME = _hydrogen_tables()
+_ELEMENT_BY_SYMBOL, _ELEMENT_BY_NAME = _element_tables()
 
 
 # ---- PDB ----------------------------------------------------------------------------------------------------------
@@ -395,24 +397,24 @@ def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
     text = lambda i, j: M[i, _PDB_FIELDS[j]].tobytes()  # noqa: E731
     values, status = _parse_numbers(words, text)
     numbers = _check_numbers(path, where, text, values[:, :5], status[:, :5])
-    element = _HYDROGEN_BY_ELEMENT[M[:, 76:78].view("<u2")[:, 0]]
-    hydrogen = element == 1
+    element = _ELEMENT_BY_SYMBOL[M[:, 76:78].view("<u2")[:, 0]]
     if not element.all():  # no element given: gemmi's guess from the padded name
-        by_name = _HYDROGEN_BY_NAME[(M[:, 12].astype(np.int32) << 9) | (M[:, 13].astype(np.int32) << 1)
-                                    | (M[:, 15] != 32)]
-        hydrogen = np.where(element == 0, by_name, hydrogen)
+        by_name = _ELEMENT_BY_NAME[(M[:, 12].astype(np.int32) << 9) | (M[:, 13].astype(np.int32) << 1)
+                                   | (M[:, 15] != 32)]
+        element = np.where(element == 0, by_name, element)
     ters = lines.searchsorted((record3[:last] == _TER).nonzero()[0])  # atoms before each TER record
 
     def entity(res, water, candidate):
         kind = _pdb_entity(res, ters, water)
         if (candidate & (kind == 0)).any():  # an amino acid in a chain without TER: gemmi's heuristic decides
-            kind = _gemmi_entity(data[:starts[last]], path, len(res.first))
+            kind = _gemmi_entity(_heuristic_text(M, lines, record3[:last] == _TER, res.run_start, element,
+                                                 M[:, 12:16].view("<u4")[:, 0]), path, len(res.first))
         return kind == 2
 
     return _Atoms(
         chain=(M[:, 20:22].view("<u2")[:, 0],),
         key=(M[:, 17:25].view("<u8")[:, 0], M[:, 23:27].view("<u4")[:, 0], M[:, 72:76].view("<u4")[:, 0]),
-        resname_mask=0xFFFFFF, name=M[:, 12:16].view("<u4")[:, 0], altloc=M[:, 16], hydrogen=hydrogen,
+        resname_mask=0xFFFFFF, name=M[:, 12:16].view("<u4")[:, 0], altloc=M[:, 16], hydrogen=element == 1,
         numbers=numbers, number=values[:, 5], number_status=status[:, 5],
         number_text=lambda i: text(i, 5).decode("latin-1"), icode=M[:, 26], where=where, entity=entity,
         merge_chain_parts=False)
@@ -444,8 +446,38 @@ def _pdb_entity(res, ters: np.ndarray, water: np.ndarray) -> np.ndarray:
     return kind
 
 
+_CA_OR_P = np.array([int.from_bytes((" " * left + n).ljust(4).encode(), "little")
+                     for n in ("CA", "P") for left in range(5 - len(n))], np.uint32)
+
+
+def _heuristic_text(M: np.ndarray, lines: np.ndarray, is_ter: np.ndarray, run_start: np.ndarray,
+                    element: np.ndarray, name: np.ndarray) -> bytes:
+    """The first model as PDB text for gemmi's entity set-up, with only the records its heuristic reads: the
+    first atom of each run of a residue (its name, number and record type), every atom named CA or P (gemmi's
+    `get_ca`, `get_p`), the first carbon of each run (`find_by_element`), and the TER records.
+
+    Args:
+        M: [A, 88] the atom records; lines: [A] their line indices; is_ter: [L] the TER lines of the model;
+        run_start: runs of atoms of one residue; element: [A] element classes (2 carbon); name: [A] uint32.
+    """
+    keep = np.zeros(len(M), bool)
+    keep[run_start] = True
+    keep |= np.isin(name, _CA_OR_P)
+    carbon = (element == 2).nonzero()[0]
+    if len(carbon):
+        keep[carbon[_changes((run_start.searchsorted(carbon, side="right"),))]] = True
+    atom_rows, ter_lines = keep.nonzero()[0], is_ter.nonzero()[0]
+    at = np.empty(len(atom_rows) + len(ter_lines), np.int64)  # the place of each record in line order
+    at[np.argsort(np.concatenate((lines[atom_rows], ter_lines)), kind="stable")] = np.arange(len(at))
+    rows = np.full((len(at), 81), 32, np.uint8)
+    rows[at[:len(atom_rows)], :80] = M[atom_rows, :80]
+    rows[at[len(atom_rows):], :3] = np.frombuffer(b"TER", np.uint8)
+    rows[:, 80] = 10
+    return rows.tobytes()
+
+
 def _gemmi_entity(data: bytes, path: Path, num_residue: int) -> np.ndarray:
-    """Entity kinds per residue of a PDB file from gemmi's entity set-up (its heuristic for chains without TER)."""
+    """Entity kinds per residue of PDB text from gemmi's entity set-up (its heuristic for chains without TER)."""
     import gemmi
 
     try:
@@ -610,7 +642,7 @@ def _cif_atoms(data: bytes, path: Path) -> _Atoms:
     symbol = column("type_symbol", required=False)
     if symbol is not None:
         symbol = tokens.words(symbol, 1)[0]
-        hydrogen = _is_hydrogen_symbol(symbol & _U64(0xFF), (symbol >> _U64(8)) & _U64(0xFF))
+        hydrogen = _element_of_symbol(symbol & _U64(0xFF), (symbol >> _U64(8)) & _U64(0xFF)) == 1
     else:  # no element column: names H..., D... (or 1H...) are hydrogens
         lead = atom & _U64(0xFF)
         lead = np.where((lead >= 48) & (lead <= 57), (atom >> _U64(8)) & _U64(0xFF), lead)
@@ -688,6 +720,7 @@ class _Residues(NamedTuple):
     part: np.ndarray           # [R] chain part of each residue
     part_start: np.ndarray     # [P] first atom of each chain part (file order)
     part_name: List[str]       # [P] chain name of each part
+    run_start: np.ndarray      # first atom of each run of atoms of one residue (file order)
 
 
 def _changes(columns: Tuple[np.ndarray, ...]) -> np.ndarray:
@@ -718,12 +751,12 @@ def _group(atoms: _Atoms) -> Tuple[Optional[np.ndarray], _Residues]:
     position = atoms.number[run_start] * 256 + atoms.icode[run_start]
     if not merge and ((position[1:] > position[:-1]) | new_part[run_start[1:]]).all():
         # residue numbers rise within every part: no residue comes back
-        return None, _Residues(run_start, run_start, run_of_atom, part_of_run, part_start, part_name)
+        return None, _Residues(run_start, run_start, run_of_atom, part_of_run, part_start, part_name, run_start)
     run_key = [k[run_start] for k in atoms.key]
     by_key = np.lexsort((*run_key[::-1], part_of_run))
     repeat = _changes(tuple(k[by_key] for k in (part_of_run, *run_key)))[1:] == 0
     if not repeat.any() and not merge:
-        return None, _Residues(run_start, run_start, run_of_atom, part_of_run, part_start, part_name)
+        return None, _Residues(run_start, run_start, run_of_atom, part_of_run, part_start, part_name, run_start)
     first_run = np.arange(len(run_start))  # the first run of each residue key within its part
     for i in repeat.nonzero()[0]:  # lexsort is stable: a key's runs are consecutive, its first run first
         first_run[by_key[i + 1]] = first_run[by_key[i]]
@@ -738,7 +771,7 @@ def _group(atoms: _Atoms) -> Tuple[Optional[np.ndarray], _Residues]:
     first = _changes((of_atom,)).nonzero()[0]
     first_in_file = order[first]
     part = part_start.searchsorted(first_in_file, side="right") - 1
-    return order, _Residues(first, first_in_file, of_atom, part, part_start, part_name)
+    return order, _Residues(first, first_in_file, of_atom, part, part_start, part_name, run_start)
 
 
 def _reorder(atoms: _Atoms, order: np.ndarray) -> _Atoms:
