@@ -432,6 +432,14 @@ EDGE_CASES = {
     + _residue("TPO", "A", 2, 10, kind="HETATM") + _residue("UNK", "A", 3, 20) + _residue("XYZ", "A", 4, 30) + ["TER"],
     "hydrogens without element column": [r[:76] + "    " for r in _residue("GLY", "A", 1, 0)
                                          + _residue("GLY", "A", 1, 9, names=(" HA2", "1H  ", "HA3 "))] + ["TER"],
+    "4-letter hydrogen names without element do not choose the conformer": [
+        r[:76] + "    " for r in _residue("GLY", "A", 1, 0, alt="A", occ=.5) + _residue("GLY", "A", 1, 10, alt="B", occ=.5)
+        + [_record("ATOM", 1, "HA21", "GLY", "A", 1, 9, alt="B", occ=.9), _record("ATOM", 1, "DA21", "GLY", "A", 1, 9,
+                                                                                alt="B", occ=.9)]] + ["TER"],
+    "no TER, a calcium named CA and a ligand carbon first": _residue("GLY", "A", 1, 0) + _residue("GLY", "A", 2, 3.8)
+    + [_record("HETATM", 1, "CA  ", "CA", "A", 301, 40, element="CA")]
+    + _residue("ACE", "A", 3, 7.0, kind="HETATM", names=(" O  ", " C  ", " CH3")) + _residue("GLY", "A", 4, 9)
+    + _residue("LYS", "A", 302, 50, kind="HETATM"),
     "NMR models": ["MODEL        1"] + _residue("GLY", "A", 1, 0) + ["TER", "ENDMDL", "MODEL        2"]
     + _residue("GLY", "A", 1, 50) + ["TER", "ENDMDL"],
     "lower-case records and END before more atoms": [r.lower()[:6] + r[6:] for r in _residue("GLY", "A", 1, 0)]
