@@ -467,12 +467,12 @@ def _heuristic_text(M: np.ndarray, lines: np.ndarray, is_ter: np.ndarray, run_st
     if len(carbon):
         keep[carbon[_changes((run_start.searchsorted(carbon, side="right"),))]] = True
     atom_rows, ter_lines = keep.nonzero()[0], is_ter.nonzero()[0]
-    at = np.empty(len(atom_rows) + len(ter_lines), np.int64)  # the place of each record in line order
-    at[np.argsort(np.concatenate((lines[atom_rows], ter_lines)), kind="stable")] = np.arange(len(at))
-    rows = np.full((len(at), 81), 32, np.uint8)
+    rows = np.full((len(atom_rows) + len(ter_lines), 81), 10, np.uint8)
+    at = np.arange(len(rows))  # the place of each record in line order
+    if len(ter_lines):
+        at[np.argsort(np.concatenate((lines[atom_rows], ter_lines)), kind="stable")] = np.arange(len(rows))
+        rows[at[len(atom_rows):], :80] = np.frombuffer(b"TER".ljust(80), np.uint8)
     rows[at[:len(atom_rows)], :80] = M[atom_rows, :80]
-    rows[at[len(atom_rows):], :3] = np.frombuffer(b"TER", np.uint8)
-    rows[:, 80] = 10
     return rows.tobytes()
 
 
