@@ -424,8 +424,9 @@ EDGE_CASES = {
     + ["TER"] + _residue("ALA", "A", 101, 50, kind="HETATM"),
     "chain parts A, B, A": _residue("GLY", "A", 1, 0) + _residue("GLY", "B", 1, 10) + _residue("GLY", "A", 2, 20)
     + ["TER"],
-    "a residue split by another": _residue("GLY", "A", 1, 0)[:2] + _residue("GLY", "A", 2, 10)
-    + _residue("GLY", "A", 1, 0)[2:] + ["TER"],
+    "a residue split by another": _residue("ALA", "A", 1, 0)[:1] + _residue("GLY", "A", 2, 10)
+    + _residue("ALA", "A", 1, 0, names=(" N  ", " CA ", " C  ", " O  ", " CB "))[1:] + _residue("SER", "A", 3, 20)
+    + ["TER"],
     "residue without CA dropped": _residue("GLY", "A", 1, 0) + _residue("GLY", "A", 2, 10, names=(" N  ", " C  "))
     + _residue("GLY", "A", 3, 20) + ["TER"],
     "modified and unknown residues": _residue("MSE", "A", 1, 0, kind="HETATM", names=(" N  ", " CA ", "SE  "))

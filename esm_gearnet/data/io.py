@@ -271,8 +271,7 @@ class _Atoms(NamedTuple):
     """The atom records of the first model, in file order (A atoms). Integer codes are raw bytes read as
     little-endian integers."""
     chain: Tuple[np.ndarray, ...]  # [A] codes of the chain name
-    key: Tuple[np.ndarray, ...]    # [A] codes of the residue identity in a chain part (name, number, icode, segment)
-    resname_mask: int     # the bits of key[0] that hold the residue name
+    key: Tuple[np.ndarray, ...]    # [A] the residue identity in a chain part: name (key[0]), number, icode, segment
     name: np.ndarray      # [A] uint32 code of the atom name (4 bytes as written; 0 for longer names)
     altloc: np.ndarray    # [A] uint8, 32 (a space) = none
     hydrogen: np.ndarray  # [A] bool
@@ -412,12 +411,25 @@ def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
         return kind == 2
 
     return _Atoms(
-        chain=(M[:, 20:22].view("<u2")[:, 0],),
-        key=(M[:, 17:25].view("<u8")[:, 0], M[:, 23:27].view("<u4")[:, 0], M[:, 72:76].view("<u4")[:, 0]),
-        resname_mask=0xFFFFFF, name=M[:, 12:16].view("<u4")[:, 0], altloc=M[:, 16], hydrogen=element == 1,
+        chain=(_left_justified(M[:, 20:22].view("<u2")[:, 0], 2),),
+        key=(_left_justified(M[:, 17:21].view("<u4")[:, 0] & np.uint32(0xFFFFFF), 3),
+             np.where(status[:, 5] == 0, values[:, 5], -1.0 - M[:, 22:26].view("<u4")[:, 0]), M[:, 26],
+             _left_justified(M[:, 72:76].view("<u4")[:, 0], 4)),
+        name=M[:, 12:16].view("<u4")[:, 0], altloc=M[:, 16], hydrogen=element == 1,
         numbers=numbers, number=values[:, 5], number_status=status[:, 5],
         number_text=lambda i: text(i, 5).decode("latin-1"), icode=M[:, 26], where=where, entity=entity,
         merge_chain_parts=False)
+
+
+def _left_justified(code: np.ndarray, size: int) -> np.ndarray:
+    """Codes of `size`-character fields with their leading spaces moved to the end, as gemmi strips them."""
+    spaces = code.dtype.type(int.from_bytes(b" " * size, "little"))
+    for _ in range(size - 1):
+        lead = ((code & code.dtype.type(0xFF)) == 32) & (code != spaces)
+        if not lead.any():
+            break
+        code = np.where(lead, (code >> code.dtype.type(8)) | code.dtype.type(32 << 8 * (size - 1)), code)
+    return code
 
 
 def _pdb_entity(res, ters: np.ndarray, water: np.ndarray) -> np.ndarray:
@@ -488,8 +500,8 @@ def _gemmi_entity(data: bytes, path: Path, num_residue: int) -> np.ndarray:
     kinds = {gemmi.EntityType.NonPolymer: 2, gemmi.EntityType.Water: 2}
     kind = [kinds.get(r.entity_type, 1) for ch in structure[0] for r in ch] if len(structure) else []
     if len(kind) != num_residue:
-        raise StructureError(f"{path}: gemmi groups the atoms into {len(kind)} residues, this reader into "
-                             f"{num_residue}; please report this file.")
+        raise StructureError(f"{path}: gemmi's entity set-up sees {len(kind)} residues where this reader sees "
+                             f"{num_residue}; are some ATOM/HETATM records damaged (shifted columns)?")
     return np.array(kind, np.int8)
 
 
@@ -657,7 +669,7 @@ def _cif_atoms(data: bytes, path: Path) -> _Atoms:
                                    for span in ids), len(res.first)) == 2
 
     return _Atoms(chain=tokens.words(column("auth_asym_id", "label_asym_id")),
-                  key=comp + tokens.words(spans[5]) + (icode,), resname_mask=(1 << 64) - 1,
+                  key=comp + tokens.words(spans[5]) + (icode,),
                   name=np.where(atom_span[1] - atom_span[0] <= 4, atom & _U64(0xFFFFFFFF), 0).astype(np.uint32),
                   altloc=letter(column("label_alt_id", required=False), 32), hydrogen=hydrogen,
                   numbers=numbers, number=values[:, 5], number_status=status[:, 5],
@@ -776,7 +788,8 @@ def _group(atoms: _Atoms) -> Tuple[Optional[np.ndarray], _Residues]:
 
 def _reorder(atoms: _Atoms, order: np.ndarray) -> _Atoms:
     """The atoms in another order."""
-    fields = {k: (v[order] if isinstance(v, np.ndarray) else v) for k, v in atoms._asdict().items()}
+    fields = {k: (v[order] if isinstance(v, np.ndarray) else tuple(c[order] for c in v) if isinstance(v, tuple) else v)
+              for k, v in atoms._asdict().items()}
     fields["where"] = lambda i: atoms.where(int(order[i]))
     return _Atoms(**fields)
 
@@ -841,7 +854,7 @@ def _atoms_to_arrays(atoms: _Atoms, path: Path, chain: Optional[str]):
     if order is not None:
         atoms = _reorder(atoms, order)
     num_residue, of_atom = len(res.first), res.of_atom
-    rtype, water = _residue_types(atoms.key[0][res.first] & _U64(atoms.resname_mask))
+    rtype, water = _residue_types(atoms.key[0][res.first].astype(np.uint64))
     candidate = rtype >= 0
     if chain is not None:
         candidate &= np.array([n == chain for n in res.part_name])[res.part]
