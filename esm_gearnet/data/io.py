@@ -86,6 +86,7 @@ def _first_line(error: BaseException, path: Optional[Path] = None) -> str:
     line = text[0].strip() if text else type(error).__name__
     if path is not None and line.startswith(str(path)):  # gemmi repeats the path: "file.cif:1:0(0): ..."
         line = line[len(str(path)):].lstrip(":")
+    line = re.sub(r"^string:(\d+):\d+\(\d+\):", r"line \1:", line)  # gemmi's place in text it was given
     return line.rstrip(":").strip() or type(error).__name__
 
 
@@ -506,7 +507,7 @@ def _gemmi_entity(data: bytes, path: Path, num_residue: int) -> np.ndarray:
 
 
 # ---- mmCIF --------------------------------------------------------------------------------------------------------
-_CIF_SPECIAL = (b"'", b'"', b"#", b";")  # start quoted values, comments and text fields
+_CIF_SPECIAL = (b"'", b'"', b"#", b";", b"_", b"$", b"[", b"]")  # quotes, comments, text fields, tags, reserved
 _CIF_END_OF_LOOP = (b"#", b"_", b"loop_", b"data_", b"save_", b"global_", b"stop_")
 _MAY_END_LOOP = np.zeros(256, bool)  # first characters of the lines that may end a loop
 _MAY_END_LOOP[[ord(c) for c in "#_dDgGlLsS"]] = True
@@ -579,7 +580,8 @@ def _cif_tokens(data: bytes, path: Path) -> _Tokens:
         if simple and any(data.find(c, body, body_end) >= 0 for c in _CIF_SPECIAL):
             quoted = (first == 39) | (first == 34)
             simple = not (((quoted & ((arr[end - 1] != first) | (end - start < 2))).any())
-                          or (first == 35).any() or ((first == 59) & (arr[start - 1] == 10)).any())
+                          or np.isin(first, (35, 36, 91, 93, 95)).any()  # # $ [ ] _ cannot start a value
+                          or ((first == 59) & (arr[start - 1] == 10)).any())
             start, end = start + quoted, end - quoted
         if simple:
             return _Tokens(data + b" " * 8, start, end, {t: j for j, t in enumerate(tags)},

@@ -82,6 +82,8 @@ REFUSED = [
      r"line 18 holds a control byte \(0x01\)"),
     ("mmCIF duplicate atom record", "a.cif", _cif(extra=["ATOM 9 C CA GLY A 2 11.000 0.000 0.000"]),
      r"line 21 repeats the atom of line 18"),
+    ("mmCIF value starting like a tag", "a.cif", _cif({6: "ATOM 6 C CA GLY _ 2 11.000 0.000 0.000"}),
+     r"not a readable mmCIF file \(line \d+: Wrong number of values in loop _atom_site"),
 ]
 
 
