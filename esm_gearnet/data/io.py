@@ -244,27 +244,32 @@ def _parse_numbers(words: np.ndarray, text: Callable[[int, int], bytes]) -> Tupl
     return values, status
 
 
-_NUMBER_NAMES = ("x coordinate", "y coordinate", "z coordinate", "occupancy", "B-factor")
-_NUMBER_DEFAULTS = np.array([np.nan, np.nan, np.nan, 1.0, 0.0])  # for blank fields (NaN: refused)
-_NUMBER_LIMITS = np.array([COORDINATE_LIMIT] * 3 + [float(np.finfo(np.float32).max)] * 2)
+_NUMBER_NAMES = ("x coordinate", "y coordinate", "z coordinate", "occupancy", "B-factor", "residue number")
+_NUMBER_DEFAULTS = np.array([np.nan, np.nan, np.nan, 1.0, 0.0, np.nan])  # for blank fields (NaN: refused)
+_NUMBER_LIMITS = np.array([COORDINATE_LIMIT] * 3 + [float(np.finfo(np.float32).max)] * 2 + [np.inf])
 
 
 def _check_numbers(path, where: Callable[[int], str], text: Callable[[int, int], bytes], values: np.ndarray,
                    status: np.ndarray) -> np.ndarray:
-    """The x, y, z, occupancy and B-factor columns [A, 5]: blanks read as their default, and refused (naming
-    the record) when a coordinate is blank, anything is not a number, or beyond its limit."""
-    if status.any():
-        blank = status == 1
-        values = np.where(blank, _NUMBER_DEFAULTS, values)
-        status = np.where(blank & ~np.isnan(_NUMBER_DEFAULTS), 0, status)
-    if status.any() or not (np.abs(values) <= _NUMBER_LIMITS).all():
-        bad = (status != 0) | ~(np.abs(values) <= _NUMBER_LIMITS)
-        row, j = (int(i) for i in np.argwhere(bad)[0])
+    """Of the x, y, z, occupancy, B-factor and residue-number columns [A, 6], the first five: blanks read as
+    their default; refused (naming the record) when a coordinate is blank, anything is not a number, or beyond
+    its limit. The residue numbers are checked later, for the residues kept."""
+    problem = np.zeros((1, 5), np.int8)  # per field: 1 blank without a default, 2 not a number, 3 too far
+    if status[:, :5].any():
+        blank = status[:, :5] == 1
+        values = values.copy()
+        values[:, :5] = np.where(blank, _NUMBER_DEFAULTS[:5], values[:, :5])
+        problem = np.where(blank & ~np.isnan(_NUMBER_DEFAULTS[:5]), 0, status[:, :5])
+    far = ~(np.abs(values) <= _NUMBER_LIMITS)
+    if problem.any() or far.any():
+        problem = np.where(far[:, :5] & (problem == 0), 3, problem)
+        row, j = (int(i) for i in np.argwhere(problem)[0])
         field = text(row, j).decode("latin-1").strip()
-        what = {1: "is blank", 2: f"is not a number ({field!r})"}.get(
-            int(status[row, j]), f"{field} is beyond ±{_NUMBER_LIMITS[j]:g} Å" if j < 3 else f"{field} is too large")
-        raise StructureError(f"{path}: {where(row)}: the {_NUMBER_NAMES[j]} {what}; fix or remove that record.")
-    return np.ascontiguousarray(values)
+        what = ("is blank", f"is not a number ({field!r})",
+                f"{field} is beyond ±{_NUMBER_LIMITS[j]:g} Å" if j < 3 else f"{field} is too large")
+        raise StructureError(f"{path}: {where(row)}: the {_NUMBER_NAMES[j]} {what[problem[row, j] - 1]}; fix or "
+                             "remove that record.")
+    return values
 
 
 # ---- the atom table common to both formats -----------------------------------------------------------------------
@@ -276,7 +281,7 @@ class _Atoms(NamedTuple):
     name: np.ndarray      # [A] uint32 code of the atom name (4 bytes as written; 0 for longer names)
     altloc: np.ndarray    # [A] uint8, 32 (a space) = none
     hydrogen: np.ndarray  # [A] bool
-    numbers: np.ndarray   # [A, 5] float64 (C-contiguous): x, y, z, occupancy, B-factor
+    numbers: np.ndarray   # [A, 6] float64 (C-contiguous): x, y, z, occupancy, B-factor, residue number
     number: np.ndarray    # [A] float64: residue number where `number_status` is 0
     number_status: np.ndarray  # [A] int8: 0 a number, 1 blank, 2 not a number (see `number_text`)
     number_text: Callable[[int], str]  # atom index -> its residue number as written
@@ -396,7 +401,7 @@ def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
         words[:, j] = M[:, start:start + 8].view("<u8")[:, 0] & keep | spaces
     text = lambda i, j: M[i, _PDB_FIELDS[j]].tobytes()  # noqa: E731
     values, status = _parse_numbers(words, text)
-    numbers = _check_numbers(path, where, text, values[:, :5], status[:, :5])
+    numbers = _check_numbers(path, where, text, values, status)
     element = _ELEMENT_BY_SYMBOL[M[:, 76:78].view("<u2")[:, 0]]
     if not element.all():  # no element given: gemmi's guess from the padded name
         by_name = _ELEMENT_BY_NAME[(M[:, 12].astype(np.int32) << 9) | (M[:, 13].astype(np.int32) << 1)
@@ -412,10 +417,10 @@ def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
         return kind == 2
 
     return _Atoms(
-        chain=(_left_justified(M[:, 20:22].view("<u2")[:, 0], 2),),
+        chain=(M[:, 21] if (M[:, 20] == 32).all() else _left_justified(M[:, 20:22].view("<u2")[:, 0], 2),),
         key=(_left_justified(M[:, 17:21].view("<u4")[:, 0] & np.uint32(0xFFFFFF), 3),
-             np.where(status[:, 5] == 0, values[:, 5], -1.0 - M[:, 22:26].view("<u4")[:, 0]), M[:, 26],
-             _left_justified(M[:, 72:76].view("<u4")[:, 0], 4)),
+             np.where(status[:, 5] == 0, values[:, 5], -1.0 - M[:, 22:26].view("<u4")[:, 0])
+             if status[:, 5].any() else values[:, 5], M[:, 26], _left_justified(M[:, 72:76].view("<u4")[:, 0], 4)),
         name=M[:, 12:16].view("<u4")[:, 0], altloc=M[:, 16], hydrogen=element == 1,
         numbers=numbers, number=values[:, 5], number_status=status[:, 5],
         number_text=lambda i: text(i, 5).decode("latin-1"), icode=M[:, 26], where=where, entity=entity,
@@ -650,7 +655,7 @@ def _cif_atoms(data: bytes, path: Path) -> _Atoms:
         words[:, j] = _SPACES if span is None else tokens.number_words(span)
     text = lambda i, j: b"" if spans[j] is None else tokens.text[spans[j][0][i]:spans[j][1][i]]  # noqa: E731
     values, status = _parse_numbers(words, text)
-    numbers = _check_numbers(path, where, text, values[:, :5], status[:, :5])
+    numbers = _check_numbers(path, where, text, values, status)
     atom_span = column("auth_atom_id", "label_atom_id")
     atom = tokens.words(atom_span, 1)[0]
     symbol = column("type_symbol", required=False)
