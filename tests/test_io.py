@@ -2,6 +2,8 @@
 import gzip
 import shutil
 from collections import OrderedDict
+from pathlib import Path
+from typing import List
 
 import gemmi
 import numpy as np
@@ -9,6 +11,8 @@ import pytest
 import torch
 
 from esm_gearnet.data import StructureError, constants, load_structure, load_structures
+from esm_gearnet.data.io import (_TYPE_OF_RESIDUE, protein_name, read_structure_arrays, residue_arrays,
+                                 residue_type_of, structure_format)
 from conftest import structure_files
 
 MODIFIED = {"MSE": "M", "TPO": "T", "SEP": "S", "PTR": "Y", "CSO": "C", "CME": "C", "MLY": "K", "HYP": "P"}
@@ -224,3 +228,229 @@ def test_load_structures_skips_exactly_the_bad_files(tmp_path, structures_dir, w
     assert all(str(path) in reason for path, reason in skipped)
     for protein, path in zip(proteins, good):
         assert torch.equal(protein.atom_pos, load_structure(path).atom_pos)
+
+
+# ---- the gemmi-based parser the vectorised one replaced, kept as the slow reference -------------------------------
+def _ref_append_best_conformer(res, layout, base, slots, xyz):
+    """Append the atoms of the residue's highest-occupancy conformer; return its CA atom (or None)."""
+    occupancy = {}
+    for atom in res:
+        if atom.altloc != "\0" and atom.occ > occupancy.get(atom.altloc, -1.0):
+            occupancy[atom.altloc] = atom.occ
+    best = max(occupancy, key=occupancy.get)  # the first letter wins ties
+    ca = None
+    for atom in res:
+        if atom.altloc not in ("\0", best):
+            continue
+        slot = layout.get(atom.name)
+        if slot is None:
+            slot = layout.get(constants.ATOM_ALIASES.get(atom.name))
+            if slot is None:
+                continue
+        if slot == 1:
+            ca = atom
+        slots.append(base + slot)
+        xyz.extend(atom.pos.tolist())
+    return ca
+
+
+def _reference_arrays(path, chain=None):
+    """The previous `read_structure_arrays`: gemmi builds the structure (first model, entities), Python walks its
+    residues and atoms. Verbatim but for the error handling of unreadable files."""
+    path = Path(path)
+    compressed, fmt = path.suffix == ".gz", structure_format(path)
+    if fmt == "cif" and not compressed:
+        structure = gemmi.read_structure(str(path), format=gemmi.CoorFormat.Mmcif)
+    else:
+        data = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+        if fmt == "pdb":
+            end = data.find(b"\nENDMDL")
+            data = data if end < 0 else data[: data.find(b"\n", end + 1) + 1]
+            structure = gemmi.read_pdb_string(data.decode("latin-1"))
+        else:
+            structure = gemmi.make_structure_from_block(gemmi.cif.read_string(data.decode("latin-1")).sole_block())
+        structure.setup_entities()
+    if len(structure) == 0:
+        raise StructureError(f"{path}: no model")
+    model = structure[0]
+    if model.has_hydrogen():
+        model.remove_hydrogens()  # in C++: NMR models carry as many hydrogens as heavy atoms
+    non_polymer = gemmi.EntityType.NonPolymer
+    chain_ids: List[str] = []
+    residue_types: List[int] = []
+    numbers: List[int] = []
+    icodes: List[int] = []
+    chain_index: List[int] = []
+    bfactors: List[float] = []
+    slots: List[int] = []  # flat index residue * 14 + slot of every kept atom
+    xyz: List[float] = []
+    num_dropped = 0
+    seen_chains = []
+    add_slot, add_xyz = slots.append, xyz.extend
+    aliases = constants.ATOM_ALIASES
+    prev_key = None  # (chain, seqid) of the previous kept residue, for micro-heterogeneity
+    prev_occ = 0.0
+    prev_start = 0
+    for ch in model:
+        if chain is not None and ch.name != chain:
+            continue
+        seen_chains.append(ch.name)
+        for res in ch:
+            rtype = _TYPE_OF_RESIDUE.get(res.name, -1)
+            if rtype == -1:
+                rtype = residue_type_of(res.name)
+            if rtype is None or res.entity_type == non_polymer:
+                continue
+            layout = constants.ATOM_SLOTS[rtype]
+            slot_of = layout.get
+            start = len(slots)
+            base = len(residue_types) * constants.NUM_ATOM_SLOTS
+            has_altloc = False
+            ca = None
+            # fast path: append every atom of the layout; residues with alternate locations are redone below
+            for atom in res:
+                slot = slot_of(atom.name)
+                if slot is None:
+                    slot = slot_of(aliases.get(atom.name))
+                    if slot is None:
+                        continue
+                if atom.altloc != "\0":
+                    has_altloc = True
+                elif slot == 1:
+                    ca = atom
+                add_slot(base + slot)
+                add_xyz(atom.pos.tolist())
+            if has_altloc:
+                del slots[start:], xyz[3 * start:]
+                ca = _ref_append_best_conformer(res, layout, base, slots, xyz)
+            if ca is None:
+                del slots[start:], xyz[3 * start:]
+                num_dropped += 1
+                continue
+            seqid = res.seqid
+            key = (ch.name, seqid.num, seqid.icode)
+            if key == prev_key:  # micro-heterogeneity: two residue types at one position
+                if ca.occ <= prev_occ:
+                    del slots[start:], xyz[3 * start:]
+                    continue
+                # this one replaces the previous residue: drop that one and move our atoms into its rows
+                last = len(residue_types) - 1
+                del residue_types[last:], numbers[last:], icodes[last:], chain_index[last:], bfactors[last:]
+                ours_slots = [s - constants.NUM_ATOM_SLOTS for s in slots[start:]]
+                ours_xyz = xyz[3 * start:]
+                del slots[prev_start:], xyz[3 * prev_start:]
+                start = len(slots)
+                slots.extend(ours_slots)
+                xyz.extend(ours_xyz)
+            if not chain_ids or chain_ids[-1] != ch.name:
+                chain_ids.append(ch.name)
+            prev_key, prev_occ, prev_start = key, ca.occ, start
+            residue_types.append(rtype)
+            numbers.append(seqid.num)
+            icodes.append(ord(seqid.icode) if seqid.icode not in ("\0", " ") else 32)
+            chain_index.append(len(chain_ids) - 1)
+            bfactors.append(ca.b_iso)
+
+    if not residue_types:
+        if chain is not None and chain not in seen_chains:
+            raise StructureError(f"{path}: no chain {chain!r}")
+        raise StructureError(f"{path}: no amino-acid residue with a CA atom")
+    arrays = residue_arrays(str(path), slots, xyz, residue_types, numbers, icodes, chain_index, bfactors, chain_ids)
+    meta = {"chain_ids": tuple(chain_ids), "name": protein_name(path), "num_dropped": num_dropped}
+    return arrays, meta
+
+
+
+
+def _assert_same_as_reference(path, chain=None):
+    try:
+        expected = _reference_arrays(path, chain)
+    except (StructureError, RuntimeError) as error:  # the reference refuses: so must the new reader
+        with pytest.raises(StructureError):
+            read_structure_arrays(path, chain)
+        return str(error)
+    arrays, meta = read_structure_arrays(path, chain)
+    assert meta == expected[1]
+    for name, value in expected[0].items():
+        assert arrays[name].dtype == value.dtype and np.array_equal(arrays[name], value), name
+    return None
+
+
+
+@pytest.mark.parametrize("path", structure_files(), ids=lambda p: p.name)
+def test_real_structure_equals_the_gemmi_reference(path, tmp_path):
+    """On every real file, the vectorised reader's arrays and metadata equal the gemmi-based reader's exactly:
+    as a file, gzip-compressed, and for its first chain alone."""
+    assert _assert_same_as_reference(path) is None
+    gz = tmp_path / (path.name + ".gz")
+    gz.write_bytes(gzip.compress(path.read_bytes(), compresslevel=1))
+    assert _assert_same_as_reference(gz) is None
+    first_chain = load_structure(path).chain_ids[0]
+    assert _assert_same_as_reference(path, first_chain) is None
+    assert _assert_same_as_reference(path, "nonexistent") is not None
+
+
+def _record(kind, serial, name, resname, chain, number, x, alt=" ", occ=1.0, icode=" ", element=None):
+    element = element if element is not None else name.strip()[0]
+    return (f"{kind:<6s}{serial:5d} {name:<4s}{alt}{resname:>3s} {chain}{number:4d}{icode}   "
+            f"{x:8.3f}{x / 2:8.3f}{-x:8.3f}{occ:6.2f}{x + 10:6.2f}          {element:>2s}  ")
+
+
+def _residue(resname, chain, number, x, kind="ATOM", names=(" N  ", " CA ", " C  ", " O  "), **kw):
+    return [_record(kind, 1, n, resname, chain, number, x + i, **kw) for i, n in enumerate(names)]
+
+
+# synthetic files for the rules, each compared with the reference reader: (case, lines)
+EDGE_CASES = {
+    "altloc highest occupancy, first on ties": _residue("GLY", "A", 1, 0) + _residue("GLY", "A", 2, 10, alt="A", occ=.3)
+    + _residue("GLY", "A", 2, 20, alt="B", occ=.7) + _residue("GLY", "A", 3, 30, alt="B", occ=.5)
+    + _residue("GLY", "A", 3, 40, alt="A", occ=.5) + ["TER"],
+    "altloc on a side chain only": _residue("SER", "A", 1, 0, names=(" N  ", " CA ", " C  ", " O  ", " CB "))
+    + [_record("ATOM", 1, " OG ", "SER", "A", 1, 6, alt="A", occ=.4), _record("ATOM", 1, " OG ", "SER", "A", 1, 7,
+                                                                               alt="B", occ=.6), "TER"],
+    "hydrogen altloc does not choose the conformer": _residue("GLY", "A", 1, 0, alt="A", occ=.5)
+    + _residue("GLY", "A", 1, 10, alt="B", occ=.5) + [_record("ATOM", 1, " HA2", "GLY", "A", 1, 9, alt="B", occ=.9),
+                                                      "TER"],
+    "micro-heterogeneity by CA occupancy": _residue("GLY", "A", 1, 0) + _residue("SER", "A", 2, 10, occ=.4)
+    + _residue("THR", "A", 2, 20, occ=.6) + _residue("ALA", "A", 2, 30, occ=.6) + _residue("GLY", "A", 3, 40) + ["TER"],
+    "insertion codes keep file order": _residue("GLY", "A", 10, 0) + _residue("GLY", "A", 10, 10, icode="B")
+    + _residue("GLY", "A", 10, 20, icode="A") + _residue("GLY", "A", 9, 30) + ["TER"],
+    "free amino acid after TER is a ligand": _residue("GLY", "A", 1, 0) + _residue("GLY", "A", 2, 10) + ["TER"]
+    + _residue("LYS", "A", 101, 50, kind="HETATM") + _residue("HOH", "A", 201, 60, kind="HETATM", names=(" O  ",)),
+    "no TER: gemmi's heuristic finds the ligands": _residue("GLY", "A", 1, 0) + _residue("GLY", "A", 2, 3.8)
+    + _residue("MSE", "A", 3, 7.6, kind="HETATM", names=(" N  ", " CA ", " C  ", " O  ", "SE  "))
+    + _residue("LYS", "A", 301, 50, kind="HETATM") + _residue("HOH", "A", 401, 60, kind="HETATM", names=(" O  ",)),
+    "two TER in a chain: all left to the heuristic": _residue("GLY", "A", 1, 0) + ["TER"] + _residue("GLY", "A", 2, 3.8)
+    + ["TER"] + _residue("ALA", "A", 101, 50, kind="HETATM"),
+    "chain parts A, B, A": _residue("GLY", "A", 1, 0) + _residue("GLY", "B", 1, 10) + _residue("GLY", "A", 2, 20)
+    + ["TER"],
+    "a residue split by another": _residue("ALA", "A", 1, 0)[:1] + _residue("GLY", "A", 2, 10)
+    + _residue("ALA", "A", 1, 0, names=(" N  ", " CA ", " C  ", " O  ", " CB "))[1:] + _residue("SER", "A", 3, 20)
+    + ["TER"],
+    "residue without CA dropped": _residue("GLY", "A", 1, 0) + _residue("GLY", "A", 2, 10, names=(" N  ", " C  "))
+    + _residue("GLY", "A", 3, 20) + ["TER"],
+    "modified and unknown residues": _residue("MSE", "A", 1, 0, kind="HETATM", names=(" N  ", " CA ", "SE  "))
+    + _residue("TPO", "A", 2, 10, kind="HETATM") + _residue("UNK", "A", 3, 20) + _residue("XYZ", "A", 4, 30) + ["TER"],
+    "hydrogens without element column": [r[:76] + "    " for r in _residue("GLY", "A", 1, 0)
+                                         + _residue("GLY", "A", 1, 9, names=(" HA2", "1H  ", "HA3 "))] + ["TER"],
+    "4-letter hydrogen names without element do not choose the conformer": [
+        r[:76] + "    " for r in _residue("GLY", "A", 1, 0, alt="A", occ=.5) + _residue("GLY", "A", 1, 10, alt="B", occ=.5)
+        + [_record("ATOM", 1, "HA21", "GLY", "A", 1, 9, alt="B", occ=.9), _record("ATOM", 1, "DA21", "GLY", "A", 1, 9,
+                                                                                alt="B", occ=.9)]] + ["TER"],
+    "no TER, a calcium named CA and a ligand carbon first": _residue("GLY", "A", 1, 0) + _residue("GLY", "A", 2, 3.8)
+    + [_record("HETATM", 1, "CA  ", "CA", "A", 301, 40, element="CA")]
+    + _residue("ACE", "A", 3, 7.0, kind="HETATM", names=(" O  ", " C  ", " CH3")) + _residue("GLY", "A", 4, 9)
+    + _residue("LYS", "A", 302, 50, kind="HETATM"),
+    "NMR models": ["MODEL        1"] + _residue("GLY", "A", 1, 0) + ["TER", "ENDMDL", "MODEL        2"]
+    + _residue("GLY", "A", 1, 50) + ["TER", "ENDMDL"],
+    "lower-case records and END before more atoms": [r.lower()[:6] + r[6:] for r in _residue("GLY", "A", 1, 0)]
+    + ["TER", "END"] + _residue("GLY", "A", 2, 10),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_rule_equals_the_gemmi_reference(case, tmp_path):
+    path = tmp_path / "case.pdb"
+    path.write_text("\n".join(EDGE_CASES[case]) + "\nEND\n")
+    assert _assert_same_as_reference(path) is None, case
+    assert _assert_same_as_reference(path, "A") is None, case
