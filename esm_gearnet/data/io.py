@@ -1017,8 +1017,12 @@ def load_structures(paths: Sequence[PathLike], chain: Optional[str] = None, work
     """
     jobs = [(str(p), chain) for p in paths]
     proteins, skipped = [], []
+
+    def died(job, how):  # a file whose reading killed its worker process twice: skipped like any bad file
+        return None, f"{job[0]}: the process reading it died ({how}), also when run again alone."
+
     for (path, _), (parsed, reason) in zip(jobs, ordered_map(_parse_for_pool, jobs, workers, progress, description,
-                                                              unit="file")):
+                                                              unit="file", on_death=died)):
         if parsed is None:
             skipped.append((path, reason))
             logger.warning("skipped %s", reason)
