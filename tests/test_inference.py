@@ -144,10 +144,12 @@ def test_curves_show_what_metrics_jsonl_holds(run_dir, tmp_path):
     loss = panels["train loss"].lines[0]
     assert list(loss.get_xdata()) == [r["epoch"] for r in records]
     assert list(loss.get_ydata()) == [r["train"]["loss"] for r in records]
+    best = records[-1]["best_epoch"]
     for metric in ("auprc@micro", "f1_max"):
-        valid, test = panels[metric].lines
+        valid, test, marker = panels[metric].lines  # the best epoch: a dotted vertical line
         assert list(valid.get_ydata()) == [r["valid"][metric] for r in records]
         assert list(test.get_ydata()) == [r["test"][metric] for r in records] and test.get_linestyle() == "--"
+        assert list(marker.get_xdata()) == [best, best] and marker.get_linestyle() == ":"
     _run("script/report.py", str(run_dir), str(run_dir), "-o", str(tmp_path / "both.png"))
     width, height = _png_size(tmp_path / "both.png")
     assert width == 1560 and height == 360
