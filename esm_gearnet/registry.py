@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import importlib
 import inspect
 import types
 import typing
@@ -53,8 +54,7 @@ def registered_names():
 
 
 def _import_all():
-    # importing the package registers every class it defines
-    import esm_gearnet  # noqa: F401
+    importlib.import_module("esm_gearnet")  # importing the package registers every class it defines
 
 
 def resolve(name: str, path: str = "config") -> Callable:
