@@ -10,6 +10,7 @@ Two parts, same weights in every path:
    batch vs `attention: varlen` on the packed one. Prints proteins/s and tokens/s (real tokens: residues plus
    <cls>/<eos>, the same count for both paths) for fwd and fwd+bwd side by side, the padded/real token ratio,
    and the relative difference of the residue features (fp32: 1e-5; bf16: 2e-2 as benchmarks/train_step.py).
+   The two paths are timed in alternation (medians of --repeats rounds after a warm-up round).
    On CPU, and in fp32 on CUDA, the unpadded path runs its reference attention (one SDPA per sequence); under
    bf16 on CUDA it runs FlashAttention's variable-length kernel (torch.nn.attention.varlen.varlen_attn).
 
@@ -17,7 +18,9 @@ Two parts, same weights in every path:
 """
 import argparse
 import contextlib
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,6 +73,20 @@ def timers(model, batches, device, dtype):
     return forward, forward_backward
 
 
+def interleaved_medians(closures, repeats):
+    """name -> (median forward s, median forward+backward s), the paths timed in alternation (one warm-up
+    each), so that a load change on a shared machine falls on both sides alike."""
+    samples = {name: ([], []) for name in closures}
+    for round_ in range(repeats + 1):
+        for name, functions in closures.items():
+            for function, times in zip(functions, samples[name]):
+                start = time.perf_counter()
+                function()
+                if round_:
+                    times.append(time.perf_counter() - start)
+    return {name: (statistics.median(fwd), statistics.median(fwdbwd)) for name, (fwd, fwdbwd) in samples.items()}
+
+
 def equal_lengths(args):
     generator = torch.Generator().manual_seed(0)
     letters = constants.RESIDUE_LETTERS
@@ -118,10 +135,8 @@ def real_lengths(args):
         difference = float((a - b).norm() / b.norm())
         head = torch.zeros(1, arch[2], arch[1] // arch[2], device=device, dtype=dtype or torch.float32)
         kernel = "varlen_attn (FlashAttention)" if uses_varlen_kernel(head) else "reference: SDPA per sequence"
-        times = {}
-        for attention, model in models.items():
-            forward, forward_backward = timers(model, batches, device, dtype)
-            times[attention] = (median_time(forward, args.repeats), median_time(forward_backward, args.repeats))
+        times = interleaved_medians({name: timers(model, batches, device, dtype) for name, model in models.items()},
+                                    args.repeats)
         name = f"{arch[0]}L-{arch[1]}d"
         label = "bf16" if dtype else "fp32"
         figures = {}
