@@ -14,6 +14,7 @@ elsewhere (tests/test_esm_varlen.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import warnings
 from typing import Dict, Optional, Tuple
@@ -208,14 +209,32 @@ def _varlen_kernel():
     return varlen_attn
 
 
-def uses_varlen_kernel(q: torch.Tensor) -> bool:
-    """Whether `varlen_attention` runs FlashAttention's variable-length kernel on `q` [T, H, hd]: on CUDA, in
-    bf16/fp16 (the tensor's own or the active autocast dtype), head size a multiple of 8 up to 256, with a torch
-    that has `varlen_attn`. Otherwise it runs the reference (exact in fp32: FlashAttention has no fp32 kernel)."""
+@functools.lru_cache(maxsize=None)
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # FlashAttention 2: Ampere and newer
+
+
+def varlen_kernel_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype in which `varlen_attention` runs FlashAttention's variable-length kernel on `q` [T, H, hd], or
+    None when it runs the reference instead. The kernel runs on a CUDA GPU of compute capability 8.0 or newer,
+    in bf16/fp16 (q's own dtype, else the active CUDA autocast dtype), head size a multiple of 8 up to 256, with
+    a torch that has `varlen_attn`. fp32 without autocast runs the reference, exact in fp32 (FlashAttention has
+    no fp32 kernel, and a silent cast to bf16 would change the numbers a fp32 run asked for)."""
     if not q.is_cuda or q.shape[-1] % 8 or q.shape[-1] > 256 or _varlen_kernel() is None:
-        return False
+        return None
+    if not _flash_capable(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+        return None
     half = (torch.float16, torch.bfloat16)
-    return q.dtype in half or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half)
+    if q.dtype in half:
+        return q.dtype
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half:
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def uses_varlen_kernel(q: torch.Tensor) -> bool:
+    """Whether `varlen_attention` runs FlashAttention's variable-length kernel on `q` (see `varlen_kernel_dtype`)."""
+    return varlen_kernel_dtype(q) is not None
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
@@ -227,15 +246,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         cu_seqlens: [S + 1] int32, sequence s holds tokens cu_seqlens[s] .. cu_seqlens[s + 1] - 1.
         max_len: the longest sequence; lengths: the S sequence lengths (host ints).
     Returns:
-        [T, H, hd]. On CUDA in bf16/fp16 (see `uses_varlen_kernel`) FlashAttention's variable-length kernel,
+        [T, H, hd]. On CUDA in bf16/fp16 (see `varlen_kernel_dtype`) FlashAttention's variable-length kernel,
         under autocast in the autocast dtype (autocast does not reach this custom op, so the cast is made here).
         Otherwise the reference: `scaled_dot_product_attention` on each sequence alone, so no FLOP goes to
         padding and the result equals the padded path's to rounding.
     """
-    if uses_varlen_kernel(q):
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            dtype = torch.get_autocast_dtype("cuda")
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    dtype = varlen_kernel_dtype(q)
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _varlen_kernel()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
     # [1, H, L_s, hd] per sequence: 4-d inputs reach the fused kernels (3-d ones fall back to the math path on CPU)
     outputs = [F.scaled_dot_product_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (qs, ks, vs)))
