@@ -201,7 +201,7 @@ def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx:
 
 
 def _varlen_kernel():
-    """`torch.nn.attention.varlen.varlen_attn`, or None where this torch lacks it (before 2.9)."""
+    """`torch.nn.attention.varlen.varlen_attn`, or None where this torch lacks it."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -370,10 +370,11 @@ class ESM(Encoder):
             `<cls>` ... `<eos>` sequence, all concatenated into one [T, D] token sequence with cumulative
             sequence lengths, so no FLOP is spent on padding and length buckets are optional. Rotary positions
             restart in every sequence; token dropout rescales each by its own length and `<mask>` count.
-            On CUDA under bf16/fp16 (autocast or half weights) attention runs FlashAttention's variable-length
-            kernel (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.9). In fp32, on CPU, or with a head size
-            the kernel lacks, it runs one `scaled_dot_product_attention` per sequence instead: exact fp32, since
-            FlashAttention has no fp32 kernel (fp32 inputs are never silently cast to bf16). Equal to "sdpa" to
+            On a CUDA GPU (Ampere or newer) under bf16/fp16 (autocast or half weights) attention runs
+            FlashAttention's variable-length kernel (`torch.nn.attention.varlen.varlen_attn`, in recent torch).
+            In fp32, on CPU, without that module or with a head size the kernel lacks, it runs one
+            `scaled_dot_product_attention` per sequence instead: exact fp32, since FlashAttention has no fp32
+            kernel (fp32 inputs are never silently cast to bf16). Equal to "sdpa" to
             1e-5 in fp32 (tests/test_esm_varlen.py). Works with activation checkpointing, compile (the dense
             parts of each layer; attention stays outside the compiled graphs) and the feature cache.
         architecture: (num_layers, embed_dim, heads) for a custom random-weight ESM-2 (pretrained False).
