@@ -13,6 +13,9 @@ Levers, cumulative down to `sparse` (or `bf16` on CUDA), then each opt-in on top
     bucket       length-bucketed batches (LengthBucketSampler, as `engine.bucket: true`)
     sparse       GearNet's relational aggregation as one sparse-dense product
     bf16         bf16 autocast (CUDA only)
+    unpadded     + ESM on the packed batch, no padding tokens (`attention: varlen`; FlashAttention's
+                 variable-length kernel under bf16 on CUDA, one SDPA per sequence on CPU and in fp32)
+    unpadded_random  + unpadded, random batches instead of length buckets (buckets are then optional)
     compile      + torch.compile of the ESM layers (`compile: true`)
     checkpoint   + activation checkpointing of the ESM layers (`activation_checkpointing: true`)
     frozen       + ESM frozen, run without autograd (esm_gearnet_freeze.yaml: changes the science)
@@ -58,6 +61,8 @@ DESCRIPTIONS = {
     "baseline": "baseline: fair-esm attention, random batches, fp32, index_add_ aggregation, ESM trained",
     "sdpa": "+ SDPA attention", "bucket": "+ length-bucketed batches (`engine.bucket: true`)",
     "sparse": "+ sparse relational aggregation in GearNet", "bf16": "+ bf16 autocast",
+    "unpadded": "+ unpadded ESM (`attention: varlen`)",
+    "unpadded_random": "+ unpadded ESM, random batches (no buckets)",
     "compile": "+ torch.compile of the ESM layers (`compile: true`)",
     "checkpoint": "+ activation checkpointing of the ESM layers",
     "frozen": "+ ESM frozen, no autograd (a different experiment)",
@@ -73,7 +78,9 @@ def lever_options(cuda):
     for name, change in steps:
         current = {**current, **change}
         options[name] = current
-    for name, change in [("compile", {"compile": True}), ("checkpoint", {"checkpointing": True}),
+    for name, change in [("unpadded", {"attention": "varlen"}),
+                         ("unpadded_random", {"attention": "varlen", "bucket": False}),
+                         ("compile", {"compile": True}), ("checkpoint", {"checkpointing": True}),
                          ("frozen", {"ratio": 0.0}), ("cache", {"ratio": 0.0, "cache_gib": 8.0})]:
         options[name] = {**current, **change}
     return options
@@ -163,7 +170,8 @@ def run_lever(args, name, cfg, esm, items, device):
     residues = sum(it["graph"].num_residue for it in items)
     task, optimizer = build_task(cfg, esm, options, device)
     data = batches(items, args.batch, options["bucket"])
-    padded = sum(b["graph"].batch_size * int(b["graph"].num_residues.max()) for b in data)
+    padded = (residues if options["attention"] == "varlen"  # packed: no padding token
+              else sum(b["graph"].batch_size * int(b["graph"].num_residues.max()) for b in data))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     epoch(task, optimizer, data, device, options)  # warm-up (and, for `cache`, the epoch that fills it)
@@ -178,8 +186,10 @@ def run_lever(args, name, cfg, esm, items, device):
     figures = {"proteins_per_s": round(len(items) / seconds, 2), "residues_per_s": round(residues / seconds),
                "padding": round(padded / residues, 3), "peak_memory_gib": round(memory, 2)}
     if device.type == "cuda" and not options["cache_gib"]:  # with the cache, ESM does not run in timed epochs
-        flops = sum(esm_flops_per_residue(esm, int(b["graph"].num_residues.max()), options["ratio"] > 0)
-                    * b["graph"].num_residue for b in data)
+        # model FLOPs: each residue attends over its own protein only (padding is not useful work), so the
+        # padded and unpadded paths are credited the same FLOPs for the same data
+        flops = sum(esm_flops_per_residue(esm, n, options["ratio"] > 0) * n
+                    for b in data for n in b["graph"].num_residues.tolist())
         figures["esm_mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 3)
     del task, optimizer
     figures["loss_difference"], figures["gradient_difference"] = check(

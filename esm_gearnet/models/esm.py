@@ -6,10 +6,15 @@ Hugging Face ESM-2 folder (`esm_hf`: config.json + model.safetensors / pytorch_m
 fair-esm's parameters; equal to `transformers.EsmModel` to 1e-5 in fp32, tests/test_esm_hf.py). Two forward
 paths share those weights: fair-esm's own, and a fast path through `scaled_dot_product_attention` with ESM-2's
 rotary embeddings (flash / memory-efficient kernels on CUDA). They agree to 1e-5 in fp32 (tests/test_models.py).
+A third path, `esm2_forward_varlen`, runs the same weights on the *packed* batch (no padding tokens): all
+sequences concatenated into one [T, D] sequence with cumulative sequence lengths, attention through
+`torch.nn.attention.varlen.varlen_attn` (FlashAttention) on CUDA in bf16/fp16 and through one SDPA per sequence
+elsewhere (tests/test_esm_varlen.py).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import warnings
 from typing import Dict, Optional, Tuple
@@ -195,6 +200,152 @@ def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx:
     return x
 
 
+def _varlen_kernel():
+    """`torch.nn.attention.varlen.varlen_attn`, or None where this torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # FlashAttention 2: Ampere and newer
+
+
+def varlen_kernel_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype in which `varlen_attention` runs FlashAttention's variable-length kernel on `q` [T, H, hd], or
+    None when it runs the reference instead. The kernel runs on a CUDA GPU of compute capability 8.0 or newer,
+    in bf16/fp16 (q's own dtype, else the active CUDA autocast dtype), head size a multiple of 8 up to 256, with
+    a torch that has `varlen_attn`. fp32 without autocast runs the reference, exact in fp32 (FlashAttention has
+    no fp32 kernel, and a silent cast to bf16 would change the numbers a fp32 run asked for)."""
+    if not q.is_cuda or q.shape[-1] % 8 or q.shape[-1] > 256 or _varlen_kernel() is None:
+        return None
+    if not _flash_capable(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+        return None
+    half = (torch.float16, torch.bfloat16)
+    if q.dtype in half:
+        return q.dtype
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half:
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def uses_varlen_kernel(q: torch.Tensor) -> bool:
+    """Whether `varlen_attention` runs FlashAttention's variable-length kernel on `q` (see `varlen_kernel_dtype`)."""
+    return varlen_kernel_dtype(q) is not None
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                     lengths: Tuple[int, ...]) -> torch.Tensor:
+    """Bidirectional attention of each packed sequence over itself only.
+
+    Args:
+        q, k, v: [T, H, hd] the tokens of all sequences, one after the other (rotary embeddings applied).
+        cu_seqlens: [S + 1] int32, sequence s holds tokens cu_seqlens[s] .. cu_seqlens[s + 1] - 1.
+        max_len: the longest sequence; lengths: the S sequence lengths (host ints).
+    Returns:
+        [T, H, hd]. On CUDA in bf16/fp16 (see `varlen_kernel_dtype`) FlashAttention's variable-length kernel,
+        under autocast in the autocast dtype (autocast does not reach this custom op, so the cast is made here).
+        Otherwise the reference: `scaled_dot_product_attention` on each sequence alone, so no FLOP goes to
+        padding and the result equals the padded path's to rounding.
+    """
+    dtype = varlen_kernel_dtype(q)
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return _varlen_kernel()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+    # [1, H, L_s, hd] per sequence: 4-d inputs reach the fused kernels (3-d ones fall back to the math path on CPU)
+    outputs = [F.scaled_dot_product_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (qs, ks, vs)))
+               for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+    return torch.cat(outputs, dim=2)[0].transpose(0, 1)
+
+
+def _varlen_qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Queries, keys and values [T, H, hd] of the packed tokens x [T, D] (rotary embeddings applied)."""
+    attn = layer.self_attn
+    tokens, dim = x.shape
+    heads = attn.num_heads
+    head_dim = dim // heads
+    h = layer.self_attn_layer_norm(x)
+    q = attn.q_proj(h).view(tokens, heads, head_dim)
+    k = attn.k_proj(h).view(tokens, heads, head_dim)
+    v = attn.v_proj(h).view(tokens, heads, head_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _varlen_out(layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The layer's output from its input x [T, D] and the attention output h [T, H, hd]."""
+    x = x + layer.self_attn.out_proj(h.reshape(x.shape))
+    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+
+
+def varlen_layer_fn(compile: bool = False):
+    """The function computing one ESM-2 layer on packed tokens: `fn(layer, x [T, D], cos, sin [T, 1, hd] at
+    each token's position within its own sequence, cu_seqlens, max_len, lengths) -> [T, D]`.
+
+    With `compile`, the dense parts before and after attention go through `torch.compile`; attention stays
+    outside, so the compiled graphs never see the number or lengths of the sequences and do not recompile for
+    every new batch composition.
+    """
+    qkv, out = (torch.compile(_varlen_qkv, dynamic=True), torch.compile(_varlen_out, dynamic=True)) if compile \
+        else (_varlen_qkv, _varlen_out)
+
+    def layer_fn(layer, x, cos, sin, cu_seqlens, max_len, lengths):
+        q, k, v = qkv(layer, x, cos, sin)
+        return out(layer, x, varlen_attention(q, k, v, cu_seqlens, max_len, lengths))
+
+    return layer_fn
+
+
+_varlen_layer = varlen_layer_fn()
+
+
+def esm2_forward_varlen(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor, repr_layer: int, mask_idx: int,
+                        checkpoint: bool = False, layer_fn=_varlen_layer) -> torch.Tensor:
+    """ESM-2 representations of layer `repr_layer` on packed sequences, no padding anywhere.
+
+    Equal to `esm2_forward_sdpa` on the padded batch of the same sequences, row for row: rotary embeddings
+    take each token's position within its own sequence (restarting at every `<cls>`), and token dropout
+    rescales each sequence by its own length and `<mask>` count, as fair-esm does per row.
+
+    Args:
+        model: a fair-esm `ESM2`.
+        tokens: [T] token ids of S sequences one after the other, each `<cls>` ... `<eos>`.
+        cu_seqlens: [S + 1] int32 cumulative sequence lengths (0, L_1, L_1 + L_2, ..., T).
+        checkpoint, layer_fn: as in `esm2_forward_sdpa` (`layer_fn`: `_varlen_layer` or its compiled version).
+    Returns:
+        [T, D]; the last layer's output goes through `emb_layer_norm_after`, as in fair-esm.
+    """
+    lengths_tensor = cu_seqlens.diff().long()  # [S]
+    lengths = tuple(lengths_tensor.tolist())
+    max_len = max(lengths, default=0)
+    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), lengths_tensor)  # [T]
+    position = torch.arange(len(tokens), device=tokens.device) - cu_seqlens[:-1].long()[sequence]  # [T]
+    x = model.embed_scale * model.embed_tokens(tokens)
+    if model.token_dropout:
+        is_mask = tokens.eq(mask_idx)
+        x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+        mask_ratio_train = 0.15 * 0.8
+        count = torch.zeros_like(lengths_tensor).index_add_(0, sequence, is_mask.long())
+        mask_ratio_observed = count.to(x.dtype) / lengths_tensor
+        x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[sequence, None]
+    if repr_layer:
+        cos, sin = _rotary(max_len, model.layers[0].self_attn.rot_emb.inv_freq, x.dtype)
+        cos, sin = cos[position].unsqueeze(1), sin[position].unsqueeze(1)  # [T, 1, hd]
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    checkpoint = checkpoint and torch.is_grad_enabled()
+    for layer in model.layers[:repr_layer]:
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(layer_fn, layer, x, cos, sin, cu_seqlens, max_len, lengths,
+                                                  use_reentrant=False)
+        else:
+            x = layer_fn(layer, x, cos, sin, cu_seqlens, max_len, lengths)
+    if repr_layer == len(model.layers):
+        x = model.emb_layer_norm_after(x)
+    return x
+
+
 @register
 class ESM(Encoder):
     """ESM protein language model over the residues of a ProteinBatch.
@@ -214,16 +365,27 @@ class ESM(Encoder):
         readout: "mean" or "sum" over residues (special tokens excluded).
         pretrained: False builds the architecture with random weights (no file needed; ESM-2 names only).
         repr_layer: layer whose output is the residue feature (default: the last).
-        attention: "sdpa" (fast path) or "esm" (fair-esm's own forward).
+        attention: "sdpa" (fast path, padded batch), "esm" (fair-esm's own forward) or "varlen" (ESM-2 only):
+            the unpadded path. Every protein (each 1022-residue window of a long one) becomes its own
+            `<cls>` ... `<eos>` sequence, all concatenated into one [T, D] token sequence with cumulative
+            sequence lengths, so no FLOP is spent on padding and length buckets are optional. Rotary positions
+            restart in every sequence; token dropout rescales each by its own length and `<mask>` count.
+            On a CUDA GPU (Ampere or newer) under bf16/fp16 (autocast or half weights) attention runs
+            FlashAttention's variable-length kernel (`torch.nn.attention.varlen.varlen_attn`, in recent torch).
+            In fp32, on CPU, without that module or with a head size the kernel lacks, it runs one
+            `scaled_dot_product_attention` per sequence instead: exact fp32, since FlashAttention has no fp32
+            kernel (fp32 inputs are never silently cast to bf16). Equal to "sdpa" to
+            1e-5 in fp32 (tests/test_esm_varlen.py). Works with activation checkpointing, compile (the dense
+            parts of each layer; attention stays outside the compiled graphs) and the feature cache.
         architecture: (num_layers, embed_dim, heads) for a custom random-weight ESM-2 (pretrained False).
         activation_checkpointing: recompute each layer in the backward pass instead of storing its activations
-            (less memory for long proteins and big models, about one more forward of time; sdpa path only).
+            (less memory for long proteins and big models, about one more forward of time; sdpa and varlen).
         feature_cache_gib: host memory (GiB) for the residue features of a *frozen* ESM (`freeze`, which
             `fix_sequence_model` or `sequence_model_lr_ratio: 0` call). Each protein's features are then computed
             once and reused, keyed by the exact residue sequence fed to ESM: a crop or mutation that changes
             the sequence is a new entry, never a wrong hit. Proteins are added until the budget is full.
             Masked residues (pre-training) bypass the cache. 0 turns it off.
-        compile: run each transformer layer through `torch.compile` (dynamic shapes; sdpa path only). The first
+        compile: run each transformer layer through `torch.compile` (dynamic shapes; sdpa and varlen). The first
             batches pay the compilation (tens of seconds); on CPU it needs a C++ compiler.
         graph_construction_model: optional (ESM reads the sequence only; a node layer such as AlphaCarbonNode
             still decides which residues it sees).
@@ -245,11 +407,11 @@ class ESM(Encoder):
         super().__init__(graph_construction_model)
         if readout not in ("mean", "sum"):
             raise ValueError(f"ESM: readout must be 'mean' or 'sum', got {readout!r}.")
-        if attention not in ("sdpa", "esm"):
-            raise ValueError(f"ESM: attention must be 'sdpa' or 'esm', got {attention!r}.")
+        if attention not in ("sdpa", "esm", "varlen"):
+            raise ValueError(f"ESM: attention must be 'sdpa', 'esm' or 'varlen', got {attention!r}.")
         for option, value in (("activation_checkpointing", activation_checkpointing), ("compile", compile)):
-            if value and attention != "sdpa":
-                raise ValueError(f"ESM: {option} works on the sdpa path; set `attention: sdpa`.")
+            if value and attention == "esm":
+                raise ValueError(f"ESM: {option} works on the sdpa and varlen paths; set `attention: sdpa`.")
         if architecture is not None:
             if pretrained:
                 raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
@@ -294,8 +456,13 @@ class ESM(Encoder):
         if (activation_checkpointing or compile) and not self.is_esm2:
             raise ValueError("ESM: activation_checkpointing and compile are built for ESM-2 models; remove them "
                              "for ESM-1b.")
+        if attention == "varlen" and not self.is_esm2:
+            raise ValueError("ESM: `attention: varlen` is built for ESM-2 models; use `attention: esm` for ESM-1b.")
         self.activation_checkpointing = activation_checkpointing
-        self._layer_fn = torch.compile(_sdpa_layer, dynamic=True) if compile else _sdpa_layer
+        if attention == "varlen":
+            self._layer_fn = varlen_layer_fn(compile)
+        else:
+            self._layer_fn = torch.compile(_sdpa_layer, dynamic=True) if compile else _sdpa_layer
         self.feature_cache_gib = float(feature_cache_gib)
         self._cache: Dict[bytes, torch.Tensor] = {}  # residue types (uint8 bytes) -> [L, D] on the CPU
         self._cache_bytes = 0
@@ -339,8 +506,10 @@ class ESM(Encoder):
         """
         return self._tokenize(batch.residue_type, batch.num_residues, residue_mask)
 
-    def _tokenize(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
-                  residue_mask: Optional[torch.Tensor] = None):
+    def _windows(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
+                 residue_mask: Optional[torch.Tensor] = None):
+        """Token ids [N] of the packed residues, their window [N] and column within it [N] (`<cls>` is column
+        0), and the residues of each window [W]."""
         alphabet = self.alphabet
         ids = self.mapping[residue_type]
         if residue_mask is not None:
@@ -349,12 +518,47 @@ class ESM(Encoder):
         windows_per_protein = (num_residues + MAX_RESIDUES - 1) // MAX_RESIDUES
         if bool((num_residues > MAX_RESIDUES).any()):
             warnings.warn(f"ESM: proteins longer than {MAX_RESIDUES} residues are embedded in windows of "
-                          f"{MAX_RESIDUES} residues.", stacklevel=4)
+                          f"{MAX_RESIDUES} residues.", stacklevel=5)
         residue2graph = functional.segment_ids(num_residues)
         window = functional.offsets(windows_per_protein)[residue2graph] + position // MAX_RESIDUES
         column = position % MAX_RESIDUES + int(alphabet.prepend_bos)
         num_windows = int(windows_per_protein.sum())
         window_length = torch.bincount(window, minlength=num_windows)
+        return ids, window, column, window_length
+
+    def tokenize_packed(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
+        """Unpadded ESM tokens of the batch (`attention: varlen`): every window of at most 1022 residues its own
+        `<cls>` ... `<eos>` sequence, all sequences one after the other.
+
+        Returns:
+            tokens [T], cu_seqlens [W + 1] (sequence w holds tokens cu_seqlens[w] .. cu_seqlens[w + 1] - 1) and
+            the token of every packed residue [N].
+        """
+        return self._tokenize_packed(batch.residue_type, batch.num_residues, residue_mask)
+
+    def _tokenize_packed(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
+                         residue_mask: Optional[torch.Tensor] = None):
+        alphabet = self.alphabet
+        ids, window, column, window_length = self._windows(residue_type, num_residues, residue_mask)
+        bos, eos = int(alphabet.prepend_bos), int(alphabet.append_eos)
+        sequence_length = window_length + bos + eos  # [W]
+        cu_seqlens = torch.zeros(len(window_length) + 1, dtype=torch.long, device=ids.device)
+        cu_seqlens[1:] = torch.cumsum(sequence_length, 0)
+        start = cu_seqlens[:-1]
+        tokens = ids.new_full((int(cu_seqlens[-1]),), alphabet.padding_idx)  # every entry is overwritten below
+        token = start[window] + column
+        tokens[token] = ids
+        if bos:
+            tokens[start] = alphabet.cls_idx
+        if eos:
+            tokens[start + window_length + bos] = alphabet.eos_idx
+        return tokens, cu_seqlens, token
+
+    def _tokenize(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
+                  residue_mask: Optional[torch.Tensor] = None):
+        alphabet = self.alphabet
+        ids, window, column, window_length = self._windows(residue_type, num_residues, residue_mask)
+        num_windows = len(window_length)
         length = int(window_length.max()) + int(alphabet.prepend_bos) + int(alphabet.append_eos) if num_windows else 0
         tokens = ids.new_full((num_windows, length), alphabet.padding_idx)
         tokens[window, column] = ids
@@ -368,6 +572,11 @@ class ESM(Encoder):
     def _features(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
                   residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, D] residue features of packed proteins."""
+        if self.attention == "varlen":
+            tokens, cu_seqlens, token = self._tokenize_packed(residue_type, num_residues, residue_mask)
+            hidden = esm2_forward_varlen(self.model, tokens, cu_seqlens, self.repr_layer, self.alphabet.mask_idx,
+                                         checkpoint=self.activation_checkpointing, layer_fn=self._layer_fn)
+            return hidden[token]
         tokens, window, column = self._tokenize(residue_type, num_residues, residue_mask)
         if self.attention == "sdpa" and self.is_esm2:
             hidden = esm2_forward_sdpa(self.model, tokens, self.repr_layer, self.alphabet.padding_idx,
