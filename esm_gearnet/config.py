@@ -12,7 +12,7 @@ import difflib
 import os
 import re
 import traceback
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 import easydict
 import jinja2
@@ -74,18 +74,8 @@ def variable_keys(path: str) -> Dict[str, str]:
         config = yaml.safe_load(render_config(path, {name: f"{MARK}{name}{MARK}" for name in names}))
     except Exception:  # noqa: BLE001 - arithmetic or filters on a variable: no marker survives
         return {}
-    found = {}
-
-    def walk(node, prefix):
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for key, value in items:
-            where = f"{prefix}.{key}" if isinstance(node, dict) and prefix else f"{prefix}[{key}]" \
-                if isinstance(node, list) else str(key)
-            if isinstance(value, str) and value.startswith(MARK) and value.endswith(MARK):
-                found[where] = value[len(MARK):-len(MARK)]
-            walk(value, where)
-    walk(config, "")
-    return found
+    return {path: value[len(MARK):-len(MARK)] for path, value in key_items(config)
+            if isinstance(value, str) and value.startswith(MARK) and value.endswith(MARK)}
 
 
 def literal(value: Any) -> Any:
@@ -155,13 +145,13 @@ def _value(text: str) -> Any:
     return value
 
 
-def _key_paths(node: Any, prefix: str = "") -> List[str]:
-    paths = []
+def key_items(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """(key path, value) of every key of a config, depth first: `task.model`, `a.edge_layers[2].k`."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
-        path = f"{prefix}.{key}" if prefix else str(key)
-        paths += [path] + _key_paths(value, path)
-    return paths
+        path = f"{prefix}[{key}]" if isinstance(node, list) else f"{prefix}.{key}" if prefix else str(key)
+        yield path, value
+        yield from key_items(value, path)
 
 
 def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[Override], source: str,
@@ -186,7 +176,7 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[Override], source: 
             else:
                 node = node[key]
         if not found:
-            candidates = list(dict.fromkeys([f"--{v}" for v in variables] + [f"--{p}" for p in _key_paths(cfg)]))
+            candidates = list(dict.fromkeys([f"--{v}" for v in variables] + [f"--{p}" for p, _ in key_items(cfg)]))
             close = difflib.get_close_matches(f"--{name}", candidates, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else \
                 f"; its top-level keys are {', '.join(map(str, cfg))}."

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed, rng
+from .config import plain
 from .data.protein import ProteinBatch
 from .gathering import gather_predictions, mean_over_ranks
 from .loaders import Loaders
@@ -139,7 +140,7 @@ class Engine:
                                pin_memory=self.device.type == "cuda")
         self.log_interval = log_interval
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.config = _plain(config or {})
+        self.config = plain(config or {})
         self.task_names = [str(t) for t in task_names]
         self.progress = progress and self.rank == 0
         self.epoch, self.step = 0, 0
@@ -326,15 +327,6 @@ class Engine:
             return iterable
         from tqdm import tqdm
         return tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True, mininterval=1.0)
-
-
-def _plain(value: Any) -> Any:
-    """Config values as plain dicts/lists (EasyDict subclasses dict), for weights_only checkpoints."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _num_proteins(batch: Dict[str, Any]) -> int:
