@@ -199,6 +199,25 @@ def run_lever(args, name, cfg, esm, items, device):
     return figures
 
 
+def largest_batch(args, figures_at_batch):
+    """Double the batch of lever `args.max_batch` (one process each) until one runs out of GPU memory; print and
+    report the largest that fits and its throughput."""
+    batch, best = args.batch, (args.batch, figures_at_batch)
+    argv = [a for a in sys.argv[1:] if a not in ("--max-batch", args.max_batch)]
+    while batch < 4096:
+        batch *= 2
+        child = subprocess.run([sys.executable, __file__, *argv, "--batch", str(batch), "--lever", args.max_batch],
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            if "out of memory" not in child.stderr.lower():
+                raise SystemExit(f"lever {args.max_batch} at batch {batch} failed:\n{child.stderr[-4000:]}")
+            break
+        best = (batch, json.loads(child.stdout.split("LEVER ", 1)[1]))
+        print(f"{args.max_batch} at batch {batch}: {best[1]}", flush=True)
+    print(f"largest batch that fits for {args.max_batch}: {best[0]}")
+    report("train_step_largest_batch", lever=args.max_batch, batch=best[0], figures=best[1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default="config/EC/esm_gearnet.yaml")
@@ -208,11 +227,16 @@ def main():
     parser.add_argument("--max-proteins", type=int, default=48)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device bf16 dense peak, for MFU")
     parser.add_argument("--levers", default=None, help="comma-separated subset of the levers (default: all)")
+    parser.add_argument("--max-batch", default=None, metavar="LEVER",
+                        help="then double the batch for this lever until it no longer fits in GPU memory, and report "
+                             "the largest that fits with its throughput (the proteins repeat to fill two batches)")
     parser.add_argument("--lever", help=argparse.SUPPRESS)  # internal: run one lever in this process
     args = parser.parse_args()
     esm = tuple(int(x) for x in args.esm.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    if args.max_batch and device.type != "cuda":
+        parser.error("--max-batch searches the GPU's memory; it needs a CUDA device.")
     if args.lever is None:  # the parent: one process per lever
         known = list(lever_options(device.type == "cuda"))
         names = args.levers.split(",") if args.levers else known
@@ -235,10 +259,14 @@ def main():
                   f"{figures['proteins_per_s'] / base:5.2f}x  loss check {figures['loss_check']}")
         report("train_step", device=str(device), esm=list(esm), batch=args.batch,
                **{n: dict(f, ratio=round(f["proteins_per_s"] / base, 2)) for n, f in results.items()})
+        if args.max_batch:
+            largest_batch(args, results.get(args.max_batch))
         return
 
     cfg = load_config(str(HERE.parent / args.config), {"branch": "MF", "ckpt": None})
     proteins, _ = load_structures(real_structure_files()[:args.max_proteins], workers=1, progress=False)
+    while len(proteins) < 2 * args.batch:  # large batches (--max-batch): the proteins repeat to fill two
+        proteins = proteins + proteins
     crop = TruncateProtein(max_length=550)
     generator = torch.Generator().manual_seed(0)
     items = [{"graph": crop(p), "targets": (torch.rand(NUM_TASK, generator=generator) < 0.01).float()}
