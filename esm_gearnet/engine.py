@@ -82,9 +82,14 @@ def data_parallel(task: nn.Module, device: torch.device, world_size: int, sync_b
 def _stalls_named(method):
     """`method` of the Engine, with a collective that another rank does not answer ending the job in one
     sentence naming this rank, the collective, the method, the epoch and the step (`distributed.stalls_named`)."""
+    def where(self) -> str:  # epochs count from 1: train_epoch is in epoch N + 1 until it ends
+        if method.__name__ == "train_epoch":
+            return f"train_epoch in epoch {self.epoch + 1}, step {self.step}"
+        return f"{method.__name__} after epoch {self.epoch}, step {self.step}"
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with distributed.stalls_named(lambda: f"{method.__name__} at epoch {self.epoch}, step {self.step}"):
+        with distributed.stalls_named(lambda: where(self)):
             return method(self, *args, **kwargs)
     return wrapper
 

@@ -40,8 +40,9 @@ def _free_port():
 @pytest.mark.slow
 def test_rank_that_stops_answering_ends_the_job_with_the_rank_and_step(tmp_path):
     """Two gloo ranks started with the environment torchrun gives them; rank 1 stops (SIGSTOP) before its third
-    batch. Rank 0 must end within 60 s, after engine.timeout (5 s), naming itself and step 2. (torchrun then
-    needs its own 30 s to SIGKILL the stopped rank, which ignores SIGTERM while stopped.)"""
+    batch. Rank 0 must end after engine.timeout (5 s), naming itself and step 2: about 15 s from the start of both
+    processes on 2 idle cores, bounded at 120 s for a loaded machine (gloo's default would hold it 30 minutes).
+    (torchrun then needs its own 30 s to SIGKILL the stopped rank, which ignores SIGTERM while stopped.)"""
     config = tmp_path / "config.yaml"
     config.write_text(DEMO.read_text().replace("  log_interval: 1000\n", "  log_interval: 1000\n  timeout: 5\n"))
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
@@ -53,16 +54,16 @@ def test_rank_that_stops_answering_ends_the_job_with_the_rank_and_step(tmp_path)
     ranks = [subprocess.Popen(command, cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
-        _, stderr = ranks[0].communicate(timeout=60)
+        _, stderr = ranks[0].communicate(timeout=120)
         took = time.monotonic() - start
         stopped = ranks[1].poll() is None
     finally:
         for process in ranks:
             process.kill()
             process.communicate()
-    assert stopped and ranks[0].returncode == 1 and took < 60, stderr[-3000:]
+    assert stopped and ranks[0].returncode == 1 and took < 120, stderr[-3000:]
     sentence = ("rank 0 of 2: another rank did not answer within 5 s (engine.timeout) in DDP's {} during "
-                "train_epoch at epoch 0, step 2; it stopped or died (its own output says why, if it could), so the "
+                "train_epoch in epoch 1, step 2; it stopped or died (its own output says why, if it could), so the "
                 "job ends here.")
     assert any(sentence.format(collective) in stderr for collective in ("buffer broadcast", "gradient all-reduce"))
 
