@@ -227,6 +227,7 @@ def test_cache_keeps_the_states_and_is_rebuilt_when_they_are_asked_for(tmp_path,
     PackedProteins.check(state)
     with pytest.raises(ValueError, match="lacks fields.three_di_state"):
         PackedProteins.check(state, three_di=True)
+    PackedProteins.check(PackedProteins.pack([], [], three_di=True).state(), three_di=True)  # no protein parsed
     bad = dict(state, fields=dict(state["fields"], three_di_state=torch.zeros(3, dtype=torch.uint8)))
     with pytest.raises(ValueError, match="fields.three_di_state is not a torch.int64 tensor of shape \\[N\\]"):
         PackedProteins.check(bad)

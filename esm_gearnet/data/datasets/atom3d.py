@@ -311,7 +311,7 @@ class _Atom3D(StructureDataset):
                     split.append(SPLITS.index(Path(lmdb_path).name))
             ids = [r["id"] for r in records]
             packs = [PackedProteins.pack([Protein.from_arrays(arrays, **meta) for arrays, meta in
-                                          (r["proteins"][k] for r in records)], ids).state()
+                                          (r["proteins"][k] for r in records)], ids, three_di=three_di).state()
                      for k in range(1 if self.kind == "psr" else 2)]
             write_skipped(cache_file, skipped, len(jobs), what="LMDB items")
             for k, lmdb_path in enumerate(lmdbs):  # an LMDB none of whose items reads is not a smaller dataset

@@ -57,7 +57,7 @@ def with_three_di(proteins: Sequence[Protein]) -> List[Protein]:
 class PackedProteins:
     """Proteins stored as concatenated tensors; `[i]` builds the i-th `Protein` (views, no copy).
 
-    The optional per-residue fields (`three_di_state`) are stored when every protein has them.
+    The optional per-residue field `three_di_state` is stored when every protein has it.
     """
 
     def __init__(self, state: Dict):
@@ -70,12 +70,14 @@ class PackedProteins:
         self.files: List[str] = state["files"]
 
     @classmethod
-    def pack(cls, proteins: Sequence[Protein], files: Sequence[str]) -> "PackedProteins":
+    def pack(cls, proteins: Sequence[Protein], files: Sequence[str], three_di: bool = False) -> "PackedProteins":
+        """Args: three_di: store the 3Di states, computing those the proteins lack (also for no protein)."""
         empty = Protein.from_sequence("")
+        if three_di:
+            proteins = with_three_di(proteins)
         fields = {k: torch.cat([getattr(p, k) for p in proteins] or [getattr(empty, k)]) for k in RESIDUE_FIELDS}
-        for name in OPTIONAL_RESIDUE_FIELDS:
-            if proteins and all(getattr(p, name) is not None for p in proteins):
-                fields[name] = torch.cat([getattr(p, name) for p in proteins])
+        if (proteins or three_di) and all(p.three_di_state is not None for p in proteins):
+            fields["three_di_state"] = torch.cat([p.three_di_state for p in proteins] or [empty.residue_type])
         return cls({
             "fields": fields,
             "lengths": torch.tensor([p.num_residue for p in proteins], dtype=torch.long),
@@ -187,7 +189,7 @@ def load_or_build(files: Sequence[Path], cache_file: Path, options: Optional[Dic
         proteins, skipped = load_structures(files, chain=chain, workers=workers, progress=progress,
                                             description=f"parsing {len(files)} structures", three_di=three_di)
         bad = {path for path, _ in skipped}
-        packed = PackedProteins.pack(proteins, [str(f) for f in files if str(f) not in bad])
+        packed = PackedProteins.pack(proteins, [str(f) for f in files if str(f) not in bad], three_di=three_di)
         write_skipped(cache_file, skipped, len(files))
         return {**packed.state(), "skipped": [list(s) for s in skipped]}
 
