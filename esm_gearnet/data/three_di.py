@@ -15,9 +15,9 @@ ties that float32 rounding can break, e.g. two partners at the same distance to 
 * no partner can be found: its chain has no other complete residue besides the two chain ends.
 
 Such residues get the placeholder letter, by default `D`: Foldseek writes its invalid state (2) there, which is
-the letter D, so the strings equal those of `foldseek structureto3didescriptor` and those SaProt was trained on
-(its tokens start and end every chain with `d`). Pass `placeholder="#"` (SaProt's masked-structure token) to
-tell them apart from a real state D; `three_di_states` marks them with `NO_STATE` (20).
+the letter D, so the default strings read like Foldseek's own, the ones SaProt's structure tokens were made from
+(`d` there). Pass `placeholder="#"` (SaProt's masked-structure token) to tell them apart from a real state D;
+`three_di_states` marks them with `NO_STATE` (20).
 
 **Chains.** Each chain is encoded on its own, as Foldseek does (a residue's partner is in its own chain).
 Residues are taken in the order of the protein; like Foldseek, gaps in the residue numbering within a chain
@@ -127,8 +127,7 @@ def three_di(protein, placeholder: str = FOLDSEEK_PLACEHOLDER) -> str:
         protein: a `Protein`; every chain is encoded on its own.
         placeholder: the letter of residues the encoder cannot place (chain ends, missing N/CA/C atoms here or
             at the residues the descriptors read, no partner; see the module docstring). The default `D` is
-            what Foldseek writes there (its invalid state), so the string equals Foldseek's; `#` is SaProt's
-            masked-structure token.
+            what Foldseek writes there (its invalid state); `#` is SaProt's masked-structure token.
     Returns:
         A string of `protein.num_residue` letters of `THREE_DI_LETTERS` and `placeholder`.
 
