@@ -12,6 +12,8 @@ residue_number     [L] long        author residue number
 insertion_code     [L] uint8       ASCII code of the insertion code, 32 (space) when there is none
 chain_index        [L] long        index into the protein's `chain_ids`
 bfactor            [L] f32         B-factor of the CA atom (pLDDT in AlphaFold DB files)
+three_di_state     [L] long        optional (None unless a dataset computed it): Foldseek 3Di state 0..19,
+                                   20 where the encoder cannot place the residue (`data.three_di`)
 =================  ==============  ==========================================================================
 
 Every field is indexed the same way, so selecting residues is one generic operation (`subresidue`) that keeps
@@ -30,6 +32,7 @@ from ..layers import functional
 from . import constants
 
 RESIDUE_FIELDS = ("residue_type", "atom_pos", "atom_mask", "residue_number", "insertion_code", "chain_index", "bfactor")
+OPTIONAL_RESIDUE_FIELDS = ("three_di_state",)  # None, or indexed like the fields above
 _BLANK = ord(" ")
 
 
@@ -61,7 +64,10 @@ class _ResidueFields:
         return self.atom_mask[:, :4]
 
     def residue_fields(self) -> Dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in RESIDUE_FIELDS}
+        """The per-residue tensors, the optional ones included where they are set."""
+        fields = {k: getattr(self, k) for k in RESIDUE_FIELDS}
+        fields.update({k: getattr(self, k) for k in OPTIONAL_RESIDUE_FIELDS if getattr(self, k) is not None})
+        return fields
 
     def replace(self, **changes):
         """A copy with some fields changed (objects are never changed in place)."""
@@ -77,6 +83,7 @@ class Protein(_ResidueFields):
         name: identifier, usually the file stem.
         labels: per-protein labels (tensors, numbers or strings).
         num_dropped: residues of the file left out because they had no CA atom.
+        three_di_state: see the module docstring; set by datasets built with `three_di=True`.
     """
 
     residue_type: torch.Tensor
@@ -90,12 +97,15 @@ class Protein(_ResidueFields):
     name: str = ""
     labels: Dict[str, Any] = field(default_factory=dict)
     num_dropped: int = 0
+    three_di_state: Optional[torch.Tensor] = None
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_arrays(cls, arrays: Dict[str, np.ndarray], **meta) -> "Protein":
-        """Build from numpy arrays named like the per-residue fields (as `io` produces them)."""
-        return cls(**{k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in RESIDUE_FIELDS}, **meta)
+        """Build from numpy arrays named like the per-residue fields (as `io` produces them); the optional
+        fields are read when `arrays` holds them."""
+        names = RESIDUE_FIELDS + tuple(k for k in OPTIONAL_RESIDUE_FIELDS if k in arrays)
+        return cls(**{k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in names}, **meta)
 
     @classmethod
     def from_sequence(cls, sequence: str, ca: Optional[torch.Tensor] = None, name: str = "", **meta) -> "Protein":
@@ -161,6 +171,7 @@ class ProteinBatch(_ResidueFields):
         num_residues: [B] long, residues per protein.
         residue2graph: [N] long, protein of each residue.
         chain_ids, names, num_dropped: per protein, lists of length B.
+        three_di_state: [N] long, packed like the per-residue fields, when every protein has it; else None.
         labels: per-protein labels, a tensor [B, ...] where they stack, else a list.
         edge_list: [E, 3] long (source, target, relation) indices into the packed residues, or None before
             graph construction.
@@ -184,6 +195,7 @@ class ProteinBatch(_ResidueFields):
     edge_list: Optional[torch.Tensor] = None
     num_relation: int = 0
     edge_feature: Optional[torch.Tensor] = None
+    three_di_state: Optional[torch.Tensor] = None
 
     @classmethod
     def pack(cls, proteins: Sequence[Protein]) -> "ProteinBatch":
@@ -191,6 +203,8 @@ class ProteinBatch(_ResidueFields):
         if not proteins:
             raise ValueError("ProteinBatch.pack needs at least one protein.")
         fields = {k: torch.cat([getattr(p, k) for p in proteins]) for k in RESIDUE_FIELDS}
+        fields.update({k: torch.cat([getattr(p, k) for p in proteins]) for k in OPTIONAL_RESIDUE_FIELDS
+                       if all(getattr(p, k) is not None for p in proteins)})
         num_residues = torch.tensor([p.num_residue for p in proteins], dtype=torch.long,
                                     device=fields["residue_type"].device)
         return cls(

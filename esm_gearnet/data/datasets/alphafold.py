@@ -66,14 +66,14 @@ class AlphaFoldDB(StructureDataset):
         species_id: 0-53, see `SPECIES` (21 = Swiss-Prot).
         split_id: which block of `split_length` (22,000) proteins; the dataset's `num_splits` tells how many.
         version: AlphaFold DB release of the archives; split_length: proteins per split (22,000).
-        transform, workers: as for the other datasets.
+        transform, workers, three_di: as for the other datasets.
     """
     split_length = 22000
 
     def __init__(self, path, species_id: int = 0, split_id: int = 0, transform=None, version: str = "v4",
                  split_length: Optional[int] = None, workers: int = 2, progress: bool = True, verbose: int = 0,
                  atom_feature: None = None, bond_feature: None = None,
-                 residue_feature: Literal["default"] = "default"):
+                 residue_feature: Literal["default"] = "default", three_di: bool = False):
         self.split_length = split_length or self.split_length
         if not 0 <= species_id < len(SPECIES):
             raise ValueError(f"AlphaFoldDB: species_id must be in 0..{len(SPECIES) - 1}, got {species_id}.")
@@ -95,7 +95,7 @@ class AlphaFoldDB(StructureDataset):
         self.proteins, self.skipped = load_or_build([folder / m for m in chosen],
                                                     root / f"{self.species}_{split_id}.cache.pt",
                                                     options={"dataset": "AlphaFoldDB"}, workers=workers,
-                                                    progress=progress)
+                                                    progress=progress, three_di=three_di)
         self.tasks = []
         self.targets = torch.zeros(len(self.proteins), 0)
         self.split_indices = [list(range(len(self.proteins))), [], []]

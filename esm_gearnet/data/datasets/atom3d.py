@@ -31,7 +31,8 @@ from ..io import StructureError, residue_arrays, residue_type_of
 from ..parallel import ordered_map
 from ..protein import Protein
 from .base import StructureDataset
-from .cache import PackedProteins, cache_key, cached, write_skipped
+from ..three_di import add_states, require_encoder
+from .cache import PackedProteins, cache_key, cached, three_di_option, write_skipped
 from .download import download, extract
 
 logger = logging.getLogger("esm_gearnet")
@@ -242,20 +243,25 @@ _OPEN_FILES: Dict[str, LMDBFile] = {}
 
 
 def _parse_item(job):
-    """(record, None) or (None, reason) for item `index` of an LMDB, in a worker process."""
-    path, index, kind = job
+    """(record, None) or (None, reason) for item `index` of an LMDB, in a worker process; with `three_di`, the
+    proteins' arrays carry their 3Di states."""
+    path, index, kind, three_di = job
     where = f"{path}[{index}]"
     try:
         if path not in _OPEN_FILES:
             _OPEN_FILES[path] = LMDBFile(path)
         item = _OPEN_FILES[path][index]
         name = str(item.get("id", index))
+        def parsed(frame, what):
+            arrays, meta = atoms_to_arrays(frame, what)
+            return (add_states(arrays) if three_di else arrays), meta
+
         if kind == "psr":
-            return {"id": name, "proteins": [atoms_to_arrays(item["atoms"], name)],
+            return {"id": name, "proteins": [parsed(item["atoms"], name)],
                     "score": {k: float(v) for k, v in item["scores"].items()
                                                                  if isinstance(v, (int, float))}}, None
-        wild = atoms_to_arrays(item["original_atoms"], name + " (original)")
-        mutant = atoms_to_arrays(item["mutated_atoms"], name + " (mutated)")
+        wild = parsed(item["original_atoms"], name + " (original)")
+        mutant = parsed(item["mutated_atoms"], name + " (mutated)")
         if len(wild[0]["residue_type"]) != len(mutant[0]["residue_type"]):
             raise StructureError(f"the original and mutated structures have {len(wild[0]['residue_type'])} and "
                                  f"{len(mutant[0]['residue_type'])} residues; a pair needs the same residues")
@@ -272,7 +278,7 @@ def _parse_item(job):
 
 def _died(job, how: str):
     """The (None, reason) of an item whose process died, also when run again alone (`ordered_map`'s on_death)."""
-    path, index, _ = job
+    path, index = job[:2]
     return None, f"{path}[{index}]: the process reading this item died ({how}), also when retried alone."
 
 
@@ -283,7 +289,7 @@ class _Atom3D(StructureDataset):
     split_dir: str
     kind: str
 
-    def _load(self, path, workers: int, progress: bool) -> Dict:
+    def _load(self, path, workers: int, progress: bool, three_di: bool = False) -> Dict:
         root = Path(os.path.expanduser(str(path))) / self.dir_name
         lmdbs = [root / self.split_dir / "data" / s for s in SPLITS]
         if not all((p / "data.mdb").is_file() for p in lmdbs):
@@ -291,9 +297,11 @@ class _Atom3D(StructureDataset):
         cache_file = root / f"{self.dir_name}.cache.pt"
 
         def build():
-            jobs = [(str(p), i, self.kind) for p in lmdbs for i in range(len(LMDBFile(p)))]
+            if three_di:  # a missing mini3di is one clear error here, not a reason to skip every item
+                require_encoder()
+            jobs = [(str(p), i, self.kind, three_di) for p in lmdbs for i in range(len(LMDBFile(p)))]
             records, skipped, split = [], [], []
-            for (lmdb_path, _, _), (record, reason) in zip(jobs, ordered_map(
+            for (lmdb_path, *_), (record, reason) in zip(jobs, ordered_map(
                     _parse_item, jobs, workers, progress, f"reading {self.dir_name}", on_death=_died)):
                 if record is None:
                     skipped.append((f"{lmdb_path}", reason))
@@ -303,7 +311,7 @@ class _Atom3D(StructureDataset):
                     split.append(SPLITS.index(Path(lmdb_path).name))
             ids = [r["id"] for r in records]
             packs = [PackedProteins.pack([Protein.from_arrays(arrays, **meta) for arrays, meta in
-                                          (r["proteins"][k] for r in records)], ids).state()
+                                          (r["proteins"][k] for r in records)], ids, three_di=three_di).state()
                      for k in range(1 if self.kind == "psr" else 2)]
             write_skipped(cache_file, skipped, len(jobs), what="LMDB items")
             for k, lmdb_path in enumerate(lmdbs):  # an LMDB none of whose items reads is not a smaller dataset
@@ -320,14 +328,15 @@ class _Atom3D(StructureDataset):
             if len(packs) != (1 if self.kind == "psr" else 2):
                 raise ValueError(f"holds {len(packs)} packs of proteins")
             for pack in packs:
-                PackedProteins.check(pack)
+                PackedProteins.check(pack, three_di=three_di)
                 if not len(pack["lengths"]) == len(state["records"]) == len(state["split"]):
                     raise ValueError(f"holds {len(pack['lengths'])} proteins for {len(state['records'])} records "
                                      f"and {len(state['split'])} split labels")
             if not isinstance(state["skipped"], list):
                 raise ValueError("lacks the list of skipped items")
 
-        state = cached(cache_file, cache_key([p / "data.mdb" for p in lmdbs], {"kind": self.kind}), build, check)
+        key = cache_key([p / "data.mdb" for p in lmdbs], {"kind": self.kind, **three_di_option(three_di)})
+        state = cached(cache_file, key, build, check)
         self.skipped = [tuple(s) for s in state["skipped"]]
         self.split_indices = [[i for i, s in enumerate(state["split"]) if s == k] for k in range(len(SPLITS))]
         return state
@@ -343,6 +352,8 @@ class PSRDataset(_Atom3D):
     Args:
         path: folder holding (or receiving) `PSR-split-by-year/split-by-year/data/{train,val,test}`.
         transform: applied to every item; workers: processes for the first preprocessing.
+        three_di: compute every protein's Foldseek 3Di states once, in preprocessing, and keep them in the cache
+            (`Protein.three_di_state`; see `esm_gearnet.data.three_di`).
     """
     url = "https://zenodo.org/record/4915648/files/PSR-split-by-year.tar.gz"
     md5 = "8647b9d10d0a79dff81d1d83c825e74c"
@@ -351,8 +362,8 @@ class PSRDataset(_Atom3D):
 
     def __init__(self, path, transform=None, workers: int = 2, progress: bool = True, verbose: int = 0,
                  atom_feature: None = None, bond_feature: None = None,
-                 residue_feature: Literal["default"] = "default"):
-        state = self._load(path, workers, progress)
+                 residue_feature: Literal["default"] = "default", three_di: bool = False):
+        state = self._load(path, workers, progress, three_di)
         self.proteins = PackedProteins(state["packs"][0])
         ids = [ast.literal_eval(r["id"]) if r["id"].startswith("(") else ("", r["id"]) for r in state["records"]]
         self.target_ids = [str(target) for target, _ in ids]
@@ -375,7 +386,7 @@ class MSPDataset(_Atom3D):
     Args:
         path: folder holding (or receiving)
             `MSP-split-by-sequence-identity-30/split-by-sequence-identity-30/data/{train,val,test}`.
-        transform, workers: as for PSRDataset.
+        transform, workers, three_di: as for PSRDataset.
     """
     url = "https://zenodo.org/record/4962515/files/MSP-split-by-sequence-identity-30.tar.gz"
     md5 = "6628e8efac12648d3b78bb0fc0d8860c"
@@ -384,8 +395,8 @@ class MSPDataset(_Atom3D):
 
     def __init__(self, path, transform=None, workers: int = 2, progress: bool = True, verbose: int = 0,
                  atom_feature: None = None, bond_feature: None = None,
-                 residue_feature: Literal["default"] = "default"):
-        state = self._load(path, workers, progress)
+                 residue_feature: Literal["default"] = "default", three_di: bool = False):
+        state = self._load(path, workers, progress, three_di)
         self.proteins = PackedProteins(state["packs"][0])
         self.mutants = PackedProteins(state["packs"][1])
         self.ids = [r["id"] for r in state["records"]]

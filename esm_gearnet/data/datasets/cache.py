@@ -9,6 +9,11 @@ reason, never used: unreadable (truncated, from another version), not matching i
 with a structure that does not fit (a field missing, dtypes or shapes that disagree, lengths that do not sum
 to the fields' rows, counts of names or files that differ). Files that fail to parse are skipped and listed,
 with the reason, in `<cache>.skipped.tsv`.
+
+Datasets asked for Foldseek 3Di tokens (`three_di=True`) compute each protein's states once, while parsing,
+and keep them as one more packed field, `three_di_state`; the option is part of the key, so a cache built
+without them is rebuilt when they are asked for (and a cache built with them when they are not). Caches of
+datasets that do not ask for them keep their key and content.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..io import load_structures
-from ..protein import RESIDUE_FIELDS, Protein
+from ..protein import OPTIONAL_RESIDUE_FIELDS, RESIDUE_FIELDS, Protein
 from ...checkpoint import CheckpointError, load, remove_leftovers, save_atomic
 
 logger = logging.getLogger("esm_gearnet")
@@ -37,8 +42,23 @@ def cache_key(files: Sequence[Path], options: Dict) -> str:
     return digest.hexdigest()
 
 
+def three_di_option(three_di: bool) -> Dict:
+    """The cache-key entry of the 3Di option: nothing when it is off, so that older caches keep their key."""
+    return {"three_di": True} if three_di else {}
+
+
+def with_three_di(proteins: Sequence[Protein]) -> List[Protein]:
+    """The proteins with their 3Di states (`Protein.three_di_state`), computed where they are missing."""
+    from ..three_di import three_di_states
+
+    return [p if p.three_di_state is not None else p.replace(three_di_state=three_di_states(p)) for p in proteins]
+
+
 class PackedProteins:
-    """Proteins stored as concatenated tensors; `[i]` builds the i-th `Protein` (views, no copy)."""
+    """Proteins stored as concatenated tensors; `[i]` builds the i-th `Protein` (views, no copy).
+
+    The optional per-residue field `three_di_state` is stored when every protein has it.
+    """
 
     def __init__(self, state: Dict):
         self.fields = state["fields"]
@@ -50,30 +70,44 @@ class PackedProteins:
         self.files: List[str] = state["files"]
 
     @classmethod
-    def pack(cls, proteins: Sequence[Protein], files: Sequence[str]) -> "PackedProteins":
+    def pack(cls, proteins: Sequence[Protein], files: Sequence[str], three_di: bool = False) -> "PackedProteins":
+        """Args: three_di: store the 3Di states, computing those the proteins lack (also for no protein)."""
         empty = Protein.from_sequence("")
+        if three_di:
+            proteins = with_three_di(proteins)
+        fields = {k: torch.cat([getattr(p, k) for p in proteins] or [getattr(empty, k)]) for k in RESIDUE_FIELDS}
+        if (proteins or three_di) and all(p.three_di_state is not None for p in proteins):
+            fields["three_di_state"] = torch.cat([p.three_di_state for p in proteins] or [empty.residue_type])
         return cls({
-            "fields": {k: torch.cat([getattr(p, k) for p in proteins] or [getattr(empty, k)]) for k in RESIDUE_FIELDS},
+            "fields": fields,
             "lengths": torch.tensor([p.num_residue for p in proteins], dtype=torch.long),
             "names": [p.name for p in proteins], "chain_ids": [list(p.chain_ids) for p in proteins],
             "num_dropped": torch.tensor([p.num_dropped for p in proteins], dtype=torch.long),
             "files": list(files)})
 
     @staticmethod
-    def check(state: Dict) -> None:
-        """Raises ValueError naming the first thing in `state` (what `state()` returns) that does not fit."""
+    def check(state: Dict, three_di: bool = False) -> None:
+        """Raises ValueError naming the first thing in `state` (what `state()` returns) that does not fit.
+
+        Args:
+            three_di: the state must hold the 3Di states (`fields.three_di_state`).
+        """
         missing = [k for k in ("fields", "lengths", "names", "chain_ids", "num_dropped", "files") if k not in state]
         fields = state.get("fields") if isinstance(state.get("fields"), dict) else {}
-        missing += [f"fields.{k}" for k in RESIDUE_FIELDS if k not in fields]
+        missing += [f"fields.{k}" for k in RESIDUE_FIELDS + ("three_di_state",) * three_di if k not in fields]
         if missing:
             raise ValueError(f"lacks {', '.join(missing)}")
+        unknown = sorted(set(fields) - set(RESIDUE_FIELDS) - set(OPTIONAL_RESIDUE_FIELDS))
+        if unknown:
+            raise ValueError(f"holds unknown fields {', '.join(unknown)}")
         lengths = state["lengths"]
         if not (isinstance(lengths, torch.Tensor) and lengths.dtype == torch.long and lengths.dim() == 1
                 and bool((lengths >= 0).all())):
             raise ValueError("lengths is not a 1-d tensor of non-negative int64")
         total, empty = int(lengths.sum()), Protein.from_sequence("")
-        for name in RESIDUE_FIELDS:
-            field, model = state["fields"][name], getattr(empty, name)
+        for name in fields:
+            field = fields[name]
+            model = getattr(empty, name) if name in RESIDUE_FIELDS else empty.residue_type  # three_di_state: [N] long
             if not isinstance(field, torch.Tensor) or field.dtype != model.dtype or field.shape[1:] != model.shape[1:]:
                 shape = ", ".join(["N", *map(str, model.shape[1:])])
                 raise ValueError(f"fields.{name} is not a {model.dtype} tensor of shape [{shape}]")
@@ -139,9 +173,13 @@ def write_skipped(cache_file: Path, skipped: Sequence[Tuple[str, str]], total: i
 
 
 def load_or_build(files: Sequence[Path], cache_file: Path, options: Optional[Dict] = None, chain: str = None,
-                  workers: int = 2, progress: bool = True) -> Tuple[PackedProteins, List[Tuple[str, str]]]:
+                  workers: int = 2, progress: bool = True, three_di: bool = False
+                  ) -> Tuple[PackedProteins, List[Tuple[str, str]]]:
     """The packed proteins of `files` (minus those that fail to parse), from `cache_file` when it is valid.
 
+    Args:
+        three_di: also compute every protein's Foldseek 3Di states (in the parsing workers) and keep them in
+            the cache; the proteins then carry them in `Protein.three_di_state`.
     Returns:
         (proteins, skipped [(file, reason)]); `proteins.files[i]` is the file protein i came from.
     """
@@ -149,16 +187,17 @@ def load_or_build(files: Sequence[Path], cache_file: Path, options: Optional[Dic
 
     def build():
         proteins, skipped = load_structures(files, chain=chain, workers=workers, progress=progress,
-                                            description=f"parsing {len(files)} structures")
+                                            description=f"parsing {len(files)} structures", three_di=three_di)
         bad = {path for path, _ in skipped}
-        packed = PackedProteins.pack(proteins, [str(f) for f in files if str(f) not in bad])
+        packed = PackedProteins.pack(proteins, [str(f) for f in files if str(f) not in bad], three_di=three_di)
         write_skipped(cache_file, skipped, len(files))
         return {**packed.state(), "skipped": [list(s) for s in skipped]}
 
     def check(state):
-        PackedProteins.check(state)
+        PackedProteins.check(state, three_di=three_di)
         if not isinstance(state.get("skipped"), list):
             raise ValueError("lacks the list of skipped files")
 
-    state = cached(cache_file, cache_key(files, dict(options or {}, chain=chain)), build, check)
+    key = cache_key(files, dict(options or {}, chain=chain, **three_di_option(three_di)))
+    state = cached(cache_file, key, build, check)
     return PackedProteins(state), [tuple(s) for s in state["skipped"]]

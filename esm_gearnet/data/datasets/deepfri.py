@@ -82,7 +82,7 @@ class _DeepFRI(StructureDataset):
     folder: str
     prefix: str
 
-    def _prepare(self, path, test_cutoff: float, workers: int, progress: bool):
+    def _prepare(self, path, test_cutoff: float, workers: int, progress: bool, three_di: bool):
         root = Path(os.path.expanduser(str(path)))
         folder = root / self.folder
         if not all((folder / s).is_dir() or (folder / f"{s}.zip").is_file() for s in SPLITS):
@@ -93,7 +93,7 @@ class _DeepFRI(StructureDataset):
         files = [f for split in SPLITS for f in sorted((folder / split).iterdir()) if is_structure_file(f)]
         removed = read_test_csv(folder / f"{self.prefix}_test.csv", test_cutoff) if test_cutoff < 1 else set()
         self.proteins, self.skipped = load_or_build(files, folder / f"{self.prefix}.cache.pt", workers=workers,
-                                                    progress=progress)
+                                                    progress=progress, three_di=three_di)
         return folder, removed
 
     def _label(self, terms: List[str], annotation: Dict[str, List[int]], removed: set):
@@ -122,6 +122,8 @@ class EnzymeCommission(_DeepFRI):
     Args:
         path: folder holding (or receiving) `EnzymeCommission/`; test_cutoff: 0.3, 0.4, 0.5, 0.7 or 0.95;
         transform: applied to every item; workers: parsing processes for the first preprocessing.
+        three_di: compute every protein's Foldseek 3Di states once, in preprocessing, and keep them in the cache
+            (`Protein.three_di_state`; see `esm_gearnet.data.three_di`).
     """
     url = "https://zenodo.org/record/6622158/files/EnzymeCommission.zip"
     md5 = "33f799065f8ad75f87b709a87293bc65"
@@ -129,8 +131,8 @@ class EnzymeCommission(_DeepFRI):
 
     def __init__(self, path, test_cutoff: float = 0.95, transform=None, workers: int = 2, progress: bool = True,
                  verbose: int = 0, atom_feature: None = None, bond_feature: None = None,
-                 residue_feature: Literal["default"] = "default"):
-        folder, removed = self._prepare(path, test_cutoff, workers, progress)
+                 residue_feature: Literal["default"] = "default", three_di: bool = False):
+        folder, removed = self._prepare(path, test_cutoff, workers, progress, three_di)
         self._label(*read_ec_annotation(folder / f"{self.prefix}_annot.tsv"), removed)
         self.transform = transform
 
@@ -141,7 +143,7 @@ class GeneOntology(_DeepFRI):
 
     Args:
         path: folder holding (or receiving) `GeneOntology/`; branch: MF, BP or CC; test_cutoff, transform,
-        workers: as for EnzymeCommission.
+        workers, three_di: as for EnzymeCommission.
     """
     url = "https://zenodo.org/record/6622158/files/GeneOntology.zip"
     md5 = "376be1f088cd1fe720e1eaafb701b5cb"
@@ -149,8 +151,8 @@ class GeneOntology(_DeepFRI):
 
     def __init__(self, path, branch: Literal["MF", "BP", "CC"] = "MF", test_cutoff: float = 0.95, transform=None, workers: int = 2,
                  progress: bool = True, verbose: int = 0, atom_feature: None = None, bond_feature: None = None,
-                 residue_feature: Literal["default"] = "default"):
-        folder, removed = self._prepare(path, test_cutoff, workers, progress)
+                 residue_feature: Literal["default"] = "default", three_di: bool = False):
+        folder, removed = self._prepare(path, test_cutoff, workers, progress, three_di)
         self.branch = branch
         self._label(*read_go_annotation(folder / f"{self.prefix}_annot.tsv", branch), removed)
         self.transform = transform

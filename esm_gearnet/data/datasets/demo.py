@@ -17,6 +17,7 @@ import torch
 from ...registry import register
 from ..synthetic import backbone_protein
 from .base import StructureDataset
+from .cache import with_three_di
 
 # residue letters favoured by each secondary structure, and the background of all 20
 PROPENSITY = {"H": "AAELLKKMQRE", "E": "VVIIYFTWTC", "L": "GGPNDSSGTP"}
@@ -61,10 +62,11 @@ class DemoFolds(StructureDataset):
         noise: fraction of residues drawn from the background instead of their structure's propensities.
         path: accepted for config symmetry with the real datasets; nothing is read or written.
         transform: applied to every item.
+        three_di: give every protein its Foldseek 3Di states (`Protein.three_di_state`), computed here once.
     """
 
     def __init__(self, num_protein: int = 200, seed: int = 0, noise: float = 0.5, path: Optional[str] = None,
-                 transform=None):
+                 transform=None, three_di: bool = False):
         rng = np.random.default_rng(seed)
         self.tasks: List[str] = list(FAMILIES)
         self.transform = transform
@@ -74,6 +76,8 @@ class DemoFolds(StructureDataset):
             layout = _layout(self.tasks[family], rng)
             self.proteins.append(backbone_protein(_sequence(layout, rng, noise), layout, name=f"demo_{i:05d}"))
             labels.append(family)
+        if three_di:
+            self.proteins = with_three_di(self.proteins)
         self.targets = torch.nn.functional.one_hot(torch.tensor(labels), len(FAMILIES)).float()
         order = torch.randperm(num_protein, generator=torch.Generator().manual_seed(seed)).tolist()
         num_train, num_valid = int(0.8 * num_protein), int(0.1 * num_protein)

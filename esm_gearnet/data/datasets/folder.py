@@ -31,13 +31,13 @@ class ProteinFolder(StructureDataset):
             "multi_label" (one column of `;`-separated names: multi-hot).
         columns: label columns (default: every column except `id` and `split`).
         split: a column of train/valid/test, or fractions (train, valid, test) of a random split by `seed`.
-        transform, workers: as for the other datasets. The cache is written beside the CSV.
+        transform, workers, three_di: as for the other datasets. The cache is written beside the CSV.
     Files without a label row are left out and rows without a file are reported, both with a warning.
     """
 
     def __init__(self, path, labels, task: str = "regression", columns: Optional[Sequence[str]] = None,
                  split: Union[str, Sequence[float]] = (0.8, 0.1, 0.1), seed: int = 0, transform=None,
-                 workers: int = 2, progress: bool = True):
+                 workers: int = 2, progress: bool = True, three_di: bool = False):
         if task not in KINDS:
             raise ValueError(f"ProteinFolder: task must be one of {', '.join(KINDS)}, got {task!r}.")
         folder = Path(os.path.expanduser(str(path)))
@@ -61,7 +61,8 @@ class ProteinFolder(StructureDataset):
             logger.warning("%d label rows have no structure file in %s, e.g. %s", len(missing), folder,
                            sorted(missing)[0])
         self.proteins, self.skipped = load_or_build(files, labels.with_name(labels.stem + ".cache.pt"),
-                                                    options={"task": "folder"}, workers=workers, progress=progress)
+                                                    options={"task": "folder"}, workers=workers, progress=progress,
+                                                    three_di=three_di)
         ids = [protein_name(Path(f)) for f in self.proteins.files]
         self.tasks, self.targets = self._targets([by_id[i] for i in ids], columns, task)
         if isinstance(split, str):

@@ -175,9 +175,14 @@ def load_structure(path: PathLike, chain: Optional[str] = None) -> Protein:
 
 
 def _parse_for_pool(job):
-    path, chain = job
+    path, chain, three_di = job
     try:
-        return read_structure_arrays(path, chain), None
+        arrays, meta = read_structure_arrays(path, chain)
+        if three_di:
+            from ..three_di import add_states
+
+            arrays = add_states(arrays)
+        return (arrays, meta), None
     except StructureError as error:
         return None, str(error)
     except Exception as error:  # never let one file end a run of thousands
@@ -185,7 +190,7 @@ def _parse_for_pool(job):
 
 
 def load_structures(paths: Sequence[PathLike], chain: Optional[str] = None, workers: int = 0,
-                    progress: bool = True, description: str = "parsing structures"
+                    progress: bool = True, description: str = "parsing structures", three_di: bool = False
                     ) -> Tuple[List[Protein], List[Tuple[str, str]]]:
     """Read many structure files, skipping the bad ones.
 
@@ -194,16 +199,21 @@ def load_structures(paths: Sequence[PathLike], chain: Optional[str] = None, work
         chain: chain filter applied to every file.
         workers: worker processes (0 = in this process).
         progress: show a tqdm progress bar.
+        three_di: also compute each protein's Foldseek 3Di states (`Protein.three_di_state`) in the workers.
     Returns:
         (proteins in the order of `paths` minus the skipped ones, [(path, reason)] of the skipped files).
     """
-    jobs = [(str(p), chain) for p in paths]
+    if three_di:  # a missing mini3di is one clear error here, not a reason to skip every file
+        from ..three_di import require_encoder
+
+        require_encoder()
+    jobs = [(str(p), chain, three_di) for p in paths]
     proteins, skipped = [], []
 
     def died(job, how):  # a file whose reading killed its worker process twice: skipped like any bad file
         return None, f"{job[0]}: the process reading it died ({how}), also when run again alone."
 
-    for (path, _), (parsed, reason) in zip(jobs, ordered_map(_parse_for_pool, jobs, workers, progress, description,
+    for (path, _, _), (parsed, reason) in zip(jobs, ordered_map(_parse_for_pool, jobs, workers, progress, description,
                                                               unit="file", on_death=died)):
         if parsed is None:
             skipped.append((path, reason))
