@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import real_structure_files, report  # noqa: E402
 from esm_gearnet.data import load_structure, three_di  # noqa: E402
-from esm_gearnet.data.three_di import require_encoder  # noqa: E402
+from esm_gearnet.data.foldseek import require_encoder  # noqa: E402
 
 
 def best_of(fns, repeats):

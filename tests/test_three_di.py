@@ -13,7 +13,7 @@ from esm_gearnet.data import (THREE_DI_LETTERS, Protein, ProteinBatch, TruncateP
                               three_di, three_di_letters, three_di_states)
 from esm_gearnet.data.datasets import DemoFolds, ProteinFolder, PSRDataset, cache
 from esm_gearnet.data.datasets.cache import PackedProteins, load_or_build
-from esm_gearnet.data.three_di import NO_STATE
+from esm_gearnet.data.foldseek import NO_STATE
 
 ENCODER = mini3di.Encoder()
 

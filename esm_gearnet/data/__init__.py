@@ -4,7 +4,7 @@ from .graph import (AlphaCarbonNode, GraphConstruction, KNNEdge, LineGraph, Sequ
                     SpatialLineGraph)
 from .io import StructureError, load_structure, load_structures
 from .protein import Protein, ProteinBatch, collate
-from .three_di import THREE_DI_LETTERS, three_di, three_di_letters, three_di_states
+from .foldseek import THREE_DI_LETTERS, three_di, three_di_letters, three_di_states
 from .transforms import Compose, Orientation, ProteinView, ResidueGraph, TruncateProtein
 
 __all__ = [

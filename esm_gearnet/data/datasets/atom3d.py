@@ -31,7 +31,7 @@ from ..io import StructureError, residue_arrays, residue_type_of
 from ..parallel import ordered_map
 from ..protein import Protein
 from .base import StructureDataset
-from ..three_di import add_states, require_encoder
+from ..foldseek import add_states, require_encoder
 from .cache import PackedProteins, cache_key, cached, three_di_option, write_skipped
 from .download import download, extract
 

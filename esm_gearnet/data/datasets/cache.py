@@ -49,7 +49,7 @@ def three_di_option(three_di: bool) -> Dict:
 
 def with_three_di(proteins: Sequence[Protein]) -> List[Protein]:
     """The proteins with their 3Di states (`Protein.three_di_state`), computed where they are missing."""
-    from ..three_di import three_di_states
+    from ..foldseek import three_di_states
 
     return [p if p.three_di_state is not None else p.replace(three_di_state=three_di_states(p)) for p in proteins]
 

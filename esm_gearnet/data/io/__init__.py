@@ -179,7 +179,7 @@ def _parse_for_pool(job):
     try:
         arrays, meta = read_structure_arrays(path, chain)
         if three_di:
-            from ..three_di import add_states
+            from ..foldseek import add_states
 
             arrays = add_states(arrays)
         return (arrays, meta), None
@@ -204,7 +204,7 @@ def load_structures(paths: Sequence[PathLike], chain: Optional[str] = None, work
         (proteins in the order of `paths` minus the skipped ones, [(path, reason)] of the skipped files).
     """
     if three_di:  # a missing mini3di is one clear error here, not a reason to skip every file
-        from ..three_di import require_encoder
+        from ..foldseek import require_encoder
 
         require_encoder()
     jobs = [(str(p), chain, three_di) for p in paths]
