@@ -73,7 +73,7 @@ def resolve(name: str, path: str = "config") -> Callable:
     raise ConfigError(f"config key `{path}.class`: unknown class {name!r}{hint}")
 
 
-def _parameters(cls: Callable):
+def parameters(cls: Callable):
     target = cls.__init__ if inspect.isclass(cls) else cls
     signature = inspect.signature(target)
     params = [p for p in signature.parameters.values() if p.name != "self"]
@@ -96,13 +96,13 @@ def _is_union(hint) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
-def _matches(value: Any, hint: Any) -> bool:
+def matches(value: Any, hint: Any) -> bool:
     """Whether a config value (YAML: None, bool, int, float, str, list, dict) fits a type hint. A `class:` dict
     fits any hint (it is checked when built); hints this cannot judge (callables, type variables) fit anything."""
     if hint is Any or hint is inspect.Parameter.empty or isinstance(value, dict) and "class" in value:
         return True
     if _is_union(hint):
-        return any(_matches(value, h) for h in typing.get_args(hint))
+        return any(matches(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -120,8 +120,8 @@ def _matches(value: Any, hint: Any) -> bool:
         if not isinstance(value, (list, tuple)):
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_matches(v, h) for v, h in zip(value, args))
-        return not args or all(_matches(v, args[0]) for v in value)
+            return len(value) == len(args) and all(matches(v, h) for v, h in zip(value, args))
+        return not args or all(matches(v, args[0]) for v in value)
     if origin in (dict, collections.abc.Mapping) or hint is dict:
         return isinstance(value, dict)
     if inspect.isclass(hint) and origin is None:  # a tensor, a module: no YAML value is one
@@ -153,7 +153,7 @@ def _describe(hint: Any) -> str:
     return f"a list of {plural.get(item, item)}"
 
 
-def _type_hints(cls: Callable) -> Dict[str, Any]:
+def type_hints(cls: Callable) -> Dict[str, Any]:
     try:
         return typing.get_type_hints(cls.__init__ if inspect.isclass(cls) else cls)
     except Exception:  # noqa: BLE001 - hints that do not resolve are not checked
@@ -163,7 +163,7 @@ def _type_hints(cls: Callable) -> Dict[str, Any]:
 def check_arguments(cls: Callable, kwargs: Dict[str, Any], path: str, supplied=(), missing: bool = True) -> None:
     """Refuse, in one sentence naming `path`, an argument `cls` does not take, a missing one (when `missing`) or
     a value that does not fit the constructor's type hint (`supplied`: arguments given at run time, unchecked)."""
-    named, accepts_any = _parameters(cls)
+    named, accepts_any = parameters(cls)
     names = [p.name for p in named]
     accepted = ", ".join(names) or "no arguments"
     if not accepts_any:
@@ -177,16 +177,16 @@ def check_arguments(cls: Callable, kwargs: Dict[str, Any], path: str, supplied=(
     if absent:
         raise ConfigError(f"config key `{path}`: {cls.__name__} needs argument {absent[0]!r}; "
                           f"it accepts: {accepted}.")
-    hints = _type_hints(cls)
+    hints = type_hints(cls)
     for key, value in kwargs.items():
-        if key in hints and key not in supplied and not _matches(value, hints[key]):
+        if key in hints and key not in supplied and not matches(value, hints[key]):
             raise type_error(f"{path}.{key}", value, hints[key])
 
 
 def type_error(path: str, value: Any, hint: Any) -> ConfigError:
     """The sentence for a config value that does not fit its type hint."""
     extra = ""
-    if isinstance(value, str) and _matches(1.0, hint) and _is_number(value):
+    if isinstance(value, str) and matches(1.0, hint) and _is_number(value):
         extra = " (YAML reads a number without a decimal point, such as 1e-4, as text: write 1.0e-4)"
     elif value is None:
         extra = " (a Jinja variable of the config that is not given on the command line renders as null)"

@@ -16,7 +16,7 @@ import torch
 from .assembly import check_task
 from .config import ConfigError, variable_keys
 from .engine import Engine
-from .registry import _matches, _parameters, _type_hints, build, check, type_error
+from .registry import build, check, matches, parameters, type_error, type_hints
 
 REQUIRED = ("dataset", "task", "optimizer", "train")
 
@@ -40,8 +40,8 @@ MINIMUM = {"save_interval": 1, "lr_ratio": 0, "sequence_model_lr_ratio": 0, "tra
 
 def engine_options() -> Dict[str, Any]:
     """The keys an `engine:` block may hold, with their type hints."""
-    hints = _type_hints(Engine)
-    named, _ = _parameters(Engine)
+    hints = type_hints(Engine)
+    named, _ = parameters(Engine)
     return {p.name: hints.get(p.name, Any) for p in named if p.name not in ENGINE_RUNTIME}
 
 
@@ -55,7 +55,7 @@ def _check_block(block: Any, allowed: Dict[str, Any], path: str) -> None:
             close = difflib.get_close_matches(str(key), list(allowed), n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(close)}?" if close else f"the keys are {', '.join(allowed)}."
             raise ConfigError(f"config key `{where}` is unknown; {hint}")
-        if not _matches(value, allowed[key]):
+        if not matches(value, allowed[key]):
             raise type_error(where, value, allowed[key])
         if where in MINIMUM and value is not None and value < MINIMUM[where]:
             raise ConfigError(f"config key `{where}` must be at least {MINIMUM[where]}, got {value!r}.")
