@@ -139,6 +139,7 @@ def test_features_equal_transformers(saprot_folder, attention):
     mask[[5, 200]] = True
     ours = ESM(path=str(folder), attention=attention).eval()
     assert ours.saprot and ours.output_dim == 32
+    assert ESM(path=str(folder), vocabulary="SaProt").saprot
     strings = ours.token_strings(batch, mask)
     # the combined tokens: residue letters and mini3di's states (`d` where none), `#` + 3Di where masked
     for protein, string in zip(proteins, strings):
@@ -178,7 +179,15 @@ def test_random_saprot_model_trains():
     loss = esm(batch)["graph_feature"].square().sum()
     loss.backward()
     assert esm.model.embed_tokens.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="vocabulary"):
-        ESM(vocabulary="SaProt", path="x")
     with pytest.raises(ValueError, match="unknown vocabulary"):
         ESM(vocabulary="nope", pretrained=False, architecture=(1, 16, 2))
+
+
+def test_vocabulary_check_of_a_pretrained_model(tmp_path):
+    config = EsmConfig(vocab_size=33, pad_token_id=1, mask_token_id=32, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64, position_embedding_type="rotary",
+                       emb_layer_norm_before=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    EsmModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    assert not ESM(path=str(tmp_path)).saprot
+    with pytest.raises(Exception, match="vocabulary: SaProt"):
+        ESM(path=str(tmp_path), vocabulary="SaProt")

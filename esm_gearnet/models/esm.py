@@ -387,8 +387,10 @@ class ESM(Encoder):
             Masked residues (pre-training) bypass the cache. 0 turns it off.
         compile: run each transformer layer through `torch.compile` (dynamic shapes; sdpa and varlen). The first
             batches pay the compilation (tens of seconds); on CPU it needs a C++ compiler.
-        vocabulary: with `pretrained: false`, the vocabulary of the random model: "ESM-2" (default) or "SaProt"
-            (SaProt's 446 structure-aware tokens). Pretrained models take theirs from their files.
+        vocabulary: "ESM-2" or "SaProt" (SaProt's 446 structure-aware tokens). With `pretrained: false`, the
+            vocabulary of the random model (default ESM-2); pretrained models take theirs from their files, and
+            `vocabulary`, when given, is a check that they have it (so a config can name it and still build with
+            random weights when shrunk).
         plddt_mask: SaProt-format models only: replace the 3Di letter by `#` where the residue's pLDDT
             (`Protein.bfactor`, the CA B-factor, which AlphaFold DB files fill with pLDDT) is below
             `plddt_threshold`, as SaProt does for AlphaFold structures. Nothing in a parsed protein says whether
@@ -438,13 +440,9 @@ class ESM(Encoder):
                 raise ValueError(f"ESM: {option} works on the sdpa and varlen paths; set `attention: sdpa`.")
         from .esm_hf import VOCABULARIES, is_saprot
 
-        if vocabulary is not None:
-            if pretrained:
-                raise ValueError("ESM: `vocabulary` is for random weights (`pretrained: false`); a pretrained model "
-                                 "takes its vocabulary from its files.")
-            if vocabulary not in VOCABULARIES:
-                raise ValueError(f"ESM: unknown vocabulary {vocabulary!r}; choose one of {', '.join(VOCABULARIES)}.")
-        random_alphabet = VOCABULARIES[vocabulary]() if vocabulary is not None else None
+        if vocabulary is not None and vocabulary not in VOCABULARIES:
+            raise ValueError(f"ESM: unknown vocabulary {vocabulary!r}; choose one of {', '.join(VOCABULARIES)}.")
+        random_alphabet = VOCABULARIES[vocabulary]() if vocabulary is not None and not pretrained else None
         if architecture is not None:
             if pretrained:
                 raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
@@ -481,6 +479,10 @@ class ESM(Encoder):
             if path is None:
                 raise WeightError(f"ESM: no `path` given for the checkpoint {model!r}.")
             esm_model, alphabet = load_esm_model(path, model)
+        if vocabulary is not None and list(alphabet.all_toks) != list(VOCABULARIES[vocabulary]().all_toks):
+            raise WeightError(f"ESM: `vocabulary: {vocabulary}` was asked for, but the weights loaded from {path} "
+                              f"have another vocabulary ({len(alphabet.all_toks)} tokens); point `path` at a "
+                              f"{vocabulary} checkpoint or remove `vocabulary:`.")
         self.model = esm_model
         self.alphabet = alphabet
         self.readout = readout
