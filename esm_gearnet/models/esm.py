@@ -387,10 +387,35 @@ class ESM(Encoder):
             Masked residues (pre-training) bypass the cache. 0 turns it off.
         compile: run each transformer layer through `torch.compile` (dynamic shapes; sdpa and varlen). The first
             batches pay the compilation (tens of seconds); on CPU it needs a C++ compiler.
+        vocabulary: "ESM-2" or "SaProt" (SaProt's 446 structure-aware tokens). With `pretrained: false`, the
+            vocabulary of the random model (default ESM-2); pretrained models take theirs from their files, and
+            `vocabulary`, when given, is a check that they have it (so a config can name it and still build with
+            random weights when shrunk).
+        plddt_mask: SaProt-format models only: replace the 3Di letter by `#` where the residue's pLDDT
+            (`Protein.bfactor`, the CA B-factor, which AlphaFold DB files fill with pLDDT) is below
+            `plddt_threshold`, as SaProt does for AlphaFold structures. Nothing in a parsed protein says whether
+            its B-factors are pLDDT, so this is an option: true for AlphaFold / ESMFold models, false (default)
+            for experimental structures, whose B-factors are not confidences (SaProt's own "auto" looks for
+            the word "alphafold" in the file, which a parsed protein no longer has).
+        plddt_threshold: pLDDT below which the structure is masked (SaProt: 70).
         graph_construction_model: optional (ESM reads the sequence only; a node layer such as AlphaCarbonNode
             still decides which residues it sees).
     `encode(graph, residue_mask)`: `residue_mask` [N] bool (optional) marks residues that get ESM's `<mask>`
     token. Returns residue_feature [N, D] and graph_feature [B, D].
+
+    **SaProt-format models** (a checkpoint whose vocabulary is SaProt's amino-acid x 3Di tokens, `esm_hf`) read
+    the structure too: residue i becomes the token `<amino acid><3Di letter in lower case>` (`Md`, `Ev`, ...).
+    The 3Di states are `Protein.three_di_state` when the dataset kept them (`three_di: true`), else computed
+    from the batch's backbone atoms (`data.three_di_states`, every chain of every protein on its own). Rules:
+    - a residue without a 3Di state (chain ends, missing backbone atoms; see `data.foldseek`) gets `d`, the
+      letter Foldseek writes there and hence the one in SaProt's training data;
+    - with `plddt_mask`, residues of pLDDT below `plddt_threshold` get `#` for their structure;
+    - a masked residue (`residue_mask`, pre-training) gets `#` for its amino acid and keeps its 3Di letter
+      (`#d`): SaProt's mask of the amino acid (its paper; its zero-shot mutation scoring writes the same
+      token). `<mask>` (the whole token) is not used, so ESM-2's token dropout does not apply to it;
+    - an unknown amino acid gets `<unk>`, as SaProt's tokenizer gives for Foldseek's `X`.
+    The feature cache of a frozen model keys on these tokens (amino acids and 3Di), so two proteins of one
+    sequence and different structures never share features.
 
     DEVIATION: proteins longer than 1022 residues were truncated by the original, which then failed in
     serial fusion (fewer ESM features than residues). Here they are cut into consecutive windows of at most
@@ -402,7 +427,8 @@ class ESM(Encoder):
     def __init__(self, path: Optional[str] = None, model: Optional[str] = None, readout: str = "mean",
                  pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
                  architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
-                 feature_cache_gib: float = 0.0, compile: bool = False,
+                 feature_cache_gib: float = 0.0, compile: bool = False, vocabulary: Optional[str] = None,
+                 plddt_mask: bool = False, plddt_threshold: float = 70.0,
                  graph_construction_model: Optional[nn.Module] = None):
         super().__init__(graph_construction_model)
         if readout not in ("mean", "sum"):
@@ -412,10 +438,15 @@ class ESM(Encoder):
         for option, value in (("activation_checkpointing", activation_checkpointing), ("compile", compile)):
             if value and attention == "esm":
                 raise ValueError(f"ESM: {option} works on the sdpa and varlen paths; set `attention: sdpa`.")
+        from .esm_hf import VOCABULARIES, is_saprot
+
+        if vocabulary is not None and vocabulary not in VOCABULARIES:
+            raise ValueError(f"ESM: unknown vocabulary {vocabulary!r}; choose one of {', '.join(VOCABULARIES)}.")
+        random_alphabet = VOCABULARIES[vocabulary]() if vocabulary is not None and not pretrained else None
         if architecture is not None:
             if pretrained:
                 raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
-            esm_model, alphabet = build_esm2(*architecture)
+            esm_model, alphabet = build_esm2(*architecture, alphabet=random_alphabet)
         elif pretrained and _reads_hugging_face(path, model):
             esm_model, alphabet = _load_hugging_face(path, model)
         elif model is None and pretrained and path is not None:
@@ -443,11 +474,15 @@ class ESM(Encoder):
             elif model == "ESM-1b":
                 raise ValueError("ESM: random weights are built for ESM-2 models only; use an ESM-2 name.")
             else:
-                esm_model, alphabet = build_esm2(layers, dim, heads)
+                esm_model, alphabet = build_esm2(layers, dim, heads, alphabet=random_alphabet)
         else:
             if path is None:
                 raise WeightError(f"ESM: no `path` given for the checkpoint {model!r}.")
             esm_model, alphabet = load_esm_model(path, model)
+        if vocabulary is not None and list(alphabet.all_toks) != list(VOCABULARIES[vocabulary]().all_toks):
+            raise WeightError(f"ESM: `vocabulary: {vocabulary}` was asked for, but the weights loaded from {path} "
+                              f"have another vocabulary ({len(alphabet.all_toks)} tokens); point `path` at a "
+                              f"{vocabulary} checkpoint or remove `vocabulary:`.")
         self.model = esm_model
         self.alphabet = alphabet
         self.readout = readout
@@ -479,12 +514,73 @@ class ESM(Encoder):
                 if id(parameter) not in shared:
                     parameter.requires_grad_(False)
         self.register_buffer("mapping", self._mapping(alphabet), persistent=False)
+        self.saprot = is_saprot(alphabet)
+        self.plddt_mask = bool(plddt_mask)
+        self.plddt_threshold = float(plddt_threshold)
+        if self.saprot:
+            self.register_buffer("saprot_mapping", self._saprot_mapping(alphabet), persistent=False)
 
     @staticmethod
     def _mapping(alphabet) -> torch.Tensor:
         """Token id of each residue type; unknown -> `<unk>`."""
         tokens = [alphabet.get_idx(c) for c in constants.RESIDUE_LETTERS] + [alphabet.unk_idx]
         return torch.tensor(tokens, dtype=torch.long)
+
+    @staticmethod
+    def _saprot_mapping(alphabet) -> torch.Tensor:
+        """[22, 21] token id of (residue row, structure column): rows the residue types, unknown (`<unk>`) and a
+        masked amino acid (`#`); columns the 3Di states 0..19 and masked structure (`#`)."""
+        from ..data.foldseek import THREE_DI_LETTERS
+
+        structure = [c.lower() for c in THREE_DI_LETTERS] + ["#"]
+        rows = [[alphabet.get_idx(a + s) for s in structure] for a in constants.RESIDUE_LETTERS + "#"]
+        rows.insert(constants.NUM_RESIDUE_TYPES, [alphabet.unk_idx] * len(structure))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def structure_tokens(self, batch: ProteinBatch) -> Optional[torch.Tensor]:
+        """[N] long: the structure column of each residue's SaProt token (3Di state 0..19, 20 for `#`), or None
+        for a model of another vocabulary. See the class docstring for the rules."""
+        if not self.saprot:
+            return None
+        from ..data import foldseek
+
+        states = batch.three_di_state
+        if states is None:  # not kept by the dataset: from the backbone, each chain of each protein on its own
+            chain = batch.residue2graph.long() * (int(batch.chain_index.max()) + 1 if batch.num_residue else 1) \
+                + batch.chain_index.long()
+            states = torch.from_numpy(foldseek.states_of_arrays(
+                batch.atom_pos.detach().cpu().numpy(), batch.atom_mask.detach().cpu().numpy(),
+                chain.cpu().numpy()))
+        states = states.to(batch.residue_type.device).long()
+        # a residue without a state reads as Foldseek's placeholder D, as in SaProt's training data
+        states = states.masked_fill(states.eq(foldseek.NO_STATE),
+                                    foldseek.THREE_DI_LETTERS.index(foldseek.FOLDSEEK_PLACEHOLDER))
+        if self.plddt_mask:
+            states = states.masked_fill(batch.bfactor.to(states.device) < self.plddt_threshold, foldseek.NUM_STATES)
+        return states
+
+    def token_strings(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
+        """Each protein's tokens as one string (SaProt: `MdEvVp...`; ESM-2: its residue letters; special
+        tokens as written, e.g. `<unk>`), without `<cls>` / `<eos>`."""
+        ids = self._token_ids(batch.residue_type, residue_mask, self.structure_tokens(batch))
+        return ["".join(self.alphabet.all_toks[i] for i in chunk.tolist())
+                for chunk in ids.split(batch.num_residues.tolist())]
+
+    def _token_ids(self, residue_type: torch.Tensor, residue_mask: Optional[torch.Tensor] = None,
+                   structure: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N] token id of each packed residue (`structure` [N]: SaProt's structure column, see
+        `structure_tokens`)."""
+        if self.saprot:
+            if structure is None:
+                raise ValueError("ESM: a SaProt-format model needs each residue's 3Di state (`structure_tokens`).")
+            rows = residue_type.long()
+            if residue_mask is not None:  # SaProt masks the amino acid and keeps the structure: `#d`
+                rows = rows.masked_fill(residue_mask, constants.NUM_RESIDUE_TYPES + 1)
+            return self.saprot_mapping[rows, structure.long()]
+        ids = self.mapping[residue_type]
+        if residue_mask is not None:
+            ids = ids.masked_fill(residue_mask, self.alphabet.mask_idx)
+        return ids
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The original saved a `mapping` buffer (unknown residues -> -1, which ESM cannot embed). It must agree
@@ -504,16 +600,14 @@ class ESM(Encoder):
         Returns:
             tokens [W, T], and the (window row, column) of every packed residue ([N], [N]).
         """
-        return self._tokenize(batch.residue_type, batch.num_residues, residue_mask)
+        return self._tokenize(batch.residue_type, batch.num_residues, residue_mask, self.structure_tokens(batch))
 
     def _windows(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
-                 residue_mask: Optional[torch.Tensor] = None):
+                 residue_mask: Optional[torch.Tensor] = None, structure: Optional[torch.Tensor] = None):
         """Token ids [N] of the packed residues, their window [N] and column within it [N] (`<cls>` is column
         0), and the residues of each window [W]."""
         alphabet = self.alphabet
-        ids = self.mapping[residue_type]
-        if residue_mask is not None:
-            ids = ids.masked_fill(residue_mask, alphabet.mask_idx)
+        ids = self._token_ids(residue_type, residue_mask, structure)
         position = functional.position_in_segment(num_residues)
         windows_per_protein = (num_residues + MAX_RESIDUES - 1) // MAX_RESIDUES
         if bool((num_residues > MAX_RESIDUES).any()):
@@ -534,12 +628,13 @@ class ESM(Encoder):
             tokens [T], cu_seqlens [W + 1] (sequence w holds tokens cu_seqlens[w] .. cu_seqlens[w + 1] - 1) and
             the token of every packed residue [N].
         """
-        return self._tokenize_packed(batch.residue_type, batch.num_residues, residue_mask)
+        return self._tokenize_packed(batch.residue_type, batch.num_residues, residue_mask,
+                                     self.structure_tokens(batch))
 
     def _tokenize_packed(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
-                         residue_mask: Optional[torch.Tensor] = None):
+                         residue_mask: Optional[torch.Tensor] = None, structure: Optional[torch.Tensor] = None):
         alphabet = self.alphabet
-        ids, window, column, window_length = self._windows(residue_type, num_residues, residue_mask)
+        ids, window, column, window_length = self._windows(residue_type, num_residues, residue_mask, structure)
         bos, eos = int(alphabet.prepend_bos), int(alphabet.append_eos)
         sequence_length = window_length + bos + eos  # [W]
         cu_seqlens = torch.zeros(len(window_length) + 1, dtype=torch.long, device=ids.device)
@@ -555,9 +650,9 @@ class ESM(Encoder):
         return tokens, cu_seqlens, token
 
     def _tokenize(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
-                  residue_mask: Optional[torch.Tensor] = None):
+                  residue_mask: Optional[torch.Tensor] = None, structure: Optional[torch.Tensor] = None):
         alphabet = self.alphabet
-        ids, window, column, window_length = self._windows(residue_type, num_residues, residue_mask)
+        ids, window, column, window_length = self._windows(residue_type, num_residues, residue_mask, structure)
         num_windows = len(window_length)
         length = int(window_length.max()) + int(alphabet.prepend_bos) + int(alphabet.append_eos) if num_windows else 0
         tokens = ids.new_full((num_windows, length), alphabet.padding_idx)
@@ -570,14 +665,16 @@ class ESM(Encoder):
         return tokens, window, column
 
     def _features(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
-                  residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[N, D] residue features of packed proteins."""
+                  residue_mask: Optional[torch.Tensor] = None, structure: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+        """[N, D] residue features of packed proteins (`structure`: SaProt's structure column, see
+        `structure_tokens`)."""
         if self.attention == "varlen":
-            tokens, cu_seqlens, token = self._tokenize_packed(residue_type, num_residues, residue_mask)
+            tokens, cu_seqlens, token = self._tokenize_packed(residue_type, num_residues, residue_mask, structure)
             hidden = esm2_forward_varlen(self.model, tokens, cu_seqlens, self.repr_layer, self.alphabet.mask_idx,
                                          checkpoint=self.activation_checkpointing, layer_fn=self._layer_fn)
             return hidden[token]
-        tokens, window, column = self._tokenize(residue_type, num_residues, residue_mask)
+        tokens, window, column = self._tokenize(residue_type, num_residues, residue_mask, structure)
         if self.attention == "sdpa" and self.is_esm2:
             hidden = esm2_forward_sdpa(self.model, tokens, self.repr_layer, self.alphabet.padding_idx,
                                        self.alphabet.mask_idx, checkpoint=self.activation_checkpointing,
@@ -589,13 +686,19 @@ class ESM(Encoder):
     def _cached_features(self, batch: ProteinBatch) -> torch.Tensor:
         """Features of a frozen ESM-2, computed only for the proteins not cached yet (in one batch)."""
         sizes = batch.num_residues.tolist()
-        keys = [chunk.numpy().tobytes() for chunk in batch.residue_type.to("cpu", torch.uint8).split(sizes)]
+        structure = self.structure_tokens(batch)
+        # the key is the token of every residue: residue types, and for SaProt-format models their 3Di letters
+        key_tensor = batch.residue_type if structure is None else self._token_ids(batch.residue_type, None, structure)
+        key_dtype = torch.uint8 if structure is None else torch.int16
+        keys = [chunk.numpy().tobytes() for chunk in key_tensor.to("cpu", key_dtype).split(sizes)]
         missing = [i for i, key in enumerate(keys) if key not in self._cache]
         fresh: Dict[bytes, torch.Tensor] = {}
         if missing:
             chosen = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.residue_type.device)
             chosen[missing] = True
-            computed = self._features(batch.residue_type[chosen[batch.residue2graph]], batch.num_residues[chosen])
+            residues = chosen[batch.residue2graph]
+            computed = self._features(batch.residue_type[residues], batch.num_residues[chosen], None,
+                                      None if structure is None else structure[residues])
             for i, feature in zip(missing, computed.split([sizes[i] for i in missing])):
                 fresh[keys[i]] = feature
                 size = feature.numel() * feature.element_size()
@@ -612,13 +715,15 @@ class ESM(Encoder):
 
     def encode(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
         if self.group not in self.frozen:
-            residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask)
+            residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask,
+                                             self.structure_tokens(batch))
         else:  # no gradient reaches a frozen ESM: keep no activations for one
             with torch.no_grad():
                 if self.feature_cache_gib > 0 and residue_mask is None and self.is_esm2 and batch.batch_size:
                     residue_feature = self._cached_features(batch)
                 else:
-                    residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask)
+                    residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask,
+                                                     self.structure_tokens(batch))
         return {"residue_feature": residue_feature,
                 "graph_feature": functional.readout(residue_feature, batch.residue2graph, batch.batch_size,
                                                     self.readout)}

@@ -1,0 +1,193 @@
+"""SaProt-format models (ESM with SaProt's amino-acid x 3Di vocabulary, esm_gearnet/models/esm_hf.py and esm.py)
+against `transformers` itself: a random-weight model saved with `save_pretrained` next to a vocab.txt written
+here, our features equal to `EsmModel`'s on the same combined tokens; the token string of a real AlphaFold model
+built by hand (its PDB lines, mini3di, SaProt's pLDDT rule) equal to our tokeniser's."""
+import dataclasses
+import warnings
+
+import mini3di
+import numpy as np
+import pytest
+import torch
+
+try:
+    import transformers
+    from transformers import EsmConfig, EsmModel
+except ImportError:
+    pytest.skip("transformers is not installed (pip install -e '.[test]'); these tests compare with "
+                "transformers.EsmModel", allow_module_level=True)
+
+from conftest import ALPHAFOLD, structure_files
+from esm_gearnet.data import ProteinBatch, load_structure
+from esm_gearnet.data.foldseek import three_di_states
+from esm_gearnet.models import ESM
+from esm_gearnet.models.esm_hf import SAPROT_TOKENS
+
+transformers.logging.set_verbosity_error()
+
+# SaProt's vocab.txt (westlake-repl/SaProt_650M_AF2; utils/esm_loader.py builds the same list), written out here
+# independently of the package: special tokens, then amino acid (upper case, `#` masked) x 3Di (lower case,
+# `#` masked), amino acid major, in SaProt's letter orders.
+VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>", "<mask>"] + [a + s for a in "ACDEFGHIKLMNPQRSTVWY#"
+                                                          for s in "pynwrqhgdlvtmfsaeikc#"]
+THREE_LETTER = {"ALA": "A", "ARG": "R", "ASN": "N", "ASP": "D", "CYS": "C", "GLN": "Q", "GLU": "E", "GLY": "G",
+                "HIS": "H", "ILE": "I", "LEU": "L", "LYS": "K", "MET": "M", "PHE": "F", "PRO": "P", "SER": "S",
+                "THR": "T", "TRP": "W", "TYR": "Y", "VAL": "V"}
+SHORT_AF = ALPHAFOLD / "AF-A0A0B7P221-F1-model_v2.pdb"  # 28 residues, pLDDT 56.9 .. 81.4
+needs_data = pytest.mark.skipif(not SHORT_AF.exists(), reason="../shared/data/alphafold is absent")
+
+
+def _randomized(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("word_embeddings.weight"):
+                parameter.copy_(noise)
+            elif parameter.dim() == 2:
+                parameter.copy_(noise / parameter.shape[1] ** 0.5)
+            else:
+                parameter.add_(0.1 * noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saprot_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saprot")
+    config = EsmConfig(vocab_size=len(VOCAB), pad_token_id=VOCAB.index("<pad>"), mask_token_id=VOCAB.index("<mask>"),
+                       hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
+                       layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = _randomized(EsmModel(config, add_pooling_layer=False))
+    model.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return folder, model
+
+
+def test_vocabulary_is_saprots():
+    assert len(VOCAB) == 446 and list(SAPROT_TOKENS) == VOCAB
+
+
+def _hand_tokens(path, plddt_mask=True):
+    """SaProt's combined string of a one-chain PDB file, from its ATOM lines: amino acid letters, 3Di states of
+    mini3di called directly (Foldseek's `d` where it gives none), `#` for structure where the CA's pLDDT < 70."""
+    residues = {}
+    for line in open(path):
+        if line.startswith("ATOM"):
+            key = (line[21], int(line[22:26]), line[26])
+            residue = residues.setdefault(key, {"name": line[17:20]})
+            residue[line[12:16].strip()] = [float(line[30:38]), float(line[38:46]), float(line[46:54])]
+            if line[12:16].strip() == "CA":
+                residue["plddt"] = float(line[60:66])
+    rows = list(residues.values())
+    atoms = [np.array([r.get(name, [np.nan] * 3) for r in rows]) for name in ("CA", "CB", "N", "C")]
+    states = mini3di.Encoder().encode_atoms(*atoms)
+    letters = ["d" if masked else "acdefghiklmnpqrstvwy"[s]
+               for s, masked in zip(np.ma.getdata(states), np.ma.getmaskarray(states))]
+    if plddt_mask:
+        letters = ["#" if r["plddt"] < 70 else s for r, s in zip(rows, letters)]
+    return "".join(THREE_LETTER[r["name"]] + s for r, s in zip(rows, letters))
+
+
+@needs_data
+def test_token_string_of_a_real_alphafold_model(saprot_folder):
+    folder, _ = saprot_folder
+    protein = load_structure(SHORT_AF)
+    masked = ESM(path=str(folder), plddt_mask=True)
+    expected = _hand_tokens(SHORT_AF)
+    assert "#" in expected and len(expected) == 2 * len(protein)
+    batch = ProteinBatch.pack([protein])
+    assert masked.token_strings(batch) == [expected]
+    # experimental structures (default): B-factors are not read
+    assert ESM(path=str(folder)).token_strings(batch) == [_hand_tokens(SHORT_AF, plddt_mask=False)]
+    # the states a dataset kept (three_di: true) are used as they are; masked residues become `#` + 3Di
+    kept = dataclasses.replace(protein, three_di_state=torch.full((len(protein),), 20, dtype=torch.long))
+    mask = torch.zeros(len(protein), dtype=torch.bool)
+    mask[3] = True
+    strings = ESM(path=str(folder)).token_strings(ProteinBatch.pack([kept]), mask)[0]
+    assert strings[1::2] == "d" * len(protein) and strings[6:8] == "#d"
+
+
+def _proteins():
+    files = [f for f in structure_files() if f.suffix == ".pdb"][:3]
+    proteins = [load_structure(f) for f in files]
+    proteins = [p.subresidue(torch.arange(min(len(p), 150))) for p in proteins]
+    longest = max(proteins, key=len)
+    proteins.append(longest.subresidue(torch.arange(len(longest)).repeat(8)[:1100]))  # two windows
+    return proteins
+
+
+def _hf_hidden(model, strings):
+    """transformers' last hidden states of each combined string's first 1022 tokens (alone: no padding)."""
+    index = {token: i for i, token in enumerate(VOCAB)}
+    hidden = []
+    for string in strings:
+        tokens = [string[i:i + 2] for i in range(0, len(string), 2)][:1022]
+        ids = torch.tensor([[index["<cls>"], *(index.get(t, index["<unk>"]) for t in tokens), index["<eos>"]]])
+        with torch.no_grad():
+            hidden.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0, 1:-1])
+    return hidden
+
+
+@pytest.mark.skipif(not structure_files(), reason="../shared/data is absent")
+@pytest.mark.parametrize("attention", ["sdpa", "esm", "varlen"])
+def test_features_equal_transformers(saprot_folder, attention):
+    folder, reference = saprot_folder
+    proteins = _proteins()
+    batch = ProteinBatch.pack(proteins)
+    mask = torch.zeros(batch.num_residue, dtype=torch.bool)
+    mask[[5, 200]] = True
+    ours = ESM(path=str(folder), attention=attention).eval()
+    assert ours.saprot and ours.output_dim == 32
+    assert ESM(path=str(folder), vocabulary="SaProt").saprot
+    strings = ours.token_strings(batch, mask)
+    # the combined tokens: residue letters and mini3di's states (`d` where none), `#` + 3Di where masked
+    for protein, string in zip(proteins, strings):
+        letters = "".join("d" if s == 20 else "acdefghiklmnpqrstvwy"[s] for s in three_di_states(protein).tolist())
+        assert string[1::2] == letters
+    assert strings[0][10:12].startswith("#")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        features = ours(batch, mask)["residue_feature"].split(batch.num_residues.tolist())
+    for feature, expected in zip(features, _hf_hidden(reference, strings)):
+        torch.testing.assert_close(feature[:len(expected)], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not structure_files(), reason="../shared/data is absent")
+def test_feature_cache_keys_on_structure_too(saprot_folder):
+    folder, _ = saprot_folder
+    protein = _proteins()[0]
+    protein = dataclasses.replace(protein, three_di_state=three_di_states(protein))  # as a dataset keeps them
+    other = dataclasses.replace(protein, three_di_state=torch.zeros(len(protein), dtype=torch.long))
+    esm = ESM(path=str(folder), feature_cache_gib=1.0).eval()
+    esm.freeze("sequence_model")
+    first = esm(ProteinBatch.pack([protein]))["residue_feature"]
+    second = esm(ProteinBatch.pack([other]))["residue_feature"]
+    assert len(esm._cache) == 2 and not torch.allclose(first, second)
+    again = esm(ProteinBatch.pack([other, protein]))["residue_feature"]
+    torch.testing.assert_close(again, torch.cat([second, first]))
+    fresh = ESM(path=str(folder)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(first, fresh(ProteinBatch.pack([protein]))["residue_feature"])
+
+
+@pytest.mark.skipif(not structure_files(), reason="../shared/data is absent")
+def test_random_saprot_model_trains():
+    esm = ESM(vocabulary="SaProt", pretrained=False, architecture=(2, 16, 2))
+    assert esm.saprot and len(esm.alphabet.all_toks) == 446
+    batch = ProteinBatch.pack(_proteins()[:2])
+    loss = esm(batch)["graph_feature"].square().sum()
+    loss.backward()
+    assert esm.model.embed_tokens.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown vocabulary"):
+        ESM(vocabulary="nope", pretrained=False, architecture=(1, 16, 2))
+
+
+def test_vocabulary_check_of_a_pretrained_model(tmp_path):
+    config = EsmConfig(vocab_size=33, pad_token_id=1, mask_token_id=32, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64, position_embedding_type="rotary",
+                       emb_layer_norm_before=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    EsmModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    assert not ESM(path=str(tmp_path)).saprot
+    with pytest.raises(Exception, match="vocabulary: SaProt"):
+        ESM(path=str(tmp_path), vocabulary="SaProt")
