@@ -34,6 +34,17 @@ def _one_sentence(main):
             return 2
         except fault_errors() as error:
             print(f"error: {error}", file=sys.stderr)
+            from .distributed import StalledError
+
+            if isinstance(error, StalledError):
+                # a rank that stopped answering still belongs to the process group, and tearing the group down
+                # (also at interpreter exit) can wait for it forever: end this process now
+                import logging
+                import os
+
+                logging.shutdown()
+                sys.stderr.flush()
+                os._exit(1)
             return 1
     return wrapper
 

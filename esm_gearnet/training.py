@@ -182,7 +182,8 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         yield args, cfg, run_dir, resume
     except BaseException as error:
         _log_error(run_dir, error)
-        distributed.shutdown(wait=False)
+        if not isinstance(error, distributed.StalledError):  # with a peer gone, leaving the group can wait forever
+            distributed.shutdown(wait=False)
         raise
     distributed.shutdown()
 
