@@ -87,6 +87,24 @@ def assert_packed_equals_single(run, proteins, atol=1e-5, graph_atol=None, rtol=
         start += protein.num_residue
 
 
+def randomized_weights(model, seed=0):
+    """A transformers model in eval mode with every parameter random (transformers initialises layer norms to
+    1/0 and biases to 0, which would hide a weight/bias or layer-norm mix-up)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("word_embeddings.weight"):
+                parameter.copy_(noise)
+            elif parameter.dim() == 2:
+                parameter.copy_(noise / parameter.shape[1] ** 0.5)
+            else:
+                parameter.add_(0.1 * noise)
+    return model.eval()
+
+
 # ---- ATOM3D-format LMDBs written from real structures ---------------------------------------------------------
 ATOM3D_COLUMNS = ["ensemble", "subunit", "structure", "model", "chain", "hetero", "insertion_code", "residue",
                   "segid", "resname", "altloc", "occupancy", "bfactor", "x", "y", "z", "element", "name",

@@ -22,6 +22,7 @@ except ImportError:  # an optional (test) dependency: loading a folder never nee
     pytest.skip("transformers is not installed (pip install -e '.[test]'); these tests compare with "
                 "transformers.EsmModel", allow_module_level=True)
 
+from conftest import randomized_weights
 from esm_gearnet import checkpoint
 from esm_gearnet.assembly import build_task
 from esm_gearnet.data import ProteinBatch
@@ -43,22 +44,6 @@ def _hf_config(layers, dim, heads, eps, **changes):
                   token_dropout=True, emb_layer_norm_before=False, layer_norm_eps=eps, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0)
     return EsmConfig(**{**values, **changes})
-
-
-def _randomized(model, seed):
-    """Every parameter random (transformers initialises layer norms to 1/0 and biases to 0, which would hide a
-    weight/bias or layer-norm mix-up)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if name.endswith("word_embeddings.weight"):
-                parameter.copy_(noise)
-            elif parameter.dim() == 2:
-                parameter.copy_(noise / parameter.shape[1] ** 0.5)
-            else:
-                parameter.add_(0.1 * noise)
-    return model.eval()
 
 
 def _save(model, folder: Path, form: str) -> Path:
@@ -153,7 +138,7 @@ def test_features_equal_transformers_last_hidden_states(tmp_path, all_proteins, 
     if not PADDED_TOKEN_DROPOUT_FIXED:
         pytest.skip(f"transformers {transformers.__version__} rescales token dropout over padded lengths "
                     "(huggingface/transformers#44162, fixed in 5.3); install transformers>=5.3")
-    reference = _randomized(EsmModel(_hf_config(*architecture)), seed=architecture[0])
+    reference = randomized_weights(EsmModel(_hf_config(*architecture)), seed=architecture[0])
     folder = _save(reference, tmp_path / "hf", "safetensors")
     assert ESM(path=str(folder)).output_dim == architecture[1]
     _compare(reference, folder, _proteins(all_proteins), masked=[(0, 5), (2, 700)])
@@ -162,7 +147,7 @@ def test_features_equal_transformers_last_hidden_states(tmp_path, all_proteins, 
 def test_esm2_8m_shape_equals_transformers(tmp_path, all_proteins):
     """The real ESM-2-8M shape (6 layers, width 320, 20 heads of 16), random weights, on the padded batch (the
     long protein is left to the small architectures above)."""
-    reference = _randomized(EsmForMaskedLM(_hf_config(6, 320, 20, 1e-5)), seed=8)
+    reference = randomized_weights(EsmForMaskedLM(_hf_config(6, 320, 20, 1e-5)), seed=8)
     folder = _save(reference, tmp_path / "hf", "safetensors")
     assert ESM(path=str(folder), model="ESM-2-8M").output_dim == 320  # `model:` may name the architecture
     _compare(reference, folder, _proteins(all_proteins, long=False), masked=[(1, 5)])
@@ -174,13 +159,13 @@ def test_esm2_8m_shape_equals_transformers(tmp_path, all_proteins):
                               "EsmForMaskedLM-safetensors-new"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES, ids=["2x32", "3x48"])
 def test_every_saved_form_loads(tmp_path, all_proteins, architecture, cls, form):
-    reference = _randomized(cls(_hf_config(*architecture)), seed=len(form) + architecture[0])
+    reference = randomized_weights(cls(_hf_config(*architecture)), seed=len(form) + architecture[0])
     folder = _save(reference, tmp_path / "hf", form)
     _compare(reference, folder, _proteins(all_proteins, long=False), masked=[(1, 3)])
 
 
 def test_sharded_checkpoint_and_model_name_check(tmp_path):
-    reference = _randomized(EsmForMaskedLM(_hf_config(*ARCHITECTURES[0])), seed=3)
+    reference = randomized_weights(EsmForMaskedLM(_hf_config(*ARCHITECTURES[0])), seed=3)
     reference.save_pretrained(tmp_path / "one")
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
@@ -195,7 +180,7 @@ def test_sharded_checkpoint_and_model_name_check(tmp_path):
 
 
 def test_fair_esm_file_beside_config_json_keeps_working(tmp_path):
-    folder = _save(_randomized(EsmModel(_hf_config(*ARCHITECTURES[1])), seed=4), tmp_path, "safetensors")
+    folder = _save(randomized_weights(EsmModel(_hf_config(*ARCHITECTURES[1])), seed=4), tmp_path, "safetensors")
     official = _write_official_checkpoint(tmp_path, "esm2_t2_32_test")  # 2 layers x 32: not the HF one
     esm = ESM(path=str(folder), model="esm2_t2_32_test")
     assert esm.model.num_layers == 2 and torch.equal(esm.model.embed_tokens.weight, official.embed_tokens.weight)
@@ -203,7 +188,7 @@ def test_fair_esm_file_beside_config_json_keeps_working(tmp_path):
 
 
 def test_our_checkpoint_of_a_hugging_face_esm_round_trips(tmp_path, all_proteins):
-    folder = _save(_randomized(EsmModel(_hf_config(*ARCHITECTURES[0])), seed=5), tmp_path / "hf", "safetensors")
+    folder = _save(randomized_weights(EsmModel(_hf_config(*ARCHITECTURES[0])), seed=5), tmp_path / "hf", "safetensors")
     config = {"task": {"class": "MultipleBinaryClassification", "num_mlp_layer": 2,
                        "model": {"class": "ESM", "path": str(folder)}}}
     task = build_task(EasyDict(config), [0, 1, 2]).eval()
@@ -241,7 +226,7 @@ def _write(folder: Path, config=None, weights=None):
 
 
 def test_folders_that_are_not_esm2_get_one_sentence(tmp_path):
-    source = _save(_randomized(EsmModel(_hf_config(*ARCHITECTURES[0])), seed=6), tmp_path / "ok", "safetensors")
+    source = _save(randomized_weights(EsmModel(_hf_config(*ARCHITECTURES[0])), seed=6), tmp_path / "ok", "safetensors")
     config = json.loads((source / "config.json").read_text())
     from safetensors.torch import load_file
 
@@ -280,7 +265,7 @@ def test_folders_that_are_not_esm2_get_one_sentence(tmp_path):
 
 
 def test_loading_needs_no_transformers(tmp_path):
-    folder = _save(_randomized(EsmForMaskedLM(_hf_config(*ARCHITECTURES[0])), seed=7), tmp_path, "safetensors")
+    folder = _save(randomized_weights(EsmForMaskedLM(_hf_config(*ARCHITECTURES[0])), seed=7), tmp_path, "safetensors")
     code = ("import sys; sys.modules['transformers'] = None\n"  # any `import transformers` fails
             "import torch; from esm_gearnet.models import ESM\n"
             f"esm = ESM(path={str(folder)!r})\n"

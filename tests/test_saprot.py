@@ -17,7 +17,7 @@ except ImportError:
     pytest.skip("transformers is not installed (pip install -e '.[test]'); these tests compare with "
                 "transformers.EsmModel", allow_module_level=True)
 
-from conftest import ALPHAFOLD, structure_files
+from conftest import ALPHAFOLD, randomized_weights, structure_files
 from esm_gearnet.data import ProteinBatch, load_structure
 from esm_gearnet.data.foldseek import three_di_states
 from esm_gearnet.models import ESM
@@ -37,20 +37,6 @@ SHORT_AF = ALPHAFOLD / "AF-A0A0B7P221-F1-model_v2.pdb"  # 28 residues, pLDDT 56.
 needs_data = pytest.mark.skipif(not SHORT_AF.exists(), reason="../shared/data/alphafold is absent")
 
 
-def _randomized(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if name.endswith("word_embeddings.weight"):
-                parameter.copy_(noise)
-            elif parameter.dim() == 2:
-                parameter.copy_(noise / parameter.shape[1] ** 0.5)
-            else:
-                parameter.add_(0.1 * noise)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def saprot_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("saprot")
@@ -58,7 +44,7 @@ def saprot_folder(tmp_path_factory):
                        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                        position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
                        layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = _randomized(EsmModel(config, add_pooling_layer=False))
+    model = randomized_weights(EsmModel(config, add_pooling_layer=False))
     model.save_pretrained(folder)
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     return folder, model

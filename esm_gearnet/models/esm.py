@@ -144,23 +144,30 @@ def _rotary(length: int, inv_freq: torch.Tensor, dtype) -> Tuple[torch.Tensor, t
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Queries, keys and values [..., T, H, hd] of one ESM-2 layer for tokens x [..., T, D], rotary embeddings
+    applied (`cos`, `sin` [T, 1, hd]: each token's position)."""
+    attn = layer.self_attn
+    shape = (*x.shape[:-1], attn.num_heads, x.shape[-1] // attn.num_heads)
+    h = layer.self_attn_layer_norm(x)
+    q, k, v = (projection(h).view(shape) for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _layer_out(layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The layer's output from its input x [..., T, D] and the attention output h [..., T, H, hd]: the output
+    projection, the residual, then the feed-forward with its residual."""
+    x = x + layer.self_attn.out_proj(h.reshape(x.shape))
+    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+
+
 def _sdpa_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """One ESM-2 transformer layer (pre-norm attention with rotary embeddings, then the feed-forward)."""
-    attn = layer.self_attn
-    batch, length, dim = x.shape
-    heads = attn.num_heads
-    head_dim = dim // heads
-    h = layer.self_attn_layer_norm(x)
-    q = attn.q_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(batch, length, heads, head_dim).transpose(1, 2)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    """One ESM-2 transformer layer on padded tokens x [B, T, D] (pre-norm attention with rotary embeddings,
+    then the feed-forward)."""
+    q, k, v = (t.transpose(1, 2) for t in _qkv(layer, x, cos, sin))  # [B, H, T, hd]
     h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    x = x + attn.out_proj(h.transpose(1, 2).reshape(batch, length, dim))
-    h = layer.final_layer_norm(x)
-    return x + layer.fc2(F.gelu(layer.fc1(h)))
+    return _layer_out(layer, x, h.transpose(1, 2))
 
 
 def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx: int, mask_idx: int,
@@ -188,7 +195,8 @@ def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx:
     x = x * (~padding).unsqueeze(-1).to(x.dtype)
     attn_mask = None if not padding.any() else (~padding)[:, None, None, :]
     if repr_layer:
-        cos, sin = _rotary(tokens.shape[1], model.layers[0].self_attn.rot_emb.inv_freq, x.dtype)
+        cos, sin = (t.unsqueeze(1) for t in _rotary(tokens.shape[1], model.layers[0].self_attn.rot_emb.inv_freq,
+                                                    x.dtype))  # [T, 1, hd]
     checkpoint = checkpoint and torch.is_grad_enabled()
     for layer in model.layers[:repr_layer]:
         if checkpoint:
@@ -261,25 +269,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return torch.cat(outputs, dim=2)[0].transpose(0, 1)
 
 
-def _varlen_qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Queries, keys and values [T, H, hd] of the packed tokens x [T, D] (rotary embeddings applied)."""
-    attn = layer.self_attn
-    tokens, dim = x.shape
-    heads = attn.num_heads
-    head_dim = dim // heads
-    h = layer.self_attn_layer_norm(x)
-    q = attn.q_proj(h).view(tokens, heads, head_dim)
-    k = attn.k_proj(h).view(tokens, heads, head_dim)
-    v = attn.v_proj(h).view(tokens, heads, head_dim)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-
-def _varlen_out(layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The layer's output from its input x [T, D] and the attention output h [T, H, hd]."""
-    x = x + layer.self_attn.out_proj(h.reshape(x.shape))
-    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
-
-
 def varlen_layer_fn(compile: bool = False):
     """The function computing one ESM-2 layer on packed tokens: `fn(layer, x [T, D], cos, sin [T, 1, hd] at
     each token's position within its own sequence, cu_seqlens, max_len, lengths) -> [T, D]`.
@@ -288,8 +277,8 @@ def varlen_layer_fn(compile: bool = False):
     outside, so the compiled graphs never see the number or lengths of the sequences and do not recompile for
     every new batch composition.
     """
-    qkv, out = (torch.compile(_varlen_qkv, dynamic=True), torch.compile(_varlen_out, dynamic=True)) if compile \
-        else (_varlen_qkv, _varlen_out)
+    qkv, out = (torch.compile(_qkv, dynamic=True), torch.compile(_layer_out, dynamic=True)) if compile \
+        else (_qkv, _layer_out)
 
     def layer_fn(layer, x, cos, sin, cu_seqlens, max_len, lengths):
         q, k, v = qkv(layer, x, cos, sin)
