@@ -250,8 +250,8 @@ def locate(path, names: Sequence[str] = ("best.pth", "last.pth")) -> Path:
     for name in names:
         if (path / name).is_file():
             return path / name
-    present = sorted(p.name for p in path.glob("*.pth"))
-    held = f" (it holds {', '.join(present[:6])}{' ...' if len(present) > 6 else ''})" if present else ""
+    files = sorted(p.name for p in path.glob("*.pth"))
+    held = f" (it holds {', '.join(files[:6])}{' ...' if len(files) > 6 else ''})" if files else ""
     raise CheckpointError(f"the directory {path} holds no {' or '.join(names)}{held}; pass a run directory that "
                           "has one (a run writes them after its first epoch) or a checkpoint file.")
 
