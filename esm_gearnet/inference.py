@@ -110,13 +110,8 @@ def load_encoder(cfg, state: Optional[Dict] = None, source: str = "the checkpoin
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and values of a module's state_dict: which weights these are."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """Which weights these are: `checkpoint.digest` of the module's state_dict (names, dtypes, shapes, values)."""
+    return checkpoint.digest(dict(sorted(module.state_dict().items())))
 
 
 def _device(device: Optional[str]) -> torch.device:
