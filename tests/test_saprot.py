@@ -177,3 +177,110 @@ def test_vocabulary_check_of_a_pretrained_model(tmp_path):
     assert not ESM(path=str(tmp_path)).saprot
     with pytest.raises(Exception, match="vocabulary: SaProt"):
         ESM(path=str(tmp_path), vocabulary="SaProt")
+
+
+# ---- in every fusion mode, with every structure encoder -------------------------------------------------------
+STRUCTURE_CONFIGS = {"GearNet": "esm_gearnet", "GVPGNN": "esm_gvp", "CDConv": "esm_cdconv"}
+
+
+def _fusion_task(structure, fusion):
+    """The EC config of `structure` in `fusion` mode with a tiny random SaProt-format language model, and its
+    dataset (generated proteins whose 3Di states the dataset keeps)."""
+    from esm_gearnet.assembly import build_task, model_config, runtime_task_list
+    from esm_gearnet.config import load_config
+    from esm_gearnet.registry import build
+
+    name = STRUCTURE_CONFIGS[structure] + ("" if fusion == "series" else "_parallel")
+    cfg = load_config(f"config/EC/{name}.yaml", {})
+    cfg.dataset = {"class": "DemoFolds", "num_protein": 6, "three_di": True, "transform": cfg.dataset.transform}
+    model, _ = model_config(cfg)
+    model.fusion = fusion
+    if fusion == "cross":
+        model.cross_dim = 16
+    model.sequence_model = {"class": "ESM", "pretrained": False, "vocabulary": "SaProt", "architecture": [1, 32, 4]}
+    part = model.structure_model
+    part.pop("input_dim", None)
+    part.pop("num_relation", None)
+    part.update({"GearNet": {"hidden_dims": [16, 16]},
+                 "GVPGNN": {"node_in_dim": [32 if fusion == "series" else 21, 0], "node_h_dim": [16, 4],
+                            "edge_h_dim": [8, 1], "num_layers": 2},
+                 "CDConv": {"hidden_dims": [16, 32], "embedding_dim": 8}}[structure])
+    dataset = build(cfg.dataset, "dataset")
+    return build_task(cfg, runtime_task_list(cfg, dataset)), dataset
+
+
+@pytest.mark.parametrize("fusion", ["series", "parallel", "cross"])
+@pytest.mark.parametrize("structure", list(STRUCTURE_CONFIGS))
+def test_every_fusion_mode_and_structure_encoder(structure, fusion):
+    from esm_gearnet.data import collate, three_di_letters
+
+    torch.manual_seed(0)
+    task, dataset = _fusion_task(structure, fusion)
+    encoder, esm = task.encoder, task.encoder.sequence_model
+    assert esm.saprot and encoder.reads_three_di
+    batch = collate([dataset[i] for i in range(4)])
+    graph = encoder.construct(batch["graph"])
+    # the language model reads the kept states through the structure encoder's graph construction
+    assert graph.three_di_state is not None
+    for string, states in zip(esm.token_strings(graph), graph.three_di_state.split(graph.num_residues.tolist())):
+        assert string[1::2] == three_di_letters(states).lower()
+    task.train()
+    loss, _ = task(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and esm.model.embed_tokens.weight.grad.abs().sum() > 0
+    # structure-aware: other 3Di states, other features (in cross fusion through the attention block too)
+    encoder.eval()
+    with torch.no_grad():
+        features = encoder.encode(graph)
+        other = encoder.encode(graph.replace(three_di_state=graph.three_di_state.roll(1)))
+        if fusion != "cross":  # the sequence part is the language model's own output
+            torch.testing.assert_close(features["residue_feature"][:, :esm.output_dim],
+                                       esm.encode(graph)["residue_feature"])
+    assert not torch.allclose(features["residue_feature"], other["residue_feature"])
+
+
+# ---- pre-training ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not structure_files(), reason="../shared/data is absent")
+def test_pretraining_masks_the_amino_acid_and_keeps_the_structure(monkeypatch):
+    from esm_gearnet.data.foldseek import FOLDSEEK_PLACEHOLDER, NO_STATE, THREE_DI_LETTERS, batch_states
+    from esm_gearnet.tasks import ResidueTypePrediction
+    from esm_gearnet.tasks.pretrain import mask_residues
+
+    batch = ProteinBatch.pack(_proteins()[:3])  # real structures, no kept states: computed on the fly
+    assert batch.three_di_state is None
+    unmasked = batch_states(batch)
+    esm = ESM(vocabulary="SaProt", pretrained=False, architecture=(1, 16, 2))
+    task = ResidueTypePrediction(esm, mask_rate=0.15)
+    seen = []
+    token_ids = esm._token_ids
+    monkeypatch.setattr(esm, "_token_ids", lambda *args: seen.append(args) or token_ids(*args))
+    torch.manual_seed(0)
+    loss, _ = task({"graph": batch})
+    assert torch.isfinite(loss)
+    ((_, mask, structure),) = seen
+    assert 0 < int(mask.sum()) < batch.num_residue
+    # every residue, masked or not, keeps the 3Di state of the structure before masking (`d` where none)
+    placeholder = THREE_DI_LETTERS.index(FOLDSEEK_PLACEHOLDER)
+    torch.testing.assert_close(structure, unmasked.masked_fill(unmasked == NO_STATE, placeholder))
+    tokens = [esm.alphabet.all_toks[i] for i in token_ids(batch.residue_type, mask, structure).tolist()]
+    assert all(t.startswith("#") == bool(m) for t, m in zip(tokens, mask.tolist()))
+    # the rule matters: the masked batch has no side chains (no CB), and its own states differ
+    everything = torch.ones(batch.num_residue, dtype=torch.bool)
+    assert not torch.equal(batch_states(mask_residues(batch, everything)), unmasked)
+    assert torch.equal(mask_residues(batch, everything, three_di=True).three_di_state, unmasked)
+
+
+def test_kept_states_follow_the_atoms():
+    from esm_gearnet.data.synthetic import backbone_protein
+    from esm_gearnet.tasks import NoiseTransform
+
+    protein = backbone_protein("MKVLAEGST" * 4, "LHHHHHHHHHLLEEEEELLLEEEEELLHHHHHHHHL")
+    states = three_di_states(protein)
+    batch = ProteinBatch.pack([protein.replace(three_di_state=states)])
+    keep = torch.arange(batch.num_residue) % 3 > 0
+    # crops and copies keep them aligned with their residues
+    assert torch.equal(batch.subresidue(keep).three_di_state, states[keep])
+    assert torch.equal(batch.to("cpu").three_di_state, states)
+    # new coordinates drop them: a model reading 3Di computes them from the atoms it is given
+    assert batch.replace(atom_pos=batch.atom_pos * 2).three_di_state is None
+    assert NoiseTransform(0.3)({"graph": batch})["graph2"].three_di_state is None

@@ -92,6 +92,16 @@ def states_of_arrays(atom_pos: np.ndarray, atom_mask: np.ndarray, chain_index: n
     return out
 
 
+def batch_states(batch) -> torch.Tensor:
+    """`three_di_states` of every protein of a packed `ProteinBatch`, each chain of each protein on its own:
+    [N] long on the batch's device."""
+    num_chains = int(batch.chain_index.max()) + 1 if batch.num_residue else 1
+    chain = batch.residue2graph.long() * num_chains + batch.chain_index.long()
+    states = states_of_arrays(batch.atom_pos.detach().cpu().numpy(), batch.atom_mask.detach().cpu().numpy(),
+                              chain.cpu().numpy())
+    return torch.from_numpy(states).to(batch.atom_pos.device)
+
+
 def three_di_states(protein) -> torch.Tensor:
     """Foldseek 3Di states of every residue, chain by chain.
 

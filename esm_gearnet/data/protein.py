@@ -70,7 +70,14 @@ class _ResidueFields:
         return fields
 
     def replace(self, **changes):
-        """A copy with some fields changed (objects are never changed in place)."""
+        """A copy with some fields changed (objects are never changed in place).
+
+        `three_di_state` describes the atoms: a copy with new `atom_pos` or `atom_mask` and no new states has
+        none (a model that reads them computes them from the new atoms), so moved or noised coordinates never
+        keep the states of the old ones.
+        """
+        if ("atom_pos" in changes or "atom_mask" in changes) and "three_di_state" not in changes:
+            changes["three_di_state"] = None
         return dataclasses.replace(self, **changes)
 
 

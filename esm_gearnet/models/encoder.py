@@ -19,10 +19,15 @@ freeze(group)                         no gradient, no optimizer state for that g
                                       without autograd and may cache its features)
 independent_parts() -> {name: D}      parts of the output computed from disjoint inputs, returned as
                                       "<name>_graph_feature" too (parallel fusion: sequence and structure)
+reads_three_di                        whether `encode` reads the residues' Foldseek 3Di states (a SaProt-format
+                                      ESM, alone or fused); it takes them from the batch (`three_di_state`)
+                                      or computes them from the batch's atoms
 ====================================  ==========================================================================
 
 Pre-training objectives that edit the graph (remove edges, add noise after construction) call `construct`, edit
-the result and call `encode`; everyone else calls the encoder itself.
+the result and call `encode`; everyone else calls the encoder itself. Objectives that mask residues
+(`tasks.pretrain.mask_residues`) give an encoder that `reads_three_di` the states of the structure before
+masking, as SaProt keeps a masked residue's structure token.
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ class Encoder(nn.Module):
     #: the parameter group holding all of this encoder's parameters (composite encoders override
     #: `parameter_groups`)
     group: str = "structure_model"
+    #: see the module docstring (an ESM of SaProt's vocabulary sets it)
+    reads_three_di: bool = False
 
     def __init__(self, graph_construction_model: Optional[nn.Module] = None):
         super().__init__()

@@ -401,7 +401,9 @@ class ESM(Encoder):
     - with `plddt_mask`, residues of pLDDT below `plddt_threshold` get `#` for their structure;
     - a masked residue (`residue_mask`, pre-training) gets `#` for its amino acid and keeps its 3Di letter
       (`#d`): SaProt's mask of the amino acid (its paper; its zero-shot mutation scoring writes the same
-      token). `<mask>` (the whole token) is not used, so ESM-2's token dropout does not apply to it;
+      token). `<mask>` (the whole token) is not used, so ESM-2's token dropout does not apply to it. The
+      letter kept is that of the structure before masking: the pre-training objectives' `mask_residues`
+      removes the side chains (CB, which 3Di reads) but computes the states first (`reads_three_di`);
     - an unknown amino acid gets `<unk>`, as SaProt's tokenizer gives for Foldseek's `X`.
     The feature cache of a frozen model keys on these tokens (amino acids and 3Di), so two proteins of one
     sequence and different structures never share features.
@@ -503,7 +505,7 @@ class ESM(Encoder):
                 if id(parameter) not in shared:
                     parameter.requires_grad_(False)
         self.register_buffer("mapping", self._mapping(alphabet), persistent=False)
-        self.saprot = is_saprot(alphabet)
+        self.saprot = self.reads_three_di = is_saprot(alphabet)
         self.plddt_mask = bool(plddt_mask)
         self.plddt_threshold = float(plddt_threshold)
         if self.saprot:
@@ -535,11 +537,7 @@ class ESM(Encoder):
 
         states = batch.three_di_state
         if states is None:  # not kept by the dataset: from the backbone, each chain of each protein on its own
-            chain = batch.residue2graph.long() * (int(batch.chain_index.max()) + 1 if batch.num_residue else 1) \
-                + batch.chain_index.long()
-            states = torch.from_numpy(foldseek.states_of_arrays(
-                batch.atom_pos.detach().cpu().numpy(), batch.atom_mask.detach().cpu().numpy(),
-                chain.cpu().numpy()))
+            states = foldseek.batch_states(batch)
         states = states.to(batch.residue_type.device).long()
         # a residue without a state reads as Foldseek's placeholder D, as in SaProt's training data
         states = states.masked_fill(states.eq(foldseek.NO_STATE),

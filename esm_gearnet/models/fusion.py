@@ -70,6 +70,10 @@ class FusionNetwork(Encoder):
         else:
             self.output_dim = sequence_model.output_dim + structure_model.output_dim
 
+    @property
+    def reads_three_di(self) -> bool:
+        return self.sequence_model.reads_three_di
+
     @staticmethod
     def fusion_mode(fusion: Optional[str]) -> str:
         """"series", "parallel" or "cross" (the config may say "serial" or nothing for series)."""

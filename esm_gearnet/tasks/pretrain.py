@@ -20,7 +20,7 @@ from typing import Dict, Sequence
 import torch
 from torch.nn import functional as F
 
-from ..data import constants
+from ..data import constants, foldseek
 from ..data.protein import ProteinBatch
 from ..layers import MLP, functional
 from ..models import Encoder
@@ -51,12 +51,21 @@ def sample_residues(graph: ProteinBatch, counts: torch.Tensor) -> torch.Tensor:
     return sample_in_segments(segment, torch.cat([counts, counts.new_zeros(1)]))
 
 
-def mask_residues(graph: ProteinBatch, mask: torch.Tensor) -> ProteinBatch:
-    """The batch with the residues of `mask [N]` made unknown: type 20 and no side-chain atoms."""
+def mask_residues(graph: ProteinBatch, mask: torch.Tensor, three_di: bool = False) -> ProteinBatch:
+    """The batch with the residues of `mask [N]` made unknown: type 20 and no side-chain atoms.
+
+    The batch's 3Di states, if it has them, stay: they describe the structure before masking. With `three_di`
+    (an encoder that `reads_three_di`) a batch without them gets them, computed before the side chains go
+    (3Di reads CB), as SaProt keeps a masked residue's structure token.
+    """
+    states = graph.three_di_state
+    if three_di and states is None:
+        states = foldseek.batch_states(graph)
     side_chain = mask.unsqueeze(-1) & (torch.arange(constants.NUM_ATOM_SLOTS, device=mask.device) >= 4)
     return graph.replace(residue_type=graph.residue_type.masked_fill(mask, constants.UNKNOWN),
                          atom_mask=graph.atom_mask & ~side_chain,
-                         atom_pos=graph.atom_pos.masked_fill(side_chain.unsqueeze(-1), 0.0))
+                         atom_pos=graph.atom_pos.masked_fill(side_chain.unsqueeze(-1), 0.0),
+                         three_di_state=states)
 
 
 def drop_edges(graph: ProteinBatch, keep: torch.Tensor) -> ProteinBatch:
@@ -138,7 +147,8 @@ class ResidueTypePrediction(Task):
     def forward(self, batch):
         graph = batch["graph"]
         mask = self.sample_mask(graph)
-        feature = self.encoder(mask_residues(graph, mask), residue_mask=mask)["residue_feature"]
+        masked = mask_residues(graph, mask, self.encoder.reads_three_di)
+        feature = self.encoder(masked, residue_mask=mask)["residue_feature"]
         logits, target = self.mlp(feature[mask]), graph.residue_type[mask]
         loss = F.cross_entropy(logits, target)
         return loss, {"loss": loss.detach(), "accuracy": (logits.argmax(-1) == target).float().mean()}

@@ -93,7 +93,8 @@ class SiamDiff(Task):
         noises, graphs, features = [], [], []
         for conformer in conformers:
             noise = torch.randn_like(conformer.pos)
-            graph = self.encoder.construct(mask_residues(perturb(conformer, scale, noise), mask))
+            noisy = perturb(conformer, scale, noise)  # a model reading 3Di reads the noisy conformer's
+            graph = self.encoder.construct(mask_residues(noisy, mask, self.encoder.reads_three_di))
             noises.append(noise)
             graphs.append(graph)
             features.append(self.encoder.encode(graph, mask)["residue_feature"])
