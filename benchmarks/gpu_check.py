@@ -20,14 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (what, command, time limit in seconds): 540 s in all, so install and report fit in 10 minutes
 STEPS = [
-    ("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"], 150),
+    ("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"], 130),
     ("ESM-2 attention paths (33 x 1280 on CUDA)", [sys.executable, "benchmarks/esm_attention.py", "--repeats", "3"],
-     90),
+     80),
     ("ESM-GearNet EC training step, lever by lever (ESM-2 650M architecture)",
      [sys.executable, "benchmarks/train_step.py", "--esm", "33,1280,20", "--batch", "8", "--repeats", "2",
-      "--max-proteins", "48", "--max-batch", "unpadded"], 210),
+      "--max-proteins", "48", "--max-batch", "unpadded"], 190),
     ("EC graph construction, CPU vs GPU", [sys.executable, "benchmarks/graph_construction.py"], 40),
     ("structure encoders", [sys.executable, "benchmarks/encoders.py"], 50),
+    ("SaProt-GearNet vs ESM-GearNet training step, same language model size",
+     [sys.executable, "benchmarks/saprot_step.py", "--esm", "12,480,20", "--repeats", "3", "--max-proteins", "24"],
+     50),
 ]
 
 

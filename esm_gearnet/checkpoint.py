@@ -321,7 +321,11 @@ def load_state_dict_checked(module: nn.Module, state: Dict[str, torch.Tensor], s
     if missing or unexpected or misshaped:
         def show(keys):
             return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"
+        vocabulary = [f" The language models' vocabularies differ: {state[k].shape[0]} tokens in the checkpoint, "
+                      f"{own[k].shape[0]} in the model (ESM-2 has 33, SaProt 446)." for k in own
+                      if k.endswith("embed_tokens.weight") and k in state and state[k].shape[0] != own[k].shape[0]]
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: missing keys: {show(missing)}; "
                               f"unexpected keys: {show(unexpected)}; mis-shaped keys (checkpoint vs model): "
-                              f"{show(misshaped)}. Check that the config builds the model the checkpoint was saved from.")
+                              f"{show(misshaped)}.{''.join(vocabulary[:1])} Check that the config builds the model "
+                              "the checkpoint was saved from.")
     module.load_state_dict(state)

@@ -284,3 +284,54 @@ def test_kept_states_follow_the_atoms():
     # new coordinates drop them: a model reading 3Di computes them from the atoms it is given
     assert batch.replace(atom_pos=batch.atom_pos * 2).three_di_state is None
     assert NoiseTransform(0.3)({"graph": batch})["graph2"].three_di_state is None
+
+
+# ---- the demo: trains, resumes, embeds, predicts --------------------------------------------------------------
+@needs_data
+def test_demo_trains_resumes_and_embeds(cli, tmp_path, structures_dir):
+    import json
+
+    import yaml
+
+    demo = "config/demo/saprot_gearnet.yaml"
+    code, _, err = cli("downstream", "-c", demo, "--output_dir", tmp_path / "runs", "--num_protein", "32",
+                       "--task.model.structure_model.hidden_dims", "[16]", "--train.num_epoch", "1")
+    assert code == 0, err
+    (run_dir,) = [p.parent for p in (tmp_path / "runs").rglob("config.yaml")]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["dataset"]["three_di"] and config["task"]["model"]["sequence_model"]["vocabulary"] == "SaProt"
+    code, _, err = cli("downstream", "--resume", run_dir, "--train.num_epoch", "2")
+    assert code == 0, err
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "epoch" in r] == [1, 2]
+
+    files = [*sorted(structures_dir.glob("*.pdb"))[:2], SHORT_AF]
+    code, _, err = cli("embed", "--ckpt", run_dir, *files, "-o", tmp_path / "e.npz", "--per-residue", "--quiet")
+    assert code == 0, err
+    embedding = np.load(tmp_path / "e.npz")["embedding"]
+    assert embedding.shape == (3, 64 + 16) and np.isfinite(embedding).all()
+    # the unpadded attention path: the same embeddings
+    code, _, err = cli("embed", "--ckpt", run_dir, *files, "-o", tmp_path / "v.npz", "--quiet",
+                       "--task.model.sequence_model.attention", "varlen")
+    assert code == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "v.npz")["embedding"], embedding, atol=1e-4, rtol=1e-4)
+    # SaProt's pLDDT mask changes what the model reads of the AlphaFold model (pLDDT 57-81)
+    code, _, err = cli("embed", "--ckpt", run_dir, *files, "-o", tmp_path / "p.npz", "--quiet",
+                       "--task.model.sequence_model.plddt_mask", "true")
+    assert code == 0, err
+    masked = np.load(tmp_path / "p.npz")["embedding"]
+    assert np.abs(masked[2] - embedding[2]).max() > 1e-3
+    code, _, err = cli("predict", "--ckpt", run_dir, *files, "-o", tmp_path / "p.csv", "--quiet")
+    assert code == 0, err
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 4
+
+
+def test_weights_of_the_other_vocabulary_are_refused_naming_both():
+    from esm_gearnet.checkpoint import CheckpointError, load_state_dict_checked
+
+    esm2 = ESM(pretrained=False, architecture=(1, 16, 2))
+    saprot = ESM(vocabulary="SaProt", pretrained=False, architecture=(1, 16, 2))
+    with pytest.raises(CheckpointError, match="vocabularies differ: 33 tokens in the checkpoint, 446 in the model"):
+        load_state_dict_checked(saprot, esm2.state_dict(), "esm2.pth")
+    with pytest.raises(CheckpointError, match="vocabularies differ: 446 tokens in the checkpoint, 33 in the model"):
+        load_state_dict_checked(esm2, saprot.state_dict(), "saprot.pth")
