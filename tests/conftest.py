@@ -17,6 +17,12 @@ def _require(path: Path) -> Path:
     return path
 
 
+def run_dir_of(output: Path) -> Path:
+    """The one run directory a command wrote under `output` (the folder holding its config.yaml)."""
+    (config,) = output.rglob("config.yaml")
+    return config.parent
+
+
 def structure_files():
     """Every real structure file (PDB and mmCIF), sorted; empty when ../shared/data is absent."""
     if not STRUCTURES.exists():

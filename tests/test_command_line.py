@@ -7,17 +7,14 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import run_dir_of
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
 PRETRAIN = ROOT / "config" / "demo" / "pretrain_mc_esm_gearnet.yaml"
 # a small demo run: 32 proteins, one GearNet layer of 16
 SMALL = ["--num_protein", "32", "--batch_size", "8", "--task.model.structure_model.hidden_dims", "[16]"]
-
-
-def _run_dir(output: Path) -> Path:
-    (config,) = output.rglob("config.yaml")
-    return config.parent
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,7 @@ def demo_run(tmp_path_factory):
         code = main([str(a) for a in ["downstream", "-c", DEMO, "--output_dir", output, *SMALL, "--train.num_epoch", "1",
                      "--engine.log_interval", "2", "--optimizer.lr", "5e-3"]])
     assert code == 0, err.getvalue()
-    return _run_dir(output), err.getvalue()
+    return run_dir_of(output), err.getvalue()
 
 
 def test_help_goes_to_stdout(cli):
@@ -126,9 +123,9 @@ def test_pretrain_takes_overrides(cli, tmp_path):
                        "--train.num_epoch", "1", "--task.model.model.structure_model.hidden_dims", "[8]",
                        "--engine.batch_size", "4")
     assert code == 0, err
-    config = yaml.safe_load((_run_dir(tmp_path) / "config.yaml").read_text())
+    config = yaml.safe_load((run_dir_of(tmp_path) / "config.yaml").read_text())
     assert config["task"]["model"]["model"]["structure_model"]["hidden_dims"] == [8]
-    assert (_run_dir(tmp_path) / "model_epoch_1.pth").is_file()
+    assert (run_dir_of(tmp_path) / "model_epoch_1.pth").is_file()
 
 
 def test_report_labels_and_default_output(demo_run, cli, tmp_path):
@@ -167,7 +164,7 @@ def test_wandb_logger_offline(cli, tmp_path, monkeypatch):
     code, _, err = cli("downstream", "-c", DEMO, "--output_dir", tmp_path, *SMALL, "--num_protein", "16",
                        "--train.num_epoch", "1", "--engine.logger", "wandb")
     assert code == 0, err
-    run_dir = _run_dir(tmp_path)
+    run_dir = run_dir_of(tmp_path)
     assert len(runs) == 1 and runs[0]["dir"] == str(run_dir) and runs[0]["name"] == run_dir.name
     assert runs[0]["config"]["task"]["model"]["structure_model"]["hidden_dims"] == [16]
     assert [step for step, _ in logged] == [1] and {"train/loss", "valid/f1_max", "test/auprc@micro"} <= set(logged[0][1])

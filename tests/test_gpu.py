@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_dir_of
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
 SMALL = ["--num_protein", "48", "--batch_size", "8", "--num_epoch", "2", "--task.model.structure_model.hidden_dims",
@@ -20,15 +22,10 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
                                                    reason="no CUDA device here: these tests need a GPU")]
 
 
-def _run_dir(output: Path) -> Path:
-    (config,) = output.rglob("config.yaml")
-    return config.parent
-
-
 def test_demo_trains_under_bf16_with_finite_losses(cli, tmp_path):
     code, _, err = cli("downstream", "-c", DEMO, "--output_dir", tmp_path, *SMALL, "--engine.precision", "bf16")
     assert code == 0, err
-    records = [json.loads(line) for line in (_run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir_of(tmp_path) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train"]["loss"] for r in records if "train" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert all(np.isfinite(list(r["valid"].values())).all() for r in records if "valid" in r)
@@ -40,7 +37,7 @@ def test_one_process_nccl_run_finishes(tmp_path):
                              "script/downstream.py", "-c", str(DEMO), "--output_dir", str(tmp_path), *SMALL],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 process(es)" in (_run_dir(tmp_path) / "log.txt").read_text()
+    assert "1 process(es)" in (run_dir_of(tmp_path) / "log.txt").read_text()
 
 
 def test_embed_on_cuda_equals_cpu(cli, tmp_path, structures_dir):

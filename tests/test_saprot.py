@@ -17,7 +17,7 @@ except ImportError:
     pytest.skip("transformers is not installed (pip install -e '.[test]'); these tests compare with "
                 "transformers.EsmModel", allow_module_level=True)
 
-from conftest import ALPHAFOLD, randomized_weights, structure_files
+from conftest import ALPHAFOLD, randomized_weights, run_dir_of, structure_files
 from esm_gearnet.data import ProteinBatch, load_structure
 from esm_gearnet.data.foldseek import three_di_states
 from esm_gearnet.models import ESM
@@ -297,7 +297,7 @@ def test_demo_trains_resumes_and_embeds(cli, tmp_path, structures_dir):
     code, _, err = cli("downstream", "-c", demo, "--output_dir", tmp_path / "runs", "--num_protein", "32",
                        "--task.model.structure_model.hidden_dims", "[16]", "--train.num_epoch", "1")
     assert code == 0, err
-    (run_dir,) = [p.parent for p in (tmp_path / "runs").rglob("config.yaml")]
+    run_dir = run_dir_of(tmp_path / "runs")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["dataset"]["three_di"] and config["task"]["model"]["sequence_model"]["vocabulary"] == "SaProt"
     code, _, err = cli("downstream", "--resume", run_dir, "--train.num_epoch", "2")
