@@ -194,20 +194,28 @@ def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx:
         x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[:, None, None]
     x = x * (~padding).unsqueeze(-1).to(x.dtype)
     attn_mask = None if not padding.any() else (~padding)[:, None, None, :]
+    cos = sin = None
     if repr_layer:
         cos, sin = (t.unsqueeze(1) for t in _rotary(tokens.shape[1], model.layers[0].self_attn.rot_emb.inv_freq,
                                                     x.dtype))  # [T, 1, hd]
+    return _run_layers(model, x, repr_layer, checkpoint, layer_fn, cos, sin, attn_mask)
+
+
+def _run_layers(model, x: torch.Tensor, repr_layer: int, checkpoint: bool, layer_fn, *layer_args) -> torch.Tensor:
+    """x through the first `repr_layer` layers (`layer_fn(layer, x, *layer_args)`, recomputed in the backward
+    pass with `checkpoint`), then `emb_layer_norm_after` when that is the last layer, as in fair-esm."""
     checkpoint = checkpoint and torch.is_grad_enabled()
     for layer in model.layers[:repr_layer]:
         if checkpoint:
-            x = torch.utils.checkpoint.checkpoint(layer_fn, layer, x, cos, sin, attn_mask, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(layer_fn, layer, x, *layer_args, use_reentrant=False)
         else:
-            x = layer_fn(layer, x, cos, sin, attn_mask)
+            x = layer_fn(layer, x, *layer_args)
     if repr_layer == len(model.layers):
         x = model.emb_layer_norm_after(x)
     return x
 
 
+@functools.lru_cache(maxsize=None)
 def _varlen_kernel():
     """`torch.nn.attention.varlen.varlen_attn`, or None where this torch lacks it."""
     try:
@@ -319,20 +327,12 @@ def esm2_forward_varlen(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor, r
         count = torch.zeros_like(lengths_tensor).index_add_(0, sequence, is_mask.long())
         mask_ratio_observed = count.to(x.dtype) / lengths_tensor
         x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[sequence, None]
+    cos = sin = None
     if repr_layer:
         cos, sin = _rotary(max_len, model.layers[0].self_attn.rot_emb.inv_freq, x.dtype)
         cos, sin = cos[position].unsqueeze(1), sin[position].unsqueeze(1)  # [T, 1, hd]
-    cu_seqlens = cu_seqlens.to(torch.int32)
-    checkpoint = checkpoint and torch.is_grad_enabled()
-    for layer in model.layers[:repr_layer]:
-        if checkpoint:
-            x = torch.utils.checkpoint.checkpoint(layer_fn, layer, x, cos, sin, cu_seqlens, max_len, lengths,
-                                                  use_reentrant=False)
-        else:
-            x = layer_fn(layer, x, cos, sin, cu_seqlens, max_len, lengths)
-    if repr_layer == len(model.layers):
-        x = model.emb_layer_norm_after(x)
-    return x
+    return _run_layers(model, x, repr_layer, checkpoint, layer_fn, cos, sin, cu_seqlens.to(torch.int32), max_len,
+                       lengths)
 
 
 @register
