@@ -62,6 +62,8 @@ gpu-check:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e . && \
 	$(PYTHON) benchmarks/gpu_check.py --report $(GPU_REPORT)
 
+# the dependencies in pyproject.toml that the GPU image (torch, numpy, yaml, jinja2, tqdm, matplotlib) lacks, and pytest with its own
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-		--no-deps -d $(GPU_WHEELS) fair-esm gemmi lmdb easydict msgpack safetensors pytest iniconfig pluggy
+		--platform manylinux_2_17_x86_64 \
+		--no-deps -d $(GPU_WHEELS) fair-esm gemmi lmdb easydict msgpack safetensors mini3di pytest iniconfig pluggy packaging pygments
