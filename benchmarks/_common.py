@@ -29,6 +29,19 @@ def median_time(fn, repeats=5, warmup=1):
     return statistics.median(times)
 
 
+def alternating_times(fns, repeats, warmup=0):
+    """Seconds of each call of each function, [[s, ...] per function], the functions called in turn (`warmup`
+    untimed rounds first), so that a change of the machine's load falls on all of them alike."""
+    times = [[] for _ in fns]
+    for round_ in range(warmup + repeats):
+        for fn, into in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                into.append(time.perf_counter() - start)
+    return times
+
+
 def report(name, **figures):
     """Print one machine-readable line: `RESULT {"benchmark": name, ...}`."""
     print("RESULT " + json.dumps({"benchmark": name, **figures}, sort_keys=True))

@@ -20,14 +20,13 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import median_time, real_structure_files, report  # noqa: E402
+from benchmarks._common import alternating_times, median_time, real_structure_files, report  # noqa: E402
 from esm_gearnet.data import Protein, ProteinBatch, constants, load_structures  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
 from esm_gearnet.models import ESM  # noqa: E402
@@ -76,15 +75,9 @@ def timers(model, batches, device, dtype):
 def interleaved_medians(closures, repeats):
     """name -> (median forward s, median forward+backward s), the paths timed in alternation (one warm-up
     each), so that a load change on a shared machine falls on both sides alike."""
-    samples = {name: ([], []) for name in closures}
-    for round_ in range(repeats + 1):
-        for name, functions in closures.items():
-            for function, times in zip(functions, samples[name]):
-                start = time.perf_counter()
-                function()
-                if round_:
-                    times.append(time.perf_counter() - start)
-    return {name: (statistics.median(fwd), statistics.median(fwdbwd)) for name, (fwd, fwdbwd) in samples.items()}
+    times = alternating_times([f for functions in closures.values() for f in functions], repeats, warmup=1)
+    medians = iter(statistics.median(t) for t in times)
+    return {name: (next(medians), next(medians)) for name in closures}
 
 
 def equal_lengths(args):

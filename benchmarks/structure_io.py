@@ -13,14 +13,13 @@ quoted from the issue (2N2U 43 ms, 5YH2 974 ms).
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gemmi  # noqa: E402
 
-from benchmarks._common import median_time, real_structure_files, report  # noqa: E402
+from benchmarks._common import alternating_times, median_time, real_structure_files, report  # noqa: E402
 from esm_gearnet.data import load_structure, load_structures  # noqa: E402
 
 TORCHDRUG_SECONDS = {"2N2U-A.pdb": 0.043, "5YH2-A.pdb": 0.974}
@@ -29,14 +28,7 @@ TORCHDRUG_SECONDS = {"2N2U-A.pdb": 0.043, "5YH2-A.pdb": 0.974}
 def side_by_side(path, repeats):
     """Best seconds of (bare gemmi, esm_gearnet) on one file, the two timed alternately."""
     bare, ours = lambda: gemmi.read_structure(str(path)), lambda: load_structure(path)
-    bare(), ours()
-    times = ([], [])
-    for _ in range(repeats):
-        for fn, into in ((bare, times[0]), (ours, times[1])):
-            start = time.perf_counter()
-            fn()
-            into.append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
+    return tuple(map(min, alternating_times([bare, ours], repeats, warmup=1)))
 
 
 def main():

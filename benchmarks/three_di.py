@@ -15,20 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import real_structure_files, report  # noqa: E402
+from benchmarks._common import alternating_times, real_structure_files, report  # noqa: E402
 from esm_gearnet.data import load_structure, three_di  # noqa: E402
 from esm_gearnet.data.foldseek import require_encoder  # noqa: E402
-
-
-def best_of(fns, repeats):
-    """Best seconds of each function, the functions timed alternately."""
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, into in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            into.append(time.perf_counter() - start)
-    return [min(t) for t in times]
 
 
 def main():
@@ -44,7 +33,8 @@ def main():
     for path in real_structure_files():
         protein = load_structure(path)
         three_di(protein)
-        tokens, parse = best_of([lambda: three_di(protein), lambda: load_structure(path)], args.repeats)
+        tokens, parse = map(min, alternating_times([lambda: three_di(protein), lambda: load_structure(path)],
+                                                   args.repeats))
         rows.append((path.name, protein.num_residue, tokens * 1e3, parse * 1e3))
     if args.per_file:
         print(f"{'file':32s} {'residues':>8s} {'3Di ms':>8s} {'parse ms':>9s}")

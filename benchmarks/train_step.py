@@ -53,6 +53,8 @@ from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
 from esm_gearnet.engine import to_device  # noqa: E402
 from esm_gearnet.sampler import LengthBucketSampler  # noqa: E402
 from esm_gearnet.assembly import build_task as assemble_task, model_config, optimizer_groups  # noqa: E402
+from esm_gearnet.models import FusionNetwork  # noqa: E402
+from esm_gearnet.registry import resolve  # noqa: E402
 
 NUM_TASK = 538  # EC
 PLAIN = dict(attention="esm", bucket=False, aggregation="scatter", precision="fp32", ratio=0.1, compile=False,
@@ -94,7 +96,13 @@ def build_task(cfg, esm, options, device):
                                  "attention": options["attention"], "compile": options["compile"],
                                  "activation_checkpointing": options["checkpointing"],
                                  "feature_cache_gib": options["cache_gib"]})
-    model.structure_model.pop("input_dim", None)  # derived from the ESM width in series fusion
+    # the structure model's input width follows the ESM width in series fusion (GVP-GNN: node_in_dim[0])
+    name, *index = resolve(model.structure_model["class"]).input_dim_key
+    if index:
+        fusion = FusionNetwork.fusion_mode(model.get("fusion"))
+        model.structure_model[name][index[0]] = FusionNetwork.structure_input_dim(fusion, width)
+    else:
+        model.structure_model.pop(name, None)  # derived by the assembly
     cfg.sequence_model_lr_ratio = options["ratio"]
     torch.manual_seed(0)
     task = assemble_task(cfg, list(range(NUM_TASK)))

@@ -63,7 +63,9 @@ def build_esm2(num_layers: int, embed_dim: int, attention_heads: int, token_drop
     """A fair-esm ESM2 module (random weights) and its alphabet (default: ESM-2's 33 tokens)."""
     import esm
 
-    alphabet = alphabet or esm.data.Alphabet.from_architecture("ESM-1b")
+    from .esm_hf import VOCABULARIES
+
+    alphabet = alphabet or VOCABULARIES["ESM-2"]()
     model = esm.model.esm2.ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
                                 alphabet=alphabet, token_dropout=token_dropout)
     return model, alphabet
