@@ -71,8 +71,8 @@ def init(timeout: float = DEFAULT_TIMEOUT) -> torch.device:
 
 @contextmanager
 def stalls_named(where: Callable[[], str]):
-    """A collective inside the block that fails because another rank stopped answering or went away: logged and
-    raised as one StalledError sentence naming this rank, the collective and `where()` (e.g. the step).
+    """A collective inside the block that fails because another rank stopped answering or went away: raised as
+    one StalledError sentence naming this rank, the collective and `where()` (e.g. the step).
 
     Args:
         where: what this rank was doing, asked only when a collective fails.
@@ -97,7 +97,6 @@ def stalls_named(where: Callable[[], str]):
             what = "closed its connection"
         message = (f"rank {rank()} of {world_size()}: another rank {what} in {collective} during {where()}; it "
                    "stopped or died (its own output says why, if it could), so the job ends here.")
-        logger.error(message)
         raise StalledError(message) from error
 
 

@@ -66,6 +66,10 @@ def test_rank_that_stops_answering_ends_the_job_with_the_rank_and_step(tmp_path)
                 "train_epoch in epoch 1, step 2; it stopped or died (its own output says why, if it could), so the "
                 "job ends here.")
     assert any(sentence.format(collective) in stderr for collective in ("buffer broadcast", "gradient all-reduce"))
+    # once on the terminal and once in the run's log.txt
+    (log,) = (tmp_path / "out").rglob("log.txt")
+    assert stderr.count("during train_epoch in epoch 1, step 2") == 1
+    assert log.read_text().count("during train_epoch in epoch 1, step 2") == 1
 
 
 @pytest.mark.parametrize("timeout", ["ten", -5, 0, True])
