@@ -118,8 +118,9 @@ def run_labels(run_dirs: Sequence[Path]) -> List[str]:
     import yaml
 
     names = ["/".join(Path(d).parts[-2:]) for d in run_dirs]
-    try:
-        configs = [_flat(yaml.safe_load((Path(d) / "config.yaml").read_text())) for d in run_dirs]
+    try:  # one run (its own curves, after every epoch) differs from nothing: its config is not read
+        configs = [_flat(yaml.safe_load((Path(d) / "config.yaml").read_text())) for d in run_dirs] \
+            if len(run_dirs) > 1 else []
     except (OSError, yaml.YAMLError, AttributeError):
         configs = []
     if len(configs) > 1:
