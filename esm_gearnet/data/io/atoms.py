@@ -14,9 +14,9 @@ class _Atoms(NamedTuple):
     name: np.ndarray      # [A] uint32 code of the atom name (4 bytes as written; 0 for longer names)
     altloc: np.ndarray    # [A] uint8, 32 (a space) = none
     hydrogen: np.ndarray  # [A] bool
-    numbers: np.ndarray   # [A, 6] float64 (C-contiguous): x, y, z, occupancy, B-factor, residue number
-    number: np.ndarray    # [A] float64: residue number where `number_status` is 0
-    number_status: np.ndarray  # [A] int8: 0 a number, 1 blank, 2 not a number (see `number_text`)
+    numbers: np.ndarray   # [A, 6] float64 (C-contiguous): x, y, z, occupancy, B-factor, residue number (the
+                          # last where `number_status` is 0)
+    number_status: np.ndarray  # [A] int8, of the residue number: 0 a number, 1 blank, 2 not a number (`number_text`)
     number_text: Callable[[int], str]  # atom index -> its residue number as written
     icode: np.ndarray     # [A] uint8, 32 = none
     where: Callable[[int], str]  # atom index -> "line N", for messages

@@ -179,7 +179,7 @@ def _cif_atoms(data: bytes, path: Path) -> _Atoms:
                   key=comp + tokens.words(spans[5]) + (icode,),
                   name=np.where(atom_span[1] - atom_span[0] <= 4, atom & _U64(0xFFFFFFFF), 0).astype(np.uint32),
                   altloc=letter(column("label_alt_id", required=False), 32), hydrogen=hydrogen,
-                  numbers=numbers, number=values[:, 5], number_status=status[:, 5],
+                  numbers=numbers, number_status=status[:, 5],
                   number_text=lambda i: text(i, 5).decode("latin-1"), icode=icode, where=where, entity=entity,
                   merge_chain_parts=True)
 

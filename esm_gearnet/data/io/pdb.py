@@ -111,7 +111,7 @@ def _pdb_atoms(data: bytes, path: Path) -> _Atoms:
              np.where(status[:, 5] == 0, values[:, 5], -1.0 - M[:, 22:26].view("<u4")[:, 0])
              if status[:, 5].any() else values[:, 5], M[:, 26], _left_justified(M[:, 72:76].view("<u4")[:, 0], 4)),
         name=M[:, 12:16].view("<u4")[:, 0], altloc=M[:, 16], hydrogen=element == 1,
-        numbers=numbers, number=values[:, 5], number_status=status[:, 5],
+        numbers=numbers, number_status=status[:, 5],
         number_text=lambda i: text(i, 5).decode("latin-1"), icode=M[:, 26], where=where, entity=entity,
         merge_chain_parts=False)
 

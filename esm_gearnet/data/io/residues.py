@@ -77,7 +77,7 @@ def _group(atoms: _Atoms) -> Tuple[Optional[np.ndarray], _Residues]:
     part_of_run = part_start.searchsorted(run_start, side="right") - 1
     run_of_atom = new_run.cumsum() - 1
     merge = atoms.merge_chain_parts and len(set(part_name)) < len(part_name)
-    position = atoms.number[run_start] * 256 + atoms.icode[run_start]
+    position = atoms.numbers[run_start, 5] * 256 + atoms.icode[run_start]
     if not merge and ((position[1:] > position[:-1]) | new_part[run_start[1:]]).all():
         # residue numbers rise within every part: no residue comes back
         return None, _Residues(run_start, run_start, run_of_atom, part_of_run, part_start, part_name, run_start)
@@ -132,7 +132,7 @@ def _best_altloc(of_atom: np.ndarray, atoms: _Atoms, num_residue: int) -> np.nda
 
 def _residue_numbers(path, atoms: _Atoms, first: np.ndarray) -> np.ndarray:
     """Numbers of the residues starting at atoms `first`; PDB's hybrid-36 numbers read as gemmi does."""
-    values = atoms.number[first]
+    values = atoms.numbers[first, 5]
     numbers = values.astype(np.int64)
     for i in ((numbers != values) | (atoms.number_status[first] != 0)).nonzero()[0]:
         text = atoms.number_text(int(first[i])).strip()
@@ -206,9 +206,10 @@ def _atoms_to_arrays(atoms: _Atoms, path: Path, chain: Optional[str]):
     icodes = atoms.icode[res.first[final]]
     chain_names = sorted(set(res.part_name))
     chain_of = np.array([chain_names.index(n) for n in res.part_name])[res.part[final]]
-    same = (chain_of[1:] == chain_of[:-1]) & (numbers[1:] == numbers[:-1]) & (icodes[1:] == icodes[:-1])
-    if same.any():  # micro-heterogeneity: of consecutive residues at one position, the first of highest CA occupancy
-        group = np.cumsum(np.concatenate(([True], ~same)))
+    change = _changes((chain_of, numbers, icodes))
+    # micro-heterogeneity: of consecutive residues at one position, the first of highest CA occupancy
+    if not change.all():
+        group = np.cumsum(change)
         occ = atoms.numbers[atom_of[final, 1], 3].astype(np.float32)
         order = np.lexsort((np.arange(len(final)), -occ, group))
         winners = np.sort(order[_changes((group[order],))])
