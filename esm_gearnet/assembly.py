@@ -149,10 +149,14 @@ def check_task(cfg) -> None:
     check(encoder_config, path)
     if cfg.task.get("graph_construction_model"):
         check(cfg.task.graph_construction_model, "task.graph_construction_model")
+    check(*_head(cfg))
+
+
+def _head(cfg) -> Tuple[Dict[str, Any], str]:
+    """The task's head block (the task without its encoder) and its config path."""
     if cfg.task.get("class") == UNSUPERVISED:
-        check(_unsupervised_head(cfg), "task.model")
-    else:
-        check({k: v for k, v in cfg.task.items() if k not in ("model", "graph_construction_model")}, "task")
+        return _unsupervised_head(cfg), "task.model"
+    return {k: v for k, v in cfg.task.items() if k not in ("model", "graph_construction_model")}, "task"
 
 
 def _unsupervised_head(cfg) -> Dict[str, Any]:
@@ -164,23 +168,20 @@ def _unsupervised_head(cfg) -> Dict[str, Any]:
     return {k: v for k, v in cfg.task.model.items() if k != "model"}
 
 
-def runtime_task_list(cfg, dataset) -> List[Any]:
-    """What the original filled into `task.task`: term indices for multi-label classification (EC, GO),
-    target names otherwise."""
+def runtime_task_list(cfg, task_names: Sequence[str]) -> List[Any]:
+    """What the original filled into `task.task`, from the dataset's task names (`dataset.tasks`, or those a
+    checkpoint lists): term indices for multi-label classification (EC, GO), the names otherwise."""
     cls = resolve(cfg.task["class"], "task")
-    tasks = list(dataset.tasks)
-    return list(range(len(tasks))) if issubclass(cls, MultipleBinaryClassification) else tasks
+    names = list(task_names)
+    return list(range(len(names))) if issubclass(cls, MultipleBinaryClassification) else names
 
 
 def build_task(cfg, task_list: Optional[Sequence] = None) -> Task:
     """The task of a config: its encoder (`build_encoder`) and head. `task_list` is the runtime `task.task`
     of fine-tuning tasks (see `runtime_task_list`); pre-training objectives take none."""
     encoder = build_encoder(cfg)
-    if cfg.task.get("class") == UNSUPERVISED:
-        return build(_unsupervised_head(cfg), "task.model", encoder=encoder)
-    head = {k: v for k, v in cfg.task.items() if k not in ("model", "graph_construction_model")}
     runtime = {"task": list(task_list)} if task_list is not None else {}
-    return build(head, "task", encoder=encoder, **runtime)
+    return build(*_head(cfg), encoder=encoder, **runtime)
 
 
 def optimizer_groups(cfg, task: Task, lr: float) -> List[Dict[str, Any]]:

@@ -18,7 +18,7 @@ import torch
 from easydict import EasyDict
 
 from . import checkpoint
-from .assembly import build_encoder, build_task, model_config
+from .assembly import build_encoder, build_task, model_config, runtime_task_list
 from .config import apply_overrides, load_config
 from .data import ProteinBatch, collate, load_structures
 from .data.io import is_structure_file
@@ -296,7 +296,7 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
     if not names:
         raise ValueError(f"{ckpt}: the checkpoint lists no task names; predict needs a fine-tuning checkpoint.")
     multilabel = issubclass(kind, MultipleBinaryClassification)
-    task = build_task(cfg, list(range(len(names))) if multilabel else names)
+    task = build_task(cfg, runtime_task_list(cfg, names))
     checkpoint.load_state_dict_checked(task, checkpoint.task_state(state), str(ckpt))
     device = _device(device)
     task.to(device).eval()

@@ -126,7 +126,7 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
     dataset = build(cfg.dataset, "dataset")
     train_set, valid_set, test_set = dataset.split()
     logger.info("%s: train %d, valid %d, test %d", dataset, len(train_set), len(valid_set), len(test_set))
-    task = build_task(cfg, runtime_task_list(cfg, dataset))
+    task = build_task(cfg, runtime_task_list(cfg, dataset.tasks))
     weights = ckpt or cfg.get("model_checkpoint")
     if weights:
         load_encoder_weights(task, weights)

@@ -94,7 +94,7 @@ def test_config_trains_saves_loads_and_embeds(path, atom3d_root, tmp_path):
     torch.manual_seed(0)
     dataset = build(cfg.dataset, "dataset")
     pretraining = path.parent.name == "pretrain" or path.name.startswith("pretrain_")
-    task = build_task(cfg) if pretraining else build_task(cfg, runtime_task_list(cfg, dataset))
+    task = build_task(cfg) if pretraining else build_task(cfg, runtime_task_list(cfg, dataset.tasks))
     optimizer = build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, float(cfg.optimizer.lr)))
     if cfg.get("scheduler"):
         build(cfg.scheduler, "scheduler", optimizer=optimizer)

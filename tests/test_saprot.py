@@ -206,7 +206,7 @@ def _fusion_task(structure, fusion):
                             "edge_h_dim": [8, 1], "num_layers": 2},
                  "CDConv": {"hidden_dims": [16, 32], "embedding_dim": 8}}[structure])
     dataset = build(cfg.dataset, "dataset")
-    return build_task(cfg, runtime_task_list(cfg, dataset)), dataset
+    return build_task(cfg, runtime_task_list(cfg, dataset.tasks)), dataset
 
 
 @pytest.mark.parametrize("fusion", ["series", "parallel", "cross"])
