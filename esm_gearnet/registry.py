@@ -82,14 +82,23 @@ def parameters(cls: Callable):
     return named, accepts_any
 
 
-def _build_value(value: Any, path: str) -> Any:
+def _map_classes(value: Any, path: str, fn: Callable[[Dict[str, Any], str], Any]) -> Any:
+    """The config value with `fn(dict, path)` in place of every `class:` dict in it (outermost first; `build`
+    builds them, `check` checks them)."""
     if isinstance(value, dict):
         if "class" in value:
-            return build(value, path)
-        return {k: _build_value(v, f"{path}.{k}") for k, v in value.items()}
+            return fn(value, path)
+        return {k: _map_classes(v, f"{path}.{k}", fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_build_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_map_classes(v, f"{path}[{i}]", fn) for i, v in enumerate(value)]
     return value
+
+
+def _class_and_arguments(config: Any, path: str):
+    """(class, {argument: config value}) of a `class:` dict; one sentence when `config` is none."""
+    if not isinstance(config, dict) or "class" not in config:
+        raise ConfigError(f"config key `{path}` must be a mapping with a `class:` entry.")
+    return resolve(config["class"], path), {k: v for k, v in config.items() if k != "class"}
 
 
 def _is_union(hint) -> bool:
@@ -206,26 +215,10 @@ def _is_number(text: str) -> bool:
 def check(config: Any, path: str = "config") -> None:
     """Check a `class:` dict and every `class:` dict nested in it without building anything: classes, argument
     names and value types. Missing arguments are left to `build`, since some are derived or given at run time."""
-    if not isinstance(config, dict) or "class" not in config:
-        raise ConfigError(f"config key `{path}` must be a mapping with a `class:` entry.")
-    cls = resolve(config["class"], path)
-    given = {k: v for k, v in config.items() if k != "class"}
+    cls, given = _class_and_arguments(config, path)
     check_arguments(cls, given, path, missing=False)
     for key, value in given.items():
-        for sub, item in _nested(value, f"{path}.{key}"):
-            check(item, sub)
-
-
-def _nested(value: Any, path: str):
-    """(path, dict) of every `class:` dict in a config value, outermost first."""
-    if isinstance(value, dict) and "class" in value:
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _nested(item, f"{path}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from _nested(item, f"{path}[{i}]")
+        _map_classes(value, f"{path}.{key}", check)
 
 
 def build(config: Dict[str, Any], path: str = "config", **runtime: Any) -> Any:
@@ -236,12 +229,9 @@ def build(config: Dict[str, Any], path: str = "config", **runtime: Any) -> Any:
         path: where the dict sits in the config file, for error messages (e.g. `task.model`).
         runtime: arguments known only at run time (parameters, task lists); they override the config.
     """
-    if not isinstance(config, dict) or "class" not in config:
-        raise ConfigError(f"config key `{path}` must be a mapping with a `class:` entry.")
-    cls = resolve(config["class"], path)
-    given = {k: v for k, v in config.items() if k != "class"}
+    cls, given = _class_and_arguments(config, path)
     check_arguments(cls, {**given, **runtime}, path, supplied=tuple(runtime))
-    kwargs = {k: _build_value(v, f"{path}.{k}") for k, v in given.items()}
+    kwargs = {k: _map_classes(v, f"{path}.{k}", build) for k, v in given.items()}
     kwargs.update(runtime)
     try:
         return cls(**kwargs)
