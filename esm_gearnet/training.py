@@ -66,12 +66,17 @@ def setup_logging(run_dir: Optional[Path]) -> None:
         log.addHandler(handler)
 
 
+def resumed_run_dir(resume: str) -> Path:
+    """The run directory that --resume names (the directory, or the folder of a checkpoint file in it)."""
+    path = Path(os.path.expanduser(resume))
+    return path.parent if path.is_file() else path
+
+
 def make_run_dir(cfg, resume: Optional[str]) -> Path:
     """output_dir/Task/Dataset/Model/time, created by rank 0 and broadcast (no working-directory race);
     the resumed run's own directory when resuming."""
     if resume is not None:
-        path = Path(os.path.expanduser(resume))
-        return path.parent if path.is_file() else path
+        return resumed_run_dir(resume)
     name = None
     if distributed.rank() == 0:
         base = Path(os.path.expanduser(str(cfg.get("output_dir") or "output")))
@@ -205,8 +210,7 @@ def config_file(args) -> Optional[str]:
     """-c CONFIG, else the config.yaml of the run that --resume names (None without either)."""
     if args.config or not args.resume:
         return args.config
-    run_dir = Path(os.path.expanduser(args.resume))
-    run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    run_dir = resumed_run_dir(args.resume)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} holds no config.yaml, so it is not a run directory of this framework; "
                           "give --resume a run directory, or the config with -c CONFIG.")
