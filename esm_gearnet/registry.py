@@ -214,9 +214,13 @@ def _is_number(text: str) -> bool:
 
 def check(config: Any, path: str = "config") -> None:
     """Check a `class:` dict and every `class:` dict nested in it without building anything: classes, argument
-    names and value types. Missing arguments are left to `build`, since some are derived or given at run time."""
+    names and value types. Missing arguments are left to `build`, since some are derived or given at run time.
+    A class with a `check_config(arguments)` classmethod checks there, too, what its constructor would refuse
+    only after a long wait (ESM: that its weights are there)."""
     cls, given = _class_and_arguments(config, path)
     check_arguments(cls, given, path, missing=False)
+    if hasattr(cls, "check_config"):
+        _refusals_named(cls, path, lambda: cls.check_config(given))
     for key, value in given.items():
         _map_classes(value, f"{path}.{key}", check)
 
@@ -233,9 +237,15 @@ def build(config: Dict[str, Any], path: str = "config", **runtime: Any) -> Any:
     check_arguments(cls, {**given, **runtime}, path, supplied=tuple(runtime))
     kwargs = {k: _map_classes(v, f"{path}.{k}", build) for k, v in given.items()}
     kwargs.update(runtime)
+    return _refusals_named(cls, path, lambda: cls(**kwargs))
+
+
+def _refusals_named(cls, path: str, call: Callable[[], Any]) -> Any:
+    """call(), a ValueError of it (a value the class refuses: a negative lr, a factor above 1, ...) as one
+    ConfigError naming the key."""
     try:
-        return cls(**kwargs)
+        return call()
     except ConfigError:
         raise
-    except ValueError as error:  # a value the constructor refuses (a negative lr, a factor above 1, ...)
+    except ValueError as error:
         raise ConfigError(f"config key `{path}`: {cls.__name__} refuses its arguments: {error}") from None

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,15 +72,21 @@ def build_esm2(num_layers: int, embed_dim: int, attention_heads: int, token_drop
     return model, alphabet
 
 
-def load_esm_model(path: str, stem: str):
-    """Model and alphabet from `<path>/<stem>.pt` in fair-esm's format (the contact-regression file optional)."""
-    import esm
-
+def _fair_esm_file(path: str, stem: str) -> str:
+    """`<path>/<stem>.pt`, or one sentence saying where to download it."""
     file = os.path.join(os.path.expanduser(str(path)), stem + ".pt")
     if not os.path.isfile(file):
         url = URL.format(stem)
         raise WeightError(f"ESM weights {stem}.pt not found in {os.path.dirname(file) or '.'}; download {url} "
                           f"into that folder (or set `path:`), or set `pretrained: false` for random weights.")
+    return file
+
+
+def load_esm_model(path: str, stem: str):
+    """Model and alphabet from `<path>/<stem>.pt` in fair-esm's format (the contact-regression file optional)."""
+    import esm
+
+    file = _fair_esm_file(path, stem)
     try:
         model_data = load_esm_checkpoint(file)
     except Exception as error:  # a damaged or non-checkpoint file
@@ -98,6 +105,51 @@ def load_esm_model(path: str, stem: str):
             regression_data = {"model": {"contact_head.regression.weight": torch.zeros(1, layers * heads),
                                          "contact_head.regression.bias": torch.zeros(1)}}
         return esm.pretrained.load_model_and_alphabet_core(stem, model_data, regression_data)
+
+
+def weight_source(path: Optional[str], model: Optional[str], pretrained: bool,
+                  architecture: Optional[Tuple[int, int, int]]) -> Tuple[str, Optional[str], Optional[str]]:
+    """Where the weights of `ESM(path, model, pretrained, architecture)` come from, found without reading them:
+    ("random", fair-esm model name or None for `architecture`, None), ("hugging face", folder, None) or
+    ("fair-esm", folder, file stem). Raises the constructor's one sentence for weights that are not there (also
+    called when a config is checked, before anything is built or downloaded)."""
+    if architecture is not None:
+        if pretrained:
+            raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
+        return "random", None, None
+    if pretrained and _reads_hugging_face(path, model):
+        return "hugging face", path, None
+    if model is None and pretrained and path is not None:
+        stem = ARCHITECTURES[DEFAULT_MODEL][0]
+        folder = os.path.expanduser(str(path))
+        if not os.path.isdir(folder):
+            raise WeightError(f"ESM: the folder {folder} given as `path` does not exist; point `path` at a "
+                              "Hugging Face ESM checkpoint folder or a folder of fair-esm .pt files.")
+        if not os.path.isfile(os.path.join(folder, stem + ".pt")):
+            raise WeightError(f"ESM: {folder} holds neither a Hugging Face ESM checkpoint (config.json) nor "
+                              f"{stem}.pt, the fair-esm file of the default `model: {DEFAULT_MODEL}`; point "
+                              f"`path` at a folder with one of them (download {URL.format(stem)}), or set "
+                              "`pretrained: false` for random weights.")
+        return "fair-esm", path, stem
+    model = DEFAULT_MODEL if model is None else model
+    if model in ARCHITECTURES or not pretrained:
+        if model not in ARCHITECTURES:
+            raise ValueError(f"ESM: unknown model {model!r}; choose one of {', '.join(ARCHITECTURES)}.")
+        stem = ARCHITECTURES[model][0]
+        if not pretrained:
+            if model == "ESM-1b":
+                raise ValueError("ESM: random weights are built for ESM-2 models only; use an ESM-2 name.")
+            return "random", model, None
+        if path is None:
+            raise WeightError(f"ESM: no `path` given for the {model} weights; set `path:` to the folder "
+                              f"holding {stem}.pt (download {URL.format(stem)}) or to a Hugging Face ESM "
+                              "checkpoint folder, or `pretrained: false`.")
+    else:
+        if path is None:
+            raise WeightError(f"ESM: no `path` given for the checkpoint {model!r}.")
+        stem = model
+    _fair_esm_file(path, stem)
+    return "fair-esm", path, stem
 
 
 def _reads_hugging_face(path: Optional[str], model: Optional[str]) -> bool:
@@ -417,6 +469,14 @@ class ESM(Encoder):
 
     group = "sequence_model"
 
+    @classmethod
+    def check_config(cls, arguments: Dict[str, Any]) -> None:
+        """Before anything is built (`registry.check`): the weights the arguments name are there."""
+        given = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if p.default is not p.empty}
+        given.update(arguments)
+        weight_source(given["path"], given["model"], given["pretrained"], given["architecture"])
+
     def __init__(self, path: Optional[str] = None, model: Optional[str] = None, readout: str = "mean",
                  pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
                  architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
@@ -436,42 +496,13 @@ class ESM(Encoder):
         if vocabulary is not None and vocabulary not in VOCABULARIES:
             raise ValueError(f"ESM: unknown vocabulary {vocabulary!r}; choose one of {', '.join(VOCABULARIES)}.")
         random_alphabet = VOCABULARIES[vocabulary]() if vocabulary is not None and not pretrained else None
-        if architecture is not None:
-            if pretrained:
-                raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
-            esm_model, alphabet = build_esm2(*architecture, alphabet=random_alphabet)
-        elif pretrained and _reads_hugging_face(path, model):
-            esm_model, alphabet = _load_hugging_face(path, model)
-        elif model is None and pretrained and path is not None:
-            stem = ARCHITECTURES[DEFAULT_MODEL][0]
-            folder = os.path.expanduser(str(path))
-            if not os.path.isdir(folder):
-                raise WeightError(f"ESM: the folder {folder} given as `path` does not exist; point `path` at a "
-                                  "Hugging Face ESM checkpoint folder or a folder of fair-esm .pt files.")
-            if not os.path.isfile(os.path.join(folder, stem + ".pt")):
-                raise WeightError(f"ESM: {folder} holds neither a Hugging Face ESM checkpoint (config.json) nor "
-                                  f"{stem}.pt, the fair-esm file of the default `model: {DEFAULT_MODEL}`; point "
-                                  f"`path` at a folder with one of them (download {URL.format(stem)}), or set "
-                                  "`pretrained: false` for random weights.")
-            esm_model, alphabet = load_esm_model(path, stem)
-        elif (model := DEFAULT_MODEL if model is None else model) in ARCHITECTURES or not pretrained:
-            if model not in ARCHITECTURES:
-                raise ValueError(f"ESM: unknown model {model!r}; choose one of {', '.join(ARCHITECTURES)}.")
-            stem, layers, dim, heads = ARCHITECTURES[model]
-            if pretrained:
-                if path is None:
-                    raise WeightError(f"ESM: no `path` given for the {model} weights; set `path:` to the folder "
-                                      f"holding {stem}.pt (download {URL.format(stem)}) or to a Hugging Face ESM "
-                                      "checkpoint folder, or `pretrained: false`.")
-                esm_model, alphabet = load_esm_model(path, stem)
-            elif model == "ESM-1b":
-                raise ValueError("ESM: random weights are built for ESM-2 models only; use an ESM-2 name.")
-            else:
-                esm_model, alphabet = build_esm2(layers, dim, heads, alphabet=random_alphabet)
+        kind, where, stem = weight_source(path, model, pretrained, architecture)
+        if kind == "random":
+            esm_model, alphabet = build_esm2(*(architecture or ARCHITECTURES[where][1:]), alphabet=random_alphabet)
+        elif kind == "hugging face":
+            esm_model, alphabet = _load_hugging_face(where, model)
         else:
-            if path is None:
-                raise WeightError(f"ESM: no `path` given for the checkpoint {model!r}.")
-            esm_model, alphabet = load_esm_model(path, model)
+            esm_model, alphabet = load_esm_model(where, stem)
         if vocabulary is not None and list(alphabet.all_toks) != list(VOCABULARIES[vocabulary]().all_toks):
             raise WeightError(f"ESM: `vocabulary: {vocabulary}` was asked for, but the weights loaded from {path} "
                               f"have another vocabulary ({len(alphabet.all_toks)} tokens); point `path` at a "

@@ -122,6 +122,10 @@ def test_download_error_is_one_sentence(cli, tmp_path, monkeypatch):
     config = yaml.safe_load(render_config(EC))
     config.update(output_dir=str(tmp_path / "runs"))
     config["dataset"]["path"] = str(tmp_path / "data")
+    # random ESM weights: the ESM-2-650M file is absent here, and missing weights are refused before a download
+    model = config["task"]["model"]
+    model["sequence_model"].update(pretrained=False, architecture=[1, 32, 4])
+    model["structure_model"].pop("input_dim")
     (tmp_path / "ec.yaml").write_text(yaml.safe_dump(config))
     code, _, err = cli("downstream", "-c", tmp_path / "ec.yaml")
     err = err.splitlines()[-1]  # after the log lines of the run
@@ -131,6 +135,28 @@ def test_download_error_is_one_sentence(cli, tmp_path, monkeypatch):
     # the run directory was made (the config is valid): its log.txt ends with the same sentence
     logs = list((tmp_path / "runs").rglob("log.txt"))
     assert len(logs) == 1 and logs[0].read_text().splitlines()[-1].endswith(err.strip())
+
+
+def test_missing_language_model_weights_are_found_before_anything_is_made(cli, tmp_path, monkeypatch):
+    """The real EC config names ESM-2-650M's file, absent here: one sentence before any download or run
+    directory, not after preprocessing the dataset."""
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise AssertionError("a download was tried")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    config = yaml.safe_load(render_config(EC))
+    config.update(output_dir=str(tmp_path / "runs"))
+    config["dataset"]["path"] = str(tmp_path / "data")
+    config["task"]["model"]["sequence_model"]["path"] = str(tmp_path / "weights")
+    (tmp_path / "ec.yaml").write_text(yaml.safe_dump(config))
+    code, _, err = cli("downstream", "-c", tmp_path / "ec.yaml")
+    assert code == 2
+    assert err.strip() == (f"error: ESM weights esm2_t33_650M_UR50D.pt not found in {tmp_path / 'weights'}; download "
+                           "https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t33_650M_UR50D.pt into that folder "
+                           "(or set `path:`), or set `pretrained: false` for random weights."), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ec.yaml"]
 
 
 def _demo(tmp_path, **changes):
