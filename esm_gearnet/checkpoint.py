@@ -31,16 +31,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
-import socket
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from .writing import remove_leftovers, replacing  # noqa: F401 - the checkpoints' writer, also used from here
 
 logger = logging.getLogger("esm_gearnet")
 FORMAT = "esm_gearnet.checkpoint/2"  # /2: a digest in every file
@@ -106,70 +104,10 @@ def digest(content: Dict[str, Any]) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
-# ---- files --------------------------------------------------------------------------------------------------
-def _temporary_prefix(path: Path) -> str:
-    """`.NAME.PID@HOST.`: a temporary file beside NAME, named after its writer (see `remove_leftovers`)."""
-    return f".{path.name}.{os.getpid()}@{socket.gethostname()}."
-
-
-# `.NAME.PID@HOST.xxxxxxxx` (mkstemp's 8 characters); `.NAME.xxxxxxxx` from versions without PID@HOST
-_TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(?:(?P<pid>\d+)@(?P<host>.+)\.)?[a-z0-9_]{8}")
-
-
-def _writer_is_gone(pid: Optional[str], host: Optional[str]) -> bool:
-    if pid is None:  # an older version's temporary file
-        return True
-    if host != socket.gethostname():
-        return False  # a process of another machine sharing this folder: it cannot be asked
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: alive, another user's
-        pass
-    return False
-
-
-def remove_leftovers(path) -> List[Path]:
-    """Removes the temporary files that `save_atomic` (or `replacing`) left when its process was killed: those
-    beside the file `path`, or every one of `.pth`/`.pt` files in the folder `path`, whose writer no longer runs.
-
-    Returns:
-        the files removed.
-    """
-    path = Path(path)
-    folder, name = (path, None) if path.is_dir() else (path.parent, path.name)
-    removed = []
-    for candidate in folder.glob(f".{name or '*'}.*"):
-        match = _TEMPORARY.fullmatch(candidate.name)
-        ours = match and (match["name"] == name if name else match["name"].endswith((".pth", ".pt")))
-        if ours and candidate.is_file() and _writer_is_gone(match["pid"], match["host"]):
-            candidate.unlink(missing_ok=True)
-            removed.append(candidate)
-    if removed:
-        logger.info("removed %d temporary file(s) left by a killed writer: %s", len(removed),
-                    ", ".join(str(p) for p in removed))
-    return removed
-
-
-@contextmanager
-def replacing(path) -> Iterator[Path]:
-    """A temporary file beside `path` that replaces `path` when the block ends (and is removed if it raises):
-    a killed writer leaves the old file, and a temporary file that `remove_leftovers` removes later."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
+# ---- files ----------------------------------------------------------------------------------------------------
 def save_atomic(content: Dict[str, Any], path) -> None:
-    """torch.save of `content` with its `digest` added, written atomically (see `replacing`)."""
+    """torch.save of `content` with its `digest` added, written atomically (`writing.replacing`: a full disk is one
+    sentence, and the previous file stays whole)."""
     sealed = {k: v for k, v in content.items() if k != DIGEST}
     sealed[DIGEST] = digest(sealed)
     with replacing(path) as temporary:

@@ -9,9 +9,11 @@ from typing import Tuple, Type
 def user_errors() -> Tuple[Type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets.download import DownloadError
+    from .writing import OutputError
 
-    # ConfigError, StructureError and the datasets' refusals are ValueErrors
-    return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError
+    # ConfigError, StructureError and the datasets' refusals are ValueErrors; OutputError: a full disk, a
+    # read-only location, another writer
+    return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError, OutputError
 
 
 def fault_errors() -> Tuple[Type[BaseException], ...]:

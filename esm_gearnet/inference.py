@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from easydict import EasyDict
 
-from . import checkpoint
+from . import checkpoint, writing
 from .assembly import build_encoder, build_task, model_config, runtime_task_list
 from .config import apply_overrides, load_config
 from .data import ProteinBatch, collate, load_structures
@@ -62,8 +62,7 @@ def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
 
 
 def write_skipped(output: Path, skipped: Sequence[Tuple[str, str]]) -> None:
-    report = output.with_name(output.name + ".skipped.tsv")
-    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    report = writing.write_skipped(output, skipped)
     if skipped:
         logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
 
@@ -119,11 +118,12 @@ def _device(device: Optional[str]) -> torch.device:
 
 
 def output_file(path, example: str) -> Path:
-    """`-o PATH` as a Path, refused at once (before any work) when it names a directory."""
+    """`-o PATH` as a Path, refused at once (before any work) when it names a directory or a location that takes
+    no file (read-only, full: `writing.writable`)."""
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir():
         raise ValueError(f"-o {path} is a directory; name the file to write, e.g. {path / example}.")
-    return path
+    return writing.writable(path)
 
 
 # ---- embeddings ---------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def save_embeddings(path: Path, records: Dict) -> None:
         raise ValueError(f"{path}: choose an output ending in {', '.join(FORMATS)}.")
     residue = records.get("residue_embedding")
     if path.suffix == ".pt":
-        with checkpoint.replacing(path) as temporary:
+        with writing.replacing(path) as temporary:
             torch.save(records, temporary)
         return
     arrays = {key: np.asarray(records[key], dtype=str) for key in ("ids", "files", "chains", "sequences")}
@@ -187,7 +187,7 @@ def save_embeddings(path: Path, records: Dict) -> None:
         except ImportError:
             raise ImportError("writing .h5 needs h5py (pip install h5py); or write .npz or .pt.") from None
     # a temporary file, then renamed: a killed or failed write leaves the previous file (what --resume reads) whole
-    with checkpoint.replacing(path) as temporary:
+    with writing.replacing(path) as temporary:
         if path.suffix == ".npz":
             with open(temporary, "wb") as handle:
                 np.savez(handle, **arrays)
@@ -247,7 +247,14 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
     output = output_file(output, "embeddings.npz")
     if output.suffix not in FORMATS:
         raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
-    checkpoint.remove_leftovers(output)
+    with writing.output_lock(output):  # a second embed into the same file is refused: nothing is lost
+        checkpoint.remove_leftovers(output)
+        return _embed(inputs, output, config, ckpt, per_residue, resume, workers, device, max_residues, progress,
+                      variables, overrides)
+
+
+def _embed(inputs, output, config, ckpt, per_residue, resume, workers, device, max_residues, progress, variables,
+           overrides) -> Tuple[int, List[Tuple[str, str]]]:
     cfg, state = load_run(config, ckpt, variables, overrides)
     encoder = load_encoder(cfg, state, str(ckpt))
     options = embedding_options(cfg, encoder, per_residue)
@@ -262,6 +269,9 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
                          "write to a new file, or leave out --resume to start it anew.")
     done = set(previous["files"]) if previous is not None else set()
     proteins, kept, skipped = read_inputs(inputs, workers, progress, exclude=done)
+    # the file's size is known now (floats of the embeddings, before the work): is there room for it?
+    rows = len(proteins) + (sum(p.num_residue for p in proteins) if per_residue else 0)
+    writing.writable(output, need_bytes=4 * encoder.output_dim * rows)
     embedding, residue = embed_proteins(encoder, proteins, per_residue, device, max_residues, progress)
     records = {"ids": [p.name for p in proteins], "files": kept, "chains": [",".join(p.chain_ids) for p in proteins],
                "sequences": [p.sequence for p in proteins], "embedding": embedding}
@@ -284,6 +294,15 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
                 overrides: Sequence = ()) -> Tuple[int, List[Tuple[str, str]]]:
     """Predict with a trained task; one CSV row per protein. Returns (proteins predicted, skipped)."""
     output = output_file(output, "predictions.csv")
+    if scores:
+        scores = output_file(scores, "scores.npz")
+    with writing.output_lock(output):  # a second predict into the same file is refused: nothing is lost
+        return _predict(inputs, output, ckpt, config, threshold, top, scores, workers, device, max_residues, progress,
+                        variables, overrides)
+
+
+def _predict(inputs, output, ckpt, config, threshold, top, scores, workers, device, max_residues, progress, variables,
+             overrides) -> Tuple[int, List[Tuple[str, str]]]:
     cfg, state = load_run(config, ckpt, variables, overrides)
     if not checkpoint.is_packed(state):
         raise ValueError(f"{ckpt} holds no prediction head; predict needs a fine-tuning run directory or its "
@@ -316,8 +335,7 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
         for k, i in enumerate(batch_index):
             values[i] = pred[k]
     matrix = torch.stack(values) if values else torch.zeros(0, len(names))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as handle:
+    with writing.replacing(output) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         if multilabel:
             writer.writerow(["id", "file", "chains", "length", "top_terms", f"terms_above_{threshold:g}"])
@@ -332,7 +350,8 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
                 writer.writerow([protein.name, file, ",".join(protein.chain_ids), protein.num_residue,
                                  *[f"{v:.6g}" for v in row.tolist()]])
     if scores:
-        np.savez(scores, ids=np.asarray([p.name for p in proteins], dtype=str), files=np.asarray(kept, dtype=str),
-                 terms=np.asarray(names, dtype=str), scores=matrix.numpy())
+        with writing.replacing(scores) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, ids=np.asarray([p.name for p in proteins], dtype=str),
+                     files=np.asarray(kept, dtype=str), terms=np.asarray(names, dtype=str), scores=matrix.numpy())
     write_skipped(output, skipped)
     return len(proteins), skipped

@@ -92,7 +92,10 @@ def plot_runs(run_dirs: Sequence, path=None, names: Sequence[str] = None):
     else:
         figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=100)
+        from . import writing
+
+        with writing.replacing(path) as temporary:  # the temporary file has no suffix: name the format
+            figure.savefig(temporary, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
     return figure
 
 

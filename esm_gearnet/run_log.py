@@ -7,7 +7,8 @@ others (the final summary {"final": ...}) go to the history, the log and metrics
 ===============  ==============================================================================================
 output           written
 ===============  ==============================================================================================
-metrics.jsonl    one line per record, appended (the source of curves.png and `script/report.py`)
+metrics.jsonl    one line per record, appended and flushed a record at a time (the source of curves.png and
+                 `script/report.py`; a torn last line, from a crash while appending, is skipped by its readers)
 curves.png       redrawn from metrics.jsonl after every per-epoch record (`report.write_curves`)
 events.out.*     TensorBoard scalars "<split>/<metric>" at step = epoch; the writer is opened at the first
                  per-epoch record (so a run that trains nothing leaves no events file); optional: without
@@ -25,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import report
+from . import report, writing
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -70,8 +71,7 @@ class RunLog:
         logger.info("%s", format_record(record))
         if self.run_dir is None:
             return
-        with open(self.metrics_file, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        writing.append_line(self.metrics_file, json.dumps(record))
         if "epoch" not in record:
             return
         try:
@@ -115,7 +115,7 @@ class RunLog:
         path = self.metrics_file
         current = path.read_text() if path.is_file() else ""
         if content != current:
-            path.write_text(content)
+            writing.write_atomic(path, content)
 
     def _tensorboard(self):
         """The SummaryWriter, opened on first use; None without the tensorboard package."""

@@ -11,7 +11,7 @@ import random
 import sys
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, writing
 from .assembly import build_task, optimizer_groups, runtime_task_list
 from .arguments import base_parser, parse_args
 from .config import ConfigError, load_config, plain
@@ -90,6 +90,8 @@ def make_run_dir(cfg, resume: Optional[str]) -> Path:
                 break
             except FileExistsError:
                 continue
+            except OSError as error:  # the location was checked before the work; it changed since
+                raise writing.refusal(candidate, error) from None
     return Path(distributed.broadcast_object(name))
 
 
@@ -171,15 +173,21 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         checkpoint.present(checkpoint.locate(weights))
     if resume:
         checkpoint.present(resume_file(resume))
-    distributed.init((cfg.get("engine") or {}).get("timeout", distributed.DEFAULT_TIMEOUT))
-    run_dir = None
+    run_dir, lock = None, ExitStack()  # the ranks of a run share rank 0's lock: a second run there is refused
     try:
+        if distributed.rank() == 0:  # a read-only or full location is found before any work, not at the first save
+            writing.writable_folder(resumed_run_dir(resume) if resume else cfg.get("output_dir") or "output")
+            if resume:
+                lock.enter_context(writing.output_lock(resumed_run_dir(resume), what="run directory"))
+        distributed.init((cfg.get("engine") or {}).get("timeout", distributed.DEFAULT_TIMEOUT))
         run_dir = make_run_dir(cfg, resume)
+        if distributed.rank() == 0 and not resume:
+            lock.enter_context(writing.output_lock(run_dir, what="run directory"))
         # a resumed run's log.txt is appended to once it has work to do (`setup_logging(run_dir)` again): a
         # resume that finds the run finished changes no file
         setup_logging(run_dir if resume is None else None)
         if distributed.rank() == 0 and resume is None:  # the config as run: rendered, overrides applied
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
+            writing.write_atomic(run_dir / "config.yaml", yaml.safe_dump(plain(cfg), sort_keys=False))
         elif distributed.rank() == 0 and run_dir.is_dir():
             checkpoint.remove_leftovers(run_dir)  # what a killed run was writing: .last.pth.PID@HOST.xxxxxxxx
         logger.info("config %s, run directory %s, %d process(es)", source, run_dir, distributed.world_size())
@@ -187,9 +195,11 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         yield args, cfg, run_dir, resume
     except BaseException as error:
         _log_error(run_dir, error)
+        lock.close()
         if not isinstance(error, distributed.StalledError):  # with a peer gone, leaving the group can wait forever
             distributed.shutdown(wait=False)
         raise
+    lock.close()
     distributed.shutdown()
 
 
@@ -202,8 +212,10 @@ def _log_error(run_dir: Optional[Path], error: BaseException) -> None:
         text = f"error: {error}\n"
     else:
         text = "".join(traceback.format_exception(error))
-    with open(Path(run_dir) / "log.txt", "a") as handle:
-        handle.write(f"{time.strftime('%H:%M:%S')} {text}")
+    try:
+        writing.append_line(Path(run_dir) / "log.txt", f"{time.strftime('%H:%M:%S')} {text}")
+    except writing.OutputError:  # the disk that ended the run may not take this line either: stderr has it
+        pass
 
 
 def config_file(args) -> Optional[str]:

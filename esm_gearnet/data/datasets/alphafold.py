@@ -21,6 +21,7 @@ from typing import Literal, Optional
 
 import torch
 
+from ... import writing
 from ...registry import register
 from .base import StructureDataset
 from .cache import load_or_build
@@ -53,7 +54,7 @@ def structure_members(archive: Path) -> list:
         return listing.read_text().split()
     with tarfile.open(archive) as handle:
         names = sorted(m.name for m in handle.getmembers() if m.isfile() and m.name.endswith(".pdb.gz"))
-    listing.write_text("\n".join(names) + "\n")
+    writing.write_atomic(listing, "\n".join(names) + "\n")
     return names
 
 

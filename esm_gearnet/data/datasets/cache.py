@@ -28,6 +28,7 @@ import torch
 
 from ..io import load_structures
 from ..protein import OPTIONAL_RESIDUE_FIELDS, RESIDUE_FIELDS, Protein
+from ... import writing
 from ...checkpoint import CheckpointError, load, remove_leftovers, save_atomic
 
 logger = logging.getLogger("esm_gearnet")
@@ -134,10 +135,14 @@ class PackedProteins:
 def cached(cache_file: Path, key: str, build: Callable[[], Dict], check: Callable[[Dict], None]) -> Dict:
     """The state saved in `cache_file` under `key`, or `build()` saved there atomically and returned.
 
+    Another process building the same cache holds its lock (`CACHE.lock`): this one waits, saying so, and then
+    reads what it wrote.
+
     Args:
         key: what the cache was made from (`cache_key`): a file of another key is rebuilt.
         check: raises ValueError naming what does not fit in a loaded state of the right key, which is then
             rebuilt (its digest matched, but it was written by a faulty or tampering writer).
+
     Raises:
         CheckpointError: `cache_file` is a directory (never removed here).
     """
@@ -145,29 +150,30 @@ def cached(cache_file: Path, key: str, build: Callable[[], Dict], check: Callabl
     if cache_file.is_dir():
         raise CheckpointError(f"the cache path {cache_file} is a directory; move it away (or delete it) so the "
                               "preprocessed cache can be written there.")
-    remove_leftovers(cache_file)
-    if cache_file.exists():
-        try:
-            state = load(cache_file, mmap=True, what="cache", advice="rebuilding it")
-            if state.get("format") == FORMAT and state.get("key") == key:
-                try:
-                    check(state)
-                    return state
-                except (ValueError, TypeError, KeyError) as error:
-                    logger.warning("cache %s is inconsistent (%s); rebuilding it.", cache_file, error)
-            else:
-                logger.info("cache %s was made from other inputs, options or version: rebuilding it", cache_file)
-        except CheckpointError as error:
-            logger.warning("%s", error)
-    state = dict(build(), format=FORMAT, key=key)
-    save_atomic(state, cache_file)
-    return state
+    # two builds of one cache (two runs, the ranks of one run): the second waits for the first, then reads its file
+    with writing.output_lock(cache_file, wait=True, what="dataset cache"):
+        remove_leftovers(cache_file)
+        if cache_file.exists():
+            try:
+                state = load(cache_file, mmap=True, what="cache", advice="rebuilding it")
+                if state.get("format") == FORMAT and state.get("key") == key:
+                    try:
+                        check(state)
+                        return state
+                    except (ValueError, TypeError, KeyError) as error:
+                        logger.warning("cache %s is inconsistent (%s); rebuilding it.", cache_file, error)
+                else:
+                    logger.info("cache %s was made from other inputs, options or version: rebuilding it", cache_file)
+            except CheckpointError as error:
+                logger.warning("%s", error)
+        state = dict(build(), format=FORMAT, key=key)
+        save_atomic(state, cache_file)
+        return state
 
 
 def write_skipped(cache_file: Path, skipped: Sequence[Tuple[str, str]], total: int, what: str = "structure files"):
     """Lists the skipped inputs with their reasons in `<cache>.skipped.tsv` (empty when none was skipped)."""
-    report = Path(cache_file).with_name(Path(cache_file).name + ".skipped.tsv")
-    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    report = writing.write_skipped(cache_file, skipped)
     if skipped:
         logger.warning("%d of %d %s could not be read and were skipped; see %s", len(skipped), total, what, report)
 
