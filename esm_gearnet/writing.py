@@ -15,7 +15,7 @@ function            what it does
 `writable(path)`    a test write beside `path` (and, given a size, the free space): the location is refused before
                     the work, not after it. On this project's machines the tests run as root, where permission
                     bits stop nothing: only a real write says whether a location takes files
-`output_lock(path)` `filelock` on `PATH.lock`: a second command writing the same output is refused in one sentence;
+`output_lock(path)` `filelock` on `.NAME.lock` beside a file, `.lock` inside a folder: a second command writing the same output is refused in one sentence;
                     `wait=True` waits for the first instead (a dataset cache that two runs build). The locks are
                     advisory: processes of this framework respect them, and on network file systems (NFS, SMB)
                     they hold only where the file system implements `flock`
@@ -242,7 +242,9 @@ def writable_folder(folder) -> Path:
 
 @contextmanager
 def output_lock(path, wait: bool = False, what: str = "output") -> Iterator[None]:
-    """Holds the advisory lock `PATH.lock` (for a folder: `FOLDER/.lock`) while the block runs.
+    """Holds the advisory lock `.NAME.lock` beside the file `path` (in a folder: `FOLDER/.lock`) while the block
+    runs. The empty lock file stays when the block ends: removing it would let a process that opened it meanwhile
+    hold a lock on a file that no longer exists, beside a newcomer holding one on a new file.
 
     Args:
         wait: wait for another holder (saying so) instead of refusing.
@@ -252,7 +254,7 @@ def output_lock(path, wait: bool = False, what: str = "output") -> Iterator[None
     import filelock
 
     path = Path(os.path.expanduser(str(path)))
-    lock_file = path / ".lock" if path.is_dir() else path.with_name(path.name + ".lock")
+    lock_file = path / ".lock" if path.is_dir() else path.with_name(f".{path.name}.lock")
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -222,7 +222,7 @@ def test_a_second_writer_of_an_output_is_refused(trained, tmp_path, cli, command
     with writing.output_lock(out):  # the first command, still writing
         code, _, err = cli(command, "--ckpt", trained, *_inputs(), "-o", out, "--quiet",
                            *(["--resume"] if command == "embed" else []))
-    assert code == 2 and err == (f"error: another command is writing the output {out} (it holds {out}.lock); wait "
+    assert code == 2 and err == (f"error: another command is writing the output {out} (it holds {out.parent / ('.' + out.name + '.lock')}); wait "
                                  "for it to finish, or write elsewhere.\n")
     assert _hashes(tmp_path) == before
 

@@ -290,7 +290,8 @@ def test_embed_resume_on_an_unreadable_file_changes_nothing(cli, tmp_path, struc
     assert err.startswith(f"error: {output} cannot be read as an embedding file (") and err.endswith(
         "): it is truncated or damaged, or was not written by embed; it was left as it is: write to a new file, or "
         "leave out --resume to write it anew.\n"), err
-    assert output.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(["gearnet.yaml", name])
+    assert output.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["gearnet.yaml", name, f".{name}.lock"])  # the lock embed held on its output (`writing.output_lock`)
 
 
 # ---- the preprocessing cache ----------------------------------------------------------------------------------
@@ -403,4 +404,4 @@ def test_temporary_files_of_a_killed_cache_writer_are_removed(structures, killed
     left = Path(shutil.copy(killed["cache.pt"], tmp_path))
     load_or_build(structures, tmp_path / "cache.pt", workers=0, progress=False)
     assert not left.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
-        "cache.pt", "cache.pt.skipped.tsv", "in"]
+        ".cache.pt.lock", "cache.pt", "cache.pt.skipped.tsv", "in"]
