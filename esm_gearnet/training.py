@@ -60,10 +60,21 @@ def setup_logging(run_dir: Optional[Path]) -> None:
     form = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None and distributed.rank() == 0:
-        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+        handlers.append(_LogFile(run_dir / "log.txt"))
     for handler in handlers:
         handler.setFormatter(form)
         log.addHandler(handler)
+
+
+class _LogFile(logging.FileHandler):
+    """log.txt, flushed after every record (as `logging.FileHandler`); when the disk stops taking lines, one warning
+    on stderr instead of a traceback per record (the command's own sentence follows when an output fails)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "failed", False):
+            self.failed = True
+            print(f"warning: {self.baseFilename} cannot be written any more ({sys.exc_info()[1]}); the log goes to "
+                  "stderr only.", file=sys.stderr)
 
 
 def resumed_run_dir(resume: str) -> Path:

@@ -276,3 +276,20 @@ def test_the_atomic_writer_keeps_the_old_file_on_any_failure(tmp_path, monkeypat
     with pytest.raises(writing.OutputError, match="the quota holding it is full"):
         writing.write_atomic(path, "new")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_log_that_stops_taking_lines_warns_once(tmp_path, capsys):
+    from esm_gearnet.training import _LogFile
+
+    handler = _LogFile(tmp_path / "log.txt")
+    handler.stream.write = lambda text: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    log = logging.getLogger("esm_gearnet.test_log_file")
+    log.addHandler(handler)
+    try:
+        for line in ("one", "two", "three"):
+            log.warning(line)
+    finally:
+        log.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err == (f"warning: {tmp_path / 'log.txt'} cannot be written any more ([Errno 28] No space left on device); "
+                   "the log goes to stderr only.\n")
