@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -21,7 +22,7 @@ from . import checkpoint
 from .assembly import build_encoder, build_task, model_config, runtime_task_list
 from .config import apply_overrides, load_config
 from .data import ProteinBatch, collate, load_structures
-from .data.io import is_structure_file
+from .data.inputs import collect_inputs
 from .models import Encoder
 from .registry import build, resolve
 from .tasks import MultipleBinaryClassification, PropertyPrediction
@@ -31,27 +32,6 @@ FORMATS = (".npz", ".pt", ".h5")
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
-def collect_inputs(inputs: Sequence) -> Tuple[List[Path], List[Tuple[str, str]]]:
-    """(structure files in the order given, [(input, reason)] for inputs that are neither). A folder gives its
-    structure files (recursively, sorted); any other file is read as a list of paths, one per line."""
-    files, problems = [], []
-    for item in inputs:
-        path = Path(os.path.expanduser(str(item)))
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p)))
-        elif is_structure_file(path):
-            files.append(path)  # a missing file is reported by the parser, with the others
-        elif path.is_file():
-            listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            sub_files, sub_problems = collect_inputs([Path(line) if Path(line).is_absolute() else path.parent / line
-                                                      for line in listed])
-            files.extend(sub_files)
-            problems.extend(sub_problems)
-        else:
-            problems.append((str(item), f"{item}: no such file or folder."))
-    return files, problems
-
-
 def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
     """(proteins, their files, skipped [(input, reason)]) of the inputs, leaving out files in `exclude`."""
     files, skipped = collect_inputs(inputs)
@@ -61,9 +41,16 @@ def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
     return proteins, [str(f) for f in files if str(f) not in failed], skipped + bad
 
 
+def _cell(text) -> str:
+    return re.sub(r"[\t\r\n]", " ", str(text))
+
+
 def write_skipped(output: Path, skipped: Sequence[Tuple[str, str]]) -> None:
+    """`OUT.skipped.tsv`: one row `input<TAB>reason` per skipped input; a tab or line break in a name becomes a
+    space (it would split the row), a file name that is not UTF-8 keeps its bytes."""
     report = output.with_name(output.name + ".skipped.tsv")
-    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    rows = "".join(f"{_cell(name)}\t{_cell(reason)}\n" for name, reason in skipped)
+    report.write_text(rows, encoding="utf-8", errors="surrogateescape")
     if skipped:
         logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
 
