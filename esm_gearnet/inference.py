@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -22,6 +21,7 @@ from . import checkpoint
 from .assembly import build_encoder, build_task, model_config, runtime_task_list
 from .config import apply_overrides, load_config
 from .data import ProteinBatch, collate, load_structures
+from .data.datasets.cache import skipped_report
 from .data.inputs import collect_inputs
 from .models import Encoder
 from .registry import build, resolve
@@ -41,16 +41,9 @@ def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
     return proteins, [str(f) for f in files if str(f) not in failed], skipped + bad
 
 
-def _cell(text) -> str:
-    return re.sub(r"[\t\r\n]", " ", str(text))
-
-
 def write_skipped(output: Path, skipped: Sequence[Tuple[str, str]]) -> None:
-    """`OUT.skipped.tsv`: one row `input<TAB>reason` per skipped input; a tab or line break in a name becomes a
-    space (it would split the row), a file name that is not UTF-8 keeps its bytes."""
-    report = output.with_name(output.name + ".skipped.tsv")
-    rows = "".join(f"{_cell(name)}\t{_cell(reason)}\n" for name, reason in skipped)
-    report.write_text(rows, encoding="utf-8", errors="surrogateescape")
+    """`OUT.skipped.tsv`: one row `input<TAB>reason` per skipped input (`datasets.cache.skipped_report`)."""
+    report = skipped_report(output, skipped)
     if skipped:
         logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
 

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterable, List, Literal, Tuple
 import numpy as np
 import torch
 
+from ...errors import InputError
 from ...registry import register
 from .. import constants
 from ..io import StructureError, residue_arrays, residue_type_of
@@ -48,7 +49,7 @@ MAX_ITEM_BYTES = 256 << 20
 
 
 # ---- the container ----------------------------------------------------------------------------------------
-class LMDBError(ValueError):
+class LMDBError(InputError):
     """An ATOM3D LMDB that cannot be read; the message names its path."""
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -164,10 +165,22 @@ def cached(cache_file: Path, key: str, build: Callable[[], Dict], check: Callabl
     return state
 
 
+def skipped_report(path: Path, skipped: Sequence[Tuple[str, str]]) -> Path:
+    """Writes `<path>.skipped.tsv`: one row `input<TAB>reason` per skipped input (empty when none was). A tab or
+    line break in a name or reason becomes a space (it would split the row); a file name that is not UTF-8 keeps
+    its bytes. Returns the report's path."""
+    def cell(text) -> str:
+        return re.sub(r"[\t\r\n]", " ", str(text))
+
+    report = Path(path).with_name(Path(path).name + ".skipped.tsv")
+    report.write_text("".join(f"{cell(name)}\t{cell(reason)}\n" for name, reason in skipped), encoding="utf-8",
+                      errors="surrogateescape")
+    return report
+
+
 def write_skipped(cache_file: Path, skipped: Sequence[Tuple[str, str]], total: int, what: str = "structure files"):
-    """Lists the skipped inputs with their reasons in `<cache>.skipped.tsv` (empty when none was skipped)."""
-    report = Path(cache_file).with_name(Path(cache_file).name + ".skipped.tsv")
-    report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    """Lists the skipped inputs with their reasons in `<cache>.skipped.tsv` (see `skipped_report`)."""
+    report = skipped_report(cache_file, skipped)
     if skipped:
         logger.warning("%d of %d %s could not be read and were skipped; see %s", len(skipped), total, what, report)
 

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ...errors import InputError
 from ...registry import register
 from ..io import is_structure_file, protein_name
 from .base import StructureDataset
@@ -19,7 +20,7 @@ logger = logging.getLogger("esm_gearnet")
 KINDS = ("regression", "classification", "multi_label")
 
 
-class LabelError(ValueError):
+class LabelError(InputError):
     """A label CSV that cannot be used: one sentence naming the file and the line (and column)."""
 
 
