@@ -25,12 +25,18 @@ refuses a file whose content changed since it was written (flipped bits, a damag
 digest: the original's bare state_dicts load as before (they never had one); checkpoints of this framework
 written before digests (`esm_gearnet.checkpoint/1`) load with a warning that they cannot be verified; any other
 file whose `format` names this framework but has no digest is refused (its digest key was damaged).
+
+**Bombs.** Before torch.load, the zip entries of a file (torch's format since 1.6) are read from its central
+directory: entries declaring more than `MAX_INFLATION` times the file's size are refused unread (torch stores
+tensors uncompressed, so only a crafted file declares more). Files in torch's older pickle format are not zips
+and are read as before.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -140,6 +146,30 @@ def present(path, what: str = "checkpoint", advice: str = CHECKPOINT_ADVICE) -> 
     return path
 
 
+# torch.save writes a zip whose entries are stored uncompressed: what they declare adds up to less than the file.
+# Past this multiple of the file's size a zip is refused unread (a DEFLATE entry of 1 GiB of zeros takes 1 MiB).
+MAX_INFLATION = 4
+
+
+def _zip_bomb(path: Path) -> str:
+    """"" for a file that is not a zip (torch's old pickle format; torch.load judges it) or whose entries declare
+    at most `MAX_INFLATION` times the file's size; else what they declare, naming the largest entry."""
+    if not zipfile.is_zipfile(path):
+        return ""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):  # damaged: torch.load says how, in its sentence
+        return ""
+    declared = sum(entry.file_size for entry in entries)
+    if not entries or declared <= MAX_INFLATION * path.stat().st_size:
+        return ""
+    largest = max(entries, key=lambda entry: entry.file_size)
+    how = "stored" if largest.compress_type == zipfile.ZIP_STORED else "compressed"
+    return (f"declares {declared} bytes in its {len(entries)} zip entries ({largest.filename}: {largest.file_size} "
+            f"bytes, {how} in {largest.compress_size})")
+
+
 def load(path, mmap: bool = False, what: str = "checkpoint", advice: str = CHECKPOINT_ADVICE) -> Dict[str, Any]:
     """A dict saved with torch.save, loaded with `weights_only=True` (tensors, numbers, strings and containers
     only) and checked against its digest (see the module docstring for files without one).
@@ -155,6 +185,10 @@ def load(path, mmap: bool = False, what: str = "checkpoint", advice: str = CHECK
     def refuse(problem: str):
         raise CheckpointError(f"{what} {path} {problem}; {advice}.")
 
+    inflated = _zip_bomb(path)
+    if inflated:
+        refuse(f"{inflated}, far beyond the file's {path.stat().st_size} bytes (torch stores tensors uncompressed): "
+               "a decompression bomb, refused before anything was inflated")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - one sentence for any unreadable file

@@ -6,13 +6,19 @@ from __future__ import annotations
 from typing import Tuple, Type
 
 
+class InputError(ValueError):
+    """A data file the user gave that cannot be used (a label CSV, an ATOM3D LMDB): its one sentence names the
+    file and the line or key. The registry passes it on as it is: the class built from the config that raises it
+    is not blamed for its arguments."""
+
+
 def user_errors() -> Tuple[Type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets.download import DownloadError
     from .writing import OutputError
 
-    # ConfigError, StructureError and the datasets' refusals are ValueErrors; OutputError: a full disk, a
-    # read-only location, another writer
+    # ConfigError, StructureError, InputError and the datasets' other refusals are ValueErrors; OutputError: a full
+    # disk, a read-only location, another writer
     return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError, OutputError
 
 

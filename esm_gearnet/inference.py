@@ -21,7 +21,7 @@ from . import checkpoint, writing
 from .assembly import build_encoder, build_task, model_config, runtime_task_list
 from .config import apply_overrides, load_config
 from .data import ProteinBatch, collate, load_structures
-from .data.io import is_structure_file
+from .data.inputs import collect_inputs
 from .models import Encoder
 from .registry import build, resolve
 from .tasks import MultipleBinaryClassification, PropertyPrediction
@@ -31,27 +31,6 @@ FORMATS = (".npz", ".pt", ".h5")
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
-def collect_inputs(inputs: Sequence) -> Tuple[List[Path], List[Tuple[str, str]]]:
-    """(structure files in the order given, [(input, reason)] for inputs that are neither). A folder gives its
-    structure files (recursively, sorted); any other file is read as a list of paths, one per line."""
-    files, problems = [], []
-    for item in inputs:
-        path = Path(os.path.expanduser(str(item)))
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p)))
-        elif is_structure_file(path):
-            files.append(path)  # a missing file is reported by the parser, with the others
-        elif path.is_file():
-            listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            sub_files, sub_problems = collect_inputs([Path(line) if Path(line).is_absolute() else path.parent / line
-                                                      for line in listed])
-            files.extend(sub_files)
-            problems.extend(sub_problems)
-        else:
-            problems.append((str(item), f"{item}: no such file or folder."))
-    return files, problems
-
-
 def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
     """(proteins, their files, skipped [(input, reason)]) of the inputs, leaving out files in `exclude`."""
     files, skipped = collect_inputs(inputs)
@@ -62,6 +41,7 @@ def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
 
 
 def write_skipped(output: Path, skipped: Sequence[Tuple[str, str]]) -> None:
+    """`OUT.skipped.tsv`: one row `input<TAB>reason` per skipped input (`writing.write_skipped`)."""
     report = writing.write_skipped(output, skipped)
     if skipped:
         logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)

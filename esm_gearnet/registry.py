@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .config import ConfigError
+from .errors import InputError
 
 _REGISTRY: Dict[str, Callable] = {}
 
@@ -242,10 +243,10 @@ def build(config: Dict[str, Any], path: str = "config", **runtime: Any) -> Any:
 
 def _refusals_named(cls, path: str, call: Callable[[], Any]) -> Any:
     """call(), a ValueError of it (a value the class refuses: a negative lr, a factor above 1, ...) as one
-    ConfigError naming the key."""
+    ConfigError naming the key; an InputError (a data file it was given is refused) as it is."""
     try:
         return call()
-    except ConfigError:
+    except (ConfigError, InputError):
         raise
     except ValueError as error:
         raise ConfigError(f"config key `{path}`: {cls.__name__} refuses its arguments: {error}") from None

@@ -179,9 +179,15 @@ def write_atomic(path, content: Union[bytes, str]) -> None:
 
 
 def write_skipped(output, skipped) -> Path:
-    """`OUTPUT.skipped.tsv`: one `input<TAB>reason` line per skipped input (an empty file when none was)."""
+    """`OUTPUT.skipped.tsv`: one `input<TAB>reason` row per skipped input (an empty file when none was). A tab or
+    line break in a name or reason becomes a space (it would split the row); a file name that is not UTF-8 keeps
+    its bytes. Returns the report's path."""
+    def cell(text) -> str:
+        return re.sub(r"[\t\r\n]", " ", str(text))
+
     report = Path(output).with_name(Path(output).name + ".skipped.tsv")
-    write_atomic(report, "".join(f"{name}\t{reason}\n" for name, reason in skipped))
+    rows = "".join(f"{cell(name)}\t{cell(reason)}\n" for name, reason in skipped)
+    write_atomic(report, rows.encode("utf-8", "surrogateescape"))
     return report
 
 

@@ -8,16 +8,19 @@ item is a dict whose atom tables ("atoms", "original_atoms", "mutated_atoms") ar
 structure, model, chain, hetero, insertion_code, residue, segid, resname, altloc, occupancy, bfactor, x, y, z,
 element, name, fullname and serial_number. pandas is not needed to read them.
 
+Bounds, checked before anything is inflated or listed: `num_examples` may not declare more items than the LMDB
+holds records, and an item inflating past `MAX_ITEM_BYTES` is refused (that item is skipped, the others read).
+
 The `atom3d` package is not used: it pins old libraries and does not install from wheels on Python 3.11.
 """
 from __future__ import annotations
 
 import ast
 import gzip
-import io
 import json
 import logging
 import os
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Literal, Tuple
@@ -25,6 +28,7 @@ from typing import Any, Dict, Iterable, List, Literal, Tuple
 import numpy as np
 import torch
 
+from ...errors import InputError
 from ...registry import register
 from .. import constants
 from ..io import StructureError, residue_arrays, residue_type_of
@@ -39,10 +43,13 @@ logger = logging.getLogger("esm_gearnet")
 SPLITS = ("train", "val", "test")
 NEEDED_COLUMNS = ("model", "chain", "hetero", "insertion_code", "residue", "resname", "name", "element",
                   "x", "y", "z", "bfactor")
+# One item inflated: the largest ATOM3D PSR/MSP items are a few MiB of JSON; past this a record is refused before
+# it is inflated further (a gzip bomb of 1 MiB inflates to GiBs). Raise it for a genuine larger item.
+MAX_ITEM_BYTES = 256 << 20
 
 
 # ---- the container ----------------------------------------------------------------------------------------
-class LMDBError(ValueError):
+class LMDBError(InputError):
     """An ATOM3D LMDB that cannot be read; the message names its path."""
 
 
@@ -77,6 +84,34 @@ def _deserialize(data: bytes, fmt: str):
     return msgpack.unpackb(data, raw=False)
 
 
+def _declared_count(path: Path, raw: bytes, entries: int) -> int:
+    """The item count `num_examples` declares, which must be a whole number of records the LMDB holds: a 12 KiB
+    file declaring millions of items would otherwise make as many jobs and skipped rows."""
+    try:
+        count = int(raw)
+    except ValueError:
+        raise LMDBError(f"{path}: num_examples is {raw[:40]!r}, not a whole number; the LMDB is damaged or not "
+                        "ATOM3D's: download it again.") from None
+    if not 0 <= count <= entries:
+        raise LMDBError(f"{path}: num_examples declares {count} items, but the LMDB holds {entries} records in all; "
+                        "it is damaged or not ATOM3D's: download it again.")
+    return count
+
+
+def _inflate(data: bytes, path: Path, index: int) -> bytes:
+    """A gzip record inflated, refused once it passes `MAX_ITEM_BYTES` (never more is held in memory)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer
+    text = inflater.decompress(data, MAX_ITEM_BYTES + 1)
+    if len(text) > MAX_ITEM_BYTES:
+        raise LMDBError(f"{path}: item {index} inflates past {MAX_ITEM_BYTES >> 20} MiB from {len(data)} bytes "
+                        "(a decompression bomb, or raise esm_gearnet.data.datasets.atom3d.MAX_ITEM_BYTES if the item "
+                        "is genuine); it was not inflated further.")
+    if not inflater.eof:
+        raise LMDBError(f"{path}: item {index} is truncated (its gzip stream ends early); the LMDB is damaged: "
+                        "download it again.")
+    return text
+
+
 class LMDBFile:
     """Read-only view of one ATOM3D LMDB folder: `len()`, `[i]` -> item dict, `ids`."""
 
@@ -88,7 +123,7 @@ class LMDBFile:
             count = txn.get(b"num_examples")
             if count is None:
                 raise LMDBError(f"{self.path}: not an ATOM3D LMDB (no num_examples key).")
-            self.length = int(count)
+            self.length = _declared_count(self.path, count, txn.stat()["entries"])
             self.format = (txn.get(b"serialization_format") or b"json").decode()
             if self.format not in ("json", "msgpack"):
                 raise LMDBError(f"{self.path}: serialization format {self.format!r} is not read here (only json "
@@ -115,7 +150,7 @@ class LMDBFile:
                 data = txn.get(str(index).encode())
             if data is None:
                 raise LMDBError(f"{self.path}: item {index} is missing.")
-            item = _deserialize(gzip.GzipFile(fileobj=io.BytesIO(data)).read(), self.format)
+            item = _deserialize(_inflate(data, self.path, index), self.format)
             if not isinstance(item, dict):
                 raise LMDBError(f"{self.path}: item {index} is a {type(item).__name__}, not a dict.")
         item.setdefault("id", str(index))

@@ -172,7 +172,7 @@ def cached(cache_file: Path, key: str, build: Callable[[], Dict], check: Callabl
 
 
 def write_skipped(cache_file: Path, skipped: Sequence[Tuple[str, str]], total: int, what: str = "structure files"):
-    """Lists the skipped inputs with their reasons in `<cache>.skipped.tsv` (empty when none was skipped)."""
+    """Lists the skipped inputs with their reasons in `<cache>.skipped.tsv` (`writing.write_skipped`)."""
     report = writing.write_skipped(cache_file, skipped)
     if skipped:
         logger.warning("%d of %d %s could not be read and were skipped; see %s", len(skipped), total, what, report)

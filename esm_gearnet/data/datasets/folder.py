@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ...errors import InputError
 from ...registry import register
 from ..io import is_structure_file, protein_name
 from .base import StructureDataset
@@ -16,6 +18,79 @@ from .cache import load_or_build
 
 logger = logging.getLogger("esm_gearnet")
 KINDS = ("regression", "classification", "multi_label")
+
+
+class LabelError(InputError):
+    """A label CSV that cannot be used: one sentence naming the file and the line (and column)."""
+
+
+def read_labels(path: Path) -> Tuple[List[str], Dict[str, Dict[str, str]], Dict[str, int]]:
+    """(header, {id: {column: cell}}, {id: line number}) of a label CSV: UTF-8 (a byte-order mark is dropped),
+    blank lines skipped.
+
+    DEVIATION: earlier versions read the CSV with `csv.DictReader` defaults: a byte-order mark (Excel's "CSV UTF-8")
+    hid the `id` header, a repeated id kept its last row silently and a short row gave None cells (an
+    AttributeError later). Here a BOM is read, and a repeated id or column, an empty id and a row whose cell count
+    differs from the header's are refused naming the lines.
+
+    Raises:
+        LabelError: one sentence naming the file and the line.
+    """
+    header: List[str] = []
+    rows: Dict[str, Dict[str, str]] = {}
+    lines: Dict[str, int] = {}
+    start = 1  # the line a row starts on (a quoted cell may span lines)
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        try:
+            for cells in reader:
+                line, start = start, reader.line_num + 1
+                if not any(cell.strip() for cell in cells):
+                    continue
+                if not header:
+                    header = [cell.strip() for cell in cells]
+                    twice = sorted({c for c in header if header.count(c) > 1})
+                    if twice:
+                        raise LabelError(f"{path}, line {line}: the header names the column {twice[0]!r} twice.")
+                    if "id" not in header:
+                        break
+                    continue
+                if len(cells) != len(header):
+                    raise LabelError(f"{path}, line {line}: the row has {len(cells)} cells for the header's "
+                                     f"{len(header)} columns; give every column a cell (empty for a missing value).")
+                row = dict(zip(header, cells))
+                name = row["id"].strip()
+                if not name:
+                    raise LabelError(f"{path}, line {line}: the id cell is empty.")
+                if name in rows:
+                    raise LabelError(f"{path}, lines {lines[name]} and {line}: both rows give the id {name!r}; keep "
+                                     "one row per protein.")
+                rows[name], lines[name] = row, line
+        except UnicodeDecodeError as error:
+            raise LabelError(f"{path}: the label CSV is not UTF-8 text (byte 0x{error.object[error.start]:02x}); "
+                             "save it as UTF-8.") from None
+        except csv.Error as error:
+            raise LabelError(f"{path}, line {reader.line_num}: {error}.") from None
+    if "id" not in header or not rows:
+        raise LabelError(f"{path}: the label CSV needs a header with an `id` column and at least one row.")
+    return header, rows, lines
+
+
+def _number(cell: str, path: Path, line: int, column: str) -> float:
+    """A regression label: a finite number, or NaN (missing) for an empty cell.
+
+    DEVIATION: earlier versions accepted `inf`, `nan` and the like, which only showed later as a NaN loss.
+    """
+    if not cell.strip():
+        return float("nan")
+    try:
+        value = float(cell)
+    except ValueError:
+        raise LabelError(f"{path}, line {line}, column {column!r}: {cell.strip()!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise LabelError(f"{path}, line {line}, column {column!r}: {cell.strip()!r} is not a finite number; leave "
+                         "the cell empty for a missing value.")
+    return value
 
 
 @register
@@ -42,14 +117,16 @@ class ProteinFolder(StructureDataset):
             raise ValueError(f"ProteinFolder: task must be one of {', '.join(KINDS)}, got {task!r}.")
         folder = Path(os.path.expanduser(str(path)))
         labels = Path(os.path.expanduser(str(labels)))
-        with open(labels, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows or "id" not in rows[0]:
-            raise ValueError(f"{labels}: the label CSV needs a header with an `id` column and at least one row.")
-        by_id = {row["id"]: row for row in rows}
-        columns = list(columns or [c for c in rows[0] if c not in ("id", "split")])
+        header, by_id, lines = read_labels(labels)
+        columns = list(columns or [c for c in header if c not in ("id", "split")])
+        unknown = [c for c in columns + ([split] if isinstance(split, str) else []) if c not in header]
+        if unknown:
+            raise LabelError(f"{labels}, line 1: the header has no column {unknown[0]!r} (it has "
+                             f"{', '.join(header)}); check `columns` and `split` in the config.")
         if task != "regression" and len(columns) != 1:
-            raise ValueError(f"{labels}: task {task} reads one label column; give it with `columns: [name]`.")
+            raise LabelError(f"{labels}: task {task} reads one label column; give it with `columns: [name]`.")
+        values = ({name: [_number(row[c], labels, lines[name], c) for c in columns] for name, row in by_id.items()}
+                  if task == "regression" else None)  # every row checked before any structure is read
         files = sorted(f for f in folder.rglob("*") if f.is_file() and is_structure_file(f))
         unlabeled = [f for f in files if protein_name(f) not in by_id]
         if unlabeled:
@@ -64,7 +141,8 @@ class ProteinFolder(StructureDataset):
                                                     options={"task": "folder"}, workers=workers, progress=progress,
                                                     three_di=three_di)
         ids = [protein_name(Path(f)) for f in self.proteins.files]
-        self.tasks, self.targets = self._targets([by_id[i] for i in ids], columns, task)
+        self.tasks, self.targets = self._targets([by_id[i] for i in ids], columns, task,
+                                                 None if values is None else [values[i] for i in ids])
         if isinstance(split, str):
             names = ("train", "valid", "test")
             self.split_indices = [[i for i, name in enumerate(ids) if by_id[name].get(split) == s] for s in names]
@@ -76,9 +154,8 @@ class ProteinFolder(StructureDataset):
         self.transform = transform
 
     @staticmethod
-    def _targets(rows, columns, task):
+    def _targets(rows, columns, task, values=None):
         if task == "regression":
-            values = [[float(row[c]) if row[c].strip() else float("nan") for c in columns] for row in rows]
             return columns, torch.tensor(values, dtype=torch.float32).reshape(len(rows), len(columns))
         names = [[n.strip() for n in (row[columns[0]].split(";") if task == "multi_label" else [row[columns[0]]])
                   if n.strip()] for row in rows]
