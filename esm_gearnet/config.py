@@ -427,7 +427,7 @@ def _value(text: str, name: str) -> Any:
     try:
         value = yaml.load(text, Loader=_Loader)
     except (_Refused, yaml.YAMLError) as error:
-        problem = str(error) if isinstance(error, _Refused) else getattr(error, "problem", error)
+        problem = str(error).rstrip(".") if isinstance(error, _Refused) else getattr(error, "problem", error)
         raise ConfigError(f"option --{name}: cannot read {_short(text)} as a YAML value ({problem}).") from None
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
         return float(value)
