@@ -150,8 +150,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             raise _Refused(f"rendering the Jinja template takes longer than RENDER_SECONDS ({RENDER_SECONDS:g} s); "
                            "a config renders in bounded work, so remove the loop or recursion that runs on.")
 
-    def bounded(self, value: Any) -> Any:
-        if _size(value) > RENDER_BYTES:
+    def bounded(self, value: Any, size: Optional[int] = None) -> Any:
+        """`value`, refused when it (or `size`, what it would be) is larger than RENDER_BYTES."""
+        if (_size(value) if size is None else size) > RENDER_BYTES:
             raise _Refused(f"the Jinja template makes a value larger than RENDER_BYTES ({RENDER_BYTES}); a config "
                            "renders to a short text.")
         return value
@@ -193,17 +194,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().getitem(obj, argument)
 
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        """`left operator right`, its result size checked before it is made where that can be large."""
         self.tick()
-        numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right))
-        if operator == "**" and numbers and right > 0 and abs(left) > 1 and abs(left).bit_length() * right > 8 * RENDER_BYTES:
-            raise _Refused(f"{left} ** {right} is a number larger than RENDER_BYTES ({RENDER_BYTES}) bytes.")
-        if operator == "*" and not numbers:
-            count = right if isinstance(right, int) else left if isinstance(left, int) else 1
-            sequence = left if isinstance(right, int) else right
-            if count > 0 and _size(sequence) * count > RENDER_BYTES:
-                raise _Refused(f"the Jinja template makes a value larger than RENDER_BYTES ({RENDER_BYTES}); a "
-                               "config renders to a short text.")
-        if operator == "%" and isinstance(left, str) and re.search(r"%[^a-zA-Z%]*(\d{7,}|\*)", left):
+        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right))
+        if operator == "**" and integers and abs(left) > 1 and right > 0:
+            self.bounded(None, abs(left).bit_length() * right // 8)  # bytes of the power
+        elif operator == "*" and not integers and isinstance(left, int) != isinstance(right, int):
+            count, sequence = (left, right) if isinstance(left, int) else (right, left)
+            self.bounded(None, _size(sequence) * count)
+        elif operator == "%" and isinstance(left, str) and re.search(r"%[^a-zA-Z%]*(\d{7,}|\*)", left):
             raise _Refused("a %-format with a width of a million or more characters makes a value larger than "
                            f"RENDER_BYTES ({RENDER_BYTES}).")
         return self.bounded(super().call_binop(context, operator, left, right))
@@ -290,7 +289,8 @@ def render_config(path: str, variables: Optional[Dict[str, Any]] = None) -> str:
     Variable values are data: jinja2 inserts them as text and never renders them again."""
     environment, template, names = _parse_template(_read(path), path)
     given = {name: None for name in names}
-    given.update({name: _Given(value) if isinstance(value, str) else value for name, value in (variables or {}).items()})
+    for name, value in (variables or {}).items():
+        given[name] = _Given(value) if isinstance(value, str) else value
     environment.start()
     chunks, size = [], 0
     try:

@@ -17,7 +17,8 @@ DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
 LINE = 5  # the line each template below is put on, right after output_dir
 PAYLOAD = "__globals__.os.system('touch pwned')"
 ESCAPES = [  # (case, template line, what the sentence says the sandbox refused)
-    ("cycler's globals", f"# {{{{ cycler.__init__.{PAYLOAD} }}}}", "access to attribute '__init__' of 'NoneType' object is unsafe"),
+    ("cycler's globals", f"# {{{{ cycler.__init__.{PAYLOAD} }}}}",
+     "access to attribute '__init__' of 'NoneType' object is unsafe"),
     ("lipsum's globals", "# {{ lipsum.__globals__['os'].system('touch pwned') }}",
      "access to attribute '__globals__' of 'NoneType' object is unsafe"),
     ("the subclasses of object", "# {{ ''.__class__.__mro__[1].__subclasses__() }}",
