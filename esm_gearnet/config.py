@@ -4,13 +4,25 @@ A config may hold Jinja variables (`branch: {{ branch }}`); every undeclared var
 option of the scripts (`--branch MF`, see `arguments`). Values are read as Python literals where they are one
 (`3`, `0.1`, `[1, 2]`, `None`), else kept as strings. A variable that is not given renders as YAML null, as in the
 original. Key overrides (`--engine.batch_size 4`) set keys of the rendered config (`apply_overrides`).
+
+Configs are data. A template is rendered in a sandbox (`_Sandbox`): it may use its variables, a few filters
+(`SAFE_FILTERS`), Jinja's tests, its own macros, `range` and `dict`; it can reach no Python internals (`__class__`,
+`__globals__`, methods), include, import or extend no other file, and renders within bounded work: at most
+`RENDER_SECONDS` of wall time, `RENDER_BYTES` of text (and no value made while rendering larger), `RANGE_ITEMS`
+items per `range`. The YAML is read with `yaml.safe_load`'s rules plus `YAML_NODES` values with aliases expanded
+and `NESTING_DEPTH` levels of nesting (override key paths too). A string inserted by `{{ }}` stays one scalar: one
+that YAML would not read back as one value on one line is inserted quoted. A run directory's `config.yaml` is the
+config as it ran, read as plain YAML with the same limits and never rendered again (`load_run_config`). Every
+refusal is one `ConfigError` sentence naming the file (and line, where there is one).
 """
 from __future__ import annotations
 
 import ast
 import difflib
+import json
 import os
 import re
+import time
 import traceback
 from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 
@@ -18,35 +30,218 @@ import easydict
 import jinja2
 import jinja2.meta
 import yaml
+from jinja2 import nodes
+from jinja2.runtime import LoopContext, Macro
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.visitor import NodeTransformer
 
 
 Override = Tuple[str, str]  # (key path, VALUE as typed)
+
+# ---- limits: a config renders and loads in bounded work ---------------------------------------------------
+RENDER_SECONDS = 5.0  # wall time of rendering one template
+RENDER_BYTES = 10_000_000  # characters of a rendered config (or a run's config.yaml), and size of any value made
+RANGE_ITEMS = 100_000  # items of one `range(...)` in a template
+YAML_NODES = 100_000  # values of a YAML document, its aliases (*name) expanded
+NESTING_DEPTH = 100  # levels of nested YAML values (aliases expanded) and keys of an override path
+# DEVIATION: the original rendered with every Jinja filter; these are the ones that cannot build huge text or
+# reach into objects (no format/center/indent/replace/wordwrap/attr/map): real configs use `default`.
+SAFE_FILTERS = ("abs", "capitalize", "d", "default", "dictsort", "first", "float", "int", "items", "join", "last",
+                "length", "list", "lower", "max", "min", "reverse", "round", "sort", "string", "sum", "title",
+                "tojson", "trim", "unique", "upper")
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file or key and what to do."""
 
 
+class _Refused(Exception):
+    """A limit reached while rendering or reading YAML; the message is the sentence without the file."""
+
+    def __init__(self, sentence: str, line: Optional[int] = None):
+        super().__init__(sentence)
+        self.line = line
+
+
 def _read(path: str) -> str:
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file with -c.")
+    if os.path.getsize(path) > RENDER_BYTES:
+        raise ConfigError(f"config file {path} is larger than RENDER_BYTES ({RENDER_BYTES} bytes); a config is a "
+                          "short text.")
     with open(path, "r", encoding="utf-8") as handle:
         return handle.read()
 
 
+def _one_value_on_one_line(text: str) -> bool:
+    """Whether YAML reads `text` back as one scalar on one line: itself, or a null, boolean, number or date."""
+    if "\n" in text or "\r" in text:
+        return False
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except Exception:  # noqa: BLE001 - a YAML error or a limit: not one plain value
+        return False
+    return not isinstance(value, (dict, list)) and (value == text or not isinstance(value, str))
+
+
+class _Given(str):
+    """A string variable given on the command line: data, inserted as one YAML scalar (see `_finalize`)."""
+
+
 def _finalize(value: Any) -> Any:
     # None renders as YAML null (the original rendered the text "null"), while `{{ x | default(1, true) }}`
-    # still sees a missing variable as None; other values are inserted as they are
-    return "null" if value is None else value
+    # still sees a missing variable as None; other values are inserted as they are, except that
+    # DEVIATION: a string given on the command line (also through `default` or `~`) that YAML would not read
+    # back as one value on one line, or that holds a flow indicator (`x\nevil: 1`, `{a: 1}`, `a # b`, `1], [2`),
+    # is inserted as a quoted scalar, so a value typed on the command line cannot change the config's structure.
+    # A list or mapping given as a Python literal (`--dims "[1, 2]"`) is still inserted as its text, and strings
+    # written in the template itself are the template's own text.
+    if value is None:
+        return "null"
+    if isinstance(value, _Given) and (re.search(r"[,\[\]{}#]", value) or not _one_value_on_one_line(value)):
+        return json.dumps(str(value))  # a JSON string is a YAML double-quoted scalar
+    return value
+
+
+def _size(value: Any, seen: Optional[Dict[int, int]] = None) -> int:
+    """Characters of a string; items of a list, tuple or dict plus their sizes (a value shared counts once per
+    use); 1 for anything else. Stops counting past RENDER_BYTES."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if not isinstance(value, (list, tuple, dict)):
+        return 1
+    seen = {} if seen is None else seen
+    if id(value) not in seen:
+        seen[id(value)] = RENDER_BYTES + 1  # a value inside itself is too large
+        total = len(value)
+        for item in (list(value.keys()) + list(value.values()) if isinstance(value, dict) else value):
+            total += _size(item, seen)
+            if total > RENDER_BYTES:
+                break
+        seen[id(value)] = total
+    return seen[id(value)]
+
+
+_LOOP, _CONCAT = "bounded loop", "bounded concat"  # names of the sandbox's own filters, unusable in a template
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox (no `_attribute`, no mutation of lists or dicts) with bounded work: every call,
+    attribute, item, operator and loop item checks the deadline; `*`, `+`, `**`, `%`, `~` and calls refuse
+    values larger than RENDER_BYTES; only macros, `range` (at most RANGE_ITEMS items) and `dict` can be called."""
+
+    intercepted_binops = frozenset(["*", "+", "**", "%"])
+
+    def __init__(self):
+        super().__init__(finalize=_finalize, undefined=jinja2.StrictUndefined)
+        # DEVIATION: the original's globals held cycler, joiner, namespace (a value a loop can grow) and lipsum;
+        # a config has range (bounded) and dict only. Those names are now plain variables (null unless given).
+        self.globals = {"range": self._range, "dict": dict}
+        self.filters = {name: self.filters[name] for name in SAFE_FILTERS}
+        self.filters.update({_LOOP: self._loop, _CONCAT: self._concat})
+        self.deadline = float("inf")
+
+    def start(self) -> None:
+        self.deadline = time.monotonic() + RENDER_SECONDS
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _Refused(f"rendering the Jinja template takes longer than RENDER_SECONDS ({RENDER_SECONDS:g} s); "
+                           "a config renders in bounded work, so remove the loop or recursion that runs on.")
+
+    def bounded(self, value: Any, size: Optional[int] = None) -> Any:
+        """`value`, refused when it (or `size`, what it would be) is larger than RENDER_BYTES."""
+        if (_size(value) if size is None else size) > RENDER_BYTES:
+            raise _Refused(f"the Jinja template makes a value larger than RENDER_BYTES ({RENDER_BYTES}); a config "
+                           "renders to a short text.")
+        return value
+
+    def _range(self, *args: int) -> range:
+        items = range(*args)
+        if len(items) > RANGE_ITEMS:
+            raise _Refused(f"range() of {len(items)} items is more than RANGE_ITEMS ({RANGE_ITEMS}); a config "
+                           "renders in bounded work.")
+        return items
+
+    def _loop(self, iterable: Any) -> Iterator[Any]:
+        for item in iterable:
+            self.tick()
+            yield item
+
+    def _concat(self, parts: Sequence[Any]) -> str:
+        text = self.bounded("".join(map(str, parts)))
+        return _Given(text) if any(isinstance(part, _Given) for part in parts) else text
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - the sandbox's own signature
+        __self.tick()
+        owner = getattr(__obj, "__self__", None)
+        # DEVIATION: the original called any Python callable (str.format, dict.items, ...): configs call macros
+        if not (isinstance(__obj, (Macro, LoopContext, jinja2.Undefined)) or isinstance(owner, LoopContext)
+                or __obj is dict or __obj == __self._range):
+            name = getattr(__obj, "__qualname__", None) or f"a {type(__obj).__name__!r} object"
+            raise SecurityError(f"{name} is not callable in a config")
+        return __self.bounded(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        self.tick()
+        if attribute.startswith("_"):  # also where the object has no such attribute (a variable left null)
+            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        self.tick()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        """`left operator right`, its result size checked before it is made where that can be large."""
+        self.tick()
+        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right))
+        if operator == "**" and integers and abs(left) > 1 and right > 0:
+            self.bounded(None, abs(left).bit_length() * right // 8)  # bytes of the power
+        elif operator == "*" and not integers and isinstance(left, int) != isinstance(right, int):
+            count, sequence = (left, right) if isinstance(left, int) else (right, left)
+            self.bounded(None, _size(sequence) * count)
+        elif operator == "%" and isinstance(left, str) and re.search(r"%[^a-zA-Z%]*(\d{7,}|\*)", left):
+            raise _Refused("a %-format with a width of a million or more characters makes a value larger than "
+                           f"RENDER_BYTES ({RENDER_BYTES}).")
+        return self.bounded(super().call_binop(context, operator, left, right))
+
+
+# (node type, how a sentence names it): a config is one file, and the sandbox has no loader for others
+_OTHER_FILES = ((nodes.Include, "{% include %}"), (nodes.Import, "{% import %}"),
+                (nodes.FromImport, "{% from ... import %}"), (nodes.Extends, "{% extends %}"))
+
+
+class _Bounded(NodeTransformer):
+    """Every loop's items and every `~` go through the sandbox's bounded filters."""
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        node = self.generic_visit(node)
+        node.iter = nodes.Filter(node.iter, _LOOP, [], [], None, None, lineno=node.iter.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
+        node = self.generic_visit(node)
+        return nodes.Filter(nodes.List(node.nodes, lineno=node.lineno), _CONCAT, [], [], None, None,
+                            lineno=node.lineno)
 
 
 def _parse_template(text: str, path: str):
-    """(template, syntax tree); a syntax error or an unknown filter or test ends in one sentence."""
+    """(sandbox, template, undeclared variables); a syntax error, an unknown filter or test, or a tag that reads
+    another file ends in one sentence."""
     # StrictUndefined: `{{ x.y }}` of a variable without that attribute is an error, not an empty value
-    environment = jinja2.Environment(finalize=_finalize, undefined=jinja2.StrictUndefined)
+    environment = _Sandbox()
     try:
-        return environment.from_string(text), environment.parse(text)
+        tree = environment.parse(text)
+        for kind, tag in _OTHER_FILES:
+            for node in tree.find_all(kind):
+                raise ConfigError(f"{path}, line {node.lineno}: {tag} is not available in a config, which is one "
+                                  "file; copy the text in instead.")
+        variables = set(jinja2.meta.find_undeclared_variables(tree))
+        tree = _Bounded().visit(tree)
+        tree.set_environment(environment)
+        return environment, environment.from_string(tree), variables
     except jinja2.TemplateSyntaxError as error:  # an unknown filter is a TemplateAssertionError, one of these
         raise ConfigError(f"{path}, line {error.lineno}: Jinja template error: {error.message.rstrip('.')}.") from None
 
@@ -59,8 +254,7 @@ def _template_line(error: BaseException) -> str:
 
 def detect_variables(path: str) -> Set[str]:
     """The undeclared Jinja variables of a config file (each one is a command-line option)."""
-    _, tree = _parse_template(_read(path), path)
-    return set(jinja2.meta.find_undeclared_variables(tree))
+    return _parse_template(_read(path), path)[2]
 
 
 MARK = "__jinja_variable__"
@@ -71,7 +265,7 @@ def variable_keys(path: str) -> Dict[str, str]:
     rendering every variable as a marker); {} when the config cannot be rendered so."""
     names = detect_variables(path)
     try:
-        config = yaml.safe_load(render_config(path, {name: f"{MARK}{name}{MARK}" for name in names}))
+        config = _yaml(render_config(path, {name: f"{MARK}{name}{MARK}" for name in names}), path)
     except Exception:  # noqa: BLE001 - arithmetic or filters on a variable: no marker survives
         return {}
     return {path: value[len(MARK):-len(MARK)] for path, value in key_items(config)
@@ -89,18 +283,111 @@ def literal(value: Any) -> Any:
 
 
 def render_config(path: str, variables: Optional[Dict[str, Any]] = None) -> str:
-    """The config text after Jinja rendering. Every variable of the config that `variables` does not give is
-    None, so one file renders to one config wherever it is read (training, pre-training, embed, predict, tests):
-    `{{ true if x is none else x }}` means true everywhere."""
-    template, tree = _parse_template(_read(path), path)
-    given = {name: None for name in jinja2.meta.find_undeclared_variables(tree)}
-    given.update(variables or {})
+    """The config text after Jinja rendering in the sandbox (see the module's docstring). Every variable of the
+    config that `variables` does not give is None, so one file renders to one config wherever it is read
+    (training, pre-training, embed, predict, tests): `{{ true if x is none else x }}` means true everywhere.
+    Variable values are data: jinja2 inserts them as text and never renders them again."""
+    environment, template, names = _parse_template(_read(path), path)
+    given = {name: None for name in names}
+    for name, value in (variables or {}).items():
+        given[name] = _Given(value) if isinstance(value, str) else value
+    environment.start()
+    chunks, size = [], 0
     try:
-        return template.render(given)
+        for chunk in template.generate(given):
+            size += len(chunk)
+            if size > RENDER_BYTES:
+                raise _Refused(f"the rendered config is larger than RENDER_BYTES ({RENDER_BYTES} characters); a "
+                               "config renders to a short text.")
+            environment.tick()
+            chunks.append(chunk)
+    except _Refused as error:
+        raise ConfigError(f"{path}{_template_line(error)}: {error}") from None
+    except SecurityError as error:
+        raise ConfigError(f"{path}{_template_line(error)}: the Jinja template does what a config may not "
+                          f"({str(error).rstrip('.')}); a config is data: use its variables, filters, tests, "
+                          "macros and range() only.") from None
     except Exception as error:  # noqa: BLE001 - an undefined attribute, a division by zero, a failing filter
         raise ConfigError(f"{path}{_template_line(error)}: the Jinja template fails while rendering "
                           f"({type(error).__name__}: {error}); check the expression and the variables given on "
                           "the command line.") from None
+    return "".join(chunks)
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document nested deeper than NESTING_DEPTH or holding more than YAML_NODES
+    values once its aliases are expanded (billion laughs: `b1: &b1 [*b0, *b0, ...]`), or an alias inside its
+    own anchor. SafeLoader shares an anchored value between its aliases; everything after it (EasyDict, the
+    checks, saving config.yaml) copies, so the expanded size is what counts."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        if self.depth >= NESTING_DEPTH:
+            raise _Refused(f"values are nested more than NESTING_DEPTH ({NESTING_DEPTH}) levels deep.",
+                           self.peek_event().start_mark.line + 1)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded(node, 1, {})
+        return node
+
+
+def _expanded(node: yaml.Node, depth: int, done: Dict[int, Tuple[int, int]]) -> Tuple[int, int]:
+    """(values, levels) of a YAML node with its aliases expanded; a limit reached raises _Refused."""
+    if depth > NESTING_DEPTH:
+        raise _Refused(f"values are nested more than NESTING_DEPTH ({NESTING_DEPTH}) levels deep once aliases "
+                       "(*name) are expanded.", node.start_mark.line + 1)
+    if id(node) in done:
+        count, levels = done[id(node)]
+        if count < 0:
+            raise _Refused("an alias (*name) stands inside the value of its own anchor (&name), which never ends.",
+                           node.start_mark.line + 1)
+        if depth + levels - 1 > NESTING_DEPTH:
+            return _expanded(node, NESTING_DEPTH + 1, done)
+        return count, levels
+    done[id(node)] = (-1, 0)
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else []
+    count, levels = 1, 0
+    for child in children:
+        child_count, child_levels = _expanded(child, depth + 1, done)
+        count, levels = count + child_count, max(levels, child_levels)
+        if count > YAML_NODES:
+            raise _Refused(f"the YAML holds more than YAML_NODES ({YAML_NODES}) values once its aliases (*name) "
+                           "are expanded; write the values out or use fewer aliases.", node.start_mark.line + 1)
+    done[id(node)] = (count, levels + 1)
+    return done[id(node)]
+
+
+def _yaml(text: str, source: str, after: str = "") -> Any:
+    """Text read as YAML (yaml.safe_load's rules) within the limits; one sentence naming `source` otherwise."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _Refused as error:
+        where = f", line {error.line}" if error.line else ""
+        raise ConfigError(f"{source}{where}: {error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{source}{where}: not valid YAML{after} ({problem}).") from None
+
+
+def _mapping(text: str, source: str, after: str = "") -> Dict[str, Any]:
+    config = _yaml(text, source, after)
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: a config must be a YAML mapping of keys (output_dir, dataset, task, ...).")
+    return config
 
 
 def load_config(path: str, variables: Optional[Dict[str, Any]] = None,
@@ -108,21 +395,22 @@ def load_config(path: str, variables: Optional[Dict[str, Any]] = None,
     """Render a config with `variables`, parse it as YAML, set the key `overrides` and return it as an EasyDict.
 
     Raises:
-        ConfigError: missing file, template error, YAML error or unknown override, naming the file (and line).
+        ConfigError: missing file, template error, YAML error, a limit or an unknown override, naming the file
+        (and line).
     """
-    rendered = render_config(path, variables)
-    try:
-        config = yaml.safe_load(rendered)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}{where}: not valid YAML after rendering ({problem}).") from None
-    if config is None:
-        config = {}
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: a config must be a YAML mapping of keys (output_dir, dataset, task, ...).")
+    config = _mapping(render_config(path, variables), path, " after rendering")
     return easydict.EasyDict(apply_overrides(config, overrides, path, list(variables or ())))
+
+
+def load_run_config(path: str, overrides: Sequence[Override] = ()) -> easydict.EasyDict:
+    """A run directory's config.yaml, the config as it ran (rendered, overrides applied), read as plain YAML
+    within the same limits and never as a template: text such as `{{ x }}` in it is a string like any other.
+    The key `overrides` are set on it.
+
+    Raises:
+        ConfigError: as `load_config`.
+    """
+    return easydict.EasyDict(apply_overrides(_mapping(_read(path), path), overrides, path))
 
 
 def plain(value: Any) -> Any:
@@ -134,15 +422,20 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _value(text: str) -> Any:
-    """VALUE read as YAML; `1e-4`, which YAML 1.1 reads as text, is a number as in YAML 1.2."""
+def _value(text: str, name: str) -> Any:
+    """VALUE of `--name VALUE` read as YAML; `1e-4`, which YAML 1.1 reads as text, is a number as in YAML 1.2."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"cannot read {text!r} as a YAML value ({getattr(error, 'problem', error)}).") from None
+        value = yaml.load(text, Loader=_Loader)
+    except (_Refused, yaml.YAMLError) as error:
+        problem = str(error).rstrip(".") if isinstance(error, _Refused) else getattr(error, "problem", error)
+        raise ConfigError(f"option --{name}: cannot read {_short(text)} as a YAML value ({problem}).") from None
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
         return float(value)
     return value
+
+
+def _short(text: str, width: int = 60) -> str:
+    return repr(text) if len(text) <= width else repr(text[:width]) + "..."
 
 
 def key_items(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -163,6 +456,9 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[Override], source: 
     """
     for name, text in overrides:
         keys = [k for k in re.split(r"\.|\[(\d+)\]\.?", name) if k]
+        if len(keys) > NESTING_DEPTH:
+            raise ConfigError(f"option --{name[:60]}... has {len(keys)} keys, more than NESTING_DEPTH "
+                              f"({NESTING_DEPTH}); no config is nested that deep.")
         node, found = cfg, True
         for i, key in enumerate(keys):
             last = i == len(keys) - 1
@@ -172,7 +468,7 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[Override], source: 
                 found = False
                 break
             if last:
-                node[key] = _value(text)
+                node[key] = _value(text, name)
             else:
                 node = node[key]
         if not found:

@@ -4,7 +4,9 @@
 (depth first, lists included) and calls the constructor. torch optimizers and LR schedulers resolve by their
 torch names. Mistakes give one sentence naming the config key, the class and what it accepts: an unknown
 class or argument (with the closest names), a missing argument, a value of the wrong type (read from the
-constructor's type hints: `hidden_dims: 64` where a list of integers is wanted) or a value the constructor refuses.
+constructor's type hints: `hidden_dims: 64` where a list of integers is wanted), a value other than null or a
+`class:` dict for an argument that takes a function (`lr_lambda: "lambda e: ..."`, which no YAML value can be) or
+a value the constructor refuses.
 """
 from __future__ import annotations
 
@@ -188,9 +190,38 @@ def check_arguments(cls: Callable, kwargs: Dict[str, Any], path: str, supplied=(
         raise ConfigError(f"config key `{path}`: {cls.__name__} needs argument {absent[0]!r}; "
                           f"it accepts: {accepted}.")
     hints = type_hints(cls)
+    callables = {p.name for p in named if _takes_callable(p, hints.get(p.name))}
     for key, value in kwargs.items():
-        if key in hints and key not in supplied and not matches(value, hints[key]):
+        if key in supplied:
+            continue
+        if key in callables and not _is_built(value):
+            # a YAML value is never a function: without this, torch fails deep inside (LambdaLR: TypeError)
+            raise ConfigError(f"config key `{path}.{key}` takes a Python function, which a config cannot give "
+                              f"(got {_short(value)}); use a class whose arguments are plain values.")
+        if key in hints and not matches(value, hints[key]):
             raise type_error(f"{path}.{key}", value, hints[key])
+
+
+def _takes_callable(parameter: inspect.Parameter, hint: Any) -> bool:
+    """Whether a constructor parameter takes a function: its type hint (resolved, or the annotation's text
+    where it does not resolve, as torch's string annotations) names Callable, or its default is a function."""
+    annotation = hint if hint is not None else parameter.annotation
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    default = parameter.default
+    return "Callable" in text or "callable" in text or \
+        (default is not parameter.empty and default is not None and callable(default) and not inspect.isclass(default))
+
+
+def _is_built(value: Any) -> bool:
+    """Whether a config value is null or a `class:` dict (a list of them), the values a function argument may take."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_is_built(v) for v in value)
+    return value is None or isinstance(value, dict) and "class" in value
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def type_error(path: str, value: Any, hint: Any) -> ConfigError:

@@ -118,13 +118,13 @@ def _flat(value, prefix: str = "") -> Dict[str, str]:
 def run_labels(run_dirs: Sequence[Path]) -> List[str]:
     """A label per run: the config keys in which the runs differ (`key=value`, at most three, from each run's
     config.yaml), else the last two parts of the run directory, numbered when two would be the same."""
-    import yaml
+    from .config import ConfigError, load_run_config
 
     names = ["/".join(Path(d).parts[-2:]) for d in run_dirs]
     try:  # one run (its own curves, after every epoch) differs from nothing: its config is not read
-        configs = [_flat(yaml.safe_load((Path(d) / "config.yaml").read_text())) for d in run_dirs] \
+        configs = [_flat(load_run_config(str(Path(d) / "config.yaml"))) for d in run_dirs] \
             if len(run_dirs) > 1 else []
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, ConfigError):  # a run without a readable config.yaml is labelled by its directory
         configs = []
     if len(configs) > 1:
         keys = [k for k in dict.fromkeys(k for c in configs for k in c)

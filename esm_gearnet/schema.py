@@ -61,12 +61,14 @@ def _check_block(block: Any, allowed: Dict[str, Any], path: str) -> None:
             raise ConfigError(f"config key `{where}` must be at least {MINIMUM[where]}, got {value!r}.")
 
 
-def validate(cfg, source: str, dataset_keys: Optional[Dict[str, Any]] = None) -> None:
+def validate(cfg, source: str, dataset_keys: Optional[Dict[str, Any]] = None, template: bool = True) -> None:
     """Refuse, in one sentence naming the key path, a config that cannot train (see the module's docstring).
 
     Args:
         cfg: the rendered config (a dict); source: the config file, named when a section is missing.
         dataset_keys: keys of `dataset` that the script reads itself (name -> type hint), not the dataset class.
+        template: whether `source` is a Jinja template (-c) whose variables a null may come from; a run's
+            config.yaml is not, and is never rendered.
     Raises:
         ConfigError
     """
@@ -74,8 +76,8 @@ def validate(cfg, source: str, dataset_keys: Optional[Dict[str, Any]] = None) ->
         _validate(cfg, source, dataset_keys)
     except ConfigError as error:
         # a null that a Jinja variable left: name the variable to give on the command line
-        variable = variable_keys(source).get(getattr(error, "key", None)) if getattr(error, "value", 0) is None \
-            else None
+        variable = variable_keys(source).get(getattr(error, "key", None)) \
+            if template and getattr(error, "value", 0) is None else None
         if variable is None:
             raise
         raise ConfigError(f"{source}: config key `{error.key}` is {{{{ {variable} }}}}, which was not given; pass "

@@ -22,7 +22,7 @@ import yaml
 from . import checkpoint, distributed, writing
 from .assembly import build_task, optimizer_groups, runtime_task_list
 from .arguments import base_parser, parse_args
-from .config import ConfigError, load_config, plain
+from .config import ConfigError, load_config, load_run_config, plain
 from .engine import Engine, lower_is_better
 from .errors import fault_errors, user_errors
 from .registry import build
@@ -168,15 +168,17 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     Args:
         dataset_keys: keys of the config's `dataset` that the script reads itself (see `schema.validate`).
     """
-    args, variables, overrides = parse_args(argv, downstream_parser(description), config_file)
+    # a run's config.yaml is no template: it has no variables, every --NAME VALUE sets a key of it
+    args, variables, overrides = parse_args(argv, downstream_parser(description))
     source = config_file(args)
     if source is None:
         raise ConfigError("give the config with -c CONFIG, or --resume RUN_DIR to continue a run from its own "
                           "config.yaml.")
     if args.ckpt is not None and "ckpt" in variables:
         variables["ckpt"] = args.ckpt
-    cfg = load_config(source, variables, overrides)
-    validate(cfg, source, dataset_keys)
+    template = args.config is not None
+    cfg = load_config(source, variables, overrides) if template else load_run_config(source, overrides)
+    validate(cfg, source, dataset_keys, template=template)
     resume = args.resume or cfg.get("checkpoint")
     # the weight files named, found before anything is made (they are read once the model exists)
     weights = args.ckpt or cfg.get("model_checkpoint")
@@ -230,7 +232,8 @@ def _log_error(run_dir: Optional[Path], error: BaseException) -> None:
 
 
 def config_file(args) -> Optional[str]:
-    """-c CONFIG, else the config.yaml of the run that --resume names (None without either)."""
+    """-c CONFIG, else the config.yaml of the run that --resume names (None without either), which is read as
+    plain YAML (`config.load_run_config`), never rendered again."""
     if args.config or not args.resume:
         return args.config
     run_dir = resumed_run_dir(args.resume)
