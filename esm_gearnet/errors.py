@@ -1,17 +1,25 @@
 """Which errors end a command with their one sentence instead of a traceback (a run writes that sentence into
-its log.txt too): errors a user can act on (bad input: exit code 2) and faults of the machine (a rank that
-stopped answering, a worker process killed twice: exit code 1). Anything else is a bug and keeps its traceback."""
+its log.txt too): errors a user can act on (bad input, a run that cannot learn: exit code 2), faults of the
+machine (a rank that stopped answering, a worker process killed twice: exit code 1) and an interrupted run
+(Ctrl-C: exit code 130, the shell's 128 + SIGINT). Anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 from typing import Tuple, Type
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+
+
+class Interrupted(Exception):
+    """A run ended by Ctrl-C (SIGINT); its sentence says how to continue it."""
 
 
 def user_errors() -> Tuple[Type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets.download import DownloadError
+    from .stepper import CannotLearn
 
     # ConfigError, StructureError and the datasets' refusals are ValueErrors
-    return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError
+    return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError, CannotLearn
 
 
 def fault_errors() -> Tuple[Type[BaseException], ...]:

@@ -8,7 +8,9 @@ import argparse
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from .assembly import build_task, optimizer_groups, runtime_task_list
 from .arguments import base_parser, parse_args
 from .config import ConfigError, load_config, plain
 from .engine import Engine, lower_is_better
-from .errors import fault_errors, user_errors
+from .errors import Interrupted, fault_errors, user_errors
 from .registry import build
 from .run_log import format_metrics
 from .schema import validate
@@ -169,8 +171,8 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     weights = args.ckpt or cfg.get("model_checkpoint")
     if weights:
         checkpoint.present(checkpoint.locate(weights))
-    if resume:
-        checkpoint.present(resume_file(resume))
+    if resume:  # a file this many processes cannot continue is refused here, before anything is built
+        checkpoint.check_resumable(resume_file(resume), distributed.world_size())
     distributed.init((cfg.get("engine") or {}).get("timeout", distributed.DEFAULT_TIMEOUT))
     run_dir = None
     try:
@@ -185,6 +187,12 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         logger.info("config %s, run directory %s, %d process(es)", source, run_dir, distributed.world_size())
         seed_everything(args.seed)  # same initial weights on every rank
         yield args, cfg, run_dir, resume
+    except KeyboardInterrupt:
+        error = interrupted(run_dir)
+        _log_error(run_dir, error)
+        # the process group is left as it is: a peer may be inside a collective this rank will never join, and
+        # the command ends this process at once (`cli._one_sentence`)
+        raise error from None
     except BaseException as error:
         _log_error(run_dir, error)
         if not isinstance(error, distributed.StalledError):  # with a peer gone, leaving the group can wait forever
@@ -193,12 +201,28 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     distributed.shutdown()
 
 
+def interrupted(run_dir: Optional[Path]) -> Interrupted:
+    """Ctrl-C (SIGINT; torchrun forwards it to every rank) during a run: its one sentence, saying how to continue.
+    A second Ctrl-C, e.g. the terminal's and torchrun's both reaching a rank, is ignored from here on so that it
+    cannot break off the clean-up with a traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if run_dir is not None and (Path(run_dir) / "last.pth").is_file():
+        return Interrupted(f"interrupted; resume with --resume {run_dir}")
+    if run_dir is not None and Path(run_dir).is_dir():
+        return Interrupted(f"interrupted before the first checkpoint; nothing in {run_dir} to resume, start the run "
+                           "again")
+    return Interrupted("interrupted")
+
+
 def _log_error(run_dir: Optional[Path], error: BaseException) -> None:
     """Rank 0 appends the error that ends a run to its log.txt: the one sentence of an error a user can act on,
     else the traceback."""
     if run_dir is None or distributed.rank() != 0 or not Path(run_dir).is_dir():
         return
-    if isinstance(error, user_errors() + fault_errors()):
+    if isinstance(error, Interrupted):
+        text = f"{error}\n"
+    elif isinstance(error, user_errors() + fault_errors()):
         text = f"error: {error}\n"
     else:
         text = "".join(traceback.format_exception(error))
