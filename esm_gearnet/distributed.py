@@ -166,9 +166,36 @@ def any_true(flag: bool, device: torch.device) -> bool:
 
 
 def shutdown(wait: bool = True) -> None:
-    """Leave the group; with `wait`, together (a rank leaving while a peer still talks makes gloo abort the
-    peer). After an error, leave at once: the other ranks may never reach the barrier."""
-    if dist.is_initialized():
-        if wait:
-            dist.barrier()
+    """Leave the group; with `wait`, together: no rank tears down its connections while a peer may still be in a
+    collective with it, and no rank exits while a peer still tears down (`_meet`). After an error, leave at once:
+    the other ranks may never come to the end."""
+    if not dist.is_initialized():
+        return
+    if not wait:
         dist.destroy_process_group()
+        return
+    # the store, rank and size are kept: destroying the group releases them
+    store, me, size = dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+    _meet(store, "done", me, size)  # every rank has finished its last collective: nothing is in flight
+    dist.destroy_process_group()
+    _meet(store, "left", me, size, everyone=False)  # rank 0, which may host the store, leaves last
+
+
+def _meet(store, name: str, me: int, size: int, everyone: bool = True) -> None:
+    """A rendezvous through the launcher's key-value store: rank `me` of `size` says it reached `name` and waits
+    until every rank has (with `everyone` False, only rank 0 waits, for the others). Unlike a collective of the
+    group, every request to the store is answered, so a rank that returns knows that every other rank has
+    arrived, not only that its own messages were handed to the kernel.
+
+    Why: this framework used to leave with barrier() then destroy_process_group(). A gloo barrier ends on each
+    rank as soon as its own message is handed to the kernel and its peers' messages have arrived, so rank 0 could
+    return from it, tear its connections down and exit while rank 1 was still in the barrier (or still tearing
+    its own side down against a peer that was gone). Once in 7 runs on a loaded machine rank 1 of a finished
+    2-rank run was left asleep on a futex after rank 0 had exited. Meeting through the store before and after
+    leaving the group means no rank closes a connection a peer still uses, and no rank exits before all have
+    left the group."""
+    timeout = timedelta(seconds=_timeout or DEFAULT_TIMEOUT)
+    if me != 0 or everyone:
+        store.set(f"esm_gearnet/{name}/{me}", "1")
+    if me == 0 or everyone:
+        store.wait([f"esm_gearnet/{name}/{r}" for r in range(size) if everyone or r != 0], timeout)
