@@ -163,6 +163,28 @@ def test_ctrl_c_ends_a_run_in_one_line_and_it_resumes(tmp_path):
     assert [r["epoch"] for r in records if "epoch" in r] == list(range(1, epoch + 2)) and "final" in records[-1]
 
 
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["after a checkpoint", "before one"])
+def test_ctrl_c_inside_any_training_command_becomes_its_line(tmp_path, checkpointed):
+    """Fine-tuning and pre-training share `training.training_run`: a KeyboardInterrupt inside it becomes
+    `errors.Interrupted`, whose sentence says whether and how to resume, and log.txt gets that line."""
+    from esm_gearnet.errors import Interrupted
+    from esm_gearnet.training import training_run
+
+    handler = signal.getsignal(signal.SIGINT)  # the run ignores a second Ctrl-C from then on: restored below
+    try:
+        with pytest.raises(Interrupted) as error:
+            with training_run(["-c", str(DEMO), *SMALL, "--output_dir", str(tmp_path)], "test") as (_, _, run_dir, _):
+                if checkpointed:
+                    (run_dir / "last.pth").write_bytes(b"weights")
+                raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    wanted = (f"interrupted; resume with --resume {run_dir}" if checkpointed else
+              f"interrupted before the first checkpoint; nothing in {run_dir} to resume, start the run again")
+    assert str(error.value) == wanted and _last_line(run_dir / "log.txt").endswith(" " + wanted)
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
 @pytest.mark.slow
 def test_ctrl_c_under_torchrun_ends_every_rank(tmp_path):
     """Ctrl-C in a terminal: SIGINT to torchrun and both ranks (torchrun forwards it too). Each rank ends with the
