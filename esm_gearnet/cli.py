@@ -26,7 +26,7 @@ def _one_sentence(main):
 
     @functools.wraps(main)
     def wrapper(argv: Optional[List[str]] = None) -> int:
-        from .errors import INTERRUPTED_EXIT_CODE, Interrupted, fault_errors, user_errors
+        from .errors import INTERRUPTED_EXIT_CODE, Interrupted, fault_errors, ignoring_ctrl_c, user_errors
 
         try:
             return main(argv)
@@ -43,9 +43,10 @@ def _one_sentence(main):
                 _end_process(1)
             return 1
         except (Interrupted, KeyboardInterrupt) as error:
-            print(str(error) if isinstance(error, Interrupted) else "interrupted", file=sys.stderr)
-            # a peer rank may be inside a collective this one left: end now rather than tear the group down
-            _end_process(INTERRUPTED_EXIT_CODE, only_in_a_group=True)
+            with ignoring_ctrl_c():
+                print(str(error) if isinstance(error, Interrupted) else "interrupted", file=sys.stderr)
+                # a peer rank may be inside a collective this one left: end now rather than tear the group down
+                _end_process(INTERRUPTED_EXIT_CODE, only_in_a_group=True)
             return INTERRUPTED_EXIT_CODE
     return wrapper
 

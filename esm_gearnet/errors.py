@@ -4,6 +4,9 @@ machine (a rank that stopped answering, a worker process killed twice: exit code
 (Ctrl-C: exit code 130, the shell's 128 + SIGINT). Anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from typing import Tuple, Type
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
@@ -11,6 +14,21 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command 
 
 class Interrupted(Exception):
     """A run ended by Ctrl-C (SIGINT); its sentence says how to continue it."""
+
+
+@contextmanager
+def ignoring_ctrl_c():
+    """SIGINT ignored inside the block, then handled as before: the clean-up after a first Ctrl-C is not broken
+    off by a second (the terminal's and torchrun's both reach a rank). Only the main thread can set signals;
+    elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def user_errors() -> Tuple[Type[BaseException], ...]:

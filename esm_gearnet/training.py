@@ -8,9 +8,7 @@ import argparse
 import logging
 import os
 import random
-import signal
 import sys
-import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -26,7 +24,7 @@ from .assembly import build_task, optimizer_groups, runtime_task_list
 from .arguments import base_parser, parse_args
 from .config import ConfigError, load_config, plain
 from .engine import Engine, lower_is_better
-from .errors import Interrupted, fault_errors, user_errors
+from .errors import Interrupted, fault_errors, ignoring_ctrl_c, user_errors
 from .registry import build
 from .run_log import format_metrics
 from .schema import validate
@@ -188,8 +186,10 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         seed_everything(args.seed)  # same initial weights on every rank
         yield args, cfg, run_dir, resume
     except KeyboardInterrupt:
-        error = interrupted(run_dir)
-        _log_error(run_dir, error)
+        # a second Ctrl-C (the terminal's and torchrun's both reach a rank) must not break off the clean-up
+        with ignoring_ctrl_c():
+            error = interrupted(run_dir)
+            _log_error(run_dir, error)
         # the process group is left as it is: a peer may be inside a collective this rank will never join, and
         # the command ends this process at once (`cli._one_sentence`)
         raise error from None
@@ -202,11 +202,8 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
 
 
 def interrupted(run_dir: Optional[Path]) -> Interrupted:
-    """Ctrl-C (SIGINT; torchrun forwards it to every rank) during a run: its one sentence, saying how to continue.
-    A second Ctrl-C, e.g. the terminal's and torchrun's both reaching a rank, is ignored from here on so that it
-    cannot break off the clean-up with a traceback."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Ctrl-C (SIGINT; torchrun forwards it to every rank) during a run: its one sentence, saying how to
+    continue."""
     if run_dir is not None and (Path(run_dir) / "last.pth").is_file():
         return Interrupted(f"interrupted; resume with --resume {run_dir}")
     if run_dir is not None and Path(run_dir).is_dir():

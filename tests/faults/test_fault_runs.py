@@ -170,15 +170,13 @@ def test_ctrl_c_inside_any_training_command_becomes_its_line(tmp_path, checkpoin
     from esm_gearnet.errors import Interrupted
     from esm_gearnet.training import training_run
 
-    handler = signal.getsignal(signal.SIGINT)  # the run ignores a second Ctrl-C from then on: restored below
-    try:
-        with pytest.raises(Interrupted) as error:
-            with training_run(["-c", str(DEMO), *SMALL, "--output_dir", str(tmp_path)], "test") as (_, _, run_dir, _):
-                if checkpointed:
-                    (run_dir / "last.pth").write_bytes(b"weights")
-                raise KeyboardInterrupt
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as error:
+        with training_run(["-c", str(DEMO), *SMALL, "--output_dir", str(tmp_path)], "test") as (_, _, run_dir, _):
+            if checkpointed:
+                (run_dir / "last.pth").write_bytes(b"weights")
+            raise KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is handler  # ignored only during the clean-up
     wanted = (f"interrupted; resume with --resume {run_dir}" if checkpointed else
               f"interrupted before the first checkpoint; nothing in {run_dir} to resume, start the run again")
     assert str(error.value) == wanted and _last_line(run_dir / "log.txt").endswith(" " + wanted)
