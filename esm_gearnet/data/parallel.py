@@ -6,7 +6,8 @@ would go on parsing under PID 1, holding its memory. On Linux every worker asks 
 parent's death (prctl PR_SET_PDEATHSIG, through ctypes), then checks that the parent it was forked from is still
 its parent (a parent that died before the request would otherwise go unnoticed). Where prctl is unavailable
 (macOS, other systems), a daemon thread in the worker polls the parent's pid every PARENT_POLL seconds and ends
-the worker when it changes (`_end_with_parent`).
+the worker when it changes (`_end_with_parent`). The kernel's signal follows the thread that forked the worker,
+so `ordered_map` must be iterated in a thread that outlives it (every caller here uses the main thread).
 """
 from __future__ import annotations
 
