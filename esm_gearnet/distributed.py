@@ -11,6 +11,7 @@ message naming the collective.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import traceback
@@ -177,7 +178,8 @@ def shutdown(wait: bool = True) -> None:
     # the store, rank and size are kept: destroying the group releases them
     store, me, size = dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
     _meet(store, "done", me, size)  # every rank has finished its last collective: nothing is in flight
-    dist.destroy_process_group()
+    gc.collect()  # a DDP wrapper let go of (`Engine.close`) but kept in a reference cycle still holds the group
+    dist.destroy_process_group()  # with the last reference gone, gloo's connections are torn down here, now
     _meet(store, "left", me, size, everyone=False)  # rank 0, which may host the store, leaves last
 
 

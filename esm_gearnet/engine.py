@@ -319,6 +319,13 @@ class Engine:
         rng.restore(training["rng"][self.rank])
         return training["position"]
 
+    def close(self) -> None:
+        """The end of a run: close the run log (Weights & Biases, TensorBoard) and let go of the DDP wrapper, which
+        holds the process group, so that `distributed.shutdown` tears the group down while every rank is still
+        there (not later, when the engine is freed: a rank freeing it after its peer had exited hung)."""
+        self.run_log.close()
+        self.model = self.task
+
     # ---- console -----------------------------------------------------------------------------------------
     def _bar(self, iterable, description: str, total: Optional[int] = None):
         if not self.progress:

@@ -96,7 +96,7 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
             if unit > done or (unit == done and distributed.broadcast_object(not (run_dir / name).exists())):
                 engine.save_weights(name)
                 logger.info("saved the encoder's weights to %s", run_dir / name)
-        engine.run_log.close()
+        engine.close()
         if unit == done and resume:
             logger.info("run %s had finished: nothing to do", run_dir)
         else:

@@ -253,7 +253,7 @@ def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
             setup_logging(run_dir)
             logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
         result = engine.fit(cfg.train.num_epoch, selection_metric(cfg, engine.task), cfg.train.get("batch_per_epoch"))
-        engine.run_log.close()
+        engine.close()
         logger.info("done: run directory %s; best validation epoch %s, its test metrics: %s; curves: %s",
                     run_dir, engine.best["epoch"], format_metrics(result), run_dir / "curves.png")
     return result
