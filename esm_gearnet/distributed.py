@@ -189,13 +189,13 @@ def _meet(store, name: str, me: int, size: int, everyone: bool = True) -> None:
     group, every request to the store is answered, so a rank that returns knows that every other rank has
     arrived, not only that its own messages were handed to the kernel.
 
-    Why: this framework used to leave with barrier() then destroy_process_group(). A gloo barrier ends on each
-    rank as soon as its own message is handed to the kernel and its peers' messages have arrived, so rank 0 could
-    return from it, tear its connections down and exit while rank 1 was still in the barrier (or still tearing
-    its own side down against a peer that was gone). Once in 7 runs on a loaded machine rank 1 of a finished
-    2-rank run was left asleep on a futex after rank 0 had exited. Meeting through the store before and after
-    leaving the group means no rank closes a connection a peer still uses, and no rank exits before all have
-    left the group."""
+    Why: this framework used to leave with barrier() then destroy_process_group(), but that call did not tear
+    gloo down while the engine's DDP wrapper still held the group: its connections and threads went only when
+    the engine was freed, after the barrier, when the peer might have exited. Once in about 10 runs rank 1 of a
+    finished 2-rank run then slept on a futex in that teardown (faulthandler: at the return of run_downstream)
+    after rank 0 had exited. Now the wrapper is let go first (`Engine.close`), the group is torn down between
+    two meetings, and no rank exits while a peer still tears down its side.
+    """
     timeout = timedelta(seconds=_timeout or DEFAULT_TIMEOUT)
     if me != 0 or everyone:
         store.set(f"esm_gearnet/{name}/{me}", "1")
