@@ -210,6 +210,44 @@ def load(path, mmap: bool = False, what: str = "checkpoint", advice: str = CHECK
     return state
 
 
+def resumable_training(state: Any, path, world_size: int) -> Dict[str, Any]:
+    """The `training` state of a loaded checkpoint, if a run of `world_size` processes can continue from it: the
+    one rule for which files and which runs can be resumed (`check_resumable` before a run builds anything,
+    `Engine.resume` when it loads the file).
+
+    Raises:
+        CheckpointError: a file that is not a training checkpoint of this framework, one holding weights only,
+            or one written by another number of processes (the RNG streams and data order are per rank).
+    """
+    if not is_packed(state):
+        raise CheckpointError(f"{path} is not a training checkpoint of this framework; resume needs the last.pth a "
+                              "run of this version wrote during training.")
+    training = state["training"]
+    if training is None:
+        raise CheckpointError(f"{path} holds model weights only; resume needs a last.pth written during training "
+                              "(use --ckpt to start from weights).")
+    if training["world_size"] != world_size:
+        raise CheckpointError(f"{path} was written by {training['world_size']} process(es) but {world_size} run "
+                              "now; resume with the same number.")
+    return training
+
+
+def check_resumable(path, world_size: int) -> None:
+    """Refuse, before a run builds its dataset and model, a --resume file that `resumable_training` refuses. The
+    file is memory-mapped: its metadata is read, its tensors are not (nor its digest checked: `load` does that
+    when the run resumes).
+
+    Raises:
+        CheckpointError: see `resumable_training`, and `load`'s sentences for a file that cannot be read.
+    """
+    path = present(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint (e.g. the original's): load names the problem
+        state = load(path)
+    resumable_training(state, path, world_size)
+
+
 def locate(path, names: Sequence[str] = ("best.pth", "last.pth")) -> Path:
     """The checkpoint a path names: the file itself, or the first of `names` in a run directory.
 

@@ -19,13 +19,14 @@ from .arguments import parse_args, script_parser
 
 
 def _one_sentence(main):
-    """Errors a user can act on (a bad path, config or checkpoint) end the command with their one sentence
-    and exit code 2, faults of the machine (`errors.fault_errors`) with theirs and exit code 1."""
+    """Errors a user can act on (a bad path, config or checkpoint, a run that cannot learn) end the command with
+    their one sentence and exit code 2, faults of the machine (`errors.fault_errors`) with theirs and exit code 1,
+    Ctrl-C with one line ("interrupted; resume with --resume RUN" for a run) and exit code 130."""
     import functools
 
     @functools.wraps(main)
     def wrapper(argv: Optional[List[str]] = None) -> int:
-        from .errors import fault_errors, user_errors
+        from .errors import INTERRUPTED_EXIT_CODE, Interrupted, fault_errors, ignoring_ctrl_c, user_errors
 
         try:
             return main(argv)
@@ -39,14 +40,30 @@ def _one_sentence(main):
             if isinstance(error, StalledError):
                 # a rank that stopped answering still belongs to the process group, and tearing the group down
                 # (also at interpreter exit) can wait for it forever: end this process now
-                import logging
-                import os
-
-                logging.shutdown()
-                sys.stderr.flush()
-                os._exit(1)
+                _end_process(1)
             return 1
+        except (Interrupted, KeyboardInterrupt) as error:
+            with ignoring_ctrl_c():
+                print(str(error) if isinstance(error, Interrupted) else "interrupted", file=sys.stderr)
+                # a peer rank may be inside a collective this one left: end now rather than tear the group down
+                _end_process(INTERRUPTED_EXIT_CODE, only_in_a_group=True)
+            return INTERRUPTED_EXIT_CODE
     return wrapper
+
+
+def _end_process(code: int, only_in_a_group: bool = False) -> None:
+    """End this process at once with `code` (logs flushed, no interpreter clean-up that could wait for a peer);
+    with `only_in_a_group`, only when a process group is joined (a single process returns normally)."""
+    import logging
+    import os
+
+    dist = sys.modules.get("torch.distributed")  # not imported: no group joined (and no torch import to end)
+    if only_in_a_group and (dist is None or not dist.is_initialized()):
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

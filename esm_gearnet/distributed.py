@@ -11,6 +11,7 @@ message naming the collective.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import traceback
@@ -166,9 +167,37 @@ def any_true(flag: bool, device: torch.device) -> bool:
 
 
 def shutdown(wait: bool = True) -> None:
-    """Leave the group; with `wait`, together (a rank leaving while a peer still talks makes gloo abort the
-    peer). After an error, leave at once: the other ranks may never reach the barrier."""
-    if dist.is_initialized():
-        if wait:
-            dist.barrier()
+    """Leave the group; with `wait`, together: no rank tears down its connections while a peer may still be in a
+    collective with it, and no rank exits while a peer still tears down (`_meet`). After an error, leave at once:
+    the other ranks may never come to the end."""
+    if not dist.is_initialized():
+        return
+    if not wait:
         dist.destroy_process_group()
+        return
+    # the store, rank and size are kept: destroying the group releases them
+    store, me, size = dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+    _meet(store, "done", me, size)  # every rank has finished its last collective: nothing is in flight
+    gc.collect()  # a DDP wrapper let go of (`Engine.close`) but kept in a reference cycle still holds the group
+    dist.destroy_process_group()  # with the last reference gone, gloo's connections are torn down here, now
+    _meet(store, "left", me, size, everyone=False)  # rank 0, which may host the store, leaves last
+
+
+def _meet(store, name: str, me: int, size: int, everyone: bool = True) -> None:
+    """A rendezvous through the launcher's key-value store: rank `me` of `size` says it reached `name` and waits
+    until every rank has (with `everyone` False, only rank 0 waits, for the others). Unlike a collective of the
+    group, every request to the store is answered, so a rank that returns knows that every other rank has
+    arrived, not only that its own messages were handed to the kernel.
+
+    Why: this framework used to leave with barrier() then destroy_process_group(), but that call did not tear
+    gloo down while the engine's DDP wrapper still held the group: its connections and threads went only when
+    the engine was freed, after the barrier, when the peer might have exited. Once in about 10 runs rank 1 of a
+    finished 2-rank run then slept on a futex in that teardown (faulthandler: at the return of run_downstream)
+    after rank 0 had exited. Now the wrapper is let go first (`Engine.close`), the group is torn down between
+    two meetings, and no rank exits while a peer still tears down its side.
+    """
+    timeout = timedelta(seconds=_timeout or DEFAULT_TIMEOUT)
+    if me != 0 or everyone:
+        store.set(f"esm_gearnet/{name}/{me}", "1")
+    if me == 0 or everyone:
+        store.wait([f"esm_gearnet/{name}/{r}" for r in range(size) if everyone or r != 0], timeout)

@@ -105,7 +105,8 @@ class Engine:
             the world size; log_interval: steps between log lines.
         gradient_interval: optimizer steps every this many batches (gradient accumulation).
         clip_norm: clip the gradient norm; precision: "fp32", or "bf16"/"fp16" autocast on CUDA.
-        on_nonfinite: "stop" (raise, naming the step) or "skip" the step.
+        on_nonfinite: "stop" (raise, naming the step) or "skip" the step (at most `stepper.MAX_SKIPPED_SHARE` of
+            an epoch's batches; the epoch's count is the record's `skipped_steps`).
         sync_batch_norm: convert batch norms to SyncBatchNorm under multi-GPU DDP.
         find_unused_parameters: passed to DDP.
         bucket: length-bucketed training batches (`sampler.LengthBucketSampler`): less padding for ESM.
@@ -181,6 +182,7 @@ class Engine:
         epoch = self.epoch + 1  # epochs count from 1 everywhere: bar, log, metrics.jsonl, checkpoints
         bar = self._bar(loader, f"epoch {epoch}", num_batch)
         self.stepper.zero_grad()
+        self.stepper.start_epoch(num_batch)
         for i, batch in enumerate(bar):
             # the batch onto this process's device
             batch = to_device(batch, self.device)
@@ -257,7 +259,7 @@ class Engine:
             # the epoch's record: log, metrics.jsonl, curves.png (the best epoch marked), TensorBoard
             self.record({"epoch": self.epoch, "step": self.step, "train": train, "valid": valid, "test": test,
                          "lr": self.stepper.learning_rates(), "num_evaluated": dict(self.num_evaluated),
-                         "best_epoch": self.best["epoch"]})
+                         "skipped_steps": self.stepper.skipped, "best_epoch": self.best["epoch"]})
             # a better validation score: these weights become best.pth
             if improved:
                 self.save_weights("best.pth")
@@ -308,16 +310,7 @@ class Engine:
         """Continue from a file `save` wrote: weights, optimizer, scheduler, scaler, counters, best epoch,
         history and this rank's RNG. Returns the `position` given to `save`."""
         state = checkpoint.load(path)
-        if not checkpoint.is_packed(state):
-            raise checkpoint.CheckpointError(f"{path} is not a training checkpoint of this framework; resume needs "
-                                             "the last.pth a run of this version wrote during training.")
-        training = state["training"]
-        if training is None:
-            raise checkpoint.CheckpointError(f"{path} holds model weights only; resume needs a last.pth written "
-                                             "during training (use --ckpt to start from weights).")
-        if training["world_size"] != self.world_size:
-            raise checkpoint.CheckpointError(f"{path} was written by {training['world_size']} process(es) but "
-                                             f"{self.world_size} run now; resume with the same number.")
+        training = checkpoint.resumable_training(state, path, self.world_size)
         checkpoint.load_state_dict_checked(self.task, checkpoint.task_state(state), str(path))
         self.stepper.load_state_dict(training)
         self.epoch, self.step = state["epoch"], training["step"]
@@ -325,6 +318,13 @@ class Engine:
         self.run_log.restore(training["metrics"])  # drops records the interrupted run wrote after `path`
         rng.restore(training["rng"][self.rank])
         return training["position"]
+
+    def close(self) -> None:
+        """The end of a run: close the run log (Weights & Biases, TensorBoard) and let go of the DDP wrapper, which
+        holds the process group, so that `distributed.shutdown` tears the group down while every rank is still
+        there (not later, when the engine is freed: a rank freeing it after its peer had exited hung)."""
+        self.run_log.close()
+        self.model = self.task
 
     # ---- console -----------------------------------------------------------------------------------------
     def _bar(self, iterable, description: str, total: Optional[int] = None):

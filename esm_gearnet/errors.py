@@ -1,9 +1,34 @@
 """Which errors end a command with their one sentence instead of a traceback (a run writes that sentence into
-its log.txt too): errors a user can act on (bad input: exit code 2) and faults of the machine (a rank that
-stopped answering, a worker process killed twice: exit code 1). Anything else is a bug and keeps its traceback."""
+its log.txt too): errors a user can act on (bad input, a run that cannot learn: exit code 2), faults of the
+machine (a rank that stopped answering, a worker process killed twice: exit code 1) and an interrupted run
+(Ctrl-C: exit code 130, the shell's 128 + SIGINT). Anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from typing import Tuple, Type
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+
+
+class Interrupted(Exception):
+    """A run ended by Ctrl-C (SIGINT); its sentence says how to continue it."""
+
+
+@contextmanager
+def ignoring_ctrl_c():
+    """SIGINT ignored inside the block, then handled as before: the clean-up after a first Ctrl-C is not broken
+    off by a second (the terminal's and torchrun's both reach a rank). Only the main thread can set signals;
+    elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class InputError(ValueError):
@@ -15,11 +40,12 @@ class InputError(ValueError):
 def user_errors() -> Tuple[Type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets.download import DownloadError
+    from .stepper import CannotLearn
     from .writing import OutputError
 
     # ConfigError, StructureError, InputError and the datasets' other refusals are ValueErrors; OutputError: a full
-    # disk, a read-only location, another writer
-    return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError, OutputError
+    # disk, a read-only location, another writer; CannotLearn: a non-finite loss
+    return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError, OutputError, CannotLearn
 
 
 def fault_errors() -> Tuple[Type[BaseException], ...]:

@@ -227,15 +227,14 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
     output = output_file(output, "embeddings.npz")
     if output.suffix not in FORMATS:
         raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
+    cfg, state = load_run(config, ckpt, variables, overrides)  # a config or checkpoint fault: nothing is made
     with writing.output_lock(output):  # a second embed into the same file is refused: nothing is lost
         checkpoint.remove_leftovers(output)
-        return _embed(inputs, output, config, ckpt, per_residue, resume, workers, device, max_residues, progress,
-                      variables, overrides)
+        return _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, device, max_residues, progress)
 
 
-def _embed(inputs, output, config, ckpt, per_residue, resume, workers, device, max_residues, progress, variables,
-           overrides) -> Tuple[int, List[Tuple[str, str]]]:
-    cfg, state = load_run(config, ckpt, variables, overrides)
+def _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, device, max_residues, progress
+           ) -> Tuple[int, List[Tuple[str, str]]]:
     encoder = load_encoder(cfg, state, str(ckpt))
     options = embedding_options(cfg, encoder, per_residue)
     previous = load_embeddings(output) if resume and output.exists() else None
@@ -276,14 +275,14 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
     output = output_file(output, "predictions.csv")
     if scores:
         scores = output_file(scores, "scores.npz")
+    cfg, state = load_run(config, ckpt, variables, overrides)  # a config or checkpoint fault: nothing is made
     with writing.output_lock(output):  # a second predict into the same file is refused: nothing is lost
-        return _predict(inputs, output, ckpt, config, threshold, top, scores, workers, device, max_residues, progress,
-                        variables, overrides)
+        return _predict(inputs, output, cfg, state, ckpt, threshold, top, scores, workers, device, max_residues,
+                        progress)
 
 
-def _predict(inputs, output, ckpt, config, threshold, top, scores, workers, device, max_residues, progress, variables,
-             overrides) -> Tuple[int, List[Tuple[str, str]]]:
-    cfg, state = load_run(config, ckpt, variables, overrides)
+def _predict(inputs, output, cfg, state, ckpt, threshold, top, scores, workers, device, max_residues, progress
+             ) -> Tuple[int, List[Tuple[str, str]]]:
     if not checkpoint.is_packed(state):
         raise ValueError(f"{ckpt} holds no prediction head; predict needs a fine-tuning run directory or its "
                          "best.pth.")

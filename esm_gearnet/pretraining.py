@@ -83,7 +83,8 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
                             train = engine.train_epoch(_training_split(dataset), cfg.train.get("batch_per_epoch"))
                             engine.record({"epoch": engine.epoch, "step": engine.step, "species": species,
                                            "split": split, "train": train,
-                                           "lr": engine.stepper.learning_rates()})
+                                           "lr": engine.stepper.learning_rates(),
+                                           "skipped_steps": engine.stepper.skipped})
                         engine.save("last.pth", position={"splits_done": unit + 1, "num_splits": num_splits})
                     unit += 1
                     split += 1
@@ -95,7 +96,7 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
             if unit > done or (unit == done and distributed.broadcast_object(not (run_dir / name).exists())):
                 engine.save_weights(name)
                 logger.info("saved the encoder's weights to %s", run_dir / name)
-        engine.run_log.close()
+        engine.close()
         if unit == done and resume:
             logger.info("run %s had finished: nothing to do", run_dir)
         else:

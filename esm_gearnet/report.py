@@ -10,21 +10,41 @@ differ (their `config.yaml`), else by their directory names, unless labels are g
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+logger = logging.getLogger("esm_gearnet")
 Series = Dict[str, Tuple[List[int], List[float]]]
 
 
 def read_records(run_dir) -> List[Dict]:
-    """The per-epoch records of a run's metrics.jsonl (the final summary left out)."""
+    """The per-epoch records of a run's metrics.jsonl (the final summary left out).
+
+    A last line cut off (a run killed while writing it) is left out with a warning naming the file and line;
+    a line that is not JSON before the last is refused (the file was damaged, not cut off).
+
+    Raises:
+        FileNotFoundError: no metrics.jsonl; ValueError: a damaged line, named with its file and number.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; is it a run directory of script/downstream.py or "
                                 "script/pretrain.py?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "epoch" in r]
+    numbered = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in numbered:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if n == numbered[-1][0]:
+                logger.warning("%s line %d is cut off (%s), as a run killed while writing it leaves it: drawn "
+                               "without it", path, n, error.msg)
+                continue
+            raise ValueError(f"{path} line {n} is not a JSON record ({error.msg}, column {error.colno}) though "
+                             "lines follow it: the file was damaged; repair or delete that line.") from None
+    return [r for r in records if isinstance(r, dict) and "epoch" in r]
 
 
 def series(records: Sequence[Dict]) -> Dict[str, Series]:

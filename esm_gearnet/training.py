@@ -24,7 +24,7 @@ from .assembly import build_task, optimizer_groups, runtime_task_list
 from .arguments import base_parser, parse_args
 from .config import ConfigError, load_config, load_run_config, plain
 from .engine import Engine, lower_is_better
-from .errors import fault_errors, user_errors
+from .errors import Interrupted, fault_errors, ignoring_ctrl_c, user_errors
 from .registry import build
 from .run_log import format_metrics
 from .schema import validate
@@ -184,12 +184,13 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     weights = args.ckpt or cfg.get("model_checkpoint")
     if weights:
         checkpoint.present(checkpoint.locate(weights))
-    if resume:
-        checkpoint.present(resume_file(resume))
+    if resume:  # a file this many processes cannot continue is refused here, before anything is built
+        checkpoint.check_resumable(resume_file(resume), distributed.world_size())
     run_dir, lock = None, ExitStack()  # the ranks of a run share rank 0's lock: a second run there is refused
     try:
         if distributed.rank() == 0:  # a read-only or full location is found before any work, not at the first save
-            writing.writable_folder(resumed_run_dir(resume) if resume else cfg.get("output_dir") or "output")
+            writing.writable(Path(resumed_run_dir(resume) if resume else cfg.get("output_dir") or "output")
+                             / "config.yaml")
             if resume:
                 lock.enter_context(writing.output_lock(resumed_run_dir(resume), what="run directory"))
         distributed.init((cfg.get("engine") or {}).get("timeout", distributed.DEFAULT_TIMEOUT))
@@ -206,6 +207,15 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         logger.info("config %s, run directory %s, %d process(es)", source, run_dir, distributed.world_size())
         seed_everything(args.seed)  # same initial weights on every rank
         yield args, cfg, run_dir, resume
+    except KeyboardInterrupt:
+        # a second Ctrl-C (the terminal's and torchrun's both reach a rank) must not break off the clean-up
+        with ignoring_ctrl_c():
+            error = interrupted(run_dir)
+            _log_error(run_dir, error)
+            lock.close()
+        # the process group is left as it is: a peer may be inside a collective this rank will never join, and
+        # the command ends this process at once (`cli._one_sentence`)
+        raise error from None
     except BaseException as error:
         _log_error(run_dir, error)
         lock.close()
@@ -216,12 +226,25 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     distributed.shutdown()
 
 
+def interrupted(run_dir: Optional[Path]) -> Interrupted:
+    """Ctrl-C (SIGINT; torchrun forwards it to every rank) during a run: its one sentence, saying how to
+    continue."""
+    if run_dir is not None and (Path(run_dir) / "last.pth").is_file():
+        return Interrupted(f"interrupted; resume with --resume {run_dir}")
+    if run_dir is not None and Path(run_dir).is_dir():
+        return Interrupted(f"interrupted before the first checkpoint; nothing in {run_dir} to resume, start the run "
+                           "again")
+    return Interrupted("interrupted")
+
+
 def _log_error(run_dir: Optional[Path], error: BaseException) -> None:
     """Rank 0 appends the error that ends a run to its log.txt: the one sentence of an error a user can act on,
     else the traceback."""
     if run_dir is None or distributed.rank() != 0 or not Path(run_dir).is_dir():
         return
-    if isinstance(error, user_errors() + fault_errors()):
+    if isinstance(error, Interrupted):
+        text = f"{error}\n"
+    elif isinstance(error, user_errors() + fault_errors()):
         text = f"error: {error}\n"
     else:
         text = "".join(traceback.format_exception(error))
@@ -258,7 +281,7 @@ def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
             setup_logging(run_dir)
             logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
         result = engine.fit(cfg.train.num_epoch, selection_metric(cfg, engine.task), cfg.train.get("batch_per_epoch"))
-        engine.run_log.close()
+        engine.close()
         logger.info("done: run directory %s; best validation epoch %s, its test metrics: %s; curves: %s",
                     run_dir, engine.best["epoch"], format_metrics(result), run_dir / "curves.png")
     return result

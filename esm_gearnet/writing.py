@@ -12,8 +12,8 @@ function            what it does
                     the inputs a command reported and skipped
 `append_line`       one record appended to a log (`metrics.jsonl`, `log.txt`) and flushed; a crash tears at most
                     the last record, which the readers skip, naming it
-`writable(path)`    a test write beside `path` (and, given a size, the free space): the location is refused before
-                    the work, not after it. On this project's machines the tests run as root, where permission
+`writable(path)`    a test write where `path` goes (and, given a size, the free space): the location is refused
+                    before the work, not after it. On this project's machines the tests run as root, where permission
                     bits stop nothing: only a real write says whether a location takes files
 `output_lock(path)` `filelock` on `.NAME.lock` beside a file, `.lock` inside a folder: a second command writing the same output is refused in one sentence;
                     `wait=True` waits for the first instead (a dataset cache that two runs build). The locks are
@@ -209,16 +209,19 @@ def append_line(path, line: str) -> None:
 
 # ---- before the work -----------------------------------------------------------------------------------------
 def writable(path, need_bytes: int = 0) -> Path:
-    """`path` if a file can be written there: its folder is made, a test file written and removed there, and the
-    free space compared with `need_bytes` (an estimate of the output's size).
+    """`path` if a file can be written there: a test file is written and removed in its folder (or, where that
+    does not exist yet, in the nearest folder above it that does: nothing is made), and the free space there is
+    compared with `need_bytes` (an estimate of the output's size).
 
     Raises:
-        OutputError: one sentence naming the location and what to do.
+        OutputError: one sentence naming `path` and what to do.
     """
     path = Path(os.path.expanduser(str(path)))
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
+        handle, probe = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=folder)
         try:
             with open(handle, "wb") as written:
                 written.write(b"0")
@@ -227,23 +230,11 @@ def writable(path, need_bytes: int = 0) -> Path:
             os.unlink(probe)
     except OSError as error:
         raise refusal(path, error) from None
-    free = shutil.disk_usage(path.parent).free
+    free = shutil.disk_usage(folder).free
     if need_bytes > free:
         raise OutputError(f"cannot write {path}: it needs about {need_bytes / 2**20:.0f} MiB and the disk holding "
-                          f"it has {free / 2**20:.0f} MiB free; free space in {path.parent} or choose another "
-                          "location.")
+                          f"it has {free / 2**20:.0f} MiB free; free space in {folder} or choose another location.")
     return path
-
-
-def writable_folder(folder) -> Path:
-    """`folder`, made if needed, after a test write in it (see `writable`)."""
-    folder = Path(os.path.expanduser(str(folder)))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise refusal(folder, error) from None
-    writable(folder / ".esm_gearnet")
-    return folder
 
 
 @contextmanager
@@ -283,4 +274,4 @@ def output_lock(path, wait: bool = False, what: str = "output") -> Iterator[None
 
 
 __all__ = ["OutputError", "append_line", "output_lock", "refusal", "remove_leftovers", "replacing", "writable",
-           "writable_folder", "write_atomic", "write_skipped"]
+           "write_atomic", "write_skipped"]

@@ -1,5 +1,8 @@
-"""Shared fixtures: the real data in ../shared/data (never copied into the repository)."""
+"""Shared fixtures: the real data in ../shared/data (never copied into the repository), and commands run in
+their own process group."""
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,31 @@ def run_dir_of(output: Path) -> Path:
     """The one run directory a command wrote under `output` (the folder holding its config.yaml)."""
     (config,) = output.rglob("config.yaml")
     return config.parent
+
+
+def run_command(command, timeout: float, **options) -> subprocess.CompletedProcess:
+    """`command` run to its end (stdout and stderr captured as text), like subprocess.run, but in a session of
+    its own: at the timeout its whole process group is killed (a launcher's ranks, a pool's workers, not only the
+    launcher) and the test fails with the tail of its stderr. `options` go to Popen (cwd, env, ...)."""
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, **options)
+    stdout, stderr = finish(process, timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def finish(process: subprocess.Popen, timeout: float):
+    """(stdout, stderr) of a process started with start_new_session=True, once it ends; at the timeout its
+    process group is killed with SIGKILL and the test fails with the tail of its stderr."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the leader is gone; its group may be too
+            pass
+        _, stderr = process.communicate()
+        pytest.fail(f"{' '.join(map(str, process.args))} did not end within {timeout:g} s; its process group was "
+                    f"killed. stderr ends with:\n{(stderr or '')[-3000:]}", pytrace=False)
 
 
 def structure_files():

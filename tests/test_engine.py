@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import finish, run_command
 from esm_gearnet import checkpoint
 from esm_gearnet.data import collate
 from esm_gearnet.config import load_config
+from esm_gearnet.stepper import CannotLearn
 from esm_gearnet.training import build_downstream, build_scheduler, seed_everything, selection_metric
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ def _free_port():
 
 
 def _run(command, out, timeout=300):
-    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    result = run_command(command, timeout, cwd=ROOT, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = [p for p in (out / "MultipleBinaryClassification" / "DemoFolds" / "FusionNetwork").iterdir()]
     return run_dir
@@ -97,7 +99,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(single_run, tmp_path):
                          tmp_path / "a")
     out = tmp_path / "b"
     process = subprocess.Popen(_downstream("--batch_size", "8", "--num_epoch", "4", "--output_dir", str(out)),
-                               cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + 300
     run_dir = None
     while time.time() < deadline and process.poll() is None:
@@ -107,12 +110,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(single_run, tmp_path):
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
-    process.wait()
+    finish(process, 60)
     assert run_dir is not None and process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not any("final" in r for r in _records(run_dir))
-    resumed = subprocess.run(_downstream("--batch_size", "8", "--num_epoch", "4", "--output_dir", str(out),
-                                         "--resume", str(run_dir)),
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = run_command(_downstream("--batch_size", "8", "--num_epoch", "4", "--output_dir", str(out),
+                                      "--resume", str(run_dir)), 300, cwd=ROOT, env=_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = checkpoint.load(uninterrupted / "last.pth"), checkpoint.load(run_dir / "last.pth")
     assert a["epoch"] == b["epoch"] == 4 and a["training"]["step"] == b["training"]["step"]
@@ -169,11 +171,32 @@ def test_non_finite_loss_stops_with_the_step_or_is_skipped(tmp_path, policy):
     with torch.no_grad():
         engine.task.mlp.layers[0].weight.fill_(float("nan"))
     if policy == "stop":
-        with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 1, step 0, batch 0; lower"):
+        with pytest.raises(CannotLearn, match=r"non-finite loss \(nan\) at epoch 1, step 0, batch 0; lower"):
             engine.train_epoch()
-    else:
-        engine.train_epoch()
-        assert engine.step == 0 and engine.epoch == 1  # every step skipped, the epoch still ends
+    else:  # every batch skipped: the second skip of 5 batches is more than the 10% allowed
+        with pytest.raises(CannotLearn, match=r"at epoch 1, step 0, batch 1: 2 of the epoch's 5 batches had a "
+                                              r"non-finite loss, more than the 10% that engine\.on_nonfinite: skip "
+                                              r"allows, so the run cannot learn; lower the learning rate or use fp32\.$"):
+            engine.train_epoch()
+        assert engine.step == 0 and engine.epoch == 0
+
+
+def test_skipped_steps_within_the_bound_are_counted_in_the_record(tmp_path):
+    """One non-finite loss in an epoch of 5 batches is skipped (at most max(1, 10%) are), and the epoch's record
+    in metrics.jsonl names the count."""
+    config = _config()
+    config.engine.on_nonfinite = "skip"
+    engine = build_downstream(config, tmp_path, seed=0, progress=False)
+    forward, calls = engine.model.forward, []
+
+    def one_nan(batch):
+        loss, info = forward(batch)
+        calls.append(1)
+        return (loss * float("nan"), info) if len(calls) == 2 else (loss, info)
+
+    engine.model.forward = one_nan
+    engine.fit(1, selection_metric(config, engine.task))
+    assert engine.step == 4 and _records(tmp_path)[0]["skipped_steps"] == 1
 
 
 @pytest.mark.slow

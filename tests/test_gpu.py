@@ -3,7 +3,6 @@ finishes, and embed on the GPU equals embed on the CPU. Skipped with a reason on
 number-comparing tests elsewhere run on CUDA through the `device` fixture. `make gpu-check` runs them all."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_dir_of
+from conftest import run_command, run_dir_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
@@ -33,9 +32,9 @@ def test_demo_trains_under_bf16_with_finite_losses(cli, tmp_path):
 
 def test_one_process_nccl_run_finishes(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-                             "script/downstream.py", "-c", str(DEMO), "--output_dir", str(tmp_path), *SMALL],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                          "script/downstream.py", "-c", str(DEMO), "--output_dir", str(tmp_path), *SMALL], 300,
+                         cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 process(es)" in (run_dir_of(tmp_path) / "log.txt").read_text()
 

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STRUCTURES
+from conftest import STRUCTURES, run_command
 from esm_gearnet import checkpoint
 from esm_gearnet.inference import length_batches, load_embeddings
 from esm_gearnet.report import plot_runs
@@ -25,8 +24,7 @@ FOLDER_FILES = ["1D66-A.pdb", "2N2U-A.pdb", "1A7G-E.cif"]
 def _run(*command, expect=0):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     quiet = ["--quiet"] if command[0] in ("script/embed.py", "script/predict.py") else []
-    result = subprocess.run([sys.executable, *command, *quiet], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_command([sys.executable, *command, *quiet], 300, cwd=ROOT, env=env)
     assert result.returncode == expect, result.stderr[-3000:]
     return result
 

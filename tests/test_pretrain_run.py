@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STRUCTURES
+from conftest import STRUCTURES, finish, run_command
 from esm_gearnet import checkpoint
 from esm_gearnet.assembly import build_encoder
 from esm_gearnet.config import load_config
@@ -77,8 +77,7 @@ def config(tmp_path_factory):
 
 def _run(script, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_command([sys.executable, script, *args], 300, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -160,7 +159,7 @@ def test_resume_continues_to_the_uninterrupted_weights_and_rewrites_nothing(conf
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     process = subprocess.Popen([sys.executable, "script/pretrain.py", "-c", str(config), "--output_dir", str(out),
                                 "--num_epoch", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, killed_at = time.time() + 300, None
     while time.time() < deadline and process.poll() is None:
         found = list(out.glob("*/*/*/*/last.pth"))
@@ -171,7 +170,7 @@ def test_resume_continues_to_the_uninterrupted_weights_and_rewrites_nothing(conf
                 killed_at = position["splits_done"]
                 break
         time.sleep(0.02)
-    process.wait(timeout=60)
+    finish(process, 60)
     assert killed_at == 3 and process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed = _run_dir(out)
     block_one = _hashes(killed)["model_epoch_1.pth"]

@@ -1,11 +1,25 @@
 """Map a function over many jobs in worker processes, in order, with a progress bar; a worker that dies (the OOM
-killer, a crash in C code) costs the job it held, never the run and never a hang."""
+killer, a crash in C code) costs the job it held, never the run and never a hang.
+
+A worker ends when its parent dies, however it dies (kill -9 of `embed`, SIGTERM of a dataset build): otherwise it
+would go on parsing under PID 1, holding its memory. On Linux every worker asks the kernel for SIGKILL at its
+parent's death (prctl PR_SET_PDEATHSIG, through ctypes), then checks that the parent it was forked from is still
+its parent (a parent that died before the request would otherwise go unnoticed). Where prctl is unavailable
+(macOS, other systems), a daemon thread in the worker polls the parent's pid every PARENT_POLL seconds and ends
+the worker when it changes (`_end_with_parent`). The kernel's signal follows the thread that forked the worker,
+so `ordered_map` must be iterated in a thread that outlives it (every caller here uses the main thread).
+"""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
 import signal
+import sys
+import threading
+import time
 from collections import deque
 from contextlib import closing
 from concurrent.futures import CancelledError, ProcessPoolExecutor
@@ -13,6 +27,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 logger = logging.getLogger("esm_gearnet")
+PARENT_POLL = 1.0  # seconds between a worker's looks at its parent, where prctl is unavailable
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class WorkerDied(RuntimeError):
@@ -58,7 +74,8 @@ def _in_workers(fn: Callable, jobs: Sequence, workers: int, on_death) -> Iterato
     submitted, pool = 0, None
     try:
         while in_flight or submitted < len(chunks):
-            pool = pool or ProcessPoolExecutor(workers, mp_context=context)
+            pool = pool or ProcessPoolExecutor(workers, mp_context=context, initializer=_end_with_parent,
+                                               initargs=(os.getpid(),))
             try:
                 while submitted < len(chunks) and len(in_flight) < 2 * workers:
                     in_flight.append((chunks[submitted], pool.submit(_run_chunk, fn, chunks[submitted])))
@@ -107,7 +124,7 @@ def _results(future) -> Optional[List]:
 def _alone(fn: Callable, job, context, on_death):
     """`fn(job)` computed in a fresh process; `on_death(job, how)` when that process dies too."""
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_send, args=(fn, job, send), daemon=True)
+    process = context.Process(target=_send, args=(fn, job, send, os.getpid()), daemon=True)
     process.start()
     send.close()
     try:
@@ -129,11 +146,35 @@ def _alone(fn: Callable, job, context, on_death):
     return result
 
 
-def _send(fn: Callable, job, send) -> None:
-    """(True, fn(job)) or (False, the exception it raised) through `send`."""
+def _send(fn: Callable, job, send, parent: int) -> None:
+    """(True, fn(job)) or (False, the exception it raised) through `send`; ends if `parent` dies."""
+    _end_with_parent(parent)
     try:
         reply = True, fn(job)
     except Exception as error:  # noqa: BLE001 - handed to the parent
         reply = False, error
     send.send(reply)
     send.close()
+
+
+def _end_with_parent(parent: int) -> None:
+    """Run in a worker as it starts: this process is killed when `parent` (the pid that started it) dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            watched = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            watched = False
+        if watched:
+            if os.getppid() != parent:  # the parent died before the request: nothing will signal its death
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Where prctl is unavailable: end this process once its parent is no longer `parent` (it died; the
+    orphan was adopted by PID 1 or a subreaper)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    os._exit(1)

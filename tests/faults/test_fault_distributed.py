@@ -1,6 +1,7 @@
 """Ranks that stop answering: the waiting rank ends the job after `engine.timeout` seconds with one sentence naming
 itself, the collective and the step, instead of waiting for gloo's 30 minutes."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import finish
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
@@ -52,14 +55,18 @@ def test_rank_that_stops_answering_ends_the_job_with_the_rank_and_step(tmp_path)
                "False", "--batch_size", "4", "--num_epoch", "1", "--output_dir", str(tmp_path / "out")]
     start = time.monotonic()
     ranks = [subprocess.Popen(command, cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for r in (0, 1)]
     try:
-        _, stderr = ranks[0].communicate(timeout=120)
+        _, stderr = finish(ranks[0], 120)
         took = time.monotonic() - start
         stopped = ranks[1].poll() is None
     finally:
-        for process in ranks:
-            process.kill()
+        for process in ranks:  # each rank leads its own process group
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             process.communicate()
     assert stopped and ranks[0].returncode == 1 and took < 120, stderr[-3000:]
     sentence = ("rank 0 of 2: another rank did not answer within 5 s (engine.timeout) in DDP's {} during "
