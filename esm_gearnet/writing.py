@@ -15,8 +15,8 @@ function            what it does
 `writable(path)`    a test write where `path` goes (and, given a size, the free space): the location is refused
                     before the work, not after it. On this project's machines the tests run as root, where permission
                     bits stop nothing: only a real write says whether a location takes files
-`output_lock(path)` `filelock` on `.NAME.lock` beside a file, `.lock` inside a folder: a second command writing the same output is refused in one sentence;
-                    `wait=True` waits for the first instead (a dataset cache that two runs build). The locks are
+`output_lock(path)` `filelock` on `.NAME.lock` beside a file, `.lock` inside a folder: a second command writing
+                    the same output is refused in one sentence; `wait=True` waits for the first instead (a dataset cache that two runs build). The locks are
                     advisory: processes of this framework respect them, and on network file systems (NFS, SMB)
                     they hold only where the file system implements `flock`
 ==================  ===========================================================================================
