@@ -197,7 +197,12 @@ def _meet(store, name: str, me: int, size: int, everyone: bool = True) -> None:
     two meetings, and no rank exits while a peer still tears down its side.
     """
     timeout = timedelta(seconds=_timeout or DEFAULT_TIMEOUT)
-    if me != 0 or everyone:
-        store.set(f"esm_gearnet/{name}/{me}", "1")
-    if me == 0 or everyone:
-        store.wait([f"esm_gearnet/{name}/{r}" for r in range(size) if everyone or r != 0], timeout)
+    try:
+        if me != 0 or everyone:
+            store.set(f"esm_gearnet/{name}/{me}", "1")
+        if me == 0 or everyone:
+            store.wait([f"esm_gearnet/{name}/{r}" for r in range(size) if everyone or r != 0], timeout)
+    except Exception as error:  # noqa: BLE001 - a timeout, or the store's host (rank 0) gone: one sentence
+        raise StalledError(f"rank {me} of {size}: another rank did not come to the end of the run within "
+                           f"{timeout.total_seconds():g} s (engine.timeout) or went away ({type(error).__name__}); "
+                           "its own message, on its stderr or in the run's log.txt, says why.") from None

@@ -151,8 +151,8 @@ def save_embeddings(path: Path, records: Dict) -> None:
         raise ValueError(f"{path}: choose an output ending in {', '.join(FORMATS)}.")
     residue = records.get("residue_embedding")
     if path.suffix == ".pt":
-        with writing.replacing(path) as temporary:
-            torch.save(records, temporary)
+        with writing.replacing(path) as temporary, open(temporary, "wb") as handle:
+            torch.save(records, handle)
         return
     arrays = {key: np.asarray(records[key], dtype=str) for key in ("ids", "files", "chains", "sequences")}
     arrays["embedding"] = records["embedding"].numpy()
@@ -229,7 +229,7 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
         raise ValueError(f"{output}: choose an output ending in {', '.join(FORMATS)}.")
     cfg, state = load_run(config, ckpt, variables, overrides)  # a config or checkpoint fault: nothing is made
     with writing.output_lock(output):  # a second embed into the same file is refused: nothing is lost
-        checkpoint.remove_leftovers(output)
+        writing.remove_leftovers(output)
         return _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, device, max_residues, progress)
 
 
@@ -248,9 +248,11 @@ def _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, devic
                          "write to a new file, or leave out --resume to start it anew.")
     done = set(previous["files"]) if previous is not None else set()
     proteins, kept, skipped = read_inputs(inputs, workers, progress, exclude=done)
-    # the file's size is known now (floats of the embeddings, before the work): is there room for it?
+    # the file's size is known now (floats of the embeddings, before the work; a resumed file is written anew
+    # beside the old one): is there room for it?
     rows = len(proteins) + (sum(p.num_residue for p in proteins) if per_residue else 0)
-    writing.writable(output, need_bytes=4 * encoder.output_dim * rows)
+    old_bytes = output.stat().st_size if previous is not None else 0
+    writing.writable(output, need_bytes=4 * encoder.output_dim * rows + old_bytes)
     embedding, residue = embed_proteins(encoder, proteins, per_residue, device, max_residues, progress)
     records = {"ids": [p.name for p in proteins], "files": kept, "chains": [",".join(p.chain_ids) for p in proteins],
                "sequences": [p.sequence for p in proteins], "embedding": embedding}
@@ -277,6 +279,8 @@ def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = Non
         scores = output_file(scores, "scores.npz")
     cfg, state = load_run(config, ckpt, variables, overrides)  # a config or checkpoint fault: nothing is made
     with writing.output_lock(output):  # a second predict into the same file is refused: nothing is lost
+        for path in filter(None, (output, scores)):
+            writing.remove_leftovers(path)
         return _predict(inputs, output, cfg, state, ckpt, threshold, top, scores, workers, device, max_residues,
                         progress)
 

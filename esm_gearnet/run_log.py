@@ -78,6 +78,8 @@ class RunLog:
             report.write_curves(self.run_dir)
         except ImportError:  # matplotlib is a dependency; a broken install must not stop training
             logger.warning("matplotlib cannot be imported: curves.png is not drawn")
+        except ValueError as error:  # a damaged line in metrics.jsonl: the figure is not worth ending the run for
+            logger.warning("curves.png is not drawn: %s", error)
         scalars = {f"{split}/{key}": value for split in SPLITS for key, value in (record.get(split) or {}).items()}
         writer = self._tensorboard()
         if writer is not None:

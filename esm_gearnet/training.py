@@ -203,7 +203,7 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
         if distributed.rank() == 0 and resume is None:  # the config as run: rendered, overrides applied
             writing.write_atomic(run_dir / "config.yaml", yaml.safe_dump(plain(cfg), sort_keys=False))
         elif distributed.rank() == 0 and run_dir.is_dir():
-            checkpoint.remove_leftovers(run_dir)  # what a killed run was writing: .last.pth.PID@HOST.xxxxxxxx
+            writing.remove_leftovers(run_dir)  # what a killed run was writing: .last.pth.PID@HOST.xxxxxxxx
         logger.info("config %s, run directory %s, %d process(es)", source, run_dir, distributed.world_size())
         seed_everything(args.seed)  # same initial weights on every rank
         yield args, cfg, run_dir, resume

@@ -65,10 +65,26 @@ def refusal(path, error: OSError) -> OutputError:
 
 
 def _mode() -> int:
-    """The mode a new file gets under this process's umask (mkstemp's files are 0600 whatever the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """The mode a new file gets under this process's umask (mkstemp's files are 0600 whatever the umask). Read
+    from /proc where it can be: setting the umask to ask for it would change it for every thread meanwhile."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: ask, at the cost of a moment under umask 077
+        umask = os.umask(0o077)
+        os.umask(umask)
     return 0o666 & ~umask
+
+
+def _machine_refused(error: BaseException) -> Optional[OSError]:
+    """The OSError of a full disk or read-only location that `error` is, or was raised from (torch.save reports
+    a full disk as a RuntimeError of its zip writer, raised while handling the ENOSPC of the file it writes)."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in _FULL + _READ_ONLY:
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def _sync(handle) -> None:
@@ -115,9 +131,10 @@ def _writer_is_gone(pid: Optional[str], host: Optional[str]) -> bool:
     return False
 
 
-def remove_leftovers(path, suffixes=(".pth", ".pt")) -> List[Path]:
+def remove_leftovers(path) -> List[Path]:
     """Removes the temporary files that `replacing` left when its process was killed: those beside the file
-    `path`, or in the folder `path` those of files ending in `suffixes`, whose writer no longer runs.
+    `path`, or every one in the folder `path`, whose writer no longer runs (`.NAME.PID@HOST.xxxxxxxx`; of the
+    older `.NAME.xxxxxxxx`, without a writer's name, those of checkpoints: `.pth`, `.pt`).
 
     Returns:
         the files removed.
@@ -127,7 +144,8 @@ def remove_leftovers(path, suffixes=(".pth", ".pt")) -> List[Path]:
     removed = []
     for candidate in folder.glob(f".{name or '*'}.*"):
         match = _TEMPORARY.fullmatch(candidate.name)
-        ours = match and (match["name"] == name if name else match["name"].endswith(tuple(suffixes)))
+        ours = match and (match["name"] == name if name else
+                          match["pid"] is not None or match["name"].endswith((".pth", ".pt")))
         if ours and candidate.is_file() and _writer_is_gone(match["pid"], match["host"]):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
@@ -157,15 +175,20 @@ def replacing(path) -> Iterator[Path]:
     temporary = Path(temporary)
     try:
         yield temporary
+    except BaseException as error:  # the block's own errors pass as they are, but for a refused write
+        temporary.unlink(missing_ok=True)
+        refused = _machine_refused(error)
+        if refused is not None:
+            raise refusal(path, refused) from None
+        raise
+    try:
         with open(temporary, "rb+") as written:
             _sync(written)
         os.chmod(temporary, _mode())
         os.replace(temporary, path)
-    except BaseException as error:
+    except OSError as error:
         temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
-            raise refusal(path, error) from None
-        raise
+        raise refusal(path, error) from None
     _sync_folder(path.parent)
 
 

@@ -121,3 +121,21 @@ def test_only_a_lost_rank_becomes_the_stall_sentence(monkeypatch, raised):
                                     "why, if it could), so the job ends here.")
     else:
         assert type(error.value) is RuntimeError and str(error.value) == raised
+
+
+def test_a_rank_missing_at_the_end_of_the_run_is_one_sentence(monkeypatch):
+    """The meeting at the end of a run (`distributed.shutdown`) with a peer that never comes: the store's timeout
+    becomes the stall sentence, not a DistStoreError traceback."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from esm_gearnet import distributed
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=timedelta(seconds=1), wait_for_workers=False)
+    monkeypatch.setattr(distributed, "_timeout", 1.0)
+    with pytest.raises(distributed.StalledError) as raised:
+        distributed._meet(store, "done", 0, 2)
+    assert str(raised.value) == ("rank 0 of 2: another rank did not come to the end of the run within 1 s "
+                                 "(engine.timeout) or went away (DistStoreError); its own message, on its stderr or "
+                                 "in the run's log.txt, says why.")

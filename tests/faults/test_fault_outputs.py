@@ -147,7 +147,7 @@ def test_full_disk_while_a_cache_is_written_is_one_sentence(tmp_path, monkeypatc
 def mounted(kind: str, folder: Path):
     """A real read-only bind mount or a 64 KiB tmpfs filled to the last byte at `folder` (skipped where mounting is
     not permitted)."""
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     command = ["mount", "--bind", str(folder), str(folder)] if kind == "read-only" else \
         ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)]
     if subprocess.run(command, capture_output=True).returncode != 0:
@@ -293,3 +293,42 @@ def test_a_log_that_stops_taking_lines_warns_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"warning: {tmp_path / 'log.txt'} cannot be written any more ([Errno 28] No space left on device); "
                    "the log goes to stderr only.\n")
+
+
+def test_a_real_full_disk_during_a_checkpoint_save_is_one_sentence(tmp_path):
+    """torch.save on a full disk raises its zip writer's `unexpected pos` RuntimeError; the writer finds the
+    ENOSPC under it and says the sentence, and the previous checkpoint stays whole."""
+    import torch
+
+    from esm_gearnet import checkpoint
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here; the injected faults cover the sentence")
+    try:
+        checkpoint.save_atomic({"weights": torch.zeros(1000)}, folder / "last.pth")
+        before = _hashes(folder)
+        with pytest.raises(writing.OutputError, match=re.escape(f"cannot write {folder / 'last.pth'}: {FULL}")):
+            checkpoint.save_atomic({"weights": torch.zeros(200_000)}, folder / "last.pth")
+        assert _hashes(folder) == before and not _leftovers(folder)
+        assert checkpoint.load(folder / "last.pth")["weights"].shape == (1000,)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_valid_cache_in_a_read_only_folder_is_read(tmp_path):
+    """A shared, read-only dataset folder serves its cache: the lock is taken only to build one."""
+    from esm_gearnet.data.datasets.cache import load_or_build
+
+    if not STRUCTURES.exists():
+        pytest.skip("../shared/data is absent")
+    files = [STRUCTURES / f for f in INPUTS]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    built, _ = load_or_build(files, folder / "cache.pt", workers=0, progress=False)
+    (folder / ".cache.pt.lock").unlink()  # as a folder that someone else built and shared would be
+    with mounted("read-only", folder):
+        read, skipped = load_or_build(files, folder / "cache.pt", workers=0, progress=False)
+        assert [read[i].name for i in range(len(read))] == [built[i].name for i in range(len(built))] and not skipped

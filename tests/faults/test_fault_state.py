@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from esm_gearnet import checkpoint
+from esm_gearnet.writing import replacing
 from esm_gearnet.config import load_config
 from esm_gearnet.data import load_structure
 from esm_gearnet.data.datasets.cache import load_or_build
@@ -371,10 +372,10 @@ def killed(tmp_path_factory):
     """A folder where a process was killed (SIGKILL) while `save_atomic` wrote last.pth, best.pth,
     model_epoch_5.pth and cache.pt: the temporary files it left, named after it."""
     folder = tmp_path_factory.mktemp("killed")
-    code = ("import os, signal, sys; from contextlib import ExitStack; from esm_gearnet import checkpoint\n"
+    code = ("import os, signal, sys; from contextlib import ExitStack; from esm_gearnet import writing\n"
             "with ExitStack() as stack:\n"
             "    for name in sys.argv[2:]:\n"
-            "        stack.enter_context(checkpoint.replacing(os.path.join(sys.argv[1], name))).write_bytes(b'half')\n"
+            "        stack.enter_context(writing.replacing(os.path.join(sys.argv[1], name))).write_bytes(b'half')\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     names = ["last.pth", "best.pth", "model_epoch_5.pth", "cache.pt"]
     result = subprocess.run([sys.executable, "-c", code, str(folder), *names],
@@ -393,7 +394,7 @@ def test_temporary_files_of_a_killed_run_are_removed_when_it_resumes(run, killed
     older.write_bytes(b"old")
     mine = folder / ".notes.abcdefgh"  # not a checkpoint's
     mine.write_text("mine")
-    with checkpoint.replacing(folder / "last.pth") as writing:  # a live writer (this process): kept
+    with replacing(folder / "last.pth") as writing:  # a live writer (this process): kept
         with training_run(["-c", str(DEMO), "--resume", str(folder)], "resume"):
             assert not any(p.exists() for p in [*left, older]) and mine.exists() and writing.exists()
         writing.write_bytes((folder / "last.pth").read_bytes())

@@ -29,7 +29,8 @@ import torch
 from ..io import load_structures
 from ..protein import OPTIONAL_RESIDUE_FIELDS, RESIDUE_FIELDS, Protein
 from ... import writing
-from ...checkpoint import CheckpointError, load, remove_leftovers, save_atomic
+from ...checkpoint import CheckpointError, load, save_atomic
+from ...writing import remove_leftovers
 
 logger = logging.getLogger("esm_gearnet")
 FORMAT = "esm_gearnet.cache/2"  # /2: a digest in every file, no "complete" mark
@@ -135,8 +136,9 @@ class PackedProteins:
 def cached(cache_file: Path, key: str, build: Callable[[], Dict], check: Callable[[Dict], None]) -> Dict:
     """The state saved in `cache_file` under `key`, or `build()` saved there atomically and returned.
 
-    Another process building the same cache holds its lock (`CACHE.lock`): this one waits, saying so, and then
-    reads what it wrote.
+    A valid cache is read without a lock (a read-only dataset folder serves). To build one, this process takes the
+    cache's lock (`.NAME.lock`); another process building the same cache makes it wait, saying so, and then it
+    reads what that one wrote.
 
     Args:
         key: what the cache was made from (`cache_key`): a file of another key is rebuilt.
@@ -150,25 +152,40 @@ def cached(cache_file: Path, key: str, build: Callable[[], Dict], check: Callabl
     if cache_file.is_dir():
         raise CheckpointError(f"the cache path {cache_file} is a directory; move it away (or delete it) so the "
                               "preprocessed cache can be written there.")
+    state = _usable(cache_file, key, check, quiet=True)  # read without the lock: a read-only folder serves
+    if state is not None:
+        return state
     # two builds of one cache (two runs, the ranks of one run): the second waits for the first, then reads its file
     with writing.output_lock(cache_file, wait=True, what="dataset cache"):
         remove_leftovers(cache_file)
-        if cache_file.exists():
-            try:
-                state = load(cache_file, mmap=True, what="cache", advice="rebuilding it")
-                if state.get("format") == FORMAT and state.get("key") == key:
-                    try:
-                        check(state)
-                        return state
-                    except (ValueError, TypeError, KeyError) as error:
-                        logger.warning("cache %s is inconsistent (%s); rebuilding it.", cache_file, error)
-                else:
-                    logger.info("cache %s was made from other inputs, options or version: rebuilding it", cache_file)
-            except CheckpointError as error:
-                logger.warning("%s", error)
-        state = dict(build(), format=FORMAT, key=key)
-        save_atomic(state, cache_file)
+        state = _usable(cache_file, key, check)
+        if state is None:
+            state = dict(build(), format=FORMAT, key=key)
+            save_atomic(state, cache_file)
         return state
+
+
+def _usable(cache_file: Path, key: str, check: Callable[[Dict], None], quiet: bool = False) -> Optional[Dict]:
+    """The state in `cache_file` when it is a cache of `key` that passes `check`, else None (saying why, unless
+    `quiet`)."""
+    say = (lambda *args: None) if quiet else logger.warning
+    if not cache_file.exists():
+        return None
+    try:
+        state = load(cache_file, mmap=True, what="cache", advice="rebuilding it")
+    except CheckpointError as error:
+        say("%s", error)
+        return None
+    if state.get("format") != FORMAT or state.get("key") != key:
+        if not quiet:
+            logger.info("cache %s was made from other inputs, options or version: rebuilding it", cache_file)
+        return None
+    try:
+        check(state)
+    except (ValueError, TypeError, KeyError) as error:
+        say("cache %s is inconsistent (%s); rebuilding it.", cache_file, error)
+        return None
+    return state
 
 
 def write_skipped(cache_file: Path, skipped: Sequence[Tuple[str, str]], total: int, what: str = "structure files"):
