@@ -9,9 +9,12 @@ Configs are data. A template is rendered in a sandbox (`_Sandbox`): it may use i
 (`SAFE_FILTERS`), Jinja's tests, its own macros, `range` and `dict`; it can reach no Python internals (`__class__`,
 `__globals__`, methods), include, import or extend no other file, and renders within bounded work: at most
 `RENDER_SECONDS` of wall time, `RENDER_BYTES` of text (and no value made while rendering larger), `RANGE_ITEMS`
-items per `range`. The YAML is read with `yaml.safe_load`'s rules plus `YAML_NODES` values with aliases expanded
-and `NESTING_DEPTH` levels of nesting (override key paths too). A string inserted by `{{ }}` stays one scalar: one
-that YAML would not read back as one value on one line is inserted quoted. A run directory's `config.yaml` is the
+items per `range`; every value made (by an operator, a filter, a call, a `{% set %}` block or a macro body) is
+checked against RENDER_BYTES, and so is all the text `{{ }}` writes, wherever it goes. The YAML is read with
+`yaml.safe_load`'s rules plus `YAML_NODES` values with aliases expanded and `NESTING_DEPTH` levels of nesting
+(override key paths too). Every string inserted by `{{ }}` (a value typed on the command line, or one a filter or
+an operator made from it) stays one scalar: one that YAML would not read back as one value on one line, that
+holds a flow indicator or that is longer than `ONE_LINE` is inserted quoted. A run directory's `config.yaml` is the
 config as it ran, read as plain YAML with the same limits and never rendered again (`load_run_config`). Every
 refusal is one `ConfigError` sentence naming the file (and line, where there is one).
 """
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import json
 import os
 import re
 import time
 import traceback
-from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Set, Tuple
 
 import easydict
 import jinja2
@@ -44,11 +48,13 @@ RENDER_BYTES = 10_000_000  # characters of a rendered config (or a run's config.
 RANGE_ITEMS = 100_000  # items of one `range(...)` in a template
 YAML_NODES = 100_000  # values of a YAML document, its aliases (*name) expanded
 NESTING_DEPTH = 100  # levels of nested YAML values (aliases expanded) and keys of an override path
+ONE_LINE = 1_000  # characters of the longest string `{{ }}` inserts unquoted (YAML reads longer ones slowly)
 # DEVIATION: the original rendered with every Jinja filter; these are the ones that cannot build huge text or
-# reach into objects (no format/center/indent/replace/wordwrap/attr/map): real configs use `default`.
+# reach into objects (no format/center/indent/replace/wordwrap/attr/map/tojson, whose indent repeats): real
+# configs use `default`. `join`'s separator is checked before it repeats, and `sum` adds numbers only.
 SAFE_FILTERS = ("abs", "capitalize", "d", "default", "dictsort", "first", "float", "int", "items", "join", "last",
                 "length", "list", "lower", "max", "min", "reverse", "round", "sort", "string", "sum", "title",
-                "tojson", "trim", "unique", "upper")
+                "trim", "unique", "upper")
 
 
 class ConfigError(ValueError):
@@ -85,25 +91,6 @@ def _one_value_on_one_line(text: str) -> bool:
     return not isinstance(value, (dict, list)) and (value == text or not isinstance(value, str))
 
 
-class _Given(str):
-    """A string variable given on the command line: data, inserted as one YAML scalar (see `_finalize`)."""
-
-
-def _finalize(value: Any) -> Any:
-    # None renders as YAML null (the original rendered the text "null"), while `{{ x | default(1, true) }}`
-    # still sees a missing variable as None; other values are inserted as they are, except that
-    # DEVIATION: a string given on the command line (also through `default` or `~`) that YAML would not read
-    # back as one value on one line, or that holds a flow indicator (`x\nevil: 1`, `{a: 1}`, `a # b`, `1], [2`),
-    # is inserted as a quoted scalar, so a value typed on the command line cannot change the config's structure.
-    # A list or mapping given as a Python literal (`--dims "[1, 2]"`) is still inserted as its text, and strings
-    # written in the template itself are the template's own text.
-    if value is None:
-        return "null"
-    if isinstance(value, _Given) and (re.search(r"[,\[\]{}#]", value) or not _one_value_on_one_line(value)):
-        return json.dumps(str(value))  # a JSON string is a YAML double-quoted scalar
-    return value
-
-
 def _size(value: Any, seen: Optional[Dict[int, int]] = None) -> int:
     """Characters of a string; items of a list, tuple or dict plus their sizes (a value shared counts once per
     use); 1 for anything else. Stops counting past RENDER_BYTES."""
@@ -128,22 +115,63 @@ _LOOP, _CONCAT = "bounded loop", "bounded concat"  # names of the sandbox's own 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
     """jinja2's immutable sandbox (no `_attribute`, no mutation of lists or dicts) with bounded work: every call,
-    attribute, item, operator and loop item checks the deadline; `*`, `+`, `**`, `%`, `~` and calls refuse
-    values larger than RENDER_BYTES; only macros, `range` (at most RANGE_ITEMS items) and `dict` can be called."""
+    attribute, item, operator, filter and loop item checks the deadline; `*`, `+`, `**`, `%`, `~`, filters, calls,
+    `{% set %}` blocks and macro bodies refuse values larger than RENDER_BYTES; only macros, `range` (at most
+    RANGE_ITEMS items) and `dict` can be called."""
 
     intercepted_binops = frozenset(["*", "+", "**", "%"])
 
     def __init__(self):
-        super().__init__(finalize=_finalize, undefined=jinja2.StrictUndefined)
+        super().__init__(finalize=self._finalize, undefined=jinja2.StrictUndefined)
         # DEVIATION: the original's globals held cycler, joiner, namespace (a value a loop can grow) and lipsum;
         # a config has range (bounded) and dict only. Those names are now plain variables (null unless given).
         self.globals = {"range": self._range, "dict": dict}
-        self.filters = {name: self.filters[name] for name in SAFE_FILTERS}
-        self.filters.update({_LOOP: self._loop, _CONCAT: self._concat})
-        self.deadline = float("inf")
+        self.filters = {name: self._bounded_filter(name, self.filters[name]) for name in SAFE_FILTERS}
+        self.filters.update({_LOOP: self._loop, _CONCAT: self._join})
+        self.concat = self._join  # `{% set %}` blocks and macro bodies
+        self.deadline, self.written = float("inf"), 0
 
     def start(self) -> None:
-        self.deadline = time.monotonic() + RENDER_SECONDS
+        self.deadline, self.written = time.monotonic() + RENDER_SECONDS, 0
+
+    def _finalize(self, value: Any) -> str:
+        """The text `{{ value }}` writes. None renders as YAML null (the original rendered the text "null"), while
+        `{{ x | default(1, true) }}` still sees a missing variable as None.
+        DEVIATION: a string that YAML would not read back as one value on one line, that holds a flow indicator
+        (`x\\nevil: 1`, `{a: 1}`, `a # b`, `1], [2`) or that is longer than ONE_LINE is inserted as a quoted
+        scalar, whether it was typed on the command line or made by a filter, `~` or `+` from one, so a value
+        typed on the command line cannot change the config's structure. A list or mapping (`--dims "[1, 2]"`)
+        is still inserted as its text, and text written in the template outside `{{ }}` is the template's own.
+        All text written by `{{ }}` (into the config, a `{% set %}` block or a macro body) counts against
+        RENDER_BYTES, so a loop cannot pile up parts larger than RENDER_BYTES before they are joined."""
+        if value is None:
+            text = "null"
+        elif not isinstance(value, str):
+            text = str(self.bounded(value))  # a list's text is about its size: checked before it is made
+        elif len(value) > ONE_LINE or re.search(r"[,\[\]{}#]", value) or not _one_value_on_one_line(value):
+            text = json.dumps(value)  # a JSON string is a YAML double-quoted scalar
+        else:
+            text = value
+        self.written += len(text)
+        self.bounded(None, self.written)
+        return text
+
+    def _bounded_filter(self, name: str, function):
+        """`function` with its arguments (before) and result (after) checked; `join` also checks the text it would
+        make, as its separator repeats, and `sum` adds numbers only (adding lists takes quadratic time)."""
+        @functools.wraps(function)  # keeps jinja2's pass_eval_context/pass_environment marks
+        def bounded(*args, **kwargs):
+            self.tick()
+            self.bounded(None, sum(map(_size, args + tuple(kwargs.values()))))
+            if name == "sum" and not isinstance(kwargs.get("start", args[3] if len(args) > 3 else 0), (int, float)):
+                raise SecurityError("sum of anything but numbers is not available in a config")
+            if name == "join":  # do_join(eval_ctx, value, d="", attribute=None)
+                items = list(args[1])
+                separator = str(kwargs.get("d", args[2] if len(args) > 2 else ""))
+                self.bounded(None, len(separator) * max(len(items) - 1, 0) + _size(items))
+                args = (args[0], items) + args[2:]
+            return self.bounded(function(*args, **kwargs))
+        return bounded
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
@@ -169,9 +197,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             self.tick()
             yield item
 
-    def _concat(self, parts: Sequence[Any]) -> str:
-        text = self.bounded("".join(map(str, parts)))
-        return _Given(text) if any(isinstance(part, _Given) for part in parts) else text
+    def _join(self, parts: Iterable[Any]) -> str:
+        """The parts joined, refused before joining when that would be larger than RENDER_BYTES."""
+        parts = list(parts)
+        self.bounded(None, sum(map(_size, parts)))  # a list's text is about its size: checked before it is made
+        return self.bounded("".join(map(str, parts)))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - the sandbox's own signature
         __self.tick()
@@ -289,8 +319,7 @@ def render_config(path: str, variables: Optional[Dict[str, Any]] = None) -> str:
     Variable values are data: jinja2 inserts them as text and never renders them again."""
     environment, template, names = _parse_template(_read(path), path)
     given = {name: None for name in names}
-    for name, value in (variables or {}).items():
-        given[name] = _Given(value) if isinstance(value, str) else value
+    given.update(variables or {})
     environment.start()
     chunks, size = [], 0
     try:

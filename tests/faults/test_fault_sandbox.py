@@ -44,6 +44,21 @@ BOUNDED = [  # (case, template line, sentence, RENDER_SECONDS for the row: None 
      "{% endfor %}", TOO_LONG.format(0.5), 0.5),
     ("a huge string", "# {{ 'x' * 10**10 }}", TOO_LARGE, None),
     ("a macro doubling its text", "{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}# {{ f('x') }}", TOO_LARGE, None),
+    ("join with a huge separator", "{% set s = range(3) | join('x' * 9000000) %}", TOO_LARGE, None),
+    ("a set block whose loop grows", "{% set s %}{% for i in range(1000) %}{% for j in range(1000) %}xxxxxxxxxxx"
+     "{% endfor %}{% endfor %}{% endset %}",
+     TOO_LARGE, None),
+    ("a set block whose loop writes large values", "{% set s %}{% for i in range(100000) %}{{ 'x' * 9000000 ~ i }}"
+     "{% endfor %}{% endset %}", TOO_LARGE, None),
+    ("a macro body that grows", "{% macro f() %}{% for i in range(100000) %}" + "x" * 101 + "{% endfor %}"
+     "{% endmacro %}# {{ f() }}", TOO_LARGE, None),
+    ("a list repeating a large string, as text", "{% set s = 'x' * 9000000 %}# {{ [s, s, s] }}", TOO_LARGE, None),
+    ("a list repeating a large string, through a filter", "{% set s = 'x' * 9000000 %}# {{ [s, s, s] | string }}",
+     TOO_LARGE, None),
+    ("sum of lists, quadratic time", "# {{ ([[1]] * 100000) | sum(start=[]) }}",
+     REFUSED.format("sum of anything but numbers is not available in a config"), None),
+    ("tojson, whose indent repeats", "# {{ [[[1]]] | tojson(10**9) }}",
+     "Jinja template error: No filter named 'tojson'.", None),
     ("a huge %-format", "# {{ '%0999999999d' % 1 }}", "a %-format with a width of a million or more characters makes "
      "a value larger than RENDER_BYTES (10000000).", None),
     ("include", "{% include 'other.yaml' %}", OTHER_FILE.format("{% include %}"), None),
@@ -198,3 +213,15 @@ def test_a_value_given_on_the_command_line_stays_one_string(value):
     config = load_config(str(DEMO), {"output_dir": value})
     assert config.output_dir == value
     assert list(config) == list(load_config(str(DEMO)))  # no key added
+
+
+@pytest.mark.parametrize("expression", ["branch", "branch | trim", "branch + ''", "branch ~ ''", "branch | lower",
+                                        "[branch] | join(',')"])
+@pytest.mark.parametrize("value", ["MF\nevil: 1", "{evil: 1}", "x # evil", "1], [2", "a: b", "- x"])
+def test_a_string_made_from_a_command_line_value_stays_one_string(tmp_path, expression, value):
+    """A filter or operator on a value typed on the command line makes a plain string; it is still inserted as
+    one scalar: the config keeps one string and gains no key."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"branch: {{{{ {expression} }}}}\nengine:\n  batch_size: 2\n")
+    config = load_config(str(path), {"branch": value})
+    assert config == {"branch": value.lower() if "lower" in expression else value, "engine": {"batch_size": 2}}
