@@ -50,9 +50,9 @@ from benchmarks._common import real_structure_files, report, scatter_aggregation
 from esm_gearnet.config import load_config  # noqa: E402
 from esm_gearnet.data import collate, load_structures  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
-from esm_gearnet.engine import to_device  # noqa: E402
-from esm_gearnet.sampler import LengthBucketSampler  # noqa: E402
-from esm_gearnet.assembly import build_task as assemble_task, model_config, optimizer_groups  # noqa: E402
+from esm_gearnet.engine.trainer import to_device  # noqa: E402
+from esm_gearnet.engine.sampler import LengthBucketSampler  # noqa: E402
+from esm_gearnet.assembly.build import build_task as assemble_task, model_config, optimizer_groups  # noqa: E402
 from esm_gearnet.models import FusionNetwork  # noqa: E402
 from esm_gearnet.registry import resolve  # noqa: E402
 

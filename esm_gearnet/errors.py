@@ -40,7 +40,7 @@ class InputError(ValueError):
 def user_errors() -> Tuple[Type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.datasets.download import DownloadError
-    from .stepper import CannotLearn
+    from .engine.stepper import CannotLearn
     from .writing import OutputError
 
     # ConfigError, StructureError, InputError and the datasets' other refusals are ValueErrors; OutputError: a full

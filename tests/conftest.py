@@ -228,7 +228,7 @@ def write_msp(root):
 @pytest.fixture
 def cli(capsys):
     """Runs `esm-gearnet ARGS...` in this process: returns (exit code, stdout, stderr)."""
-    from esm_gearnet.cli import main
+    from esm_gearnet.commands.main import main
 
     def run(*args):
         try:

@@ -1,4 +1,4 @@
-"""The config layout mapped onto the encoder contract (esm_gearnet/assembly.py): derived sizes and the sentence
+"""The config layout mapped onto the encoder contract (esm_gearnet/assembly/build.py): derived sizes and the sentence
 for a disagreeing one, the Unsupervised nesting, learning-rate ratios and freezing, and the original's optimizer
 groups behind `original_optimizer_groups`."""
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 from easydict import EasyDict
 
-from esm_gearnet.assembly import build_encoder, build_task, learning_rate_ratios, optimizer_groups
+from esm_gearnet.assembly.build import build_encoder, build_task, learning_rate_ratios, optimizer_groups
 from esm_gearnet.config import ConfigError
 from esm_gearnet.models import ESM, FusionNetwork, GearNet
 from esm_gearnet.tasks import MultiviewContrast

@@ -20,7 +20,7 @@ SMALL = ["--num_protein", "32", "--batch_size", "8", "--task.model.structure_mod
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """One epoch of the demo, set up only through overrides; (run directory, stderr)."""
-    from esm_gearnet.cli import main
+    from esm_gearnet.commands.main import main
     import contextlib
     import io
 
@@ -137,7 +137,7 @@ def test_report_labels_and_default_output(demo_run, cli, tmp_path):
     config = yaml.safe_load((second / "config.yaml").read_text())
     config["optimizer"]["lr"] = 1e-3
     (second / "config.yaml").write_text(yaml.safe_dump(config))
-    from esm_gearnet.report import run_labels
+    from esm_gearnet.engine.report import run_labels
 
     assert run_labels([first, second]) == ["lr=0.005", "lr=0.001"]  # what differs between the runs
     code, out, err = cli("report", first, second, "--label", "fast", "--label", "slow")

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esm_gearnet.arguments import base_parser, parse_args
+from esm_gearnet.commands.arguments import base_parser, parse_args
 from esm_gearnet.config import ConfigError, detect_variables, literal, load_config, render_config
 from esm_gearnet.registry import build, resolve
 

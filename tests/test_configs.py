@@ -1,5 +1,5 @@
 """The config matrix: every config under config/ (EC, GO, PSR, MSP, pretrain, demo), with tiny widths and random
-ESM weights substituted, is built through `esm_gearnet.assembly`, takes one training step, is saved by the
+ESM weights substituted, is built through `esm_gearnet.assembly.build`, takes one training step, is saved by the
 engine into a run directory, is loaded back from that directory, and `embed` gives the in-memory encoder's
 embeddings of real structures; `predict` works wherever the task is protein-level.
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import STRUCTURES, write_msp, write_psr
-from esm_gearnet.assembly import build_task, model_config, optimizer_groups, runtime_task_list
+from esm_gearnet.assembly.build import build_task, model_config, optimizer_groups, runtime_task_list
 from esm_gearnet.config import load_config
 from esm_gearnet.data import collate, load_structures
-from esm_gearnet.engine import Engine
-from esm_gearnet.inference import embed_proteins, load_embeddings, run_embed, run_predict
+from esm_gearnet.engine.trainer import Engine
+from esm_gearnet.commands.embed import embed_proteins, load_embeddings, run_embed, run_predict
 from esm_gearnet.registry import build
 from esm_gearnet.tasks import MultipleBinaryClassification, PropertyPrediction
 

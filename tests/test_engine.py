@@ -19,8 +19,8 @@ from conftest import finish, run_command
 from esm_gearnet import checkpoint
 from esm_gearnet.data import collate
 from esm_gearnet.config import load_config
-from esm_gearnet.stepper import CannotLearn
-from esm_gearnet.training import build_downstream, build_scheduler, seed_everything, selection_metric
+from esm_gearnet.engine.stepper import CannotLearn
+from esm_gearnet.commands.run import build_downstream, build_scheduler, seed_everything, selection_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"

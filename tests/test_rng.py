@@ -4,7 +4,8 @@ import random
 import numpy as np
 import torch
 
-from esm_gearnet import checkpoint, rng
+from esm_gearnet import checkpoint
+from esm_gearnet.engine.trainer import rng
 
 
 def _draws():

@@ -9,7 +9,7 @@ unknown residue type (so edge features carry nothing) and lose their side-chain 
 together with every other edge between the same two residues.
 
 The original's `Unsupervised` task around `MultiviewContrast` is one task here, `MultiviewContrast`; the config
-layout maps onto it in `esm_gearnet.assembly`.
+layout maps onto it in `esm_gearnet.assembly.build`.
 """
 from __future__ import annotations
 
@@ -313,7 +313,7 @@ class MultiviewContrast(Task):
     features projected by an MLP, cosine similarities over `tau`, InfoNCE with the other view as the positive.
 
     The original nested it as `task: {class: Unsupervised, model: {class: MultiviewContrast, model: ENCODER}}`;
-    `esm_gearnet.assembly` maps that layout onto this task. Made symmetric: the loss averages both directions
+    `esm_gearnet.assembly.build` maps that layout onto this task. Made symmetric: the loss averages both directions
     (view 1 → view 2 and back); the original used one.
 
     Args:

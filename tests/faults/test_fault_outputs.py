@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from esm_gearnet import writing
-from esm_gearnet.cli import main
+from esm_gearnet.commands.main import main
 from tests.conftest import STRUCTURES, run_dir_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,7 +172,7 @@ def mounted(kind: str, folder: Path):
 @pytest.fixture
 def no_work(monkeypatch):
     """Building the model or the dataset fails the test: the location must be refused before."""
-    from esm_gearnet import inference, training
+    from esm_gearnet.commands import embed as inference, run as training
 
     def work(*args, **kwargs):
         raise AssertionError("the work began before the output location was checked")
@@ -279,7 +279,7 @@ def test_the_atomic_writer_keeps_the_old_file_on_any_failure(tmp_path, monkeypat
 
 
 def test_a_log_that_stops_taking_lines_warns_once(tmp_path, capsys):
-    from esm_gearnet.training import _LogFile
+    from esm_gearnet.commands.run import _LogFile
 
     handler = _LogFile(tmp_path / "log.txt")
     handler.stream.write = lambda text: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))

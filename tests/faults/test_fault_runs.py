@@ -35,7 +35,7 @@ def _env():
 
 
 def _downstream(*options):
-    return [sys.executable, "-m", "esm_gearnet.cli", "downstream", *options]
+    return [sys.executable, "-m", "esm_gearnet.commands.main", "downstream", *options]
 
 
 def _hashes(run_dir, leave_out=("log.txt",)):
@@ -168,7 +168,7 @@ def test_ctrl_c_inside_any_training_command_becomes_its_line(tmp_path, checkpoin
     """Fine-tuning and pre-training share `training.training_run`: a KeyboardInterrupt inside it becomes
     `errors.Interrupted`, whose sentence says whether and how to resume, and log.txt gets that line."""
     from esm_gearnet.errors import Interrupted
-    from esm_gearnet.training import training_run
+    from esm_gearnet.commands.run import training_run
 
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(Interrupted) as error:
@@ -275,7 +275,7 @@ def test_workers_end_when_their_parent_is_killed(tmp_path, how):
 def test_resume_at_another_world_size_is_refused_before_building(learned, tmp_path, cli, monkeypatch):
     """A last.pth written by 2 ranks, resumed by 1 process: refused by `checkpoint.check_resumable` before the
     dataset and model (was: after 9 s of building)."""
-    from esm_gearnet import training
+    from esm_gearnet.commands import run as training
 
     run_dir = tmp_path / "run"
     shutil.copytree(learned, run_dir)

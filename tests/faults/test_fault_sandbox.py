@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from esm_gearnet import config as config_module
-from esm_gearnet.cli import main
+from esm_gearnet.commands.main import main
 from esm_gearnet.config import load_config, load_run_config, render_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,7 +26,7 @@ def _one_sentence(main):
 
     @functools.wraps(main)
     def wrapper(argv: Optional[List[str]] = None) -> int:
-        from .errors import INTERRUPTED_EXIT_CODE, Interrupted, fault_errors, ignoring_ctrl_c, user_errors
+        from ..errors import INTERRUPTED_EXIT_CODE, Interrupted, fault_errors, ignoring_ctrl_c, user_errors
 
         try:
             return main(argv)
@@ -35,7 +35,7 @@ def _one_sentence(main):
             return 2
         except fault_errors() as error:
             print(f"error: {error}", file=sys.stderr)
-            from .distributed import StalledError
+            from ..distributed import StalledError
 
             if isinstance(error, StalledError):
                 # a rank that stopped answering still belongs to the process group, and tearing the group down
@@ -98,8 +98,8 @@ def predict_parser() -> argparse.ArgumentParser:
 
 @_one_sentence
 def embed_main(argv: Optional[List[str]] = None) -> int:
-    from .inference import run_embed
-    from .training import setup_logging
+    from .embed import run_embed
+    from .run import setup_logging
 
     args, variables, overrides = parse_args(argv, embed_parser())
     setup_logging(None)
@@ -112,8 +112,8 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
 
 @_one_sentence
 def predict_main(argv: Optional[List[str]] = None) -> int:
-    from .inference import run_predict
-    from .training import setup_logging
+    from .embed import run_predict
+    from .run import setup_logging
 
     args, variables, overrides = parse_args(argv, predict_parser())
     setup_logging(None)
@@ -126,7 +126,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
 
 @_one_sentence
 def report_main(argv: Optional[List[str]] = None) -> int:
-    from .report import plot_runs
+    from ..engine.report import plot_runs
 
     parser = argparse.ArgumentParser(description="Training curves of one or more runs side by side.")
     parser.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")
@@ -143,7 +143,7 @@ def report_main(argv: Optional[List[str]] = None) -> int:
 
 @_one_sentence
 def downstream_main(argv: Optional[List[str]] = None) -> int:
-    from .training import run_downstream
+    from .run import run_downstream
 
     run_downstream(argv)
     return 0
@@ -151,7 +151,7 @@ def downstream_main(argv: Optional[List[str]] = None) -> int:
 
 @_one_sentence
 def pretrain_main(argv: Optional[List[str]] = None) -> int:
-    from .pretraining import run_pretrain
+    from .pretrain import run_pretrain
 
     run_pretrain(argv)
     return 0

@@ -112,7 +112,7 @@ def plot_runs(run_dirs: Sequence, path=None, names: Sequence[str] = None):
     else:
         figure.tight_layout()
     if path is not None:
-        from . import writing
+        from .. import writing
 
         with writing.replacing(path) as temporary:  # the temporary file has no suffix: name the format
             figure.savefig(temporary, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
@@ -138,7 +138,7 @@ def _flat(value, prefix: str = "") -> Dict[str, str]:
 def run_labels(run_dirs: Sequence[Path]) -> List[str]:
     """A label per run: the config keys in which the runs differ (`key=value`, at most three, from each run's
     config.yaml), else the last two parts of the run directory, numbered when two would be the same."""
-    from .config import ConfigError, load_run_config
+    from ..config import ConfigError, load_run_config
 
     names = ["/".join(Path(d).parts[-2:]) for d in run_dirs]
     try:  # one run (its own curves, after every epoch) differs from nothing: its config is not read

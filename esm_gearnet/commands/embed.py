@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from easydict import EasyDict
 
-from . import checkpoint, writing
-from .assembly import build_encoder, build_task, model_config, runtime_task_list
-from .config import apply_overrides, load_config
-from .data import ProteinBatch, collate, load_structures
-from .data.inputs import collect_inputs
-from .models import Encoder
-from .registry import build, resolve
-from .tasks import MultipleBinaryClassification, PropertyPrediction
+from .. import checkpoint, writing
+from ..assembly.build import build_encoder, build_task, model_config, runtime_task_list
+from ..config import apply_overrides, load_config
+from ..data import ProteinBatch, collate, load_structures
+from ..data.inputs import collect_inputs
+from ..models import Encoder
+from ..registry import build, resolve
+from ..tasks import MultipleBinaryClassification, PropertyPrediction
 
 logger = logging.getLogger("esm_gearnet")
 FORMATS = (".npz", ".pt", ".h5")

@@ -26,7 +26,8 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import report, writing
+from . import report
+from .. import writing
 
 logger = logging.getLogger("esm_gearnet")
 

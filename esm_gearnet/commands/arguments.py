@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .config import ConfigError, Override, detect_variables, literal
+from ..config import ConfigError, Override, detect_variables, literal
 
 
 def base_parser(description: Optional[str] = None) -> argparse.ArgumentParser:

@@ -26,11 +26,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .config import ConfigError
-from .models import Encoder, FusionNetwork, StructureEncoder
-from .models.encoder import ONE_HOT_DIM
-from .registry import build, check, resolve
-from .tasks import MultipleBinaryClassification, Task
+from ..config import ConfigError
+from ..models import Encoder, FusionNetwork, StructureEncoder
+from ..models.encoder import ONE_HOT_DIM
+from ..registry import build, check, resolve
+from ..tasks import MultipleBinaryClassification, Task
 
 UNSUPERVISED = "Unsupervised"  # the original's wrapper around MultiviewContrast
 

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 import yaml
 
-from . import checkpoint, distributed, writing
-from .assembly import build_task, optimizer_groups, runtime_task_list
+from .. import checkpoint, distributed, writing
+from ..assembly.build import build_task, optimizer_groups, runtime_task_list
 from .arguments import base_parser, parse_args
-from .config import ConfigError, load_config, load_run_config, plain
-from .engine import Engine, lower_is_better
-from .errors import Interrupted, fault_errors, ignoring_ctrl_c, user_errors
-from .registry import build
-from .run_log import format_metrics
-from .schema import validate
+from ..config import ConfigError, load_config, load_run_config, plain
+from ..engine.trainer import Engine, lower_is_better
+from ..errors import Interrupted, fault_errors, ignoring_ctrl_c, user_errors
+from ..registry import build
+from ..engine.run_log import format_metrics
+from ..assembly.schema import validate
 
 logger = logging.getLogger("esm_gearnet")
 

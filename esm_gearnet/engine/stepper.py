@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from . import distributed
+from .. import distributed
 
 logger = logging.getLogger("esm_gearnet")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .data.protein import collate
+from ..data.protein import collate
 from .gathering import rank_slice
 from .sampler import LengthBucketSampler, dataset_lengths
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from . import distributed
+from .. import distributed
 
 
 def rank_slice(dataset, rank: int, world_size: int) -> Subset:

@@ -20,11 +20,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import distributed
-from .assembly import build_task, optimizer_groups
-from .engine import Engine
-from .registry import build
-from .training import load_encoder_weights, resume_file, setup_logging, training_run
+from .. import distributed
+from ..assembly.build import build_task, optimizer_groups
+from ..engine.trainer import Engine
+from ..registry import build
+from .run import load_encoder_weights, resume_file, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
 

@@ -41,9 +41,10 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, rng
-from .config import plain
-from .data.protein import ProteinBatch
+from .. import checkpoint, distributed
+from . import rng
+from ..config import plain
+from ..data.protein import ProteinBatch
 from .gathering import gather_predictions, mean_over_ranks
 from .loaders import Loaders
 from .run_log import RunLog
