@@ -20,7 +20,9 @@ from esm_gearnet import checkpoint
 from esm_gearnet.data import collate
 from esm_gearnet.config import load_config
 from esm_gearnet.engine.stepper import CannotLearn
-from esm_gearnet.commands.run import build_downstream, build_scheduler, seed_everything, selection_metric
+from esm_gearnet.assembly import build_scheduler, selection_metric
+from esm_gearnet.commands.run import build_downstream, seed_everything
+from esm_gearnet.engine import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
@@ -159,8 +161,8 @@ def test_ckpt_round_trip_and_readable_mismatch(single_run):
 def test_plateau_scheduler_follows_the_metric_direction():
     config = _config()
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    assert build_scheduler(config, optimizer, "f1_max").mode == "max"
-    assert build_scheduler(config, optimizer, "rmse [gdt_ts]").mode == "min"
+    assert build_scheduler(config, optimizer, "f1_max").scheduler.mode == "max"
+    assert build_scheduler(config, optimizer, "rmse [gdt_ts]").scheduler.mode == "min"
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
@@ -311,3 +313,48 @@ def test_engine_options_are_checked():
     config.engine.on_nonfinite = "ignore"
     with pytest.raises(ValueError, match=r"engine\.on_nonfinite must be 'stop' or 'skip', got 'ignore'\."):
         build_downstream(config, None, seed=0, progress=False)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _steps_schedule(engine, num_epoch, metric):
+    """Fine-tuning epochs with a checkpoint (scored) every 2 optimizer steps inside each epoch."""
+    return (Stage(engine.sets["train"], metric=metric, save_every=2) for _ in range(engine.epoch, num_epoch))
+
+
+def test_checkpoints_inside_an_epoch_resume_exactly(tmp_path):
+    """A run stopped right after a checkpoint inside an epoch (`Stage.save_every`) and resumed from it ends with the
+    parameters, records, best epoch and sample count of the uninterrupted run."""
+    uninterrupted = _resumable(tmp_path / "a")
+    metric = selection_metric(_config(), uninterrupted.task)
+    uninterrupted.run(_steps_schedule(uninterrupted, 2, metric))
+    stopped = _resumable(tmp_path / "b")
+    saves = []
+
+    def save_then_stop(name, position=None, save=stopped.save):
+        save(name, position)
+        saves.append(name)
+        if len(saves) == 2:  # at step 4 of epoch 1's 5, after its validation
+            raise _Stop
+
+    stopped.save = save_then_stop
+    with pytest.raises(_Stop):
+        stopped.run(_steps_schedule(stopped, 2, metric))
+    within = checkpoint.load(tmp_path / "b" / "last.pth")["training"]["within"]
+    assert stopped.epoch == 0 and within[0]["batch"] == 4 and stopped.step == 4
+    resumed = _resumable(tmp_path / "b")
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # streams the checkpoint must restore
+    resumed.resume(tmp_path / "b" / "last.pth")
+    assert resumed.epoch == 0 and resumed.step == 4 and resumed.samples == 4 * 8
+    resumed.run(_steps_schedule(resumed, 2, metric))
+    a, b = checkpoint.load(tmp_path / "a" / "last.pth"), checkpoint.load(tmp_path / "b" / "last.pth")
+    assert a["training"]["step"] == b["training"]["step"] and a["training"]["best"] == b["training"]["best"]
+    assert a["training"]["samples"] == b["training"]["samples"] == 2 * len(uninterrupted.sets["train"]) == 80
+    assert "within" not in a["training"] and "within" not in b["training"]
+    a, b = checkpoint.task_state(a), checkpoint.task_state(b)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    records = _records(tmp_path / "a")
+    assert records == _records(tmp_path / "b")
+    assert [r["epoch"] for r in records] == [pytest.approx(e) for e in (0.4, 0.8, 1, 1.2, 1.6, 2)]

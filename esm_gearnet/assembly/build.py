@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from ..config import ConfigError
+from ..engine.selection import lower_is_better
+from ..engine.stepper import Scheduler
 from ..models import Encoder, FusionNetwork, StructureEncoder
 from ..models.encoder import ONE_HOT_DIM
 from ..registry import build, check, resolve
@@ -200,5 +202,39 @@ def optimizer_groups(cfg, task: Task, lr: float) -> List[Dict[str, Any]]:
     return groups
 
 
-__all__ = ["build_encoder", "build_task", "check_task", "learning_rate_ratios", "model_config", "optimizer_groups",
+def build_optimizer(cfg, task: Task):
+    """The config's optimizer over `optimizer_groups` at its `lr` (default 1e-3)."""
+    lr = float(cfg.optimizer.get("lr", 1e-3))
+    return build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, lr))
+
+
+def selection_metric(cfg, task: Task) -> str:
+    """The validation metric that picks the best epoch and drives the scheduler: `metric:`, else the task's
+    first. A `metric:` the task does not report is refused here, before any training."""
+    names = task.metric_names()
+    if cfg.get("metric") is None:
+        return names[0] if names else next(iter(task.metric))
+    if names is not None and cfg.metric not in names:
+        raise ConfigError(f"config key `metric`: {type(task).__name__} reports no {cfg.metric!r}; its validation "
+                          f"metrics are {', '.join(names)}.")
+    return cfg.metric
+
+
+def build_scheduler(cfg, optimizer, metric: str) -> Optional[Scheduler]:
+    """The config's scheduler (None without one) and how it is stepped: on the validation score when its `step`
+    takes `metrics` (ReduceLROnPlateau), then in the direction of `metric` unless the config sets `mode`, else
+    once per epoch."""
+    if cfg.get("scheduler") is None:
+        return None
+    cls = resolve(cfg.scheduler["class"], "scheduler")
+    on_score = "metrics" in inspect.signature(cls.step).parameters
+    options = {}
+    if on_score and "mode" not in cfg.scheduler and "mode" in inspect.signature(cls).parameters:
+        # DEVIATION: the original built ReduceLROnPlateau in its default "min" mode and stepped it on f1_max,
+        # which it wants to maximise, so the rate fell while the metric improved; the mode follows the metric.
+        options["mode"] = "min" if lower_is_better(metric) else "max"
+    return Scheduler(build(cfg.scheduler, "scheduler", optimizer=optimizer, **options), on_score)
+
+
+__all__ = ["build_optimizer", "build_scheduler", "selection_metric", "build_encoder", "build_task", "check_task", "learning_rate_ratios", "model_config", "optimizer_groups",
            "runtime_task_list"]

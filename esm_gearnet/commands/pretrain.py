@@ -16,13 +16,13 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
 from .. import distributed
-from ..assembly.build import build_task, optimizer_groups
-from ..engine.trainer import Engine
+from ..assembly import build_optimizer, build_task
+from ..engine import Engine, Stage
 from ..registry import build
 from .run import load_encoder_weights, resume_file, setup_logging, training_run
 
@@ -33,10 +33,6 @@ logger = logging.getLogger("esm_gearnet")
 DATASET_KEYS = {"species_start": int, "species_end": int}
 
 
-def _training_split(dataset):
-    return dataset.split()[0] if hasattr(dataset, "split") else dataset
-
-
 def run_pretrain(argv: Optional[List[str]] = None) -> Path:
     """Returns the run directory."""
     with training_run(argv, "Pre-train an encoder with a self-supervised objective (AlphaFold DB, ...).",
@@ -45,64 +41,81 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
         start, end = dataset_cfg.pop("species_start", 0), dataset_cfg.pop("species_end", 0)
         if end < start:
             raise ValueError(f"dataset.species_end ({end}) must not be below dataset.species_start ({start}).")
-        species_list = list(range(start, end)) if end > start else [None]
-
-        def load(species, split):
-            if species is not None:
-                dataset_cfg.update(species_id=species, split_id=split)
-            return build(dataset_cfg, "dataset")
-
         task = build_task(cfg)
         if args.ckpt:
             load_encoder_weights(task, args.ckpt)
-        lr = float(cfg.optimizer.get("lr", 1e-3))
-        optimizer = build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, lr))
-        engine = Engine(task, None, None, None, optimizer, run_dir=run_dir, config=cfg, seed=args.seed,
-                        **dict(cfg.get("engine") or {}))
+        engine = Engine(task, None, None, None, build_optimizer(cfg, task), run_dir=run_dir, config=cfg,
+                        seed=args.seed, **dict(cfg.get("engine") or {}))
         torch.manual_seed(args.seed + distributed.rank())
         position: Dict[str, Any] = {"splits_done": 0, "num_splits": {}}
         if resume:
             position = engine.resume(resume_file(resume)) or position
             logger.info("resumed after %d split(s) of training", position["splits_done"])
-        done, num_splits = position["splits_done"], dict(position["num_splits"])
-        interval, num_epoch = cfg.get("save_interval") or 1, cfg.train.num_epoch
+        schedule = Blocks(cfg, dataset_cfg, list(range(start, end)) if end > start else [None], position,
+                          run_dir, logging_to_run_dir=resume is None)
+        engine.run(schedule)
+        engine.close()
+        if schedule.trained:
+            logger.info("done: run directory %s; encoder weights model_epoch_*.pth (for --ckpt and embed); "
+                        "curves: %s", run_dir, run_dir / "curves.png")
+        else:
+            logger.info("run %s had finished: nothing to do", run_dir)
+    return run_dir
+
+
+class Blocks:
+    """The original's schedule (module docstring) as `Stage`s: one per split still to train, and after each block
+    one that writes its `model_epoch_N.pth`.
+
+    Args:
+        cfg: the run's config; dataset_cfg: its dataset block without species_start/species_end.
+        species: the species ids in order ([None]: the one dataset of the config).
+        position: {"splits_done", "num_splits"} of the checkpoint resumed from (zeros for a new run).
+        run_dir: the run directory; logging_to_run_dir: whether log.txt is already written to (a resumed run
+            starts writing it with its first split to train, so a resume of a finished run changes no file).
+    """
+
+    def __init__(self, cfg, dataset_cfg: Dict[str, Any], species: List[Optional[int]], position: Dict[str, Any],
+                 run_dir: Path, logging_to_run_dir: bool):
+        self.cfg, self.dataset_cfg, self.species = cfg, dataset_cfg, species
+        self.done, self.num_splits = position["splits_done"], dict(position["num_splits"])
+        self.run_dir, self.logging_to_run_dir = run_dir, logging_to_run_dir
+        self.trained = False  # whether any split was trained (False: the resumed run had finished)
+
+    def load(self, species: Optional[int], split: int):
+        if species is not None:
+            self.dataset_cfg.update(species_id=species, split_id=split)
+        dataset = build(self.dataset_cfg, "dataset")
+        self.num_splits[str(species)] = getattr(dataset, "num_splits", 1)
+        return dataset.split()[0] if hasattr(dataset, "split") else dataset
+
+    def __iter__(self) -> Iterator[Stage]:
+        interval, num_epoch = self.cfg.get("save_interval") or 1, self.cfg.train.num_epoch
         unit = 0  # splits of the schedule passed so far, done before or now
-        logging_to_run_dir = resume is None
         for first in range(0, num_epoch, interval):
             epochs = min(interval, num_epoch - first)
-            for species in species_list:
+            for species in self.species:
                 split = 0
                 while True:
-                    if unit >= done:  # load and train only the splits not done yet
-                        if not logging_to_run_dir:
-                            setup_logging(run_dir)
-                            logging_to_run_dir = True
-                        dataset = load(species, split)
-                        num_splits[str(species)] = getattr(dataset, "num_splits", 1)
-                        for _ in range(epochs):
-                            train = engine.train_epoch(_training_split(dataset), cfg.train.get("batch_per_epoch"))
-                            engine.record({"epoch": engine.epoch, "step": engine.step, "species": species,
-                                           "split": split, "train": train,
-                                           "lr": engine.stepper.learning_rates(),
-                                           "skipped_steps": engine.stepper.skipped})
-                        engine.save("last.pth", position={"splits_done": unit + 1, "num_splits": num_splits})
+                    if unit >= self.done:  # load and train only the splits not done yet
+                        if not self.logging_to_run_dir:
+                            setup_logging(self.run_dir)
+                            self.logging_to_run_dir = True
+                        self.trained = True
+                        train = self.load(species, split)
+                        yield Stage(train, epochs, batches=self.cfg.train.get("batch_per_epoch"),
+                                    record={"species": species, "split": split},
+                                    position={"splits_done": unit + 1, "num_splits": dict(self.num_splits)})
                     unit += 1
                     split += 1
-                    if split >= num_splits[str(species)]:
+                    if split >= self.num_splits[str(species)]:
                         break
             name = f"model_epoch_{first + epochs}.pth"
             # trained in this block now, or stopped between the block's last split and this file (every rank
             # reaches the same branch, so the broadcast is collective)
-            if unit > done or (unit == done and distributed.broadcast_object(not (run_dir / name).exists())):
-                engine.save_weights(name)
-                logger.info("saved the encoder's weights to %s", run_dir / name)
-        engine.close()
-        if unit == done and resume:
-            logger.info("run %s had finished: nothing to do", run_dir)
-        else:
-            logger.info("done: run directory %s; encoder weights model_epoch_*.pth (for --ckpt and embed); "
-                        "curves: %s", run_dir, run_dir / "curves.png")
-    return run_dir
+            if unit > self.done or (unit == self.done
+                                    and distributed.broadcast_object(not (self.run_dir / name).exists())):
+                yield Stage(epochs=0, weights=name)
 
 
-__all__ = ["run_pretrain"]
+__all__ = ["Blocks", "run_pretrain"]

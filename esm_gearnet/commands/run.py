@@ -20,14 +20,14 @@ import torch
 import yaml
 
 from .. import checkpoint, distributed, writing
-from ..assembly.build import build_task, optimizer_groups, runtime_task_list
+from ..assembly import (build_optimizer, build_scheduler, build_task, runtime_task_list, selection_metric,
+                        validate)
 from .arguments import base_parser, parse_args
 from ..config import ConfigError, load_config, load_run_config, plain
-from ..engine.trainer import Engine, lower_is_better
+from ..engine import Engine
 from ..errors import Interrupted, fault_errors, ignoring_ctrl_c, user_errors
 from ..registry import build
 from ..engine.run_log import format_metrics
-from ..assembly.schema import validate
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -106,29 +106,6 @@ def make_run_dir(cfg, resume: Optional[str]) -> Path:
     return Path(distributed.broadcast_object(name))
 
 
-def selection_metric(cfg, task) -> str:
-    """The validation metric that picks the best epoch and drives the scheduler: `metric:`, else the task's
-    first. A `metric:` the task does not report is refused here, before any training."""
-    names = task.metric_names()
-    if cfg.get("metric") is None:
-        return names[0] if names else next(iter(task.metric))
-    if names is not None and cfg.metric not in names:
-        raise ConfigError(f"config key `metric`: {type(task).__name__} reports no {cfg.metric!r}; its validation "
-                          f"metrics are {', '.join(names)}.")
-    return cfg.metric
-
-
-def build_scheduler(cfg, optimizer, metric: str):
-    if cfg.get("scheduler") is None:
-        return None
-    options = {}
-    if cfg.scheduler["class"].split(".")[-1] == "ReduceLROnPlateau" and "mode" not in cfg.scheduler:
-        # DEVIATION: the original built ReduceLROnPlateau in its default "min" mode and stepped it on f1_max,
-        # which it wants to maximise, so the rate fell while the metric improved; the mode follows the metric.
-        options["mode"] = "min" if lower_is_better(metric) else "max"
-    return build(cfg.scheduler, "scheduler", optimizer=optimizer, **options)
-
-
 def load_encoder_weights(task, path) -> None:
     """`--ckpt`: the encoder's weights from a checkpoint of this framework (best.pth, last.pth,
     model_epoch_N.pth) or one of the original's bare state_dicts; the head starts fresh."""
@@ -150,8 +127,7 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
         load_encoder_weights(task, weights)
     metric = selection_metric(cfg, task)
     task.preprocess(train_set)
-    lr = float(cfg.optimizer.get("lr", 1e-3))
-    optimizer = build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, lr))
+    optimizer = build_optimizer(cfg, task)
     scheduler = build_scheduler(cfg, optimizer, metric)
     return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir, config=cfg,
                   task_names=dataset.tasks, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))

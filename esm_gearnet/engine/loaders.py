@@ -32,17 +32,20 @@ class Loaders:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bucket, self.pin_memory = bucket, pin_memory
 
-    def train(self, dataset, epoch: int) -> DataLoader:
-        """This rank's batches of `dataset` for `epoch`: a new shuffled order every epoch."""
+    def train(self, dataset, epoch: int, skip: int = 0) -> DataLoader:
+        """This rank's batches of `dataset` for `epoch`: a new shuffled order every epoch; with `skip`, the batches
+        after the first `skip` of that order (a run resumed inside an epoch), none of them loaded."""
         if self.bucket:
             sampler = LengthBucketSampler(dataset_lengths(dataset), self.batch_size, self.world_size, self.rank,
                                           seed=self.seed)
             sampler.set_epoch(epoch)
-            return DataLoader(dataset, batch_sampler=sampler, **self._options())
+            batches = list(sampler)[skip:] if skip else sampler
+            return DataLoader(dataset, batch_sampler=batches, **self._options())
         sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                      seed=self.seed)
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, **self._options())
+        order = list(sampler)[skip * self.batch_size:] if skip else sampler
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=order, shuffle=False, **self._options())
 
     def evaluation(self, dataset) -> DataLoader:
         """This rank's contiguous slice of `dataset`, in order."""

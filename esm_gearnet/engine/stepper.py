@@ -17,7 +17,6 @@ skipped batches is `Stepper.skipped` (metrics.jsonl's `skipped_steps`).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from contextlib import nullcontext
 from typing import Any, Dict, Iterable, Optional
@@ -41,13 +40,33 @@ class CannotLearn(FloatingPointError):
     acts (a lower learning rate, fp32), so it ends the command with one sentence and exit code 2."""
 
 
+class Scheduler:
+    """A learning-rate scheduler and how it is stepped, both decided where it is built
+    (`assembly.build_scheduler`): once per epoch after validation, on the validation score (`on_score`, as
+    ReduceLROnPlateau wants) or on the epoch."""
+
+    def __init__(self, scheduler, on_score: bool):
+        self.scheduler, self.on_score = scheduler, on_score
+
+    def step(self, score: float) -> None:
+        if self.on_score:
+            self.scheduler.step(score)
+        else:
+            self.scheduler.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+
 class Stepper:
     """Owns the optimizer, the scheduler and the GradScaler, and the rules for using them.
 
     Args:
         optimizer: over the task's trainable parameters.
-        scheduler: optional; one whose `step` takes `metrics` (ReduceLROnPlateau) is stepped on the validation
-            score, any other once per epoch.
+        scheduler: optional, a `Scheduler` (which knows whether it is stepped on the validation score).
         device: where the model runs (autocast and GradScaler only on CUDA).
         precision: "fp32", "bf16" or "fp16".
         gradient_interval: batches per optimizer step (values below 1 count as 1).
@@ -62,18 +81,20 @@ class Stepper:
             raise ValueError(f"engine.precision must be fp32, bf16 or fp16, got {precision!r}.")
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"engine.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
+        if scheduler is not None and not isinstance(scheduler, Scheduler):
+            raise TypeError("Engine/Stepper: give the scheduler as engine.stepper.Scheduler(scheduler, on_score), "
+                            "which says how it is stepped (assembly.build_scheduler builds one from a config).")
         self.optimizer, self.scheduler = optimizer, scheduler
         self.precision = precision if device.type == "cuda" else "fp32"
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.gradient_interval = max(1, gradient_interval)
         self.clip_norm, self.on_nonfinite = clip_norm, on_nonfinite
-        self.scheduler_takes_score = (scheduler is not None
-                                      and "metrics" in inspect.signature(scheduler.step).parameters)
         self.skipped, self.num_batch = 0, 0
 
-    def start_epoch(self, num_batch: int) -> None:
-        """A new epoch of `num_batch` batches: its count of skipped batches starts at 0."""
-        self.skipped, self.num_batch = 0, num_batch
+    def start_epoch(self, num_batch: int, skipped: int = 0) -> None:
+        """A new epoch of `num_batch` batches: its count of skipped batches starts at `skipped` (0, or the count
+        a checkpoint inside the epoch saved)."""
+        self.skipped, self.num_batch = skipped, num_batch
 
     def autocast(self):
         """The context of a forward pass: autocast to bf16/fp16 on CUDA, nothing under fp32."""
@@ -127,13 +148,9 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step_scheduler(self, score: float) -> None:
-        """Once per epoch, after validation: the scheduler on `score` (ReduceLROnPlateau) or on the epoch."""
-        if self.scheduler is None:
-            return
-        if self.scheduler_takes_score:
+        """Once per epoch, after validation (`Scheduler.step`)."""
+        if self.scheduler is not None:
             self.scheduler.step(score)
-        else:
-            self.scheduler.step()
 
     def learning_rates(self):
         """[the learning rate of every parameter group]."""

@@ -7,18 +7,23 @@
 * Selection: after every epoch, valid and test are evaluated; the best validation score of `metric` is kept
   (`best.pth`) and the final test score is the best-validation model's. DEVIATION: the original reported the
   last epoch's.
+* Schedules: `Engine.run` trains any schedule of `schedule.Stage`s (epochs, batches per epoch, a validation
+  metric, checkpoints inside an epoch, a weights file after a stage); fine-tuning (`Engine.fit`) and
+  pre-training hand it theirs.
 * Checkpoints, in `checkpoint.pack`'s layout: `last.pth` carries `training` = {optimizer, scheduler, scaler, step,
-  best, metrics, rng, world_size, position}, written atomically by rank 0 after every epoch; `resume()` restores
-  all of it, RNG streams of every rank included, so a resumed run ends with the same parameters as an
-  uninterrupted one. `best.pth` holds the weights only (`training` None).
+  best, metrics, rng, world_size, position, samples (and `within` for a checkpoint inside an epoch)}, written
+  atomically by rank 0 after every stage; `resume()` restores all of it, RNG streams of every rank included, so
+  a resumed run ends with the same parameters as an uninterrupted one. `best.pth` holds the weights only
+  (`training` None).
 
 The engine wires together parts with one concern each; what stays here is the DDP wrapper, the training loop
-(`Engine.train_epoch`, one function read top to bottom), evaluation, the epoch loop (`Engine.fit`) and the files
-a run writes.
+(`Engine.train_epoch`, one function read top to bottom), evaluation, the schedule loop (`Engine.run`) and the
+files a run writes.
 
 ==============  ===============================================================================================
 module          concern
 ==============  ===============================================================================================
+schedule        what a run trains, in order: `Stage`s
 loaders         this rank's DataLoaders: shuffled or length-bucketed training batches, evaluation slices
 stepper         precision, the non-finite-loss policy, gradient accumulation, clipping, optimizer and scheduler
 gathering       evaluation slices, and predictions and training means gathered across ranks
@@ -36,7 +41,7 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -48,6 +53,7 @@ from ..data.protein import ProteinBatch
 from .gathering import gather_predictions, mean_over_ranks
 from .loaders import Loaders
 from .run_log import RunLog
+from .schedule import Stage
 from .selection import LOWER_IS_BETTER, BestEpoch, lower_is_better, selection_score
 from .stepper import Stepper
 
@@ -151,6 +157,10 @@ class Engine:
         self.task_names = [str(t) for t in task_names]
         self.progress = progress and self.rank == 0
         self.epoch, self.step = 0, 0
+        self.samples = 0  # proteins trained on, over all ranks: the position streamed data continues from
+        self._position: Optional[Dict[str, Any]] = None  # the caller's position after the last finished stage
+        self._within: Optional[Dict[str, Any]] = None  # where a checkpoint inside an epoch stands (this rank's)
+        self._stage_epoch, self._score = 0, None
         self.selection = BestEpoch()
         self.run_log = RunLog(self.run_dir, writes=self.rank == 0, logger=logger, config=self.config)
         self.num_evaluated: Dict[str, int] = {}
@@ -167,24 +177,31 @@ class Engine:
 
     # ---- training ----------------------------------------------------------------------------------------
     @_stalls_named
-    def train_epoch(self, train_set=None, batch_per_epoch: Optional[int] = None) -> Dict[str, float]:
+    def train_epoch(self, train_set=None, batch_per_epoch: Optional[int] = None,
+                    stage: Optional[Stage] = None) -> Dict[str, float]:
         """One pass over `train_set` (default: the training split), or its first `batch_per_epoch` batches (the
         original's `train.batch_per_epoch`: each epoch the first batches of that epoch's order); returns the mean
-        over batches and ranks of every value the task logs (its `info`)."""
-        dataset = self.sets["train"] if train_set is None else train_set
+        over batches and ranks of every value the task logs (its `info`). Within `run`, the stage gives the
+        data, the batches and the mid-epoch checkpoints; an epoch a resumed checkpoint was saved inside
+        continues after its last saved step."""
+        stage = stage or Stage(self.sets["train"] if train_set is None else train_set, batches=batch_per_epoch)
         # this rank's batches, in the order of (seed, epoch): the same on every rank and after a resume
-        loader = self.loaders.train(dataset, self.epoch)
-        num_batch = min(len(loader), batch_per_epoch or len(loader))
-        if num_batch < len(loader):
-            loader = itertools.islice(loader, num_batch)
+        loader = self.loaders.train(stage.train, self.epoch)
+        num_batch = min(len(loader), stage.batches or len(loader))
+        within, self._within = self._within, None  # where a checkpoint inside this epoch left it
+        start = within["batch"] if within else 0
+        if start:
+            loader = self.loaders.train(stage.train, self.epoch, skip=start)
+        if start + len(loader) > num_batch:
+            loader = itertools.islice(loader, num_batch - start)
         self.model.train()
-        totals: Dict[str, float] = {}
-        count, started, proteins = 0, time.perf_counter(), 0
+        totals: Dict[str, float] = dict(within["totals"]) if within else {}
+        count, started, proteins = (within["count"] if within else 0), time.perf_counter(), 0
         epoch = self.epoch + 1  # epochs count from 1 everywhere: bar, log, metrics.jsonl, checkpoints
-        bar = self._bar(loader, f"epoch {epoch}", num_batch)
+        bar = self._bar(loader, f"epoch {epoch}", num_batch - start)
         self.stepper.zero_grad()
-        self.stepper.start_epoch(num_batch)
-        for i, batch in enumerate(bar):
+        self.stepper.start_epoch(num_batch, skipped=within["skipped"] if within else 0)
+        for i, batch in enumerate(bar, start):
             # the batch onto this process's device
             batch = to_device(batch, self.device)
             # an optimizer step ends every gradient_interval batches and the epoch; before it, DDP accumulates
@@ -204,20 +221,65 @@ class Engine:
             if boundary:
                 self.stepper.step(self.task.parameters())
                 self.step += 1
-            # bookkeeping: sums of the logged values, throughput on the bar, a log line every log_interval
+            # bookkeeping: sums of the logged values, samples, throughput on the bar, a log line every log_interval
             for key, value in info.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
             proteins += _num_proteins(batch) * self.world_size
+            self.samples += _num_proteins(batch) * self.world_size
             if self.progress:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
                                 proteins_per_s=f"{proteins / (time.perf_counter() - started):.1f}")
             if self.rank == 0 and self.log_interval and (i + 1) % self.log_interval == 0:
                 logger.info("epoch %d step %d loss %.4g", epoch, self.step, float(loss.detach()))
+            # a checkpoint inside the epoch (`Stage.save_every`), scored first when the stage names a metric
+            if boundary and stage.save_every and self.step % stage.save_every == 0 and i + 1 < num_batch:
+                if stage.metric:
+                    self._validate(stage, epoch=self.epoch + (i + 1) / num_batch,
+                                   train=mean_over_ranks({k: v / max(count, 1) for k, v in totals.items()}))
+                self._within = {"batch": i + 1, "totals": totals, "count": count, "skipped": self.stepper.skipped,
+                                "stage_epoch": self._stage_epoch}
+                self.save("last.pth", position=self._position)
+                self._within = None
         # the epoch's means over this rank's batches, then over the ranks
         means = mean_over_ranks({k: v / max(count, 1) for k, v in totals.items()})
         self.epoch += 1
         return means
+
+    # ---- schedules ---------------------------------------------------------------------------------------
+    def run(self, schedule: Iterable[Stage]) -> None:
+        """Train the stages of `schedule` in order (`schedule.Stage`): each stage's epochs, each epoch recorded
+        (and scored, with the stage's metric), then `last.pth` with the stage's position and the stage's
+        weights file. A checkpoint saved inside a stage continues it where it stopped."""
+        for stage in schedule:
+            within = self._within
+            for self._stage_epoch in range(within["stage_epoch"] if within else 0, stage.epochs):
+                train = self.train_epoch(stage=stage)
+                if stage.metric:
+                    self._validate(stage, self.epoch, train)
+                    self.stepper.step_scheduler(self._score)
+                else:
+                    self.record({"epoch": self.epoch, "step": self.step, **stage.record, "train": train,
+                                 "lr": self.stepper.learning_rates(), "skipped_steps": self.stepper.skipped})
+            if stage.epochs:
+                self._position = stage.position
+                self.save("last.pth", position=stage.position)
+            if stage.weights:
+                self.save_weights(stage.weights)
+                logger.info("saved the weights to %s", self.run_dir / stage.weights if self.run_dir else
+                            stage.weights)
+
+    def _validate(self, stage: Stage, epoch, train: Dict[str, float]) -> None:
+        """Score valid and test, keep the best validation score of the stage's metric (its weights become
+        best.pth) and record the epoch (the best epoch marked in curves.png)."""
+        valid, test = self.evaluate("valid"), self.evaluate("test")
+        self._score = selection_score(valid, stage.metric)
+        improved = self.selection.update(epoch, self._score, stage.metric)
+        self.record({"epoch": epoch, "step": self.step, **stage.record, "train": train, "valid": valid,
+                     "test": test, "lr": self.stepper.learning_rates(), "num_evaluated": dict(self.num_evaluated),
+                     "skipped_steps": self.stepper.skipped, "best_epoch": self.best["epoch"]})
+        if improved:
+            self.save_weights("best.pth")
 
     # ---- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -246,28 +308,19 @@ class Engine:
         self.num_evaluated[split] = len(pred)
         return self.task.evaluate(pred, target, extra)
 
-    # ---- the loop ----------------------------------------------------------------------------------------
+    # ---- fine-tuning -----------------------------------------------------------------------------------
     @_stalls_named
     def fit(self, num_epoch: int, metric: str, batch_per_epoch: Optional[int] = None) -> Dict[str, float]:
         """Train until `num_epoch` epochs (of `batch_per_epoch` batches, default all) are done (continuing a
-        resumed run), keep the best validation model, and return the test metrics of that model."""
-        while self.epoch < num_epoch:
-            # one epoch of training, then both evaluation splits
-            train = self.train_epoch(batch_per_epoch=batch_per_epoch)
-            valid, test = self.evaluate("valid"), self.evaluate("test")
-            score = selection_score(valid, metric)
-            improved = self.selection.update(self.epoch, score, metric)
-            # the epoch's record: log, metrics.jsonl, curves.png (the best epoch marked), TensorBoard
-            self.record({"epoch": self.epoch, "step": self.step, "train": train, "valid": valid, "test": test,
-                         "lr": self.stepper.learning_rates(), "num_evaluated": dict(self.num_evaluated),
-                         "skipped_steps": self.stepper.skipped, "best_epoch": self.best["epoch"]})
-            # a better validation score: these weights become best.pth
-            if improved:
-                self.save_weights("best.pth")
-            # the scheduler, then everything a resume needs
-            self.stepper.step_scheduler(score)
-            self.save("last.pth")
-        # the best epoch's weights, scored once more (DEVIATION: the original reported the last epoch's test score)
+        resumed run), each scored on the validation split, and return the test metrics of the best validation
+        epoch's model (`final`)."""
+        self.run(Stage(self.sets["train"], batches=batch_per_epoch, metric=metric)
+                 for _ in range(self.epoch, num_epoch))
+        return self.final()
+
+    def final(self) -> Dict[str, float]:
+        """The best validation epoch's weights (best.pth), scored once more on valid and test (recorded as
+        "final"); returns the test metrics. DEVIATION: the original reported the last epoch's test score."""
         if self.best["epoch"] is not None and self.run_dir is not None:
             distributed.barrier()
             self.task.load_state_dict(checkpoint.task_state(checkpoint.load(self.run_dir / "best.pth")))
@@ -291,10 +344,14 @@ class Engine:
                 given back by `resume`; e.g. pre-training's split.
         """
         rng_states = distributed.gather_objects(rng.capture())
+        # inside an epoch (`Stage.save_every`): every rank's place and partial sums
+        within = distributed.gather_objects(self._within) if self._within is not None else None
         if self.rank == 0 and self.run_dir is not None:
             training = {**self.stepper.state_dict(), "step": self.step, "best": self.best,
                         "metrics": self.history, "rng": rng_states, "world_size": self.world_size,
-                        "position": position}
+                        "position": position, "samples": self.samples}
+            if within is not None:
+                training["within"] = within
             checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, epoch=self.epoch,
                                                    training=training), self.run_dir / name)
         distributed.barrier()
@@ -318,6 +375,9 @@ class Engine:
         self.selection.load_state_dict(training["best"])
         self.run_log.restore(training["metrics"])  # drops records the interrupted run wrote after `path`
         rng.restore(training["rng"][self.rank])
+        self.samples = training.get("samples", 0)  # 0 in checkpoints written before samples were counted
+        self._within = training["within"][self.rank] if training.get("within") else None
+        self._position = training["position"]
         return training["position"]
 
     def close(self) -> None:
