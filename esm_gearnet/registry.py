@@ -13,10 +13,11 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import importlib
+import importlib.metadata
 import inspect
 import types
 import typing
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -56,8 +57,42 @@ def registered_names():
     return sorted(set(_REGISTRY) | set(_torch_classes()))
 
 
+def names_of(kind: type) -> List[str]:
+    """The registered names of the subclasses of `kind` (e.g. every encoder), sorted: what one sentence offers."""
+    _import_all()
+    return sorted(key for key, value in _REGISTRY.items() if inspect.isclass(value) and issubclass(value, kind))
+
+
+#: entry-point groups through which other packages add classes: each entry point names a class (registered under
+#: its class name) or a module (whose `@register` decorators run when it is imported), e.g. in a plugin's pyproject.toml
+#: `[project.entry-points."esm_gearnet.models"] egnn = "my_package.egnn:EGNN"`
+ENTRY_POINT_GROUPS = ("esm_gearnet.models", "esm_gearnet.tasks")
+_plugins_loaded = False
+
+
 def _import_all():
+    global _plugins_loaded
     importlib.import_module("esm_gearnet")  # importing the package registers every class it defines
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for group in ENTRY_POINT_GROUPS:
+            for entry in importlib.metadata.entry_points(group=group):
+                _load_plugin(entry, group)
+
+
+def _load_plugin(entry, group: str) -> None:
+    """Import one entry point of another package and register what it names."""
+    where = f"the entry point {entry.name} = {entry.value} (group {group}"
+    where += f", package {entry.dist.name})" if getattr(entry, "dist", None) is not None else ")"
+    try:
+        obj = entry.load()
+    except Exception as error:  # noqa: BLE001 - any failure of another package's import is one sentence
+        raise InputError(f"{where} cannot be imported ({type(error).__name__}: {error}); fix or uninstall that "
+                         "package.") from None
+    if inspect.isclass(obj):
+        register(obj)
+    elif not isinstance(obj, types.ModuleType):
+        raise InputError(f"{where} names neither a class nor a module; point it at the class to register.")
 
 
 def resolve(name: str, path: str = "config") -> Callable:

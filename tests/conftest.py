@@ -253,3 +253,20 @@ def _fresh_logger():
     log.handlers.clear()
     log.propagate = True
     log.setLevel(logging.NOTSET)
+
+
+def small(config):
+    """An encoder's config (a `class:` dict) with every encoder in it made small (`Encoder.small_config`) and its
+    derived sizes (input widths, GearNet's num_relation) left out for the assembly to fill in; changed in place."""
+    from esm_gearnet.models import Encoder, StructureEncoder
+    from esm_gearnet.registry import resolve
+
+    cls = resolve(config["class"])
+    if issubclass(cls, StructureEncoder):
+        for key in filter(None, (cls.input_dim_key[0], cls.relation_key)):
+            config.pop(key, None)
+    config.update(cls.small_config)
+    for value in config.values():
+        if isinstance(value, dict) and "class" in value and issubclass(resolve(value["class"]), Encoder):
+            small(value)
+    return config

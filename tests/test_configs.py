@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STRUCTURES, write_msp, write_psr
+from conftest import STRUCTURES, small, write_msp, write_psr
 from esm_gearnet.assembly.build import build_task, model_config, optimizer_groups, runtime_task_list
 from esm_gearnet.config import load_config
 from esm_gearnet.data import collate, load_structures
@@ -25,7 +25,6 @@ from esm_gearnet.tasks import MultipleBinaryClassification, PropertyPrediction
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for folder in ("EC", "GO", "PSR", "MSP", "pretrain", "demo")
                  for p in (ROOT / "config" / folder).glob("*.yaml"))
-TINY_ESM = 32
 EMBED_FILES = ["1D66-A.pdb", "2N2U-A.pdb", "1A7G-E.cif"]
 
 
@@ -38,31 +37,14 @@ def atom3d_root(tmp_path_factory):
 
 
 def _shrink(cfg, atom3d_root):
-    """Tiny widths, a random 1-layer ESM-2, a small dataset; derived sizes removed."""
+    """Every encoder small (`Encoder.small_config`: tiny widths, a random 1-layer ESM-2), a small dataset; derived
+    sizes removed."""
     if cfg.dataset["class"] in ("PSRDataset", "MSPDataset"):
         cfg.dataset.update({"path": str(atom3d_root), "progress": False})
     else:
         cfg.dataset = {"class": "DemoFolds", "num_protein": 8, "transform": cfg.dataset.get("transform")}
     model, _ = model_config(cfg)
-    fused = model["class"] == "FusionNetwork"
-    if model["class"] == "ESM" or fused:
-        sequence = model.sequence_model if fused else model
-        sequence.update({"pretrained": False, "architecture": [1, TINY_ESM, 4]})
-    if model["class"] == "ESM":
-        return cfg
-    structure = model.structure_model if fused else model
-    structure.pop("input_dim", None)
-    structure.pop("num_relation", None)
-    if structure["class"] == "GearNet":
-        structure.update({"hidden_dims": [16, 16]})
-    elif structure["class"] == "GVPGNN":
-        series = fused and model.get("fusion") in (None, "series", "serial")
-        structure.update({"node_in_dim": [TINY_ESM if series else 21, 0], "node_h_dim": [16, 4],
-                          "edge_h_dim": [8, 1], "num_layers": 2})
-    elif structure["class"] == "CDConv":
-        structure.update({"hidden_dims": [16, 32], "embedding_dim": 8})
-    if "cross_dim" in model:
-        model.cross_dim = 16
+    small(model)
     cfg.engine = {"batch_size": 4}
     return cfg
 

@@ -17,7 +17,7 @@ except ImportError:
     pytest.skip("transformers is not installed (pip install -e '.[test]'); these tests compare with "
                 "transformers.EsmModel", allow_module_level=True)
 
-from conftest import ALPHAFOLD, randomized_weights, run_dir_of, structure_files
+from conftest import ALPHAFOLD, randomized_weights, run_dir_of, small, structure_files
 from esm_gearnet.data import ProteinBatch, load_structure
 from esm_gearnet.data.foldseek import three_di_states
 from esm_gearnet.models import ESM
@@ -198,13 +198,7 @@ def _fusion_task(structure, fusion):
     if fusion == "cross":
         model.cross_dim = 16
     model.sequence_model = {"class": "ESM", "pretrained": False, "vocabulary": "SaProt", "architecture": [1, 32, 4]}
-    part = model.structure_model
-    part.pop("input_dim", None)
-    part.pop("num_relation", None)
-    part.update({"GearNet": {"hidden_dims": [16, 16]},
-                 "GVPGNN": {"node_in_dim": [32 if fusion == "series" else 21, 0], "node_h_dim": [16, 4],
-                            "edge_h_dim": [8, 1], "num_layers": 2},
-                 "CDConv": {"hidden_dims": [16, 32], "embedding_dim": 8}}[structure])
+    small(model.structure_model)
     dataset = build(cfg.dataset, "dataset")
     return build_task(cfg, runtime_task_list(cfg, dataset.tasks)), dataset
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -31,7 +31,7 @@ from ..engine.selection import lower_is_better
 from ..engine.stepper import Scheduler
 from ..models import Encoder, FusionNetwork, StructureEncoder
 from ..models.encoder import ONE_HOT_DIM
-from ..registry import build, check, resolve
+from ..registry import build, check, names_of, resolve
 from ..tasks import MultipleBinaryClassification, Task
 
 UNSUPERVISED = "Unsupervised"  # the original's wrapper around MultiviewContrast
@@ -51,9 +51,10 @@ def model_config(cfg) -> Tuple[Dict[str, Any], str]:
     return task.model, "task.model"
 
 
-def _derive(config: Dict[str, Any], key: Sequence, value: int, path: str, source: str) -> Dict[str, Any]:
-    """A copy of `config` with the size at `key` (a key, or a key and a list index) set to `value`; a config
-    value that disagrees ends in one sentence."""
+def _derive(config: Dict[str, Any], key: Sequence, value: int, path: str, source: str,
+            fill: Callable[[int], Any] = lambda value: value) -> Dict[str, Any]:
+    """A copy of `config` with the size at `key` (a key, or a key and a list index) set to `value` (an absent key
+    becomes `fill(value)`); a config value that disagrees ends in one sentence."""
     config = copy.deepcopy(dict(config))
     name, *index = key
     given = config.get(name)
@@ -66,8 +67,8 @@ def _derive(config: Dict[str, Any], key: Sequence, value: int, path: str, source
     elif given is not None and given != value:
         raise ConfigError(f"config key `{path}.{name}` is {given} but {source} gives {value}; "
                           f"remove the key (it is derived) or set it to {value}.")
-    elif given is None and not index:
-        config[name] = value
+    elif given is None:
+        config[name] = fill(value)
     return config
 
 
@@ -78,8 +79,8 @@ def _encoder(config: Dict[str, Any], path: str, input_dim: int, num_relation: in
         raise ConfigError(f"config key `{path}` must be a mapping with a `class:` entry (the encoder).")
     cls = resolve(config["class"], path)
     if not (inspect.isclass(cls) and issubclass(cls, Encoder)):
-        raise ConfigError(f"config key `{path}`: {config['class']} is not an encoder; use FusionNetwork, GearNet, "
-                          "GVPGNN, CDConv or ESM.")
+        raise ConfigError(f"config key `{path}`: {config['class']} is not an encoder; use one of "
+                          f"{', '.join(names_of(Encoder))}.")
     runtime = {"graph_construction_model": graph} if graph is not None else {}
     if issubclass(cls, FusionNetwork):
         missing = [k for k in ("sequence_model", "structure_model") if not config.get(k)]
@@ -98,7 +99,7 @@ def _encoder(config: Dict[str, Any], path: str, input_dim: int, num_relation: in
             raise ConfigError(f"config key `{path}`: {config['class']} reads the residue graph's edges but the "
                               "config has no task.graph_construction_model with edge layers; add one (see "
                               "config/EC/esm_gearnet.yaml).")
-        config = _derive(config, cls.input_dim_key, input_dim, path, source)
+        config = _derive(config, cls.input_dim_key, input_dim, path, source, cls.input_dim_value)
         if cls.relation_key and num_relation:
             config = _derive(config, (cls.relation_key,), num_relation, path,
                              "task.graph_construction_model's edge layers")

@@ -219,6 +219,8 @@ class CDConv(StructureEncoder):
     [B, output_dim] (mean over the last stage).
     """
 
+    small_config = {"hidden_dims": [16, 32], "embedding_dim": 8}
+
     def __init__(self, input_dim: int, embedding_dim: int, hidden_dims: Sequence[int], cutoffs: Sequence[float],
                  seq_cutoff: int, kernel_dims: Sequence[int], base_width: float = 16.0, batch_norm: bool = True,
                  dropout: float = 0.2, bias: bool = False, residue_feature: str = "upsample",

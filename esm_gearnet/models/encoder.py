@@ -31,7 +31,7 @@ masking, as SaProt keeps a masked residue's structure token.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -56,6 +56,9 @@ class Encoder(nn.Module):
     group: str = "structure_model"
     #: see the module docstring (an ESM of SaProt's vocabulary sets it)
     reads_three_di: bool = False
+    #: config arguments that make a small model of this kind (random weights, narrow layers): the config-matrix
+    #: test builds every config under config/ with them, so a new encoder is tested once it has a config
+    small_config: Dict[str, Any] = {}
 
     def __init__(self, graph_construction_model: Optional[nn.Module] = None):
         super().__init__()
@@ -111,6 +114,12 @@ class StructureEncoder(Encoder):
     #: whether `network` reads the residue graph's edges (then the config needs a graph construction)
     needs_graph: bool = False
     input_dim: int
+
+    @staticmethod
+    def input_dim_value(width: int) -> Any:
+        """The config value at `input_dim_key[0]` that gives an input of `width` features: what `assembly` writes
+        when the config leaves the key out."""
+        return width
 
     def network(self, graph: ProteinBatch, input: torch.Tensor) -> Features:
         """Features of the graph from input features [N, input_dim]."""

@@ -468,6 +468,7 @@ class ESM(Encoder):
     """
 
     group = "sequence_model"
+    small_config = {"pretrained": False, "architecture": [1, 32, 4]}
 
     @classmethod
     def check_config(cls, arguments: Dict[str, Any]) -> None:

@@ -46,6 +46,8 @@ class FusionNetwork(Encoder):
     ESM's `<mask>` token and, outside series fusion, a zero structure input.
     """
 
+    small_config = {"cross_dim": 16}
+
     def __init__(self, sequence_model: Encoder, structure_model: StructureEncoder, fusion: str = "series",
                  cross_dim: Optional[int] = None, graph_construction_model: Optional[nn.Module] = None):
         super().__init__(graph_construction_model)

@@ -103,6 +103,7 @@ class GearNet(StructureEncoder):
 
     relation_key = "num_relation"
     needs_graph = True
+    small_config = {"hidden_dims": [16, 16]}
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_relation: int,
                  edge_input_dim: Optional[int] = None, num_angle_bin: Optional[int] = None,

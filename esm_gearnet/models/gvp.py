@@ -8,7 +8,7 @@ source); node vector channels are zero at input.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -184,6 +184,11 @@ class GVPGNN(StructureEncoder):
 
     input_dim_key = ("node_in_dim", 0)
     needs_graph = True
+    small_config = {"node_h_dim": [16, 4], "edge_h_dim": [8, 1], "num_layers": 2}
+
+    @staticmethod
+    def input_dim_value(width: int) -> List[int]:
+        return [width, 0]  # no input vectors
 
     def __init__(self, node_in_dim: Sequence[int], node_h_dim: Sequence[int], edge_in_dim: Sequence[int],
                  edge_h_dim: Sequence[int], readout: str = "sum", num_layers: int = 3, drop_rate: float = 0.1,

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..models import Encoder
+from ..registry import names_of
 
 
 class Task(nn.Module):
@@ -24,7 +25,7 @@ class Task(nn.Module):
     def __init__(self, encoder: Encoder):
         super().__init__()
         if not isinstance(encoder, Encoder):
-            raise TypeError(f"{type(self).__name__} needs an Encoder (ESM, GearNet, GVPGNN, CDConv, FusionNetwork), "
+            raise TypeError(f"{type(self).__name__} needs an Encoder ({', '.join(names_of(Encoder))}), "
                             f"got {type(encoder).__name__}.")
         self.encoder = encoder
 
