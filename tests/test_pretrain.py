@@ -17,7 +17,8 @@ from esm_gearnet.models import ESM, FusionNetwork, GearNet
 from esm_gearnet.tasks import (AnglePrediction, DihedralPrediction, DistancePrediction, MultiviewContrast,
                                NoiseTransform, ResidueTypePrediction, SequenceStructureContrast, SiamDiff)
 from esm_gearnet.tasks.contrast import clip_loss
-from esm_gearnet.tasks.pretrain import (RandomEdgeMask, SubspaceNode, SubsequenceNode, dihedral, mask_residues,
+from esm_gearnet.layers.functional import dihedral
+from esm_gearnet.tasks.pretrain import (RandomEdgeMask, SubspaceNode, SubsequenceNode, mask_residues,
                                         remove_pairs, sample_in_segments)
 from esm_gearnet.tasks.siamdiff import perturb
 

@@ -326,7 +326,6 @@ class SpatialLineGraph(nn.Module):
         edge_out = outgoing[functional.offsets(degree_out)[node] + local % width]
         pos = batch.pos
         a, b, c = pos[source[edge_in]], pos[target[edge_in]], pos[target[edge_out]]
-        v1, v2 = a - b, c - b
-        angle = torch.atan2(torch.linalg.cross(v1, v2).norm(dim=-1), (v1 * v2).sum(-1))
-        relation = (angle / math.pi * self.num_angle_bin).long().clamp(max=self.num_angle_bin - 1)
+        angle = functional.angle_between(a - b, c - b)
+        relation = functional.to_bins(angle, self.num_angle_bin, 0.0, math.pi)
         return LineGraph(torch.stack([edge_in, edge_out, relation], -1), num_edge, self.num_angle_bin)

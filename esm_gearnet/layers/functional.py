@@ -4,6 +4,7 @@ A packed batch concatenates per-residue rows of B proteins into N rows; `num_res
 rows each protein owns, in order.
 """
 import torch
+import torch.nn.functional as F
 
 
 def segment_ids(num_residues: torch.Tensor) -> torch.Tensor:
@@ -89,3 +90,25 @@ def segment_mean(x: torch.Tensor, residue2graph: torch.Tensor, batch_size: int) 
     total = segment_sum(x, residue2graph, batch_size)
     count = torch.bincount(residue2graph, minlength=batch_size).clamp(min=1).to(x.dtype)
     return total / count.view((-1,) + (1,) * (x.dim() - 1))
+
+
+# ---- geometry ----------------------------------------------------------------------------------------------
+def angle_between(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[P] angle in [0, π] between vectors u, v [P, 3]."""
+    return torch.atan2(torch.linalg.cross(u, v, dim=-1).norm(dim=-1), (u * v).sum(-1))
+
+
+def dihedral(p0, p1, p2, p3, signed: bool = False) -> torch.Tensor:
+    """[P] dihedral angle of the points p0-p1-p2-p3 [P, 3]: in (-π, π] when signed, else its size in [0, π]."""
+    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
+    n1, n2 = torch.linalg.cross(b0, b1, dim=-1), torch.linalg.cross(b1, b2, dim=-1)
+    cross = torch.linalg.cross(n1, n2, dim=-1)
+    if not signed:
+        return torch.atan2(cross.norm(dim=-1), (n1 * n2).sum(-1))
+    return torch.atan2((cross * F.normalize(b1, dim=-1)).sum(-1), (n1 * n2).sum(-1))
+
+
+def to_bins(angle: torch.Tensor, num_class: int, low: float, high: float) -> torch.Tensor:
+    """[P] long: the bin of each value of `angle` [P] among `num_class` equal bins over [low, high) (`high` in
+    the last bin)."""
+    return ((angle - low) / (high - low) * num_class).long().clamp(0, num_class - 1)

@@ -106,25 +106,6 @@ def next_edges(graph: ProteinBatch, node: torch.Tensor) -> torch.Tensor:
     return torch.where(degree[node] > 0, index, torch.full_like(index, -1))
 
 
-def angle_between(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[P] angle in [0, π] between vectors u, v [P, 3]."""
-    return torch.atan2(torch.linalg.cross(u, v, dim=-1).norm(dim=-1), (u * v).sum(-1))
-
-
-def dihedral(p0, p1, p2, p3, signed: bool = False) -> torch.Tensor:
-    """[P] dihedral angle of the points p0-p1-p2-p3 [P, 3]: in (-π, π] when signed, else its size in [0, π]."""
-    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
-    n1, n2 = torch.linalg.cross(b0, b1, dim=-1), torch.linalg.cross(b1, b2, dim=-1)
-    cross = torch.linalg.cross(n1, n2, dim=-1)
-    if not signed:
-        return torch.atan2(cross.norm(dim=-1), (n1 * n2).sum(-1))
-    return torch.atan2((cross * F.normalize(b1, dim=-1)).sum(-1), (n1 * n2).sum(-1))
-
-
-def to_bins(angle: torch.Tensor, num_class: int, low: float, high: float) -> torch.Tensor:
-    return ((angle - low) / (high - low) * num_class).long().clamp(0, num_class - 1)
-
-
 # ---- residue type ---------------------------------------------------------------------------------------------
 @register
 class ResidueTypePrediction(Task):
@@ -227,8 +208,8 @@ class AnglePrediction(_GeometryClassification):
     num_points = 3
 
     def target(self, pos, path):
-        angle = angle_between(pos[path[:, 0]] - pos[path[:, 1]], pos[path[:, 2]] - pos[path[:, 1]])
-        return to_bins(angle, self.num_class, 0.0, math.pi)
+        angle = functional.angle_between(pos[path[:, 0]] - pos[path[:, 1]], pos[path[:, 2]] - pos[path[:, 1]])
+        return functional.to_bins(angle, self.num_class, 0.0, math.pi)
 
 
 @register
@@ -244,9 +225,9 @@ class DihedralPrediction(_GeometryClassification):
         self.signed = signed
 
     def target(self, pos, path):
-        angle = dihedral(*(pos[path[:, k]] for k in range(4)), signed=self.signed)
+        angle = functional.dihedral(*(pos[path[:, k]] for k in range(4)), signed=self.signed)
         low = -math.pi if self.signed else 0.0
-        return to_bins(angle, self.num_class, low, math.pi)
+        return functional.to_bins(angle, self.num_class, low, math.pi)
 
 
 # ---- multiview contrast ---------------------------------------------------------------------------------------
