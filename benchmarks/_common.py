@@ -1,5 +1,4 @@
 """Shared helpers of the benchmark scripts: where the real data is, timing, and the result line."""
-import contextlib
 import json
 import os
 import statistics
@@ -45,27 +44,3 @@ def alternating_times(fns, repeats, warmup=0):
 def report(name, **figures):
     """Print one machine-readable line: `RESULT {"benchmark": name, ...}`."""
     print("RESULT " + json.dumps({"benchmark": name, **figures}, sort_keys=True))
-
-
-@contextlib.contextmanager
-def scatter_aggregation():
-    """GearNet's relational aggregation as it was before the sparse product, for the benchmarks' "off" rows:
-    gather the [E, D] source rows, then one `index_add_` into [N * R, D]."""
-    from esm_gearnet.models import gearnet
-
-    def adjacency(edge_list, num_node, num_relation, num_source=None):
-        return edge_list, num_node
-
-    def relational_sum(x, graph, num_relation):
-        edge_list, num_node = graph
-        source, target, relation = edge_list.unbind(-1)
-        out = x.new_zeros(num_node * num_relation, x.shape[-1])
-        out.index_add_(0, target * num_relation + relation, x[source])
-        return out.view(num_node, num_relation * x.shape[-1])
-
-    saved = gearnet.relational_adjacency, gearnet.relational_sum
-    gearnet.relational_adjacency, gearnet.relational_sum = adjacency, relational_sum
-    try:
-        yield
-    finally:
-        gearnet.relational_adjacency, gearnet.relational_sum = saved

@@ -4,12 +4,12 @@ GearNet 6 x 512 on the EC graph (input 21, as in parallel fusion), GearNet-Edge 
 GVP-GNN with the original's settings on its radius graph, CDConv with the original's settings (its own
 radius graphs, built inside the timed step); CPU, and CUDA when present. Graph construction is
 done once outside the timing. Median of repeats after warm-up. The GearNets run twice: with their relational
-aggregation as one sparse-dense product (the code) and as the earlier gather + `index_add_` ("index_add_").
+aggregation as one sparse-dense product (the default) and as the reference gather + `index_add_`
+(`aggregation: scatter`, "index_add_").
 
     python benchmarks/encoders.py [--batch-size 8] [--repeats 3]
 """
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import median_time, real_structure_files, report, scatter_aggregation  # noqa: E402
+from benchmarks._common import median_time, real_structure_files, report  # noqa: E402
 from esm_gearnet.data import (AlphaCarbonNode, GraphConstruction, KNNEdge, ProteinBatch, SequentialEdge,  # noqa: E402
                               SpatialEdge, load_structure)
 from esm_gearnet.models import CDConv, GVPGNN, GearNet, residue_one_hot  # noqa: E402
@@ -27,11 +27,15 @@ def encoders():
     ec = GraphConstruction([AlphaCarbonNode()], [SequentialEdge(2), SpatialEdge(10.0, 5), KNNEdge(10, 5)],
                            edge_feature="gearnet")
     radius = GraphConstruction([AlphaCarbonNode()], [SpatialEdge(10.0, 0)])
+    gearnet = {"GearNet-6x512": dict(hidden_dims=[512] * 6, readout="sum"),
+               "GearNet-Edge-3x512": dict(hidden_dims=[512] * 3, edge_input_dim=59, num_angle_bin=8)}
+    # the GearNets twice: their relational aggregation as one sparse-dense product (the default) and as the
+    # reference path, gather + index_add_ (`aggregation: scatter`)
     return {
-        "GearNet-6x512": (ec, lambda: GearNet(21, [512] * 6, 7, batch_norm=True, concat_hidden=True,
-                                              short_cut=True, readout="sum")),
-        "GearNet-Edge-3x512": (ec, lambda: GearNet(21, [512] * 3, 7, edge_input_dim=59, num_angle_bin=8,
-                                                   batch_norm=True, concat_hidden=True, short_cut=True)),
+        **{name + suffix: (ec, lambda options=options, aggregation=aggregation: GearNet(
+            21, num_relation=7, batch_norm=True, concat_hidden=True, short_cut=True, aggregation=aggregation,
+            **options)) for name, options in gearnet.items()
+           for suffix, aggregation in (("", "sparse"), (" (index_add_)", "scatter"))},
         "GVP-GNN": (radius, lambda: GVPGNN([21, 0], [256, 16], [16, 1], [64, 1], readout="mean", num_layers=5,
                                            drop_rate=0.1, vector_gate=True)),
         "CDConv": (AlphaCarbonNode(), lambda: CDConv(21, 16, [256, 512, 1024, 2048], [8.0, 12.0, 16.0, 20.0], 21,
@@ -48,10 +52,7 @@ def main():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        runs = [(name, graph_model, make, False) for name, (graph_model, make) in encoders().items()]
-        runs += [(name + " (index_add_)", graph_model, make, True) for name, graph_model, make, _ in runs
-                 if name.startswith("GearNet")]
-        for name, graph_model, make, scatter in runs:
+        for name, (graph_model, make) in encoders().items():
             torch.manual_seed(0)
             model = make().to(device).train()
             graph = graph_model(ProteinBatch.pack(proteins).to(device))
@@ -63,8 +64,7 @@ def main():
                 model.zero_grad(set_to_none=True)
                 sync()
 
-            with scatter_aggregation() if scatter else contextlib.nullcontext():
-                seconds = median_time(step, args.repeats)
+            seconds = median_time(step, args.repeats)
             print(f"{device} {name:>32s}: {seconds:.3f} s per batch of {len(proteins)} "
                   f"({graph.num_residue} residues) -> {len(proteins) / seconds:.1f} proteins/s")
             report("encoders", device=device, encoder=name, batch_size=len(proteins), residues=graph.num_residue,

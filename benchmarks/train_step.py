@@ -46,14 +46,13 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import real_structure_files, report, scatter_aggregation  # noqa: E402
+from benchmarks._common import real_structure_files, report  # noqa: E402
 from esm_gearnet.config import load_config  # noqa: E402
 from esm_gearnet.data import collate, load_structures  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
-from esm_gearnet.engine.trainer import to_device  # noqa: E402
+from esm_gearnet.engine import to_device  # noqa: E402
 from esm_gearnet.engine.sampler import LengthBucketSampler  # noqa: E402
-from esm_gearnet.assembly.build import build_task as assemble_task, model_config, optimizer_groups  # noqa: E402
-from esm_gearnet.models import FusionNetwork  # noqa: E402
+from esm_gearnet.assembly import build_task as assemble_task, model_config, optimizer_groups  # noqa: E402
 from esm_gearnet.registry import resolve  # noqa: E402
 
 NUM_TASK = 538  # EC
@@ -96,13 +95,9 @@ def build_task(cfg, esm, options, device):
                                  "attention": options["attention"], "compile": options["compile"],
                                  "activation_checkpointing": options["checkpointing"],
                                  "feature_cache_gib": options["cache_gib"]})
-    # the structure model's input width follows the ESM width in series fusion (GVP-GNN: node_in_dim[0])
-    name, *index = resolve(model.structure_model["class"]).input_dim_key
-    if index:
-        fusion = FusionNetwork.fusion_mode(model.get("fusion"))
-        model.structure_model[name][index[0]] = FusionNetwork.structure_input_dim(fusion, width)
-    else:
-        model.structure_model.pop(name, None)  # derived by the assembly
+    # the structure model's input width follows the ESM width in series fusion: derived by the assembly
+    model.structure_model.pop(resolve(model.structure_model["class"]).input_dim_key[0], None)
+    model.structure_model["aggregation"] = options["aggregation"]  # GearNet's sparse product or index_add_
     cfg.sequence_model_lr_ratio = options["ratio"]
     torch.manual_seed(0)
     task = assemble_task(cfg, list(range(NUM_TASK)))
@@ -125,19 +120,14 @@ def autocast(precision):
     return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def aggregation(options):
-    return scatter_aggregation() if options["aggregation"] == "scatter" else nullcontext()
-
-
 def epoch(task, optimizer, data, device, options):
-    with aggregation(options):
-        for batch in data:
-            batch = to_device(batch, device)
-            with autocast(options["precision"]):
-                loss, _ = task(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    for batch in data:
+        batch = to_device(batch, device)
+        with autocast(options["precision"]):
+            loss, _ = task(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -145,12 +135,11 @@ def epoch(task, optimizer, data, device, options):
 def loss_and_gradients(task, batch, options, passes=1):
     """Loss and parameter gradients on one batch in eval mode (the last of `passes` forwards: the cache's hit)."""
     task.eval()
-    with aggregation(options):
-        for _ in range(passes):
-            task.zero_grad(set_to_none=True)
-            with autocast(options["precision"]):
-                loss, _ = task(batch)
-            loss.backward()
+    for _ in range(passes):
+        task.zero_grad(set_to_none=True)
+        with autocast(options["precision"]):
+            loss, _ = task(batch)
+        loss.backward()
     return float(loss), {n: p.grad.float() for n, p in task.named_parameters() if p.grad is not None}
 
 

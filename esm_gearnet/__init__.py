@@ -8,11 +8,15 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import config, data, layers, metrics, models, registry, tasks
+from .assembly import build_encoder, build_task
+from .commands.arguments import base_parser, parse_args
 from .config import ConfigError, load_config
 from .data import Protein, ProteinBatch, StructureError, load_structure, load_structures
+from .engine import Engine, Stage
 from .registry import build, register
 
 __version__ = "0.1.0"
 
-__all__ = ["config", "data", "layers", "metrics", "models", "registry", "tasks", "ConfigError", "load_config", "Protein", "ProteinBatch",
-           "StructureError", "load_structure", "load_structures", "build", "register", "__version__"]
+__all__ = ["config", "data", "layers", "metrics", "models", "registry", "tasks", "ConfigError", "Engine", "Protein",
+           "ProteinBatch", "Stage", "StructureError", "base_parser", "build", "build_encoder", "build_task",
+           "load_config", "load_structure", "load_structures", "parse_args", "register", "__version__"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esm_gearnet.commands.main import downstream_main  # noqa: E402
+from esm_gearnet.commands.finetune import main as downstream_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(downstream_main())

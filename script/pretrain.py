@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esm_gearnet.commands.main import pretrain_main  # noqa: E402
+from esm_gearnet.commands.pretrain import main as pretrain_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(pretrain_main())

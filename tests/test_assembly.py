@@ -7,7 +7,7 @@ import pytest
 import torch
 from easydict import EasyDict
 
-from esm_gearnet.assembly.build import build_encoder, build_task, learning_rate_ratios, optimizer_groups
+from esm_gearnet.assembly import build_encoder, build_task, learning_rate_ratios, optimizer_groups
 from esm_gearnet.config import ConfigError
 from esm_gearnet.models import ESM, FusionNetwork, GearNet
 from esm_gearnet.tasks import MultiviewContrast

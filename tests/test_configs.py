@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from conftest import STRUCTURES, small, write_msp, write_psr
-from esm_gearnet.assembly.build import build_task, model_config, optimizer_groups, runtime_task_list
+from esm_gearnet.assembly import build_task, model_config, optimizer_groups, runtime_task_list
 from esm_gearnet.config import load_config
 from esm_gearnet.data import collate, load_structures
-from esm_gearnet.engine.trainer import Engine
-from esm_gearnet.commands.embed import embed_proteins, load_embeddings, run_embed, run_predict
+from esm_gearnet.engine import Engine
+from esm_gearnet.commands.embed import embed_proteins, load_embeddings, run_embed
+from esm_gearnet.commands.predict import run_predict
 from esm_gearnet.registry import build
 from esm_gearnet.tasks import MultipleBinaryClassification, PropertyPrediction
 

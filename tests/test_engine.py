@@ -21,7 +21,8 @@ from esm_gearnet.data import collate
 from esm_gearnet.config import load_config
 from esm_gearnet.engine.stepper import CannotLearn
 from esm_gearnet.assembly import build_scheduler, selection_metric
-from esm_gearnet.commands.run import build_downstream, seed_everything
+from esm_gearnet.commands.finetune import build_downstream
+from esm_gearnet.commands.run import seed_everything
 from esm_gearnet.engine import Stage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ except ImportError:  # an optional (test) dependency: loading a folder never nee
 
 from conftest import randomized_weights
 from esm_gearnet import checkpoint
-from esm_gearnet.assembly.build import build_task
+from esm_gearnet.assembly import build_task
 from esm_gearnet.data import ProteinBatch
 from esm_gearnet.models import ESM
 from esm_gearnet.models.esm import WeightError, build_esm2

@@ -41,7 +41,7 @@ def test_one_process_nccl_run_finishes(tmp_path):
 
 def test_embed_on_cuda_equals_cpu(cli, tmp_path, structures_dir):
     from esm_gearnet import checkpoint
-    from esm_gearnet.assembly.build import build_task
+    from esm_gearnet.assembly import build_task
     from esm_gearnet.config import load_config, plain
 
     config = load_config(str(DEMO))

@@ -14,7 +14,8 @@ import torch
 
 from conftest import STRUCTURES, run_command
 from esm_gearnet import checkpoint
-from esm_gearnet.commands.embed import length_batches, load_embeddings
+from esm_gearnet.commands.embed import load_embeddings
+from esm_gearnet.commands.inputs import length_batches
 from esm_gearnet.engine.report import plot_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +164,10 @@ def test_length_batches_respect_the_budget():
 
 
 def test_command_line_errors_are_one_sentence(tmp_path, capsys):
-    from esm_gearnet.commands.main import downstream_main, embed_main, pretrain_main, report_main
+    from esm_gearnet.commands.embed import main as embed_main
+    from esm_gearnet.commands.finetune import main as downstream_main
+    from esm_gearnet.commands.pretrain import main as pretrain_main
+    from esm_gearnet.commands.report import main as report_main
 
     assert embed_main(["--ckpt", str(tmp_path / "missing.pth"), str(tmp_path), "-o", str(tmp_path / "e.npz")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: checkpoint {tmp_path / 'missing.pth'} does not exist; "
@@ -220,8 +224,8 @@ def test_embed_reproduces_the_original_from_its_bare_state_dict(mode, fidelity_d
 def test_bare_gvp_and_cdconv_state_dicts_load_and_embed(tmp_path, capsys):
     """The original's GVP-GNN state_dicts carry empty `vdropout.dummy_param` tensors (accepted, dropped); bare
     CDConv state_dicts load too; a file that fits no encoder gets one sentence saying what it holds."""
-    from esm_gearnet.assembly.build import build_encoder
-    from esm_gearnet.commands.main import embed_main
+    from esm_gearnet.assembly import build_encoder
+    from esm_gearnet.commands.embed import main as embed_main
     from esm_gearnet.config import load_config
     from esm_gearnet.data import load_structures
     from esm_gearnet.commands.embed import embed_proteins, run_embed

@@ -17,11 +17,11 @@ import torch
 
 from conftest import STRUCTURES, finish, run_command
 from esm_gearnet import checkpoint
-from esm_gearnet.assembly.build import build_encoder
+from esm_gearnet.assembly import build_encoder
 from esm_gearnet.config import load_config
 from esm_gearnet.data import load_structures
 from esm_gearnet.commands.embed import embed_proteins, load_embeddings
-from esm_gearnet.commands.run import build_downstream
+from esm_gearnet.commands.finetune import build_downstream
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["1D66-A.pdb", "1ORC-A.pdb", "2N2U-A.pdb", "6MRR-A.pdb", "1WVN-A.pdb"]

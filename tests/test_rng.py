@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from esm_gearnet import checkpoint
-from esm_gearnet.engine.trainer import rng
+from esm_gearnet.engine import rng
 
 
 def _draws():

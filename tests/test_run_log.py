@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from esm_gearnet.engine.trainer import Engine
+from esm_gearnet.engine import Engine
 
 EPOCH = {"epoch": 1, "step": 3, "train": {"loss": 0.5}, "valid": {"f1_max": 0.25}, "test": {"f1_max": 0.2}}
 

@@ -47,7 +47,7 @@ def test_uneven_sizes_fill_the_last_global_batch():
 
 def test_engine_trains_with_buckets():
     from esm_gearnet.config import load_config
-    from esm_gearnet.commands.run import build_downstream
+    from esm_gearnet.commands.finetune import build_downstream
     from pathlib import Path
 
     config = Path(__file__).resolve().parents[1] / "config" / "demo" / "esm_gearnet.yaml"

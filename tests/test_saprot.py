@@ -186,7 +186,7 @@ STRUCTURE_CONFIGS = {"GearNet": "esm_gearnet", "GVPGNN": "esm_gvp", "CDConv": "e
 def _fusion_task(structure, fusion):
     """The EC config of `structure` in `fusion` mode with a tiny random SaProt-format language model, and its
     dataset (generated proteins whose 3Di states the dataset keeps)."""
-    from esm_gearnet.assembly.build import build_task, model_config, runtime_task_list
+    from esm_gearnet.assembly import build_task, model_config, runtime_task_list
     from esm_gearnet.config import load_config
     from esm_gearnet.registry import build
 

@@ -203,6 +203,16 @@ def optimizer_groups(cfg, task: Task, lr: float) -> List[Dict[str, Any]]:
     return groups
 
 
+def build_predictor(cfg, task_names: Sequence[str]) -> Task:
+    """The task of a fine-tuning run for `predict`, from the target names its checkpoint lists: one that predicts a
+    row per protein (`Task.predicts_proteins`); another is refused in one sentence."""
+    if not getattr(resolve(cfg.task["class"], "task"), "predicts_proteins", False):
+        kinds = [name for name in names_of(Task) if resolve(name).predicts_proteins]
+        raise ValueError(f"predict handles tasks that predict one row per protein ({', '.join(kinds)}); this "
+                         f"checkpoint's task is {cfg.task['class']}.")
+    return build_task(cfg, runtime_task_list(cfg, task_names))
+
+
 def build_optimizer(cfg, task: Task):
     """The config's optimizer over `optimizer_groups` at its `lr` (default 1e-3)."""
     lr = float(cfg.optimizer.get("lr", 1e-3))
@@ -237,5 +247,5 @@ def build_scheduler(cfg, optimizer, metric: str) -> Optional[Scheduler]:
     return Scheduler(build(cfg.scheduler, "scheduler", optimizer=optimizer, **options), on_score)
 
 
-__all__ = ["build_optimizer", "build_scheduler", "selection_metric", "build_encoder", "build_task", "check_task", "learning_rate_ratios", "model_config", "optimizer_groups",
-           "runtime_task_list"]
+__all__ = ["build_encoder", "build_optimizer", "build_predictor", "build_scheduler", "build_task", "check_task",
+           "learning_rate_ratios", "model_config", "optimizer_groups", "runtime_task_list", "selection_metric"]

@@ -13,10 +13,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .build import check_task
 from ..config import ConfigError, variable_keys
 from ..engine.trainer import Engine
 from ..registry import build, check, matches, parameters, type_error, type_hints
+from .build import check_task
 
 REQUIRED = ("dataset", "task", "optimizer", "train")
 

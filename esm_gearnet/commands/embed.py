@@ -1,83 +1,53 @@
-"""Use a model on your own structures: per-protein (and per-residue) embeddings, and predictions of a trained
-task. Both read any mix of PDB/mmCIF files (.gz too), folders and text files listing paths; a file that cannot
-be read is reported with its reason and skipped.
+"""`esm-gearnet embed`: per-protein (and per-residue) embeddings of your own structures (.npz, .pt or .h5).
+
+    esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
 """
 from __future__ import annotations
 
-import copy
-import csv
+import argparse
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from easydict import EasyDict
 
 from .. import checkpoint, writing
-from ..assembly.build import build_encoder, build_task, model_config, runtime_task_list
-from ..config import apply_overrides, load_config
-from ..data import ProteinBatch, collate, load_structures
-from ..data.inputs import collect_inputs
+from ..assembly import build_encoder, model_config
+from ..data import ProteinBatch
 from ..models import Encoder
-from ..registry import build, resolve
-from ..tasks import MultipleBinaryClassification, PropertyPrediction
+from .arguments import parse_args, script_parser
+from .exits import one_sentence
+from .inputs import (add_input_options, device_of, in_input_order, load_run, output_file, read_inputs,
+                     write_skipped)
 
 logger = logging.getLogger("esm_gearnet")
 FORMATS = (".npz", ".pt", ".h5")
 
 
-# ---- inputs -------------------------------------------------------------------------------------------------
-def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
-    """(proteins, their files, skipped [(input, reason)]) of the inputs, leaving out files in `exclude`."""
-    files, skipped = collect_inputs(inputs)
-    files = [f for f in files if str(f) not in exclude]
-    proteins, bad = load_structures(files, workers=workers, progress=progress)
-    failed = {name for name, _ in bad}
-    return proteins, [str(f) for f in files if str(f) not in failed], skipped + bad
+def embed_parser() -> argparse.ArgumentParser:
+    parser = script_parser("Embeddings of your own structures (.npz, .pt or .h5).")
+    parser.add_argument("-c", "--config", default=None, help="the model's config (optional with --ckpt of a run)")
+    parser.add_argument("--ckpt", default=None, help="weights: a run directory, a checkpoint or a bare state_dict")
+    parser.add_argument("--per-residue", action="store_true", help="also write per-residue embeddings")
+    parser.add_argument("--resume", action="store_true", help="keep the proteins already in OUT, embed the rest")
+    add_input_options(parser)
+    return parser
 
 
-def write_skipped(output: Path, skipped: Sequence[Tuple[str, str]]) -> None:
-    """`OUT.skipped.tsv`: one row `input<TAB>reason` per skipped input (`writing.write_skipped`)."""
-    report = writing.write_skipped(output, skipped)
-    if skipped:
-        logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
+@one_sentence
+def main(argv: Optional[List[str]] = None) -> int:
+    from .run import setup_logging
 
-
-def length_batches(lengths: Sequence[int], max_residues: int = 4096, max_proteins: int = 32) -> Iterator[List[int]]:
-    """Indices grouped into batches of similar length (longest first), each within `max_residues` padded
-    residues (B × the longest) and `max_proteins` proteins; a protein longer than the budget is alone."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batch: List[int] = []
-    for index in order:
-        longest = lengths[batch[0]] if batch else lengths[index]
-        if batch and ((len(batch) + 1) * longest > max_residues or len(batch) == max_proteins):
-            yield batch
-            batch = []
-        batch.append(index)
-    if batch:
-        yield batch
-
-
-# ---- models ----------------------------------------------------------------------------------------------
-def load_run(config: Optional[str] = None, ckpt: Optional[str] = None, variables: Optional[Dict] = None,
-             overrides: Sequence = ()) -> Tuple[EasyDict, Optional[Dict]]:
-    """(config, checkpoint or None). The config is `config` rendered (with `variables`, the defaults training
-    used) when given, else the rendered config the checkpoint carries: a run is never rendered again. Key
-    `overrides` (`config.apply_overrides`) are set on either."""
-    state = checkpoint.load(checkpoint.locate(ckpt)) if ckpt else None
-    if config is not None:
-        return load_config(str(config), variables, overrides), state
-    if state is None:
-        raise ValueError("give the model's config with -c CONFIG, or --ckpt with a run directory or checkpoint "
-                         "of this framework (they carry their config).")
-    if not checkpoint.is_packed(state):
-        raise ValueError(f"{ckpt} holds no config (a bare state_dict, like the original's released files); "
-                         "give the config of the model it was saved from with -c CONFIG.")
-    return EasyDict(apply_overrides(copy.deepcopy(state["config"]), overrides, str(ckpt))), state
+    args, variables, overrides = parse_args(argv, embed_parser())
+    setup_logging(None)
+    count, skipped = run_embed(args.inputs, args.output, args.config, args.ckpt, args.per_residue, args.resume,
+                               args.workers, args.device, args.max_residues, progress=not args.quiet,
+                               variables=variables, overrides=overrides)
+    print(f"embedded {count} protein(s) into {args.output}; {len(skipped)} input(s) skipped")
+    return 0 if count or (args.resume and not skipped) else 1
 
 
 def load_encoder(cfg, state: Optional[Dict] = None, source: str = "the checkpoint") -> Encoder:
@@ -93,43 +63,23 @@ def weights_digest(module: torch.nn.Module) -> str:
     return checkpoint.digest(dict(sorted(module.state_dict().items())))
 
 
-def _device(device: Optional[str]) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def output_file(path, example: str) -> Path:
-    """`-o PATH` as a Path, refused at once (before any work) when it names a directory or a location that takes
-    no file (read-only, full: `writing.writable`)."""
-    path = Path(os.path.expanduser(str(path)))
-    if path.is_dir():
-        raise ValueError(f"-o {path} is a directory; name the file to write, e.g. {path / example}.")
-    return writing.writable(path)
-
-
-# ---- embeddings ---------------------------------------------------------------------------------------------
-@torch.inference_mode()
 def embed_proteins(encoder: Encoder, proteins, per_residue: bool = False, device=None, max_residues: int = 4096,
                    progress: bool = False):
     """([P, D] protein embeddings, per-residue [L_p, D] list or None) in the order of `proteins`; L_p counts the
     residues the encoder's graph construction keeps (all residues with a CA atom)."""
-    from tqdm.auto import tqdm
-
-    device = _device(device)
+    device = device_of(device)
     encoder.to(device)
-    graph_out: List[Optional[torch.Tensor]] = [None] * len(proteins)
-    residue_out: List[Optional[torch.Tensor]] = [None] * len(proteins)
-    batches = list(length_batches([p.num_residue for p in proteins], max_residues))
-    for batch_index in tqdm(batches, desc="embedding", disable=not progress, unit="batch"):
-        graph = encoder.construct(ProteinBatch.pack([proteins[i] for i in batch_index]).to(device))
+
+    def run(batch: ProteinBatch):
+        graph = encoder.construct(batch)
         output = encoder.encode(graph)
-        graph_feature = output["graph_feature"].float().cpu()
-        residue = output["residue_feature"].float().cpu().split(graph.num_residues.tolist()) if per_residue else None
-        for k, i in enumerate(batch_index):
-            graph_out[i] = graph_feature[k]
-            if per_residue:
-                residue_out[i] = residue[k]
-    embedding = torch.stack(graph_out) if proteins else torch.zeros(0, encoder.output_dim)
-    return embedding, (residue_out if per_residue else None)
+        return {"graph_feature": output["graph_feature"], "num_residues": graph.num_residues,
+                **({"residue_feature": output["residue_feature"]} if per_residue else {})}
+
+    values = in_input_order(run, proteins, [p.num_residue for p in proteins], ProteinBatch.pack, device,
+                            max_residues, progress, "embedding")
+    embedding = torch.stack([v["graph_feature"] for v in values]) if values else torch.zeros(0, encoder.output_dim)
+    return embedding, ([v["residue_feature"] for v in values] if per_residue else None)
 
 
 def embedding_options(cfg, encoder: Encoder, per_residue: bool) -> str:
@@ -263,78 +213,5 @@ def _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, devic
                          else list(previous[key]) + list(records[key])) for key in records}
     records["options"] = options
     save_embeddings(output, records)
-    write_skipped(output, skipped)
-    return len(proteins), skipped
-
-
-# ---- predictions --------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def run_predict(inputs: Sequence, output, ckpt: str, config: Optional[str] = None, threshold: float = 0.5,
-                top: int = 5, scores: Optional[str] = None, workers: int = 2, device: Optional[str] = None,
-                max_residues: int = 4096, progress: bool = True, variables: Optional[Dict] = None,
-                overrides: Sequence = ()) -> Tuple[int, List[Tuple[str, str]]]:
-    """Predict with a trained task; one CSV row per protein. Returns (proteins predicted, skipped)."""
-    output = output_file(output, "predictions.csv")
-    if scores:
-        scores = output_file(scores, "scores.npz")
-    cfg, state = load_run(config, ckpt, variables, overrides)  # a config or checkpoint fault: nothing is made
-    with writing.output_lock(output):  # a second predict into the same file is refused: nothing is lost
-        for path in filter(None, (output, scores)):
-            writing.remove_leftovers(path)
-        return _predict(inputs, output, cfg, state, ckpt, threshold, top, scores, workers, device, max_residues,
-                        progress)
-
-
-def _predict(inputs, output, cfg, state, ckpt, threshold, top, scores, workers, device, max_residues, progress
-             ) -> Tuple[int, List[Tuple[str, str]]]:
-    if not checkpoint.is_packed(state):
-        raise ValueError(f"{ckpt} holds no prediction head; predict needs a fine-tuning run directory or its "
-                         "best.pth.")
-    kind = resolve(cfg.task["class"], "task")
-    if not issubclass(kind, (MultipleBinaryClassification, PropertyPrediction)):
-        raise ValueError(f"predict handles protein-level tasks (MultipleBinaryClassification, PropertyPrediction); "
-                         f"this checkpoint's task is {cfg.task['class']}.")
-    names = list(state["task_names"])
-    if not names:
-        raise ValueError(f"{ckpt}: the checkpoint lists no task names; predict needs a fine-tuning checkpoint.")
-    multilabel = issubclass(kind, MultipleBinaryClassification)
-    task = build_task(cfg, runtime_task_list(cfg, names))
-    checkpoint.load_state_dict_checked(task, checkpoint.task_state(state), str(ckpt))
-    device = _device(device)
-    task.to(device).eval()
-    transform = cfg.dataset.get("transform")
-    transform = build(transform, "dataset.transform") if transform else None
-    proteins, kept, skipped = read_inputs(inputs, workers, progress)
-    items = [{"graph": p} for p in proteins]
-    if transform is not None:
-        items = [transform(item) for item in items]
-    values = [None] * len(items)
-    for batch_index in length_batches([item["graph"].num_residue for item in items], max_residues):
-        batch = collate([items[i] for i in batch_index])
-        batch = {"graph": batch["graph"].to(device)}
-        pred = task.predict(batch).float().cpu()
-        if multilabel:
-            pred = torch.sigmoid(pred)
-        for k, i in enumerate(batch_index):
-            values[i] = pred[k]
-    matrix = torch.stack(values) if values else torch.zeros(0, len(names))
-    with writing.replacing(output) as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        if multilabel:
-            writer.writerow(["id", "file", "chains", "length", "top_terms", f"terms_above_{threshold:g}"])
-            for protein, file, row in zip(proteins, kept, matrix):
-                order = torch.argsort(row, descending=True)
-                best = ";".join(f"{names[j]}:{row[j]:.4f}" for j in order[:top].tolist())
-                above = ";".join(names[j] for j in order.tolist() if row[j] >= threshold)
-                writer.writerow([protein.name, file, ",".join(protein.chain_ids), protein.num_residue, best, above])
-        else:
-            writer.writerow(["id", "file", "chains", "length", *names])
-            for protein, file, row in zip(proteins, kept, matrix):
-                writer.writerow([protein.name, file, ",".join(protein.chain_ids), protein.num_residue,
-                                 *[f"{v:.6g}" for v in row.tolist()]])
-    if scores:
-        with writing.replacing(scores) as temporary, open(temporary, "wb") as handle:
-            np.savez(handle, ids=np.asarray([p.name for p in proteins], dtype=str),
-                     files=np.asarray(kept, dtype=str), terms=np.asarray(names, dtype=str), scores=matrix.numpy())
     write_skipped(output, skipped)
     return len(proteins), skipped

@@ -24,6 +24,7 @@ from .. import distributed
 from ..assembly import build_optimizer, build_task
 from ..engine import Engine, Stage
 from ..registry import build
+from .exits import one_sentence
 from .run import load_encoder_weights, resume_file, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
@@ -31,6 +32,12 @@ logger = logging.getLogger("esm_gearnet")
 
 # keys of the config's dataset block read here, not by the dataset class: species_start..species_end
 DATASET_KEYS = {"species_start": int, "species_end": int}
+
+
+@one_sentence
+def main(argv: Optional[List[str]] = None) -> int:
+    run_pretrain(argv)
+    return 0
 
 
 def run_pretrain(argv: Optional[List[str]] = None) -> Path:
@@ -118,4 +125,4 @@ class Blocks:
                 yield Stage(epochs=0, weights=name)
 
 
-__all__ = ["Blocks", "run_pretrain"]
+__all__ = ["Blocks", "main", "run_pretrain"]

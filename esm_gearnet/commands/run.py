@@ -1,6 +1,6 @@
-"""From a config to a running fine-tuning job: run directory, seeds, task, optimizer groups, engine.
-
-`script/downstream.py` is a thin wrapper around `run_downstream`.
+"""What every training command (`finetune`, `pretrain`) does around its work (`training_run`): the command line,
+the config rendered and checked, the process group, the run directory and its lock, logging, seeds, `--ckpt`
+weights and the checkpoint `--resume` continues from.
 """
 from __future__ import annotations
 
@@ -20,14 +20,10 @@ import torch
 import yaml
 
 from .. import checkpoint, distributed, writing
-from ..assembly import (build_optimizer, build_scheduler, build_task, runtime_task_list, selection_metric,
-                        validate)
-from .arguments import base_parser, parse_args
+from ..assembly import validate
 from ..config import ConfigError, load_config, load_run_config, plain
-from ..engine import Engine
 from ..errors import Interrupted, fault_errors, ignoring_ctrl_c, user_errors
-from ..registry import build
-from ..engine.run_log import format_metrics
+from .arguments import base_parser, parse_args
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -115,24 +111,6 @@ def load_encoder_weights(task, path) -> None:
     checkpoint.load_state_dict_checked(task.encoder, state, str(path))
 
 
-def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str] = None,
-                     progress: bool = True) -> Engine:
-    """Dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer, engine."""
-    dataset = build(cfg.dataset, "dataset")
-    train_set, valid_set, test_set = dataset.split()
-    logger.info("%s: train %d, valid %d, test %d", dataset, len(train_set), len(valid_set), len(test_set))
-    task = build_task(cfg, runtime_task_list(cfg, dataset.tasks))
-    weights = ckpt or cfg.get("model_checkpoint")
-    if weights:
-        load_encoder_weights(task, weights)
-    metric = selection_metric(cfg, task)
-    task.preprocess(train_set)
-    optimizer = build_optimizer(cfg, task)
-    scheduler = build_scheduler(cfg, optimizer, metric)
-    return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir, config=cfg,
-                  task_names=dataset.tasks, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
-
-
 @contextmanager
 def training_run(argv: Optional[List[str]], description: str, dataset_keys: Optional[Dict] = None):
     """What every training script does around its work: parse the command line, render and validate the config
@@ -190,7 +168,7 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
             _log_error(run_dir, error)
             lock.close()
         # the process group is left as it is: a peer may be inside a collective this rank will never join, and
-        # the command ends this process at once (`cli._one_sentence`)
+        # the command ends this process at once (`exits.one_sentence`)
         raise error from None
     except BaseException as error:
         _log_error(run_dir, error)
@@ -247,20 +225,5 @@ def resume_file(resume) -> Path:
     return checkpoint.locate(resume, ("last.pth",))
 
 
-def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
-    with training_run(argv, "Fine-tune a model on a downstream task (EC, GO, PSR, MSP, your own folder).") as (
-            args, cfg, run_dir, resume):
-        engine = build_downstream(cfg, run_dir, args.seed, ckpt=args.ckpt)
-        torch.manual_seed(args.seed + distributed.rank())  # per-rank streams for dropout and augmentation
-        if resume:
-            engine.resume(resume_file(resume))
-            setup_logging(run_dir)
-            logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
-        result = engine.fit(cfg.train.num_epoch, selection_metric(cfg, engine.task), cfg.train.get("batch_per_epoch"))
-        engine.close()
-        logger.info("done: run directory %s; best validation epoch %s, its test metrics: %s; curves: %s",
-                    run_dir, engine.best["epoch"], format_metrics(result), run_dir / "curves.png")
-    return result
-
-
-__all__ = ["build_downstream", "downstream_parser", "load_encoder_weights", "run_downstream", "seed_everything"]
+__all__ = ["downstream_parser", "load_encoder_weights", "resume_file", "seed_everything", "setup_logging",
+           "training_run"]

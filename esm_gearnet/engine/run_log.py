@@ -26,8 +26,8 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import report
 from .. import writing
+from . import report
 
 logger = logging.getLogger("esm_gearnet")
 

@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 from .. import checkpoint, distributed
-from . import rng
 from ..config import plain
 from ..data.protein import ProteinBatch
+from . import evaluation, rng
 from .gathering import gather_predictions, mean_over_ranks
 from .loaders import Loaders
 from .run_log import RunLog
@@ -59,16 +59,7 @@ from .stepper import Stepper
 
 logger = logging.getLogger("esm_gearnet")
 
-__all__ = ["Engine", "LOWER_IS_BETTER", "lower_is_better", "to_device"]
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """A batch (tensor, ProteinBatch, or dict of them and other values) on `device`; other values as they are."""
-    if isinstance(batch, (torch.Tensor, ProteinBatch)):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
+__all__ = ["Engine", "LOWER_IS_BETTER", "lower_is_better"]
 
 
 def data_parallel(task: nn.Module, device: torch.device, world_size: int, sync_batch_norm: bool,
@@ -203,7 +194,7 @@ class Engine:
         self.stepper.start_epoch(num_batch, skipped=within["skipped"] if within else 0)
         for i, batch in enumerate(bar, start):
             # the batch onto this process's device
-            batch = to_device(batch, self.device)
+            batch = evaluation.to_device(batch, self.device)
             # an optimizer step ends every gradient_interval batches and the epoch; before it, DDP accumulates
             # gradients locally (no_sync) instead of all-reducing them after every backward pass
             boundary = (i + 1) % self.stepper.gradient_interval == 0 or i + 1 == num_batch
@@ -282,22 +273,22 @@ class Engine:
             self.save_weights("best.pth")
 
     # ---- evaluation --------------------------------------------------------------------------------------
-    @torch.no_grad()
     @_stalls_named
     def predict(self, split: str):
         """(pred, target, extra) over the whole split, every protein once, in dataset order, on every rank."""
         loader = self.loaders.evaluation(self.sets[split])
         self.task.eval()
+
+        def run(batch):
+            extra = {key: batch[key] for key in self.task.extra_keys if key in batch}
+            return {"pred": self.task.predict(batch), "target": self.task.target(batch), **extra}
+
         preds, targets, extras = [], [], {k: [] for k in self.task.extra_keys}
-        for batch in self._bar(loader, split):
-            batch = to_device(batch, self.device)
-            with self.stepper.autocast():
-                pred = self.task.predict(batch)
-            preds.append(pred.float().cpu())
-            targets.append(self.task.target(batch).float().cpu())
+        for out in evaluation.outputs(run, self._bar(loader, split), self.device, self.stepper.autocast):
+            preds.append(out["pred"])
+            targets.append(out["target"])
             for key in extras:
-                if key in batch:
-                    extras[key].extend(batch[key])
+                extras[key].extend(out.get(key, []))
         return gather_predictions(preds, targets, extras)
 
     def evaluate(self, split: str) -> Dict[str, float]:

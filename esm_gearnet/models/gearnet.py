@@ -20,15 +20,21 @@ from .encoder import Features, StructureEncoder
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
+AGGREGATIONS = ("sparse", "scatter")
+
+
 def relational_adjacency(edge_list: torch.Tensor, num_node: int, num_relation: int,
-                         num_source: Optional[int] = None) -> torch.Tensor:
+                         num_source: Optional[int] = None, aggregation: str = "sparse"):
     """The graph as a sparse [N * R, N_source] CSR matrix: entry (i * R + r, j) counts the edges j -> i of
-    relation r. Built once per batch and shared by every layer.
+    relation r. Built once per batch and shared by every layer. With `aggregation` "scatter" (the reference path,
+    GearNet's aggregation before the sparse product), the edge list itself: (edge_list, num_node).
 
     Args:
         edge_list: [E, 3] (source, target, relation).
         num_source: number of source rows (default `num_node`).
     """
+    if aggregation == "scatter":
+        return edge_list, num_node
     num_source = num_node if num_source is None else num_source
     source, target, relation = edge_list.unbind(-1)
     key, count = torch.unique((target * num_relation + relation) * num_source + source, return_counts=True)
@@ -41,7 +47,7 @@ def relational_adjacency(edge_list: torch.Tensor, num_node: int, num_relation: i
                                        check_invariants=False)  # sorted, unique and in range by construction
 
 
-def relational_sum(x: torch.Tensor, adjacency: torch.Tensor, num_relation: int) -> torch.Tensor:
+def relational_sum(x: torch.Tensor, adjacency, num_relation: int) -> torch.Tensor:
     """Per relation, the sum of source features over incoming edges, relations side by side.
 
     Args:
@@ -50,9 +56,14 @@ def relational_sum(x: torch.Tensor, adjacency: torch.Tensor, num_relation: int) 
         [N, R * D]: block r of row i = sum of x[j] over the edges j -> i of relation r.
 
     One sparse-dense product (and its transpose in the backward pass) instead of gathering [E, D] source rows
-    and scattering them with `index_add_`: GearNet 6x512 trains 1.34x faster on CPU, GearNet-Edge 1.96x
-    (benchmarks/encoders.py). Computed in at least fp32, outside autocast.
+    and scattering them with `index_add_` (the "scatter" reference path): GearNet 6x512 trains 1.34x faster on
+    CPU, GearNet-Edge 1.96x (benchmarks/encoders.py). Computed in at least fp32, outside autocast.
     """
+    if isinstance(adjacency, tuple):  # the reference path: gather the source rows, one index_add_
+        (source, target, relation), num_node = adjacency[0].unbind(-1), adjacency[1]
+        out = x.new_zeros(num_node * num_relation, x.shape[-1])
+        out.index_add_(0, target * num_relation + relation, x[source])
+        return out.view(num_node, num_relation * x.shape[-1])
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         out = torch.sparse.mm(adjacency.to(dtype), x.to(dtype))
@@ -97,6 +108,8 @@ class GearNet(StructureEncoder):
         activation: name of the activation.
         concat_hidden: the residue feature concatenates every layer's output (else the last one).
         readout: "sum" or "mean" over residues.
+        aggregation: "sparse" (one sparse-dense product per layer) or "scatter" (gather and `index_add_`, the
+            reference path the benchmarks compare with); equal results.
         graph_construction_model: the residue graph (see `Encoder`).
     `network(graph, input [N, D_in])` returns residue_feature [N, output_dim], graph_feature [B, output_dim].
     """
@@ -108,11 +121,14 @@ class GearNet(StructureEncoder):
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_relation: int,
                  edge_input_dim: Optional[int] = None, num_angle_bin: Optional[int] = None,
                  short_cut: bool = False, batch_norm: bool = False, activation: str = "relu",
-                 concat_hidden: bool = False, readout: str = "sum",
+                 concat_hidden: bool = False, readout: str = "sum", aggregation: str = "sparse",
                  graph_construction_model: Optional[nn.Module] = None):
         super().__init__(graph_construction_model)
         if readout not in ("sum", "mean"):
             raise ValueError(f"GearNet: readout must be 'sum' or 'mean', got {readout!r}.")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"GearNet: aggregation must be 'sparse' or 'scatter', got {aggregation!r}.")
+        self.aggregation = aggregation
         if num_angle_bin and not edge_input_dim:
             raise ValueError("GearNet: num_angle_bin (GearNet-Edge) needs edge_input_dim, the width of the edge "
                              "features (59 with graph_construction_model.edge_feature: gearnet).")
@@ -144,15 +160,17 @@ class GearNet(StructureEncoder):
             raise ValueError(f"GearNet: input features have {input.shape[-1]} channels but input_dim is "
                              f"{self.input_dim}; set input_dim: {input.shape[-1]}.")
         edge_list = batch.edge_list
-        adjacency = relational_adjacency(edge_list, batch.num_residue, self.num_relation)
+        adjacency = relational_adjacency(edge_list, batch.num_residue, self.num_relation, aggregation=self.aggregation)
         if self.num_angle_bin:
             line_graph = self.spatial_line_graph(batch)
-            line_adjacency = relational_adjacency(line_graph.edge_list, len(edge_list), self.num_angle_bin)
+            line_adjacency = relational_adjacency(line_graph.edge_list, len(edge_list), self.num_angle_bin,
+                                                  aggregation=self.aggregation)
             edge_input = batch.edge_feature.float()
             # each edge's message goes to its target residue, under its relation
             edge_to_node = torch.stack([torch.arange(len(edge_list), device=edge_list.device),
                                         edge_list[:, 1], edge_list[:, 2]], -1)
-            edge_to_node = relational_adjacency(edge_to_node, batch.num_residue, self.num_relation, len(edge_list))
+            edge_to_node = relational_adjacency(edge_to_node, batch.num_residue, self.num_relation, len(edge_list),
+                                                self.aggregation)
         hiddens = []
         layer_input = input
         for i, layer in enumerate(self.layers):

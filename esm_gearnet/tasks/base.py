@@ -1,7 +1,7 @@
 """What every task shares: an encoder (`models.Encoder`) and a head, the (loss, logged values) contract."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -16,11 +16,15 @@ class Task(nn.Module):
 
     Fine-tuning subclasses define `predict(batch) -> [B, T]`, `target(batch) -> [B, T]`, `loss(pred, target)` and
     `evaluate(pred, target, extra) -> {name: value}`; `forward(batch)` returns (loss, {"loss": value}).
-    Pre-training objectives override `forward`.
+    Pre-training objectives override `forward`. Tasks that predict one row per protein (`predicts_proteins`) also
+    say what their outputs mean to a user: `scores` and `prediction_columns` (the `predict` command's CSV).
     """
 
     #: batch keys (besides tensors) that evaluation gathers and hands to `evaluate`
     extra_keys: Sequence[str] = ()
+    #: whether `predict(batch)` gives one row per protein that `scores` and `prediction_columns` turn into what
+    #: the `predict` command writes
+    predicts_proteins: bool = False
 
     def __init__(self, encoder: Encoder):
         super().__init__()
@@ -43,6 +47,16 @@ class Task(nn.Module):
 
     def preprocess(self, train_set) -> None:
         """Statistics taken from the training split (e.g. target normalisation); nothing by default."""
+
+    def scores(self, pred: torch.Tensor) -> torch.Tensor:
+        """What `predict`'s output [B, T, ...] means to a user, the same shape: probabilities or values."""
+        return pred
+
+    def prediction_columns(self, scores: torch.Tensor, names: Sequence[str], threshold: float,
+                           top: int) -> Tuple[List[str], List[List[str]]]:
+        """(column names, [the cells of each protein]) of the `predict` command's CSV after its id, file, chains and
+        length columns, from `scores` [B, T, ...] and the dataset's target names."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict one row per protein.")
 
     def forward(self, batch: Dict[str, Any]):
         loss = self.loss(self.predict(batch), self.target(batch))

@@ -39,8 +39,23 @@ class MultipleBinaryClassification(Task):
         hidden = [encoder.output_dim] * (num_mlp_layer - 1)
         self.mlp = MLP(encoder.output_dim, hidden + [len(self.task)], batch_norm=mlp_batch_norm, dropout=mlp_dropout)
 
+    predicts_proteins = True
+
     def metric_names(self) -> List[str]:
         return list(self.metric)
+
+    def scores(self, pred: torch.Tensor) -> torch.Tensor:
+        """[B, T] the probability of each term."""
+        return torch.sigmoid(pred)
+
+    def prediction_columns(self, scores, names, threshold, top):
+        """`top_terms` (the `top` best, `term:probability`) and the terms of probability at least `threshold`."""
+        rows = []
+        for row in scores:
+            order = torch.argsort(row, descending=True).tolist()
+            rows.append([";".join(f"{names[j]}:{row[j]:.4f}" for j in order[:top]),
+                         ";".join(names[j] for j in order if row[j] >= threshold)])
+        return ["top_terms", f"terms_above_{threshold:g}"], rows
 
     def predict(self, batch) -> torch.Tensor:
         return self.in_fp32(self.mlp, self.encoder(batch["graph"])["graph_feature"])
@@ -111,6 +126,23 @@ class PropertyPrediction(Task):
         var = torch.where(labeled, (values - mean) ** 2, 0).sum(0) / (count - 1).clamp(min=1)
         self.mean.copy_(mean.float())
         self.std.copy_(var.sqrt().clamp(min=1e-6).float())
+
+    predicts_proteins = True
+
+    def scores(self, pred: torch.Tensor) -> torch.Tensor:
+        """[B, T] values (regression, in the targets' scale) or probabilities ("bce"), [B, T, C] class
+        probabilities ("ce")."""
+        if self.criterion == "bce":
+            return torch.sigmoid(pred)
+        if self.criterion == "ce":
+            return torch.softmax(pred, dim=-1)
+        return pred
+
+    def prediction_columns(self, scores, names, threshold, top):
+        """One column per target: its value or probability, or ("ce") the most probable class."""
+        if self.criterion == "ce":
+            return list(names), [[str(c) for c in row.argmax(-1).tolist()] for row in scores]
+        return list(names), [[f"{v:.6g}" for v in row.tolist()] for row in scores]
 
     def metric_names(self) -> List[str]:
         names = []

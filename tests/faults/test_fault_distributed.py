@@ -17,8 +17,8 @@ DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
 # a rank as torchrun starts it, which SIGSTOPs itself before training batch STOP_AT (its 3rd batch)
 RANK_SCRIPT = """
 import os, signal, sys
-from esm_gearnet.engine.trainer import trainer as engine
-from esm_gearnet.commands.main import downstream_main
+from esm_gearnet.engine import evaluation as engine
+from esm_gearnet.commands.finetune import main as downstream_main
 
 original, batches = engine.to_device, []
 

@@ -278,7 +278,7 @@ def test_lmdb_declaring_more_items_than_it_holds_is_refused(cli, tmp_path, decla
 
 
 def _encoder_state():
-    from esm_gearnet.assembly.build import build_encoder
+    from esm_gearnet.assembly import build_encoder
     from esm_gearnet.config import load_config
 
     torch.manual_seed(0)

@@ -172,12 +172,13 @@ def mounted(kind: str, folder: Path):
 @pytest.fixture
 def no_work(monkeypatch):
     """Building the model or the dataset fails the test: the location must be refused before."""
-    from esm_gearnet.commands import embed as inference, run as training
+    from esm_gearnet.commands import embed, finetune, predict
 
     def work(*args, **kwargs):
         raise AssertionError("the work began before the output location was checked")
-    monkeypatch.setattr(inference, "load_run", work)
-    monkeypatch.setattr(training, "build_downstream", work)
+    monkeypatch.setattr(embed, "load_run", work)
+    monkeypatch.setattr(predict, "load_run", work)
+    monkeypatch.setattr(finetune, "build_downstream", work)
 
 
 READ_ONLY = "its location is read-only or not writable (Read-only file system); choose a writable location"

@@ -35,7 +35,7 @@ def _env():
 
 
 def _downstream(*options):
-    return [sys.executable, "-m", "esm_gearnet.commands.main", "downstream", *options]
+    return [sys.executable, "-m", "esm_gearnet", "downstream", *options]
 
 
 def _hashes(run_dir, leave_out=("log.txt",)):
@@ -275,7 +275,7 @@ def test_workers_end_when_their_parent_is_killed(tmp_path, how):
 def test_resume_at_another_world_size_is_refused_before_building(learned, tmp_path, cli, monkeypatch):
     """A last.pth written by 2 ranks, resumed by 1 process: refused by `checkpoint.check_resumable` before the
     dataset and model (was: after 9 s of building)."""
-    from esm_gearnet.commands import run as training
+    from esm_gearnet.commands import finetune
 
     run_dir = tmp_path / "run"
     shutil.copytree(learned, run_dir)
@@ -287,7 +287,7 @@ def test_resume_at_another_world_size_is_refused_before_building(learned, tmp_pa
     def build(*args, **kwargs):
         raise AssertionError("the run was built before its checkpoint was refused")
 
-    monkeypatch.setattr(training, "build_downstream", build)
+    monkeypatch.setattr(finetune, "build_downstream", build)
     code, _, err = cli("downstream", "--resume", run_dir)
     assert code == 2 and err.strip() == (f"error: {run_dir / 'last.pth'} was written by 2 process(es) but 1 run "
                                          "now; resume with the same number."), err

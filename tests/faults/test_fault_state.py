@@ -23,7 +23,8 @@ from esm_gearnet.config import load_config
 from esm_gearnet.data import load_structure
 from esm_gearnet.data.datasets.cache import load_or_build
 from esm_gearnet.commands.embed import save_embeddings
-from esm_gearnet.commands.run import build_downstream, training_run
+from esm_gearnet.commands.finetune import build_downstream
+from esm_gearnet.commands.run import training_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"

@@ -1,7 +1,7 @@
 """Datasets with the original config names; items are dicts {"graph": Protein, "targets": [T], ...}."""
 from .alphafold import AlphaFoldDB
 from .atom3d import LMDBFile, MSPDataset, PSRDataset, write_lmdb
-from .base import StructureDataset
+from .base import Proteins, StructureDataset
 from .deepfri import EnzymeCommission, GeneOntology
 from .demo import DemoFolds
 from .folder import ProteinFolder

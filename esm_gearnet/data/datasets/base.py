@@ -48,3 +48,18 @@ class StructureDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         train, valid, test = self.num_samples
         return f"{type(self).__name__}(proteins={len(self)}, tasks={len(self.tasks)}, split={train}/{valid}/{test})"
+
+
+class Proteins(torch.utils.data.Dataset):
+    """Items {"graph": protein} of given proteins through a dataset's transform: what a trained task is fed by
+    `predict`."""
+
+    def __init__(self, proteins: Sequence[Protein], transform=None):
+        self.proteins, self.transform = proteins, transform
+
+    def __len__(self) -> int:
+        return len(self.proteins)
+
+    def __getitem__(self, index: int) -> Dict:
+        item = {"graph": self.proteins[index]}
+        return self.transform(item) if self.transform is not None else item

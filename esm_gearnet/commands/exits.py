@@ -1,0 +1,53 @@
+"""How a command ends: an error a user can act on is its one sentence and exit code 2, a fault of the machine
+its sentence and exit code 1, Ctrl-C one line and exit code 130 (`one_sentence`)."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import List, Optional
+
+
+def one_sentence(main):
+    """Errors a user can act on (a bad path, config or checkpoint, a run that cannot learn) end the command with
+    their one sentence and exit code 2, faults of the machine (`errors.fault_errors`) with theirs and exit code 1,
+    Ctrl-C with one line ("interrupted; resume with --resume RUN" for a run) and exit code 130."""
+    @functools.wraps(main)
+    def wrapper(argv: Optional[List[str]] = None) -> int:
+        from ..errors import INTERRUPTED_EXIT_CODE, Interrupted, fault_errors, ignoring_ctrl_c, user_errors
+
+        try:
+            return main(argv)
+        except user_errors() as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except fault_errors() as error:
+            print(f"error: {error}", file=sys.stderr)
+            from ..distributed import StalledError
+
+            if isinstance(error, StalledError):
+                # a rank that stopped answering still belongs to the process group, and tearing the group down
+                # (also at interpreter exit) can wait for it forever: end this process now
+                _end_process(1)
+            return 1
+        except (Interrupted, KeyboardInterrupt) as error:
+            with ignoring_ctrl_c():
+                print(str(error) if isinstance(error, Interrupted) else "interrupted", file=sys.stderr)
+                # a peer rank may be inside a collective this one left: end now rather than tear the group down
+                _end_process(INTERRUPTED_EXIT_CODE, only_in_a_group=True)
+            return INTERRUPTED_EXIT_CODE
+    return wrapper
+
+
+def _end_process(code: int, only_in_a_group: bool = False) -> None:
+    """End this process at once with `code` (logs flushed, no interpreter clean-up that could wait for a peer);
+    with `only_in_a_group`, only when a process group is joined (a single process returns normally)."""
+    import logging
+    import os
+
+    dist = sys.modules.get("torch.distributed")  # not imported: no group joined (and no torch import to end)
+    if only_in_a_group and (dist is None or not dist.is_initialized()):
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

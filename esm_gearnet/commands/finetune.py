@@ -1,0 +1,63 @@
+"""`esm-gearnet downstream` (`script/downstream.py`): fine-tune a model on a downstream task (EC, GO, PSR, MSP,
+your own folder): dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer,
+engine, then the engine's fine-tuning schedule (`Engine.fit`)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import distributed
+from ..assembly import build_optimizer, build_scheduler, build_task, runtime_task_list, selection_metric
+from ..engine import Engine
+from ..engine.run_log import format_metrics
+from ..registry import build
+from .exits import one_sentence
+from .run import load_encoder_weights, resume_file, setup_logging, training_run
+
+logger = logging.getLogger("esm_gearnet")
+
+
+@one_sentence
+def main(argv: Optional[List[str]] = None) -> int:
+    run_downstream(argv)
+    return 0
+
+
+def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str] = None,
+                     progress: bool = True) -> Engine:
+    """Dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer, engine."""
+    dataset = build(cfg.dataset, "dataset")
+    train_set, valid_set, test_set = dataset.split()
+    logger.info("%s: train %d, valid %d, test %d", dataset, len(train_set), len(valid_set), len(test_set))
+    task = build_task(cfg, runtime_task_list(cfg, dataset.tasks))
+    weights = ckpt or cfg.get("model_checkpoint")
+    if weights:
+        load_encoder_weights(task, weights)
+    metric = selection_metric(cfg, task)
+    task.preprocess(train_set)
+    optimizer = build_optimizer(cfg, task)
+    scheduler = build_scheduler(cfg, optimizer, metric)
+    return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir, config=cfg,
+                  task_names=dataset.tasks, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
+
+
+def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    with training_run(argv, "Fine-tune a model on a downstream task (EC, GO, PSR, MSP, your own folder).") as (
+            args, cfg, run_dir, resume):
+        engine = build_downstream(cfg, run_dir, args.seed, ckpt=args.ckpt)
+        torch.manual_seed(args.seed + distributed.rank())  # per-rank streams for dropout and augmentation
+        if resume:
+            engine.resume(resume_file(resume))
+            setup_logging(run_dir)
+            logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
+        result = engine.fit(cfg.train.num_epoch, selection_metric(cfg, engine.task), cfg.train.get("batch_per_epoch"))
+        engine.close()
+        logger.info("done: run directory %s; best validation epoch %s, its test metrics: %s; curves: %s",
+                    run_dir, engine.best["epoch"], format_metrics(result), run_dir / "curves.png")
+    return result
+
+
+__all__ = ["build_downstream", "main", "run_downstream"]
