@@ -44,6 +44,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from .errors import UserError
 from .writing import replacing
 
 logger = logging.getLogger("esm_gearnet")
@@ -52,7 +53,7 @@ LEGACY_FORMATS = ("esm_gearnet.checkpoint/1",)  # this framework's checkpoints b
 ENCODER_PREFIX = "encoder."
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or cache file that cannot be read, does not fit the model, or cannot be written."""
 
 

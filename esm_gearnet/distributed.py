@@ -22,6 +22,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .errors import MachineFault
+
 logger = logging.getLogger("esm_gearnet")
 # DEVIATION: the original used torch's default process-group timeout (30 minutes for gloo), so a rank that
 # stopped answering held the others that long; 10 minutes still lets a rank load a large checkpoint or cache.
@@ -32,7 +34,7 @@ _CLOSED = ("connection closed by peer", "connection reset by peer")
 _timeout: Optional[float] = None
 
 
-class StalledError(RuntimeError):
+class StalledError(MachineFault, RuntimeError):
     """A collective that another rank did not answer within the group's timeout, or whose peer went away."""
 
 

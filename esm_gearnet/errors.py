@@ -31,6 +31,15 @@ def ignoring_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
+class UserError(Exception):
+    """Base of the errors a user can act on that are not ValueErrors (a checkpoint, a download, an output, a run
+    that cannot learn): each module's own class derives from it, so this module needs none of them."""
+
+
+class MachineFault(Exception):
+    """Base of the faults of the machine (a rank that stopped answering, a worker process killed twice)."""
+
+
 class InputError(ValueError):
     """A data file the user gave that cannot be used (a label CSV, an ATOM3D LMDB): its one sentence names the
     file and the line or key. The registry passes it on as it is: the class built from the config that raises it
@@ -38,18 +47,11 @@ class InputError(ValueError):
 
 
 def user_errors() -> Tuple[Type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .data.datasets.download import DownloadError
-    from .engine.stepper import CannotLearn
-    from .writing import OutputError
-
-    # ConfigError, StructureError, InputError and the datasets' other refusals are ValueErrors; OutputError: a full
-    # disk, a read-only location, another writer; CannotLearn: a non-finite loss
-    return ValueError, FileNotFoundError, ImportError, CheckpointError, DownloadError, OutputError, CannotLearn
+    # ConfigError, StructureError, InputError and the datasets' other refusals are ValueErrors; UserError:
+    # checkpoint.CheckpointError, download.DownloadError, writing.OutputError (a full disk, a read-only location,
+    # another writer), stepper.CannotLearn (a non-finite loss)
+    return ValueError, FileNotFoundError, ImportError, UserError
 
 
 def fault_errors() -> Tuple[Type[BaseException], ...]:
-    from .data.parallel import WorkerDied
-    from .distributed import StalledError
-
-    return StalledError, WorkerDied
+    return (MachineFault,)  # distributed.StalledError, parallel.WorkerDied

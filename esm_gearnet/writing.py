@@ -37,10 +37,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, Union
 
+from .errors import UserError
+
 logger = logging.getLogger("esm_gearnet")
 
 
-class OutputError(RuntimeError):
+class OutputError(UserError, RuntimeError):
     """An output that cannot be written (full disk, read-only location, another writer): one sentence naming
     the path and what to do."""
 

@@ -21,17 +21,19 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import closing
 from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from typing import Any, Callable, Iterator, List, Optional, Sequence
+
+from ..errors import MachineFault
 
 logger = logging.getLogger("esm_gearnet")
 PARENT_POLL = 1.0  # seconds between a worker's looks at its parent, where prctl is unavailable
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(MachineFault, RuntimeError):
     """A job in progress when a worker died, run again alone in a fresh process, killed that one too (and no
     `on_death` was given)."""
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..errors import UserError
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -35,7 +36,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 MAX_SKIPPED_SHARE = 0.1
 
 
-class CannotLearn(FloatingPointError):
+class CannotLearn(UserError, FloatingPointError):
     """A run whose losses are not finite: at once under on_nonfinite "stop", or too often under "skip". The user
     acts (a lower learning rate, fp32), so it ends the command with one sentence and exit code 2."""
 

@@ -13,10 +13,12 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from ...errors import UserError
+
 logger = logging.getLogger("esm_gearnet")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """An archive that cannot be fetched, fails its checksum or tries to escape its folder."""
 
 
