@@ -1,4 +1,4 @@
-"""Hugging Face ESM checkpoints (`ESM(path=DIR)`, esm_gearnet/models/esm_hf.py) against `transformers` itself:
+"""Hugging Face ESM checkpoints (`ESM(path=DIR)`, esm_gearnet/models/esm/hugging_face.py) against `transformers` itself:
 random-weight `EsmModel` / `EsmForMaskedLM` saved with `save_pretrained`, our features equal to its last hidden
 states on both attention paths; the sentences for folders that are not ESM-2; our checkpoints of such a model."""
 import argparse

@@ -162,7 +162,7 @@ def test_varlen_with_checkpointing_and_the_feature_cache(all_proteins):
         expected = _run(models["sdpa"].eval(), batch, None)["residue_feature"]
     for _ in range(2):  # the second pass reads the cache
         torch.testing.assert_close(_run(cached, batch, None)["residue_feature"], expected, atol=1e-5, rtol=0)
-    assert len(cached._cache) == len(batch.num_residues)
+    assert len(cached.feature_cache) == len(batch.num_residues)
 
 
 @pytest.mark.slow
@@ -180,7 +180,7 @@ def test_kernel_call_with_a_stand_in_kernel(all_proteins, monkeypatch):
     """The CUDA branch's plumbing on CPU: a stand-in for `varlen_attn` with its signature, which checks what
     it is given and computes attention with a block-diagonal mask (a second, independent reference). The model
     then still equals the padded path, features and gradients."""
-    from esm_gearnet.models import esm as esm_module
+    from esm_gearnet.models.esm import attention
 
     calls = []
 
@@ -195,8 +195,8 @@ def test_kernel_call_with_a_stand_in_kernel(all_proteins, monkeypatch):
         return torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=block).transpose(0, 1)
 
-    monkeypatch.setattr(esm_module, "_varlen_kernel", lambda: kernel)
-    monkeypatch.setattr(esm_module, "varlen_kernel_dtype", lambda q: q.dtype)
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(attention, "varlen_kernel_dtype", lambda q: q.dtype)
     models = _models((2, 32, 4), attentions=("varlen", "sdpa"))
     batch, mask = _batch_and_mask(all_proteins)
     target = torch.randn(batch.num_residue, 32, generator=torch.Generator().manual_seed(3))

@@ -1,4 +1,4 @@
-"""SaProt-format models (ESM with SaProt's amino-acid x 3Di vocabulary, esm_gearnet/models/esm_hf.py and esm.py)
+"""SaProt-format models (ESM with SaProt's amino-acid x 3Di vocabulary, esm_gearnet/models/esm/)
 against `transformers` itself: a random-weight model saved with `save_pretrained` next to a vocab.txt written
 here, our features equal to `EsmModel`'s on the same combined tokens; the token string of a real AlphaFold model
 built by hand (its PDB lines, mini3di, SaProt's pLDDT rule) equal to our tokeniser's."""
@@ -21,7 +21,7 @@ from conftest import ALPHAFOLD, randomized_weights, run_dir_of, small, structure
 from esm_gearnet.data import ProteinBatch, load_structure
 from esm_gearnet.data.foldseek import three_di_states
 from esm_gearnet.models import ESM
-from esm_gearnet.models.esm_hf import SAPROT_TOKENS
+from esm_gearnet.models.esm import SAPROT_TOKENS
 
 transformers.logging.set_verbosity_error()
 
@@ -149,7 +149,7 @@ def test_feature_cache_keys_on_structure_too(saprot_folder):
     esm.freeze("sequence_model")
     first = esm(ProteinBatch.pack([protein]))["residue_feature"]
     second = esm(ProteinBatch.pack([other]))["residue_feature"]
-    assert len(esm._cache) == 2 and not torch.allclose(first, second)
+    assert len(esm.feature_cache) == 2 and not torch.allclose(first, second)
     again = esm(ProteinBatch.pack([other, protein]))["residue_feature"]
     torch.testing.assert_close(again, torch.cat([second, first]))
     fresh = ESM(path=str(folder)).eval()
@@ -246,8 +246,8 @@ def test_pretraining_masks_the_amino_acid_and_keeps_the_structure(monkeypatch):
     esm = ESM(vocabulary="SaProt", pretrained=False, architecture=(1, 16, 2))
     task = ResidueTypePrediction(esm, mask_rate=0.15)
     seen = []
-    token_ids = esm._token_ids
-    monkeypatch.setattr(esm, "_token_ids", lambda *args: seen.append(args) or token_ids(*args))
+    token_ids = esm.tokens.ids
+    monkeypatch.setattr(esm.tokens, "ids", lambda *args: seen.append(args) or token_ids(*args))
     torch.manual_seed(0)
     loss, _ = task({"graph": batch})
     assert torch.isfinite(loss)

@@ -118,7 +118,7 @@ def test_feature_cache_of_a_frozen_esm(all_proteins):
     check([0, 1, 2, 3], computed=4)
     check([2, 4, 3], computed=1)  # 2 and 3 come from the cache, in their place in the batch
     check([4, 0, 1, 2, 3], computed=0)
-    assert len(esm._cache) == 5
+    assert len(esm.feature_cache) == 5
     # a crop is another sequence: a miss, never a wrong hit
     crop = proteins[0].subresidue(torch.arange(10, 60))
     before = sum(windows)
@@ -135,12 +135,12 @@ def test_feature_cache_of_a_frozen_esm(all_proteins):
     assert sum(windows) - before == 2
     # new weights empty the cache
     esm.load_state_dict(reference.state_dict())
-    assert not esm._cache
+    assert not esm.feature_cache
     # the budget is respected: room for one protein of 90 x 32 floats
     small = _tiny_esm(feature_cache_gib=90 * 32 * 4 / 2 ** 30)
     small.freeze("sequence_model")
     small(ProteinBatch.pack(proteins[:3]))
-    assert len(small._cache) == 1
+    assert len(small.feature_cache) == 1
     # a trained ESM never uses the cache, even with every parameter's requires_grad off by hand: the cache
     # follows the freezing the config asked for, not the flags
     trained = _tiny_esm(feature_cache_gib=1.0)
@@ -148,7 +148,7 @@ def test_feature_cache_of_a_frozen_esm(all_proteins):
     trained.requires_grad_(False)
     with torch.no_grad():
         trained(ProteinBatch.pack(proteins[:2]))
-    assert not trained._cache
+    assert not trained.feature_cache
 
 
 @pytest.mark.slow

@@ -24,6 +24,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .architecture import WeightError, build_esm2
+from .vocabularies import VOCABULARIES
+
 # config.json values absent from the file take transformers' EsmConfig defaults (it writes only some keys)
 HF_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
                "position_embedding_type": "absolute", "token_dropout": False, "emb_layer_norm_before": None,
@@ -49,8 +52,6 @@ def is_hf_folder(path) -> bool:
 
 def read_config(folder: str) -> Dict:
     """`config.json` of a Hugging Face ESM folder, transformers' defaults filled in."""
-    from .esm import WeightError
-
     file = os.path.join(folder, "config.json")
     try:
         with open(file) as handle:
@@ -66,45 +67,9 @@ def read_config(folder: str) -> Dict:
     return {**HF_DEFAULTS, **config}
 
 
-# ---- vocabularies ------------------------------------------------------------------------------------------
-# The one place that knows which Hugging Face vocabularies this framework reads: name -> fair-esm Alphabet
-# factory. A vocabulary is recognised by its token list (vocab.txt or config's vocab_list) when the folder has
-# one, else by its size and special-token ids.
-
-def _esm2_alphabet():
-    import esm
-
-    return esm.data.Alphabet.from_architecture("ESM-1b")  # ESM-2 uses ESM-1b's 33 tokens
-
-
-# SaProt's structure-aware vocabulary (westlake-repl/SaProt, utils/esm_loader.py and the vocab.txt of its Hugging
-# Face checkpoints such as SaProt_650M_AF2): five special tokens, then every amino acid (upper case, `#` for a
-# masked amino acid) paired with every 3Di letter (lower case, `#` for masked or low-confidence structure), in
-# the order of SaProt's two strings below (amino acid major): 5 + 21 x 21 = 446 tokens.
-SAPROT_SPECIAL_TOKENS = ("<cls>", "<pad>", "<eos>", "<unk>", "<mask>")
-SAPROT_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY#"
-SAPROT_THREE_DI = "pynwrqhgdlvtmfsaeikc#"
-SAPROT_TOKENS = tuple(SAPROT_SPECIAL_TOKENS) + tuple(a + s for a in SAPROT_AMINO_ACIDS for s in SAPROT_THREE_DI)
-
-
-def _saprot_alphabet():
-    """fair-esm Alphabet of SaProt's 446 tokens (`<cls>` prepended, `<eos>` appended), as SaProt builds it."""
-    import esm
-
-    alphabet = esm.data.Alphabet(standard_toks=list(SAPROT_TOKENS), prepend_toks=[], append_toks=[],
-                                 prepend_bos=True, append_eos=True, use_msa=False)
-    alphabet.all_toks = alphabet.all_toks[:len(SAPROT_TOKENS)]  # without the <null_i> padding to a multiple of 8
-    alphabet.tok_to_idx = {token: i for i, token in enumerate(alphabet.all_toks)}
-    alphabet.unique_no_split_tokens = alphabet.all_toks
-    return alphabet
-
-
-def is_saprot(alphabet) -> bool:
-    """Whether a fair-esm Alphabet is SaProt's structure-aware vocabulary."""
-    return list(alphabet.all_toks) == list(SAPROT_TOKENS)
-
-
-VOCABULARIES = {"ESM-2": _esm2_alphabet, "SaProt": _saprot_alphabet}
+# ---- vocabulary ------------------------------------------------------------------------------------------
+# A vocabulary is recognised by its token list (vocab.txt or config's vocab_list) when the folder has one, else
+# by its size and special-token ids.
 
 
 def _tokens_of(folder: str, config: Dict):
@@ -118,8 +83,6 @@ def _tokens_of(folder: str, config: Dict):
 
 def hf_alphabet(folder: str, config: Dict):
     """(vocabulary name, fair-esm Alphabet) of a Hugging Face ESM folder; one sentence if it is none we know."""
-    from .esm import WeightError
-
     tokens = _tokens_of(folder, config)
     for name, factory in VOCABULARIES.items():
         alphabet = factory()
@@ -142,8 +105,6 @@ def hf_alphabet(folder: str, config: Dict):
 
 def check_architecture(folder: str, config: Dict) -> None:
     """One sentence for a config.json that fair-esm's ESM2 module cannot reproduce."""
-    from .esm import WeightError
-
     dim, heads = config["hidden_size"], config["num_attention_heads"]
     problems = []
     if config["is_folding_model"]:
@@ -179,8 +140,6 @@ def _load_file(file: str) -> Dict[str, torch.Tensor]:
 
 def read_weights(folder: str) -> Dict[str, torch.Tensor]:
     """The tensors of a Hugging Face folder (one file or the shards of an index), never unpickling code."""
-    from .esm import WeightError
-
     present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
     if not present:
         raise WeightError(f"ESM: {folder} has config.json but no weights ({', '.join(WEIGHT_FILES)}); copy the "
@@ -225,8 +184,6 @@ def to_fair_esm(state: Dict[str, torch.Tensor], model, folder: str,
     Raises:
         WeightError: missing, unexpected or mis-shaped keys, named in one sentence with the folder.
     """
-    from .esm import WeightError
-
     prefix = "esm." if any(k.startswith("esm.") for k in state) else ""
     own = model.state_dict()
     # Hugging Face name (without the esm. prefix, LayerNorm.weight/.bias spelling) -> fair-esm name
@@ -304,8 +261,6 @@ def to_fair_esm(state: Dict[str, torch.Tensor], model, folder: str,
 
 def load_hf_esm(folder: str) -> Tuple[object, object, Dict]:
     """fair-esm `ESM2` module with the weights of a Hugging Face ESM folder, its alphabet and its config.json."""
-    from .esm import build_esm2
-
     folder = os.path.expanduser(str(folder))
     config = read_config(folder)
     check_architecture(folder, config)

@@ -1,0 +1,267 @@
+"""ESM protein language models as a residue encoder: the `ESM` class of configs (`class: ESM`).
+
+The package's parts, each used here: `architecture` (names, fair-esm's module), `weights` (where they come from:
+fair-esm files, `hugging_face` folders, random), `vocabularies` (ESM-2, SaProt), `tokens` (residues -> tokens,
+windows, padded or packed), `attention` (the sdpa and varlen forward paths), `cache` (features of a frozen model).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ...data import constants
+from ...data.protein import ProteinBatch
+from ...layers import functional
+from ...registry import register
+from ..encoder import Encoder, Features
+from . import weights
+from .attention import esm2_forward_sdpa, esm2_forward_varlen, sdpa_layer, varlen_layer_fn
+from .cache import FeatureCache
+from .tokens import Tokenizer
+
+
+@register
+class ESM(Encoder):
+    """ESM protein language model over the residues of a ProteinBatch.
+
+    Args:
+        path: folder of the official fair-esm weight files (`esm2_t33_650M_UR50D.pt`, ...), or of a Hugging Face
+            ESM checkpoint (`config.json` with `model_type: esm`, and `model.safetensors` or `pytorch_model.bin`,
+            as `save_pretrained` writes `EsmModel` / `EsmForMaskedLM`, e.g. facebook/esm2_t33_650M_UR50D); see
+            `hugging_face`. Neither needs network access or unpickles code; `transformers` is not needed.
+        model: ESM-2-8M, -35M, -150M, -650M, -3B, -15B or ESM-1b; or a checkpoint file stem in `path`.
+            How `model` and `path` decide what is loaded (pretrained weights):
+            - `model` given and `path/<its stem>.pt` exists: that fair-esm file, exactly as without Hugging Face.
+            - otherwise, `path` holds `config.json`: the Hugging Face checkpoint; its config.json decides the
+              architecture, and `model`, when given, must be the ESM-2 name of that architecture (a check).
+            - otherwise the fair-esm file of `model`, ESM-2-650M when `model` is omitted.
+            With `pretrained: false`, `path` is not read: `model` (default ESM-2-650M) or `architecture` decides.
+        readout: "mean" or "sum" over residues (special tokens excluded).
+        pretrained: False builds the architecture with random weights (no file needed; ESM-2 names only).
+        repr_layer: layer whose output is the residue feature (default: the last).
+        attention: "sdpa" (fast path, padded batch), "esm" (fair-esm's own forward) or "varlen" (ESM-2 only):
+            the unpadded path. Every protein (each 1022-residue window of a long one) becomes its own
+            `<cls>` ... `<eos>` sequence, all concatenated into one [T, D] token sequence with cumulative
+            sequence lengths, so no FLOP is spent on padding and length buckets are optional. Rotary positions
+            restart in every sequence; token dropout rescales each by its own length and `<mask>` count.
+            On a CUDA GPU (Ampere or newer) under bf16/fp16 (autocast or half weights) attention runs
+            FlashAttention's variable-length kernel (`torch.nn.attention.varlen.varlen_attn`, in recent torch).
+            In fp32, on CPU, without that module or with a head size the kernel lacks, it runs one
+            `scaled_dot_product_attention` per sequence instead: exact fp32, since FlashAttention has no fp32
+            kernel (fp32 inputs are never silently cast to bf16). Equal to "sdpa" to
+            1e-5 in fp32 (tests/test_esm_varlen.py). Works with activation checkpointing, compile (the dense
+            parts of each layer; attention stays outside the compiled graphs) and the feature cache.
+        architecture: (num_layers, embed_dim, heads) for a custom random-weight ESM-2 (pretrained False).
+        activation_checkpointing: recompute each layer in the backward pass instead of storing its activations
+            (less memory for long proteins and big models, about one more forward of time; sdpa and varlen).
+        feature_cache_gib: host memory (GiB) for the residue features of a *frozen* ESM (`freeze`, which
+            `fix_sequence_model` or `sequence_model_lr_ratio: 0` call). Each protein's features are then computed
+            once and reused, keyed by the exact residue sequence fed to ESM: a crop or mutation that changes
+            the sequence is a new entry, never a wrong hit. Proteins are added until the budget is full.
+            Masked residues (pre-training) bypass the cache. 0 turns it off.
+        compile: run each transformer layer through `torch.compile` (dynamic shapes; sdpa and varlen). The first
+            batches pay the compilation (tens of seconds); on CPU it needs a C++ compiler.
+        vocabulary: "ESM-2" or "SaProt" (SaProt's 446 structure-aware tokens). With `pretrained: false`, the
+            vocabulary of the random model (default ESM-2); pretrained models take theirs from their files, and
+            `vocabulary`, when given, is a check that they have it (so a config can name it and still build with
+            random weights when shrunk).
+        plddt_mask: SaProt-format models only: replace the 3Di letter by `#` where the residue's pLDDT
+            (`Protein.bfactor`, the CA B-factor, which AlphaFold DB files fill with pLDDT) is below
+            `plddt_threshold`, as SaProt does for AlphaFold structures. Nothing in a parsed protein says whether
+            its B-factors are pLDDT, so this is an option: true for AlphaFold / ESMFold models, false (default)
+            for experimental structures, whose B-factors are not confidences (SaProt's own "auto" looks for
+            the word "alphafold" in the file, which a parsed protein no longer has).
+        plddt_threshold: pLDDT below which the structure is masked (SaProt: 70).
+        graph_construction_model: optional (ESM reads the sequence only; a node layer such as AlphaCarbonNode
+            still decides which residues it sees).
+
+    **SaProt-format models** (a checkpoint whose vocabulary is SaProt's amino-acid x 3Di tokens, `vocabularies`) read
+    the structure too: residue i becomes the token `<amino acid><3Di letter in lower case>` (`Md`, `Ev`, ...).
+    The 3Di states are `Protein.three_di_state` when the dataset kept them (`three_di: true`), else computed
+    from the batch's backbone atoms (`data.three_di_states`, every chain of every protein on its own). Rules:
+    - a residue without a 3Di state (chain ends, missing backbone atoms; see `data.foldseek`) gets `d`, the
+      letter Foldseek writes there and hence the one in SaProt's training data;
+    - with `plddt_mask`, residues of pLDDT below `plddt_threshold` get `#` for their structure;
+    - a masked residue (`residue_mask`, pre-training) gets `#` for its amino acid and keeps its 3Di letter
+      (`#d`): SaProt's mask of the amino acid (its paper; its zero-shot mutation scoring writes the same
+      token). `<mask>` (the whole token) is not used, so ESM-2's token dropout does not apply to it. The
+      letter kept is that of the structure before masking: the pre-training objectives' `mask_residues`
+      removes the side chains (CB, which 3Di reads) but computes the states first (`reads_three_di`);
+    - an unknown amino acid gets `<unk>`, as SaProt's tokenizer gives for Foldseek's `X`.
+    The feature cache of a frozen model keys on these tokens (amino acids and 3Di), so two proteins of one
+    sequence and different structures never share features.
+
+    Proteins longer than 1022 residues are cut into windows (a DEVIATION from the original, see `tokens`).
+    """
+
+    group = "sequence_model"
+    small_config = {"pretrained": False, "architecture": [1, 32, 4]}
+
+    @classmethod
+    def check_config(cls, arguments: Dict[str, Any]) -> None:
+        """Before anything is built (`registry.check`): the weights the arguments name are there."""
+        given = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if p.default is not p.empty}
+        given.update(arguments)
+        weights.weight_source(given["path"], given["model"], given["pretrained"], given["architecture"])
+
+    def __init__(self, path: Optional[str] = None, model: Optional[str] = None, readout: str = "mean",
+                 pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
+                 architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
+                 feature_cache_gib: float = 0.0, compile: bool = False, vocabulary: Optional[str] = None,
+                 plddt_mask: bool = False, plddt_threshold: float = 70.0,
+                 graph_construction_model: Optional[nn.Module] = None):
+        super().__init__(graph_construction_model)
+        if readout not in ("mean", "sum"):
+            raise ValueError(f"ESM: readout must be 'mean' or 'sum', got {readout!r}.")
+        if attention not in ("sdpa", "esm", "varlen"):
+            raise ValueError(f"ESM: attention must be 'sdpa', 'esm' or 'varlen', got {attention!r}.")
+        for option, value in (("activation_checkpointing", activation_checkpointing), ("compile", compile)):
+            if value and attention == "esm":
+                raise ValueError(f"ESM: {option} works on the sdpa and varlen paths; set `attention: sdpa`.")
+        esm_model, alphabet = weights.load(path, model, pretrained, architecture, vocabulary)
+        self.model = esm_model
+        self.alphabet = alphabet
+        self.readout = readout
+        self.attention = attention
+        self.is_esm2 = type(esm_model).__name__ == "ESM2"
+        if (activation_checkpointing or compile) and not self.is_esm2:
+            raise ValueError("ESM: activation_checkpointing and compile are built for ESM-2 models; remove them "
+                             "for ESM-1b.")
+        if attention == "varlen" and not self.is_esm2:
+            raise ValueError("ESM: `attention: varlen` is built for ESM-2 models; use `attention: esm` for ESM-1b.")
+        self.activation_checkpointing = activation_checkpointing
+        if attention == "varlen":
+            self._layer_fn = varlen_layer_fn(compile)
+        else:
+            self._layer_fn = torch.compile(sdpa_layer, dynamic=True) if compile else sdpa_layer
+        self.feature_cache = FeatureCache(feature_cache_gib)
+        num_layers = esm_model.num_layers
+        self.repr_layer = num_layers if repr_layer is None else repr_layer
+        if not 0 <= self.repr_layer <= num_layers:
+            raise ValueError(f"ESM: repr_layer must be within 0..{num_layers}, got {repr_layer}.")
+        self.output_dim = esm_model.embed_dim
+        # the language-model and contact heads are never used for features: frozen, so DDP finds no unused
+        # parameters (lm_head.weight is the token embedding itself, which stays trainable)
+        shared = {id(p) for p in esm_model.embed_tokens.parameters()}
+        for head in ("lm_head", "contact_head"):
+            for parameter in getattr(esm_model, head).parameters() if hasattr(esm_model, head) else ():
+                if id(parameter) not in shared:
+                    parameter.requires_grad_(False)
+        self.tokens = Tokenizer(alphabet, plddt_mask, plddt_threshold)
+        self.saprot = self.reads_three_di = self.tokens.saprot
+
+    def structure_tokens(self, batch: ProteinBatch) -> Optional[torch.Tensor]:
+        """[N] long: the structure column of each residue's SaProt token (3Di state 0..19, 20 for `#`), or None
+        for a model of another vocabulary. See the class docstring for the rules."""
+        return self.tokens.structure(batch)
+
+    def token_strings(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> List[str]:
+        """Each protein's tokens as one string (SaProt: `MdEvVp...`; ESM-2: its residue letters), without
+        `<cls>` / `<eos>`; `residue_mask` [N] bool marks masked residues."""
+        return self.tokens.strings(batch, residue_mask)
+
+    def tokenize(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
+        """Padded ESM tokens of the batch, long proteins split into windows of at most 1022 residues.
+
+        Args:
+            residue_mask: [N] bool, residues that get the mask token.
+        Returns:
+            tokens [W, T], and the (window row, column) of every packed residue ([N], [N]).
+        """
+        return self.tokens.padded(batch.residue_type, batch.num_residues, residue_mask, self.structure_tokens(batch))
+
+    def tokenize_packed(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
+        """Unpadded ESM tokens of the batch (`attention: varlen`), see `Tokenizer.packed`.
+
+        Args:
+            residue_mask: [N] bool, residues that get the mask token.
+        Returns:
+            tokens [T], cu_seqlens [W + 1] and the token of every packed residue [N].
+        """
+        return self.tokens.packed(batch.residue_type, batch.num_residues, residue_mask, self.structure_tokens(batch))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The original saved a `mapping` buffer (unknown residues -> -1, which ESM cannot embed). It must agree
+        # with ours on the 20 amino acids; ours is kept.
+        key = prefix + "mapping"
+        if key in state_dict:
+            theirs = state_dict.pop(key)
+            ours = self.tokens.mapping[:constants.NUM_RESIDUE_TYPES].cpu()
+            if not torch.equal(theirs[:constants.NUM_RESIDUE_TYPES].cpu(), ours):
+                raise ValueError(f"{key}: the checkpoint maps residues to ESM tokens in another order than this "
+                                 "framework (G A S P V T C I L N D Q K E M H F R Y W); it cannot be loaded as is.")
+        self.clear_cache()  # cached features belong to the old weights
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _features(self, residue_type: torch.Tensor, num_residues: torch.Tensor,
+                  residue_mask: Optional[torch.Tensor] = None, structure: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+        """[N, D] residue features of packed proteins (residue_type [N], num_residues [B], residue_mask [N],
+        structure [N]: SaProt's structure column, see `structure_tokens`)."""
+        if self.attention == "varlen":
+            tokens, cu_seqlens, token = self.tokens.packed(residue_type, num_residues, residue_mask, structure)
+            hidden = esm2_forward_varlen(self.model, tokens, cu_seqlens, self.repr_layer, self.alphabet.mask_idx,
+                                         checkpoint=self.activation_checkpointing, layer_fn=self._layer_fn)
+            return hidden[token]
+        tokens, window, column = self.tokens.padded(residue_type, num_residues, residue_mask, structure)
+        if self.attention == "sdpa" and self.is_esm2:
+            hidden = esm2_forward_sdpa(self.model, tokens, self.repr_layer, self.alphabet.padding_idx,
+                                       self.alphabet.mask_idx, checkpoint=self.activation_checkpointing,
+                                       layer_fn=self._layer_fn)
+        else:
+            hidden = self.model(tokens, repr_layers=[self.repr_layer])["representations"][self.repr_layer]
+        return hidden[window, column]
+
+    def _cached_features(self, batch: ProteinBatch) -> torch.Tensor:
+        """[N, D] features of a frozen ESM-2, computed only for the proteins not cached yet (in one batch)."""
+        sizes = batch.num_residues.tolist()
+        structure = self.structure_tokens(batch)
+        # the key is the token of every residue: residue types, and for SaProt-format models their 3Di letters
+        key_tensor = batch.residue_type if structure is None else self.tokens.ids(batch.residue_type, None, structure)
+        key_dtype = torch.uint8 if structure is None else torch.int16
+        keys = [chunk.numpy().tobytes() for chunk in key_tensor.to("cpu", key_dtype).split(sizes)]
+        missing = [i for i, key in enumerate(keys) if key not in self.feature_cache]
+        fresh: Dict[bytes, torch.Tensor] = {}
+        if missing:
+            chosen = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.residue_type.device)
+            chosen[missing] = True
+            residues = chosen[batch.residue2graph]
+            computed = self._features(batch.residue_type[residues], batch.num_residues[chosen], None,
+                                      None if structure is None else structure[residues])
+            for i, feature in zip(missing, computed.split([sizes[i] for i in missing])):
+                fresh[keys[i]] = feature
+                self.feature_cache.add(keys[i], feature)
+        device = batch.residue_type.device
+        return torch.cat([fresh[key] if key in fresh else self.feature_cache.get(key, device) for key in keys])
+
+    def clear_cache(self) -> None:
+        """Forget every cached feature (they belong to the weights they were computed with)."""
+        self.feature_cache.clear()
+
+    def encode(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        """ESM's features of the batch's residues.
+
+        Args:
+            batch: packed proteins (`residue_type` [N], `num_residues` [B]; SaProt-format models read the 3Di
+                states or the backbone, and `bfactor` [N] with `plddt_mask`).
+            residue_mask: [N] bool (optional), residues that get ESM's `<mask>` token.
+        Returns:
+            residue_feature [N, D] and graph_feature [B, D] (the readout over each protein's residues).
+        """
+        if self.group not in self.frozen:
+            residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask,
+                                             self.structure_tokens(batch))
+        else:  # no gradient reaches a frozen ESM: keep no activations for one
+            with torch.no_grad():
+                if self.feature_cache.budget > 0 and residue_mask is None and self.is_esm2 and batch.batch_size:
+                    residue_feature = self._cached_features(batch)
+                else:
+                    residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask,
+                                                     self.structure_tokens(batch))
+        return {"residue_feature": residue_feature,
+                "graph_feature": functional.readout(residue_feature, batch.residue2graph, batch.batch_size,
+                                                    self.readout)}

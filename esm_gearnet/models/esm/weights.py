@@ -1,0 +1,148 @@
+"""Where an ESM model's weights come from, and the model built with them: fair-esm's `.pt` files, a Hugging Face
+folder (`hugging_face`), or random weights of a named architecture (`pretrained: false`). `weight_source` decides
+without reading a file (also when a config is checked, before anything is built); `load` builds."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from .architecture import ARCHITECTURES, DEFAULT_MODEL, WeightError, build_esm2, load_esm_checkpoint
+from .hugging_face import is_hf_folder, load_hf_esm
+from .vocabularies import VOCABULARIES
+
+URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"
+
+
+def _fair_esm_file(path: str, stem: str) -> str:
+    """`<path>/<stem>.pt`, or one sentence saying where to download it."""
+    file = os.path.join(os.path.expanduser(str(path)), stem + ".pt")
+    if not os.path.isfile(file):
+        url = URL.format(stem)
+        raise WeightError(f"ESM weights {stem}.pt not found in {os.path.dirname(file) or '.'}; download {url} "
+                          f"into that folder (or set `path:`), or set `pretrained: false` for random weights.")
+    return file
+
+
+def load_esm_model(path: str, stem: str):
+    """Model and alphabet from `<path>/<stem>.pt` in fair-esm's format (the contact-regression file optional)."""
+    import esm
+
+    file = _fair_esm_file(path, stem)
+    try:
+        model_data = load_esm_checkpoint(file)
+    except Exception as error:  # a damaged or non-checkpoint file
+        raise WeightError(f"{file}: not a readable fair-esm checkpoint ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); download it again from "
+                          f"{URL.format(stem)}.") from None
+    regression_file = os.path.join(os.path.dirname(file), stem + "-contact-regression.pt")
+    regression_data = load_esm_checkpoint(regression_file) if os.path.isfile(regression_file) else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*contact.*")
+        if regression_data is None:
+            # contacts are not used here: give the contact head the keys it expects so the load stays strict
+            cfg = model_data["cfg"]["model"] if "cfg" in model_data else model_data["args"]
+            layers = getattr(cfg, "encoder_layers", getattr(cfg, "layers", 33))
+            heads = getattr(cfg, "encoder_attention_heads", getattr(cfg, "attention_heads", 20))
+            regression_data = {"model": {"contact_head.regression.weight": torch.zeros(1, layers * heads),
+                                         "contact_head.regression.bias": torch.zeros(1)}}
+        return esm.pretrained.load_model_and_alphabet_core(stem, model_data, regression_data)
+
+
+def weight_source(path: Optional[str], model: Optional[str], pretrained: bool,
+                  architecture: Optional[Tuple[int, int, int]]) -> Tuple[str, Optional[str], Optional[str]]:
+    """Where the weights of `ESM(path, model, pretrained, architecture)` come from, found without reading them:
+    ("random", fair-esm model name or None for `architecture`, None), ("hugging face", folder, None) or
+    ("fair-esm", folder, file stem). Raises the constructor's one sentence for weights that are not there (also
+    called when a config is checked, before anything is built or downloaded)."""
+    if architecture is not None:
+        if pretrained:
+            raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
+        return "random", None, None
+    if pretrained and _reads_hugging_face(path, model):
+        return "hugging face", path, None
+    if model is None and pretrained and path is not None:
+        stem = ARCHITECTURES[DEFAULT_MODEL][0]
+        folder = os.path.expanduser(str(path))
+        if not os.path.isdir(folder):
+            raise WeightError(f"ESM: the folder {folder} given as `path` does not exist; point `path` at a "
+                              "Hugging Face ESM checkpoint folder or a folder of fair-esm .pt files.")
+        if not os.path.isfile(os.path.join(folder, stem + ".pt")):
+            raise WeightError(f"ESM: {folder} holds neither a Hugging Face ESM checkpoint (config.json) nor "
+                              f"{stem}.pt, the fair-esm file of the default `model: {DEFAULT_MODEL}`; point "
+                              f"`path` at a folder with one of them (download {URL.format(stem)}), or set "
+                              "`pretrained: false` for random weights.")
+        return "fair-esm", path, stem
+    model = DEFAULT_MODEL if model is None else model
+    if model in ARCHITECTURES or not pretrained:
+        if model not in ARCHITECTURES:
+            raise ValueError(f"ESM: unknown model {model!r}; choose one of {', '.join(ARCHITECTURES)}.")
+        stem = ARCHITECTURES[model][0]
+        if not pretrained:
+            if model == "ESM-1b":
+                raise ValueError("ESM: random weights are built for ESM-2 models only; use an ESM-2 name.")
+            return "random", model, None
+        if path is None:
+            raise WeightError(f"ESM: no `path` given for the {model} weights; set `path:` to the folder "
+                              f"holding {stem}.pt (download {URL.format(stem)}) or to a Hugging Face ESM "
+                              "checkpoint folder, or `pretrained: false`.")
+    else:
+        if path is None:
+            raise WeightError(f"ESM: no `path` given for the checkpoint {model!r}.")
+        stem = model
+    _fair_esm_file(path, stem)
+    return "fair-esm", path, stem
+
+
+def _reads_hugging_face(path: Optional[str], model: Optional[str]) -> bool:
+    """Whether `ESM(path, model)` loads a Hugging Face checkpoint: `path` holds config.json and `model` does not
+    name a fair-esm file there (fair-esm files keep working exactly as before)."""
+    if not is_hf_folder(path):
+        return False
+    if model is None:
+        return True
+    stem = ARCHITECTURES[model][0] if model in ARCHITECTURES else model
+    return not os.path.isfile(os.path.join(os.path.expanduser(str(path)), stem + ".pt"))
+
+
+def _load_hugging_face(path: str, model: Optional[str]):
+    """fair-esm ESM2 module and alphabet from a Hugging Face ESM folder; `model`, if given, must name its
+    architecture."""
+    folder = os.path.expanduser(str(path))
+    esm_model, alphabet, config = load_hf_esm(folder)
+    if model is not None:
+        shape = (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"])
+        names = [name for name, (_, *dims) in ARCHITECTURES.items() if tuple(dims) == shape and "ESM-2" in name]
+        if model not in names:
+            found = f"{shape[0]} layers, width {shape[1]}, {shape[2]} heads"
+            if model in ARCHITECTURES:
+                what = f"is another architecture than the Hugging Face checkpoint in {folder} ({found})"
+            else:
+                what = f"names no file {model}.pt in {folder}, which holds a Hugging Face checkpoint ({found})"
+            fix = f"set `model: {names[0]}` or remove it" if names else "remove `model:`"
+            raise WeightError(f"ESM: `model: {model}` {what}; {fix} (config.json decides the architecture).")
+    return esm_model, alphabet
+
+
+def load(path: Optional[str], model: Optional[str], pretrained: bool, architecture: Optional[Tuple[int, int, int]],
+         vocabulary: Optional[str] = None):
+    """The fair-esm module and alphabet that `ESM(path, model, pretrained, architecture, vocabulary)` reads (see
+    `ESM` for how `path` and `model` decide); one sentence for weights that are not there or not what
+    `vocabulary` names."""
+    if vocabulary is not None and vocabulary not in VOCABULARIES:
+        raise ValueError(f"ESM: unknown vocabulary {vocabulary!r}; choose one of {', '.join(VOCABULARIES)}.")
+    kind, where, stem = weight_source(path, model, pretrained, architecture)
+    if kind == "random":
+        random_alphabet = VOCABULARIES[vocabulary]() if vocabulary is not None else None
+        esm_model, alphabet = build_esm2(*(architecture or ARCHITECTURES[where][1:]), alphabet=random_alphabet)
+    elif kind == "hugging face":
+        esm_model, alphabet = _load_hugging_face(where, model)
+    else:
+        esm_model, alphabet = load_esm_model(where, stem)
+    if vocabulary is not None and list(alphabet.all_toks) != list(VOCABULARIES[vocabulary]().all_toks):
+        raise WeightError(f"ESM: `vocabulary: {vocabulary}` was asked for, but the weights loaded from {path} "
+                          f"have another vocabulary ({len(alphabet.all_toks)} tokens); point `path` at a "
+                          f"{vocabulary} checkpoint or remove `vocabulary:`.")
+    return esm_model, alphabet
