@@ -158,3 +158,120 @@ def test_alphafold_db_splits_a_proteome_archive(tmp_path, monkeypatch):
         AlphaFoldDB(tmp_path, species_id=99)
     shutil.rmtree(tmp_path / "UP000005640_9606_HUMAN_v4")
     assert len(AlphaFoldDB(tmp_path, species_id=8, split_id=0, progress=False)) == 4  # re-extracted from the tar
+
+
+# ---- one atom -> residue reader: an ATOM3D item reads as the same atoms in a PDB file --------------------------
+def _rounded(frame):
+    """The table with coordinates, occupancies and B-factors at the precision a PDB file holds."""
+    c = {name: i for i, name in enumerate(frame["columns"])}
+    rows = [list(row) for row in frame["data"]]
+    for row in rows:
+        for key, digits in (("x", 3), ("y", 3), ("z", 3), ("occupancy", 2), ("bfactor", 2)):
+            row[c[key]] = round(float(row[c[key]]), digits)
+    return {**frame, "data": rows}
+
+
+def _write_pdb(frame, path):
+    """The table's first model as PDB records: HETATM for hetero rows, a TER after the last ATOM row of each
+    chain (later models, which both readers ignore, are left out)."""
+    c = {name: i for i, name in enumerate(frame["columns"])}
+    rows = [row for row in frame["data"] if row[c["model"]] == frame["data"][0][c["model"]]]
+    last_atom = {}
+    for i, row in enumerate(rows):
+        if not str(row[c["hetero"]]).strip():
+            last_atom[row[c["chain"]]] = i
+    lines = []
+    for i, row in enumerate(rows):
+        record = "ATOM" if not str(row[c["hetero"]]).strip() else "HETATM"
+        fullname = row[c["fullname"]] if len(row[c["name"]]) < 4 else row[c["name"]]
+        lines.append(f"{record:<6}{i + 1:>5} {fullname:<4}{row[c['altloc']]:1}{row[c['resname']]:>3} "
+                     f"{row[c['chain']]:1}{row[c['residue']]:>4}{row[c['insertion_code']]:1}   "
+                     f"{row[c['x']]:8.3f}{row[c['y']]:8.3f}{row[c['z']]:8.3f}{row[c['occupancy']]:6.2f}"
+                     f"{row[c['bfactor']]:6.2f}      {row[c['segid']]:<4}{row[c['element']]:>2}")
+        if last_atom.get(row[c["chain"]]) == i:
+            lines.append("TER")
+    path.write_text("\n".join(lines + ["END", ""]))
+    return path
+
+
+def _assert_equal_proteins(ours, theirs):
+    for field in ("residue_type", "atom_pos", "atom_mask", "residue_number", "insertion_code", "chain_index",
+                  "bfactor"):
+        assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
+    assert ours.chain_ids == theirs.chain_ids and ours.num_dropped == theirs.num_dropped
+
+
+def _tables():
+    for folder in ("tests_test_data_lmdb", "atom3d_data_test_lmdb"):
+        lmdb = LMDBFile(ATOM3D / folder)
+        for index in range(len(lmdb)):
+            yield f"{folder}[{index}]", lmdb[index]["atoms"]
+
+
+def test_an_atom3d_item_and_its_atoms_as_a_pdb_file_give_equal_proteins(tmp_path):
+    """Every chain, ligand (the free ASN of 11as, waters, ions), residue number and atom of ATOM3D's own items."""
+    for k, (name, frame) in enumerate(_tables()):
+        frame = _rounded(frame)
+        _assert_equal_proteins(atoms_to_protein(frame, name), load_structure(_write_pdb(frame, tmp_path / f"{k}.pdb")))
+
+
+def _with_altlocs(frame, residue_number, occupancies):
+    """The table with the side-chain atoms beyond CB of one residue of chain A doubled into altlocs A and B of
+    the given occupancies, B's atoms moved by 1 Å in x."""
+    c = {name: i for i, name in enumerate(frame["columns"])}
+    rows = []
+    for row in frame["data"]:
+        if row[c["chain"]] == "A" and row[c["residue"]] == residue_number \
+                and row[c["name"]] not in ("N", "CA", "C", "O", "CB"):
+            first, second = list(row), list(row)
+            first[c["altloc"]], first[c["occupancy"]] = "A", occupancies[0]
+            second[c["altloc"]], second[c["occupancy"]] = "B", occupancies[1]
+            second[c["x"]] = round(second[c["x"]] + 1.0, 3)
+            rows += [first, second]
+        else:
+            rows.append(row)
+    return {**frame, "data": rows}
+
+
+@pytest.mark.parametrize("occupancies, moved", [((0.4, 0.6), True), ((0.6, 0.4), False), ((0.5, 0.5), False)])
+def test_the_altloc_of_highest_occupancy_wins_as_in_a_pdb_file(tmp_path, occupancies, moved):
+    frame = _rounded(LMDBFile(ATOM3D / "tests_test_data_lmdb")[3]["atoms"])  # 103l: lysozyme, chain A
+    plain = atoms_to_protein(frame, "103l")
+    planted = _with_altlocs(frame, 10, occupancies)
+    ours = atoms_to_protein(planted, "103l")
+    _assert_equal_proteins(ours, load_structure(_write_pdb(planted, tmp_path / "103l.pdb")))
+    site = int((plain.residue_number == 10).nonzero()[0])
+    side_chain = plain.atom_mask[site].clone()
+    side_chain[:5] = False
+    assert side_chain.any()
+    shift = ours.atom_pos[site, side_chain, 0] - plain.atom_pos[site, side_chain, 0]
+    assert torch.allclose(shift, torch.full_like(shift, 1.0 if moved else 0.0), atol=1e-4)
+
+
+def _with_repeated_atom(frame):
+    c = {name: i for i, name in enumerate(frame["columns"])}
+    rows = list(frame["data"])
+    at = next(i for i, row in enumerate(rows) if row[c["name"]] == "CB")
+    return {**frame, "data": rows[:at + 1] + [list(rows[at])] + rows[at + 1:]}
+
+
+def test_a_repeated_atom_is_refused_as_in_a_pdb_file_and_its_item_skipped(tmp_path):
+    from esm_gearnet.data import StructureError
+
+    frame = _rounded(LMDBFile(ATOM3D / "tests_test_data_lmdb")[3]["atoms"])
+    bad = _with_repeated_atom(frame)
+    with pytest.raises(StructureError, match="repeats the atom of") as ours:
+        atoms_to_protein(bad, "103l")
+    with pytest.raises(StructureError, match="repeats the atom of") as theirs:
+        load_structure(_write_pdb(bad, tmp_path / "103l.pdb"))
+    rest = lambda error: str(error.value).split("repeats", 1)[1]  # noqa: E731 - after "row N" / "line N"
+    assert rest(ours).split(" of ", 1)[1].split()[0] in ("row", "line") and "remove one of the two" in rest(theirs)
+    base = tmp_path / "PSR-split-by-year" / "split-by-year" / "data"
+    good = {"atoms": frame, "scores": {"gdt_ts": 0.5}}
+    write_lmdb(base / "train", [{**good, "id": str(("T1", "a"))}, {"id": str(("T1", "b")), "atoms": bad,
+                                                                   "scores": {"gdt_ts": 0.4}}])
+    for split in ("val", "test"):
+        write_lmdb(base / split, [{**good, "id": str(("T2", split))}])
+    dataset = PSRDataset(tmp_path, workers=1, progress=False)
+    assert dataset.num_samples == [1, 1, 1]
+    assert len(dataset.skipped) == 1 and "repeats the atom of" in dataset.skipped[0][1]

@@ -7,4 +7,4 @@ from .demo import DemoFolds
 from .folder import ProteinFolder
 
 __all__ = ["AlphaFoldDB", "DemoFolds", "EnzymeCommission", "GeneOntology", "LMDBFile", "MSPDataset", "PSRDataset",
-           "ProteinFolder", "StructureDataset", "write_lmdb"]
+           "ProteinFolder", "Proteins", "StructureDataset", "write_lmdb"]

@@ -23,15 +23,14 @@ import os
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Tuple
+from typing import Any, Dict, Iterable, Literal, Tuple
 
 import numpy as np
 import torch
 
 from ...errors import InputError
 from ...registry import register
-from .. import constants
-from ..io import StructureError, residue_arrays, residue_type_of
+from ..io import StructureError, read_atom_table
 from ..parallel import ordered_map
 from ..protein import Protein
 from .base import StructureDataset
@@ -41,8 +40,6 @@ from .download import download, extract
 
 logger = logging.getLogger("esm_gearnet")
 SPLITS = ("train", "val", "test")
-NEEDED_COLUMNS = ("model", "chain", "hetero", "insertion_code", "residue", "resname", "name", "element",
-                  "x", "y", "z", "bfactor")
 # One item inflated: the largest ATOM3D PSR/MSP items are a few MiB of JSON; past this a record is refused before
 # it is inflated further (a gzip bomb of 1 MiB inflates to GiBs). Raise it for a genuine larger item.
 MAX_ITEM_BYTES = 256 << 20
@@ -202,70 +199,23 @@ def write_lmdb(path, items: Iterable[Dict[str, Any]], serialization_format: str 
 
 
 # ---- atom table -> Protein ----------------------------------------------------------------------------------
-def atoms_to_arrays(frame: Dict[str, Any], name: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-    """The residue-level arrays of `Protein` from an ATOM3D atom table (split-form dict).
+# DEVIATION: ATOM3D items were read here by rules of their own (the first altloc of each atom won, repeated atoms
+# were kept silently, a residue was every run of rows). They are now read by the one atom -> residue reader of
+# structure files (`data.io.read_atom_table`: the altloc of highest occupancy per residue, repeated atoms refused,
+# residues grouped as gemmi groups them), so a PSR/MSP item and the same atoms as a PDB file give equal proteins,
+# as the README states. An item that reader refuses is reported and skipped; caches of the old rules are rebuilt
+# (`READER` in the cache key).
+READER = 2
 
-    The same rules as for structure files: first model only; hydrogens and waters dropped; hetero residues kept
-    only when they are modified amino acids (MSE -> MET), so a free amino acid bound as a ligand is dropped;
-    per atom slot the first alternate location wins; residues without CA dropped and counted. A residue is
-    (chain, residue number, insertion code, residue name), in table order.
+
+def atoms_to_arrays(frame: Dict[str, Any], name: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """The residue-level arrays of `Protein` (and its metadata) from an ATOM3D atom table (split-form dict), by
+    the rules of structure files (`data.io.read_atom_table`).
 
     Raises:
-        StructureError: naming `name` when the table lacks a column or holds no amino acid.
+        StructureError: one sentence naming `name` (and the table's row).
     """
-    columns = list(frame["columns"])
-    missing = [c for c in NEEDED_COLUMNS if c not in columns]
-    if missing:
-        raise StructureError(f"{name}: the atom table lacks the column(s) {', '.join(missing)}.")
-    c = {k: columns.index(k) for k in NEEDED_COLUMNS}
-    rows = frame["data"]
-    first_model = rows[0][c["model"]] if rows else None
-    chain_ids: List[str] = []
-    residues: List[Tuple[int, int, int, int, float]] = []  # (type, number, icode, chain index, CA bfactor)
-    slots, xyz = [], []
-    current, layout, filled, ca_b, num_dropped = None, None, None, None, 0
-
-    def close():
-        nonlocal num_dropped
-        if current is None:
-            return
-        if ca_b is None:
-            num_dropped += 1
-            del slots[len(slots) - len(filled):], xyz[len(xyz) - 3 * len(filled):]
-            return
-        chain, number, icode, rtype = current
-        if not chain_ids or chain_ids[-1] != chain:
-            chain_ids.append(chain)
-        residues.append((rtype, number, icode, len(chain_ids) - 1, ca_b))
-
-    for row in rows:
-        if row[c["model"]] != first_model or row[c["element"]] in ("H", "D") or row[c["hetero"]] == "W":
-            continue
-        resname = row[c["resname"]]
-        hetero = row[c["hetero"]].strip()
-        rtype = residue_type_of(resname)
-        if rtype is None or (hetero and resname in constants.THREE_TO_ONE):
-            continue
-        code = row[c["insertion_code"]].strip()
-        key = (str(row[c["chain"]]), int(row[c["residue"]]), ord(code) if code else 32, rtype)
-        if key != current:
-            close()
-            current, layout, filled, ca_b = key, constants.ATOM_SLOTS[rtype], set(), None
-        atom = row[c["name"]]
-        slot = layout.get(atom, layout.get(constants.ATOM_ALIASES.get(atom)))
-        if slot is None or slot in filled:
-            continue
-        filled.add(slot)
-        slots.append(len(residues) * constants.NUM_ATOM_SLOTS + slot)
-        xyz.append((row[c["x"]], row[c["y"]], row[c["z"]]))
-        if slot == 1:
-            ca_b = float(row[c["bfactor"]])
-    close()
-    if not residues:
-        raise StructureError(f"{name}: the atom table holds no amino-acid residue with a CA atom.")
-    types, numbers, icodes, chains, bfactors = (list(column) for column in zip(*residues))
-    arrays = residue_arrays(name, slots, xyz, types, numbers, icodes, chains, bfactors, chain_ids)
-    return arrays, {"chain_ids": tuple(chain_ids), "name": name, "num_dropped": num_dropped}
+    return read_atom_table(frame, name)
 
 
 def atoms_to_protein(frame: Dict[str, Any], name: str = "") -> Protein:
@@ -370,7 +320,8 @@ class _Atom3D(StructureDataset):
             if not isinstance(state["skipped"], list):
                 raise ValueError("lacks the list of skipped items")
 
-        key = cache_key([p / "data.mdb" for p in lmdbs], {"kind": self.kind, **three_di_option(three_di)})
+        key = cache_key([p / "data.mdb" for p in lmdbs], {"kind": self.kind, "reader": READER,
+                                                             **three_di_option(three_di)})
         state = cached(cache_file, key, build, check)
         self.skipped = [tuple(s) for s in state["skipped"]]
         self.split_indices = [[i for i, s in enumerate(state["split"]) if s == k] for k in range(len(SPLITS))]

@@ -32,7 +32,8 @@ pdbx_PDB_model_num are optional.
 
 The package, one concept per module: `text` (bytes and 8-byte words: control bytes, line numbers, hashing of
 word codes), `numbers` (strict fixed-width numbers, their defaults and limits), `atoms` (the atom table both
-readers fill), `pdb` and `mmcif` (each format's atom records and ligand rules), `residues` (atoms grouped into
+readers fill), `pdb`, `mmcif` and `table` (ATOM3D's atom tables): each source's atom records and ligand rules,
+`residues` (atoms grouped into
 residues, altlocs, residue types, the atom14 arrays), `errors` (`StructureError`); here: the file (its kind, its
 bytes under the size cap) and the public API.
 """
@@ -53,11 +54,12 @@ from .mmcif import _cif_atoms
 from .numbers import COORDINATE_LIMIT, _parse_numbers
 from .pdb import _pdb_atoms
 from .residues import _TYPE_OF_RESIDUE, _atoms_to_arrays, residue_arrays, residue_type_of
+from .table import table_atoms
 from .text import _refuse_control_bytes
 
 __all__ = ["COORDINATE_LIMIT", "MAX_STRUCTURE_BYTES", "STRUCTURE_SUFFIXES", "StructureError", "is_structure_file",
-           "load_structure", "load_structures", "protein_name", "read_structure_arrays", "residue_arrays",
-           "residue_type_of", "structure_format"]
+           "load_structure", "load_structures", "protein_name", "read_atom_table", "read_structure_arrays",
+           "residue_arrays", "residue_type_of", "structure_format"]
 __all__ += ["_TYPE_OF_RESIDUE", "_parse_numbers"]  # private, read here by the tests as before the split
 
 logger = logging.getLogger(__name__)
@@ -150,6 +152,14 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes
         atoms = _cif_atoms(data, path)
     arrays, chain_ids, num_dropped = _atoms_to_arrays(atoms, path, chain)
     return arrays, {"chain_ids": chain_ids, "name": protein_name(path), "num_dropped": num_dropped}
+
+
+def read_atom_table(frame, name: str):
+    """Like `read_structure_arrays`, for an ATOM3D atom table (`table`): the same rules as structure files
+    (residues, altlocs, duplicate atoms, modified residues, dropped residues), ligands by the table's hetero flags.
+    Errors name `name` and the table's row."""
+    arrays, chain_ids, num_dropped = _atoms_to_arrays(table_atoms(frame, name), name, None)
+    return arrays, {"chain_ids": chain_ids, "name": name, "num_dropped": num_dropped}
 
 
 def protein_name(path: PathLike) -> str:
