@@ -95,6 +95,12 @@ class StageGraph:
 
     @classmethod
     def build(cls, pos, frames, residue_number, num_residues, cutoff: float, seq_cutoff: int) -> "StageGraph":
+        """The stage's graph: edges between residues of one protein within `cutoff` Å.
+
+        Args:
+            pos: [N, 3] CA positions (Å); frames: [N, 3, 3] local frames (`local_frames`);
+            residue_number: [N] residue numbers (the sequence offset of an edge); num_residues: [B].
+        """
         source, target = radius_edges(pos, num_residues, cutoff).unbind(-1)
         target_frame = frames[target]
         displacement = pos[source] - pos[target]
@@ -113,7 +119,8 @@ class StageGraph:
                    padded_source)
 
     def aggregate(self, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """[N, K * C]: row i = vec(sum over edges j -> i of kernel_e ⊗ x_j), flattened kernel-major."""
+        """[N, K * C]: row i = vec(sum over edges j -> i of kernel_e ⊗ x_j), flattened kernel-major, for
+        kernel [E, K] (one per edge) and x [N, C]."""
         padded_kernel = kernel.new_zeros(self.padded_source.shape + kernel.shape[-1:])
         padded_kernel[self.target, self.slot] = kernel
         return torch.bmm(padded_kernel.transpose(1, 2), x[self.padded_source]).flatten(1)
@@ -137,6 +144,7 @@ class WeightNet(nn.Module):
             _kaiming_uniform_(W, W.shape[1] * W.shape[2])
 
     def forward(self, geometry: torch.Tensor, offset_index: torch.Tensor) -> torch.Tensor:
+        """[E, K] the kernel of each edge from its geometry [E, 7] and its sequence offset's index [E]."""
         h = geometry
         for W, b in zip(self.Ws, self.bs):
             h = F.leaky_relu(torch.bmm(h.unsqueeze(1), W[offset_index]).squeeze(1) + b[offset_index], 0.2)
@@ -156,6 +164,7 @@ class ContinuousDiscreteConv(nn.Module):
         _kaiming_uniform_(self.W, output_dim)
 
     def forward(self, graph: StageGraph, x: torch.Tensor) -> torch.Tensor:
+        """[N, output_dim] from x [N, input_dim] over the stage's graph."""
         kernel = self.WeightNet(graph.geometry, graph.offset_index) * graph.smooth
         return graph.aggregate(kernel, x) @ self.W
 
@@ -197,6 +206,7 @@ class CDBlock(nn.Module):
         self.output = _Sequential(_norm_act_linear(width, output_dim, batch_norm, dropout, bias, slope))
 
     def forward(self, graph: StageGraph, x: torch.Tensor) -> torch.Tensor:
+        """[N, output_dim] from x [N, input_dim] over the stage's graph."""
         return self.output(self.conv(graph, self.input(x))) + self.identity(x)
 
 

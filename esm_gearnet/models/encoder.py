@@ -66,13 +66,25 @@ class Encoder(nn.Module):
         self.frozen: Set[str] = set()
 
     def construct(self, batch: ProteinBatch) -> ProteinBatch:
-        """The batch with its residue graph (a new object; the input is not changed)."""
+        """The batch (B proteins, N residues) with its residue graph: `edge_list` [E, 3] (source, target,
+        relation) and, for line graphs, its own edge features; a new object, the input is not changed."""
         return batch if self.graph_construction_model is None else self.graph_construction_model(batch)
 
     def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        """Features of a constructed graph (`construct`).
+
+        Args:
+            graph: a constructed batch [B proteins, N residues] (`construct`).
+            residue_mask: [N] bool (optional), residues hidden from the encoder.
+        Returns:
+            {"residue_feature": [N, D], "graph_feature": [B, D]} (and "<part>_graph_feature" [B, D_part] for each
+            of `independent_parts`).
+        """
         raise NotImplementedError
 
     def forward(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        """`encode(construct(batch), residue_mask)`: residue_feature [N, D], graph_feature [B, D]; residue_mask
+        [N] bool."""
         return self.encode(self.construct(batch), residue_mask)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
@@ -92,8 +104,8 @@ class Encoder(nn.Module):
 
 
 def residue_one_hot(graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[N, 21] one-hot residue type (index 20 = unknown), zero on the rows of `residue_mask`: the input of a
-    structure encoder that does not read ESM's features."""
+    """[N, 21] one-hot residue type (index 20 = unknown), zero on the rows of `residue_mask` [N] bool: the input
+    of a structure encoder that does not read ESM's features."""
     one_hot = nn.functional.one_hot(graph.residue_type, ONE_HOT_DIM).float()
     if residue_mask is not None:
         one_hot = one_hot.masked_fill(residue_mask.unsqueeze(-1), 0.0)
@@ -126,4 +138,6 @@ class StructureEncoder(Encoder):
         raise NotImplementedError
 
     def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        """`network` on the one-hot residue types [N, 21] (zero where residue_mask [N] is set): residue_feature
+        [N, D], graph_feature [B, D]."""
         return self.network(graph, residue_one_hot(graph, residue_mask))

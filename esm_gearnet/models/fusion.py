@@ -110,6 +110,13 @@ class FusionNetwork(Encoder):
         return {"sequence": self.sequence_model.output_dim, "structure": self.structure_model.output_dim}
 
     def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
+        """Both models' features of a constructed graph (residue_mask [N] bool reaches both).
+
+        Returns:
+            series and parallel: residue_feature [N, D_seq + D_struct] and graph_feature [B, D_seq + D_struct]
+            (the two concatenated), with sequence_graph_feature [B, D_seq] and structure_graph_feature
+            [B, D_struct]; cross: residue_feature [N, 2 * cross_dim] and graph_feature [B, 2 * cross_dim].
+        """
         sequence = self.sequence_model.encode(graph, residue_mask)
         if self.fusion == "series":
             structure = self.structure_model.network(graph, sequence["residue_feature"])

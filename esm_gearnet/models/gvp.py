@@ -54,6 +54,8 @@ class GVP(nn.Module):
         self.scalar_act, self.vector_act = activations
 
     def forward(self, x):
+        """(s [*, si], v [*, vi, 3]) -> (s [*, so], v [*, vo, 3]); scalars only ([*, si] -> [*, so]) when the
+        GVP has no vector input or output."""
         v = None
         if self.vi:
             s, v = x
@@ -84,6 +86,7 @@ class GVPLayerNorm(nn.Module):
         self.scalar_norm = nn.LayerNorm(self.s)
 
     def forward(self, x):
+        """(s [*, S], v [*, V, 3]) normalised: layer norm of s, v divided by its root-mean-square norm."""
         if not self.v:
             return self.scalar_norm(x[0] if isinstance(x, tuple) else x)
         s, v = x
@@ -100,6 +103,8 @@ class GVPDropout(nn.Module):
         self.sdropout = nn.Dropout(drop_rate)
 
     def forward(self, x):
+        """(s [*, S], v [*, V, 3]) with dropout: of scalar channels, and of whole vector channels (all 3
+        coordinates together)."""
         s, v = x
         if not self.training or not self.drop_rate:
             return self.sdropout(s), v
@@ -131,6 +136,14 @@ class GVPConv(nn.Module):
         self.message_func = gvp_stack(message_in, out_dims, out_dims, n_layers, activations, vector_gate)
 
     def forward(self, x: Features, edge_list: torch.Tensor, edge_attr: Features) -> Features:
+        """Messages along the edges, averaged at each target.
+
+        Args:
+            x: node features (s [N, S], v [N, V, 3]); edge_list: [E, 3] (source, target, relation);
+            edge_attr: edge features (s [E, Se], v [E, Ve, 3]).
+        Returns:
+            (s [N, So], v [N, Vo, 3]).
+        """
         source, target = edge_list[:, 0], edge_list[:, 1]
         s, v = x
         message_s, message_v = self.message_func(_cat((s[source], v[source]), edge_attr, (s[target], v[target])))
@@ -154,6 +167,8 @@ class GVPConvLayer(nn.Module):
         self.ff_func = gvp_stack(node_dims, hidden, node_dims, n_feedforward, activations, vector_gate)
 
     def forward(self, x: Features, edge_list: torch.Tensor, edge_attr: Features) -> Features:
+        """One GVP-GNN layer: message passing then feed-forward, each with dropout, residual and layer norm.
+        x: (s [N, S], v [N, V, 3]); edge_list: [E, 3]; edge_attr: (s [E, Se], v [E, Ve, 3]). Returns x's shapes."""
         dh = self.dropout[0](self.conv(x, edge_list, edge_attr))
         x = self.norm[0]((x[0] + dh[0], x[1] + dh[1]))
         dh = self.dropout[1](self.ff_func(x))

@@ -35,7 +35,7 @@ class Task(nn.Module):
 
     @staticmethod
     def in_fp32(head: nn.Module, feature: torch.Tensor) -> torch.Tensor:
-        """`head(feature)` in fp32, also under bf16/fp16 autocast: the scores that metrics rank keep fp32
+        """`head(feature)` ([B, D] -> [B, T]) in fp32, also under bf16/fp16 autocast: the scores that metrics rank keep fp32
         precision. bf16 logits carry about three significant digits, and the ties they make lower tie-aware
         `f1_max` and `auprc@micro`. The head is a small MLP, so this costs next to nothing."""
         with torch.autocast(feature.device.type, enabled=False):
@@ -48,6 +48,28 @@ class Task(nn.Module):
     def preprocess(self, train_set) -> None:
         """Statistics taken from the training split (e.g. target normalisation); nothing by default."""
 
+    def predict(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """[B, T] (or [B, T, C] for classes) the head's raw outputs for a batch of B proteins (its "graph" [B]).
+
+        Args:
+            batch: {"graph": [B] proteins, "targets": [B, T], ...} as the dataset's items collate.
+        """
+        raise NotImplementedError
+
+    def target(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """[B, T] the targets of batch = {"targets": [B, T], ...} (NaN where a label is missing)."""
+        raise NotImplementedError
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """[] the training loss of `predict`'s pred [B, T, ...] against target [B, T]."""
+        raise NotImplementedError
+
+    def evaluate(self, pred: torch.Tensor, target: torch.Tensor, extra: Optional[Dict[str, Any]] = None
+                 ) -> Dict[str, float]:
+        """{metric name: value} of pred [n, T, ...] against target [n, T] over a whole split (`extra`: the
+        gathered `extra_keys`, one entry per protein)."""
+        raise NotImplementedError
+
     def scores(self, pred: torch.Tensor) -> torch.Tensor:
         """What `predict`'s output [B, T, ...] means to a user, the same shape: probabilities or values."""
         return pred
@@ -59,6 +81,7 @@ class Task(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not predict one row per protein.")
 
     def forward(self, batch: Dict[str, Any]):
+        """(loss [], {"loss": loss}) of `predict` [B, T] against `target` [B, T] for batch {"graph": [B], ...}."""
         loss = self.loss(self.predict(batch), self.target(batch))
         return loss, {"loss": loss.detach()}
 

@@ -27,7 +27,7 @@ def projection_head(input_dim: int, embedding_dim: int) -> nn.Module:
 
 def clip_loss(sequence: torch.Tensor, structure: torch.Tensor, scale: torch.Tensor):
     """(loss, sequence→structure top-1 accuracy, structure→sequence top-1 accuracy) of this rank's normalised
-    embeddings [b, E] against those of all ranks."""
+    embeddings, sequence [b, E] and structure [b, E], against those of all ranks; scale: [] the logit scale."""
     all_sequence, start = distributed.all_gather_with_grad(sequence)
     all_structure, _ = distributed.all_gather_with_grad(structure)
     labels = torch.arange(start, start + len(sequence), device=sequence.device)
@@ -73,6 +73,7 @@ class SequenceStructureContrast(Task):
                 F.normalize(self.structure_head(output["structure_graph_feature"]), dim=-1))
 
     def forward(self, batch):
+        """(loss, logged values) for batch {"graph": [B] proteins}: symmetric InfoNCE of their embeddings [B, E]."""
         sequence, structure = self.embed(batch["graph"])
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
         loss, seq_acc, struct_acc = clip_loss(sequence, structure, scale)

@@ -30,7 +30,8 @@ from .base import Task
 
 # ---- sampling helpers ---------------------------------------------------------------------------------------
 def sample_in_segments(segment: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[M] bool choosing `counts[b]` items uniformly without replacement among those with `segment == b`."""
+    """[M] bool choosing `counts[b]` items uniformly without replacement among those with `segment == b`
+    (segment: [M] the group of each item; counts: [G] how many to draw in each group)."""
     num = len(segment)
     perm = torch.argsort(torch.rand(num, device=segment.device))
     perm = perm[torch.argsort(segment[perm], stable=True)]
@@ -41,7 +42,7 @@ def sample_in_segments(segment: torch.Tensor, counts: torch.Tensor) -> torch.Ten
 
 
 def sample_residues(graph: ProteinBatch, counts: torch.Tensor) -> torch.Tensor:
-    """[N] bool: `counts[b]` residues of known type drawn without replacement in each protein b.
+    """[N] bool: `counts[b]` residues of known type drawn without replacement in each protein b (counts: [B]).
 
     DEVIATION: the original's residue-type masking drew its residues with replacement from all residues (so a
     residue could be drawn twice, and unknown residues were drawn with targets that mean nothing).
@@ -69,12 +70,14 @@ def mask_residues(graph: ProteinBatch, mask: torch.Tensor, three_di: bool = Fals
 
 
 def drop_edges(graph: ProteinBatch, keep: torch.Tensor) -> ProteinBatch:
+    """The graph with only the edges of `keep` [E] bool (edge_list [E', 3], and their edge features)."""
     feature = graph.edge_feature[keep] if graph.edge_feature is not None else None
     return graph.replace(edge_list=graph.edge_list[keep], edge_feature=feature)
 
 
 def remove_pairs(graph: ProteinBatch, node_a: torch.Tensor, node_b: torch.Tensor) -> ProteinBatch:
-    """The batch without any edge between residues a[p] and b[p] (either direction, any relation)."""
+    """The batch without any edge between residues a[p] and b[p] (either direction, any relation); node_a,
+    node_b: [P] residue indices."""
     n = graph.num_residue
     pair = torch.minimum(node_a, node_b) * n + torch.maximum(node_a, node_b)
     src, dst = graph.edge_list[:, 0], graph.edge_list[:, 1]
@@ -95,8 +98,8 @@ def sample_edges(graph: ProteinBatch, num_sample: int) -> torch.Tensor:
 
 
 def next_edges(graph: ProteinBatch, node: torch.Tensor) -> torch.Tensor:
-    """For each residue of `node`, a random edge leaving it to another residue (index into edge_list), -1 when
-    it has none."""
+    """[P] for each residue of `node` [P], a random edge leaving it to another residue (index into edge_list
+    [E, 3]), -1 when it has none."""
     candidates = (graph.edge_list[:, 0] != graph.edge_list[:, 1]).nonzero().flatten()
     src = graph.edge_list[candidates, 0]
     order = candidates[torch.argsort(src, stable=True)]
@@ -123,9 +126,12 @@ class ResidueTypePrediction(Task):
         self.mlp = MLP(dim, [dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
 
     def sample_mask(self, graph: ProteinBatch) -> torch.Tensor:
+        """[N] bool: the residues to mask, `mask_rate` of each protein's (at least one)."""
         return sample_residues(graph, (graph.num_residues.float() * self.mask_rate).long().clamp(min=1))
 
     def forward(self, batch):
+        """(loss, {"loss", "accuracy"}) on batch["graph"] (B proteins, N residues): cross-entropy of the masked
+        residues' types from their features [N, D]."""
         graph = batch["graph"]
         mask = self.sample_mask(graph)
         masked = mask_residues(graph, mask, self.encoder.reads_three_di)
@@ -160,9 +166,11 @@ class _PathPrediction(Task):
         return torch.stack(path, -1)[valid]
 
     def target(self, pos: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """[P] what is predicted for each path, from CA positions pos [N, 3] and the paths [P, num_points]."""
         raise NotImplementedError
 
     def criterion(self, pred: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{"loss", "accuracy"} of logits pred [P, num_class] against class indices target [P]."""
         loss = F.cross_entropy(pred, target)
         return {"loss": loss, "accuracy": (pred.argmax(-1) == target).float().mean()}
 
@@ -188,9 +196,11 @@ class DistancePrediction(_PathPrediction):
         super().__init__(encoder, num_sample, 1, num_mlp_layer)
 
     def target(self, pos, path):
+        """[P] the CA distance (Å) of each sampled edge: pos [N, 3], path [P, 2]."""
         return (pos[path[:, 0]] - pos[path[:, 1]]).norm(dim=-1)
 
     def criterion(self, pred, target):
+        """{"loss"}: mean squared error of pred [P, 1] against target [P]."""
         return {"loss": F.mse_loss(pred.squeeze(-1), target)}
 
 
@@ -208,6 +218,7 @@ class AnglePrediction(_GeometryClassification):
     num_points = 3
 
     def target(self, pos, path):
+        """[P] the bin of each angle: pos [N, 3], path [P, 3]."""
         angle = functional.angle_between(pos[path[:, 0]] - pos[path[:, 1]], pos[path[:, 2]] - pos[path[:, 1]])
         return functional.to_bins(angle, self.num_class, 0.0, math.pi)
 
@@ -225,6 +236,7 @@ class DihedralPrediction(_GeometryClassification):
         self.signed = signed
 
     def target(self, pos, path):
+        """[P] the bin of each dihedral angle: pos [N, 3], path [P, 4]."""
         angle = functional.dihedral(*(pos[path[:, k]] for k in range(4)), signed=self.signed)
         low = -math.pi if self.signed else 0.0
         return functional.to_bins(angle, self.num_class, low, math.pi)
@@ -313,10 +325,12 @@ class MultiviewContrast(Task):
         self.mlp = MLP(encoder.output_dim, [encoder.output_dim] * num_mlp_layer)
 
     def view(self, graph: ProteinBatch) -> ProteinBatch:
+        """One random view of graph [B proteins, N residues]: a crop of each protein, its graph, then noise."""
         graph = random.choice(self.crop_funcs)(graph)
         return random.choice(self.noise_funcs)(self.encoder.construct(graph))
 
     def forward(self, batch):
+        """(loss, {"loss", "accuracy"}): InfoNCE between the graph features [B, D] of two views of each protein."""
         features = []
         for _ in range(2):
             output = self.encoder.encode(self.view(batch["graph"]))

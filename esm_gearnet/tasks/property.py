@@ -49,7 +49,8 @@ class MultipleBinaryClassification(Task):
         return torch.sigmoid(pred)
 
     def prediction_columns(self, scores, names, threshold, top):
-        """`top_terms` (the `top` best, `term:probability`) and the terms of probability at least `threshold`."""
+        """`top_terms` (the `top` best, `term:probability`) and the terms of probability at least `threshold`,
+        from scores [B, T]."""
         rows = []
         for row in scores:
             order = torch.argsort(row, descending=True).tolist()
@@ -139,7 +140,8 @@ class PropertyPrediction(Task):
         return pred
 
     def prediction_columns(self, scores, names, threshold, top):
-        """One column per target: its value or probability, or ("ce") the most probable class."""
+        """One column per target: its value or probability (scores [B, T]), or ("ce", scores [B, T, C]) the most
+        probable class."""
         if self.criterion == "ce":
             return list(names), [[str(c) for c in row.argmax(-1).tolist()] for row in scores]
         return list(names), [[f"{v:.6g}" for v in row.tolist()] for row in scores]

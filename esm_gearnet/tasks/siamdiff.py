@@ -41,12 +41,13 @@ class NoiseTransform:
 
 
 def sigmoid_schedule(begin: float, end: float, num: int) -> torch.Tensor:
-    """[num] betas rising from `begin` to `end` along a sigmoid."""
+    """[num] betas rising from `begin` to `end` along a sigmoid (float64)."""
     return torch.sigmoid(torch.linspace(-6, 6, num, dtype=torch.float64)) * (end - begin) + begin
 
 
 def perturb(graph: ProteinBatch, scale: torch.Tensor, noise: torch.Tensor) -> ProteinBatch:
-    """Every atom of residue n moved by noise[n] · scale[graph of n] (residues move rigidly)."""
+    """Every atom of residue n moved by noise[n] · scale[graph of n] (residues move rigidly): noise [N, 3] (Å
+    before scaling), scale [B]; atom_pos [N, 14, 3] changes, nothing else."""
     shift = (noise * scale[graph.residue2graph].unsqueeze(-1)).unsqueeze(1) * graph.atom_mask.unsqueeze(-1)
     return graph.replace(atom_pos=graph.atom_pos + shift)
 
@@ -87,6 +88,8 @@ class SiamDiff(Task):
         return functional.segment_sum(weight * delta, i, noisy.num_residue)
 
     def forward(self, batch):
+        """(loss, logged values) on two conformers of each protein, batch["graph"] and batch["graph2"] (B
+        proteins, N residues each, atom_pos [N, 14, 3])."""
         conformers = [batch["graph"], batch["graph2"]]
         t, mask = self.sample(conformers[0])
         scale = self.noise_scale[t]

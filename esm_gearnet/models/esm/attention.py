@@ -135,7 +135,8 @@ def varlen_kernel_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
 
 
 def uses_varlen_kernel(q: torch.Tensor) -> bool:
-    """Whether `varlen_attention` runs FlashAttention's variable-length kernel on `q` (see `varlen_kernel_dtype`)."""
+    """Whether `varlen_attention` runs FlashAttention's variable-length kernel on `q` [T, H, hd] (see
+    `varlen_kernel_dtype`)."""
     return varlen_kernel_dtype(q) is not None
 
 

@@ -165,9 +165,10 @@ class ESM(Encoder):
         return self.tokens.strings(batch, residue_mask)
 
     def tokenize(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
-        """Padded ESM tokens of the batch, long proteins split into windows of at most 1022 residues.
+        """Padded ESM tokens of a batch, long proteins split into windows of at most 1022 residues.
 
         Args:
+            batch: read: residue_type [N], num_residues [B] (and the 3Di states of SaProt-format models).
             residue_mask: [N] bool, residues that get the mask token.
         Returns:
             tokens [W, T], and the (window row, column) of every packed residue ([N], [N]).
@@ -175,9 +176,10 @@ class ESM(Encoder):
         return self.tokens.padded(batch.residue_type, batch.num_residues, residue_mask, self.structure_tokens(batch))
 
     def tokenize_packed(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
-        """Unpadded ESM tokens of the batch (`attention: varlen`), see `Tokenizer.packed`.
+        """Unpadded ESM tokens of a batch (`attention: varlen`), see `Tokenizer.packed`.
 
         Args:
+            batch: read: residue_type [N], num_residues [B] (and the 3Di states of SaProt-format models).
             residue_mask: [N] bool, residues that get the mask token.
         Returns:
             tokens [T], cu_seqlens [W + 1] and the token of every packed residue [N].
