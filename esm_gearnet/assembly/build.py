@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
+from .. import checkpoint
 from ..config import ConfigError
 from ..engine.selection import lower_is_better
 from ..engine.stepper import Scheduler
@@ -134,12 +137,19 @@ def learning_rate_ratios(cfg, encoder: Encoder) -> Dict[str, float]:
     return ratios
 
 
-def build_encoder(cfg) -> Encoder:
-    """The encoder of a config (graph construction attached, sizes derived, frozen groups frozen)."""
+def build_encoder(cfg, state: Optional[Dict[str, torch.Tensor]] = None, source: str = "the checkpoint"
+                  ) -> Encoder:
+    """The encoder of a config (graph construction attached, sizes derived, frozen groups frozen).
+
+    With `state` (the encoder's state_dict of a checkpoint, read from `source`), its parameters are never
+    initialised: the encoder takes the state's tensors (`checkpoint.load_state_dict_checked`, strict)."""
     config, path = model_config(cfg)
     graph_config = cfg.task.get("graph_construction_model")
     graph = build(graph_config, "task.graph_construction_model") if graph_config else None
-    encoder = _encoder(config, path, ONE_HOT_DIM, getattr(graph, "num_relation", 0), graph)
+    with checkpoint.skipping_init() if state is not None else nullcontext():
+        encoder = _encoder(config, path, ONE_HOT_DIM, getattr(graph, "num_relation", 0), graph)
+    if state is not None:
+        checkpoint.load_state_dict_checked(encoder, state, source, assign=True)
     for group, ratio in learning_rate_ratios(cfg, encoder).items():
         if ratio == 0:
             encoder.freeze(group)
@@ -179,12 +189,17 @@ def runtime_task_list(cfg, task_names: Sequence[str]) -> List[Any]:
     return list(range(len(names))) if issubclass(cls, MultipleBinaryClassification) else names
 
 
-def build_task(cfg, task_list: Optional[Sequence] = None) -> Task:
+def build_task(cfg, task_list: Optional[Sequence] = None, state: Optional[Dict[str, torch.Tensor]] = None,
+               source: str = "the checkpoint") -> Task:
     """The task of a config: its encoder (`build_encoder`) and head. `task_list` is the runtime `task.task`
-    of fine-tuning tasks (see `runtime_task_list`); pre-training objectives take none."""
-    encoder = build_encoder(cfg)
+    of fine-tuning tasks (see `runtime_task_list`); pre-training objectives take none. With `state` (the task's
+    state_dict, `checkpoint.task_state`, read from `source`), nothing is initialised: the task takes its tensors."""
     runtime = {"task": list(task_list)} if task_list is not None else {}
-    return build(*_head(cfg), encoder=encoder, **runtime)
+    with checkpoint.skipping_init() if state is not None else nullcontext():
+        task = build(*_head(cfg), encoder=build_encoder(cfg), **runtime)
+    if state is not None:
+        checkpoint.load_state_dict_checked(task, state, source, assign=True)
+    return task
 
 
 def optimizer_groups(cfg, task: Task, lr: float) -> List[Dict[str, Any]]:
@@ -203,14 +218,15 @@ def optimizer_groups(cfg, task: Task, lr: float) -> List[Dict[str, Any]]:
     return groups
 
 
-def build_predictor(cfg, task_names: Sequence[str]) -> Task:
+def build_predictor(cfg, task_names: Sequence[str], state: Optional[Dict[str, torch.Tensor]] = None,
+                    source: str = "the checkpoint") -> Task:
     """The task of a fine-tuning run for `predict`, from the target names its checkpoint lists: one that predicts a
     row per protein (`Task.predicts_proteins`); another is refused in one sentence."""
     if not getattr(resolve(cfg.task["class"], "task"), "predicts_proteins", False):
         kinds = [name for name in names_of(Task) if resolve(name).predicts_proteins]
         raise ValueError(f"predict handles tasks that predict one row per protein ({', '.join(kinds)}); this "
                          f"checkpoint's task is {cfg.task['class']}.")
-    return build_task(cfg, runtime_task_list(cfg, task_names))
+    return build_task(cfg, runtime_task_list(cfg, task_names), state, source)
 
 
 def build_optimizer(cfg, task: Task):

@@ -51,11 +51,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def load_encoder(cfg, state: Optional[Dict] = None, source: str = "the checkpoint") -> Encoder:
-    """The encoder of a config, in eval mode, with the checkpoint's encoder weights when given."""
-    encoder = build_encoder(cfg)
-    if state is not None:
-        checkpoint.load_state_dict_checked(encoder, checkpoint.encoder_state(state, source), source)
-    return encoder.eval()
+    """The encoder of a config, in eval mode, with the checkpoint's encoder weights when given (then built without
+    initialising them)."""
+    weights = checkpoint.encoder_state(state, source) if state is not None else None
+    return build_encoder(cfg, weights, source).eval()
 
 
 def weights_digest(module: torch.nn.Module) -> str:

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import distributed
+from .. import checkpoint, distributed
 from ..assembly import build_optimizer, build_scheduler, build_task, runtime_task_list, selection_metric
 from ..engine import Engine
 from ..engine.run_log import format_metrics
@@ -27,30 +27,43 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str] = None,
-                     progress: bool = True) -> Engine:
-    """Dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer, engine."""
+                     progress: bool = True, resume_from: Optional[Path] = None) -> Engine:
+    """Dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer, engine.
+
+    `resume_from`: the checkpoint a resumed run continues from: the task is built from its weights and
+    statistics, never initialised (--ckpt is not read: those weights would be replaced), and the engine resumes
+    from it (`Engine.resume`)."""
+    resumed = checkpoint.load(resume_from) if resume_from is not None else None
     dataset = build(cfg.dataset, "dataset")
     train_set, valid_set, test_set = dataset.split()
     logger.info("%s: train %d, valid %d, test %d", dataset, len(train_set), len(valid_set), len(test_set))
-    task = build_task(cfg, runtime_task_list(cfg, dataset.tasks))
-    weights = ckpt or cfg.get("model_checkpoint")
-    if weights:
-        load_encoder_weights(task, weights)
+    task_list = runtime_task_list(cfg, dataset.tasks)
+    if resumed is not None:
+        task = build_task(cfg, task_list, checkpoint.task_state(resumed), str(resume_from))
+    else:
+        task = build_task(cfg, task_list)
+        weights = ckpt or cfg.get("model_checkpoint")
+        if weights:
+            load_encoder_weights(task, weights)
+        task.preprocess(train_set)
     metric = selection_metric(cfg, task)
-    task.preprocess(train_set)
     optimizer = build_optimizer(cfg, task)
     scheduler = build_scheduler(cfg, optimizer, metric)
-    return Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir, config=cfg,
-                  task_names=dataset.tasks, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
+    engine = Engine(task, train_set, valid_set, test_set, optimizer, scheduler, run_dir=run_dir, config=cfg,
+                    task_names=dataset.tasks, seed=seed, progress=progress, **dict(cfg.get("engine") or {}))
+    if resumed is not None:
+        engine.resume(resume_from, resumed)
+    return engine
 
 
 def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
     with training_run(argv, "Fine-tune a model on a downstream task (EC, GO, PSR, MSP, your own folder).") as (
             args, cfg, run_dir, resume):
-        engine = build_downstream(cfg, run_dir, args.seed, ckpt=args.ckpt)
-        torch.manual_seed(args.seed + distributed.rank())  # per-rank streams for dropout and augmentation
-        if resume:
-            engine.resume(resume_file(resume))
+        engine = build_downstream(cfg, run_dir, args.seed, ckpt=args.ckpt,
+                                  resume_from=resume_file(resume) if resume else None)
+        if not resume:
+            torch.manual_seed(args.seed + distributed.rank())  # per-rank streams for dropout and augmentation
+        else:
             setup_logging(run_dir)
             logger.info("resumed at epoch %d, step %d", engine.epoch, engine.step)
         result = engine.fit(cfg.train.num_epoch, selection_metric(cfg, engine.task), cfg.train.get("batch_per_epoch"))

@@ -70,8 +70,7 @@ def _predict(inputs, output, cfg, state, ckpt, threshold, top, scores, workers, 
     names = list(state["task_names"])
     if not names:
         raise ValueError(f"{ckpt}: the checkpoint lists no task names; predict needs a fine-tuning checkpoint.")
-    task = build_predictor(cfg, names)
-    checkpoint.load_state_dict_checked(task, checkpoint.task_state(state), str(ckpt))
+    task = build_predictor(cfg, names, checkpoint.task_state(state), str(ckpt))
     device = device_of(device)
     task.to(device).eval()
     transform = cfg.dataset.get("transform")

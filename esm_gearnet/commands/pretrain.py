@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .. import distributed
+from .. import checkpoint, distributed
 from ..assembly import build_optimizer, build_task
 from ..engine import Engine, Stage
 from ..registry import build
@@ -48,15 +48,19 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
         start, end = dataset_cfg.pop("species_start", 0), dataset_cfg.pop("species_end", 0)
         if end < start:
             raise ValueError(f"dataset.species_end ({end}) must not be below dataset.species_start ({start}).")
-        task = build_task(cfg)
-        if args.ckpt:
-            load_encoder_weights(task, args.ckpt)
+        resumed = checkpoint.load(resume_file(resume)) if resume else None
+        if resumed is not None:  # built from the checkpoint's weights, never initialised; --ckpt not read
+            task = build_task(cfg, state=checkpoint.task_state(resumed), source=str(resume_file(resume)))
+        else:
+            task = build_task(cfg)
+            if args.ckpt:
+                load_encoder_weights(task, args.ckpt)
         engine = Engine(task, None, None, None, build_optimizer(cfg, task), run_dir=run_dir, config=cfg,
                         seed=args.seed, **dict(cfg.get("engine") or {}))
         torch.manual_seed(args.seed + distributed.rank())
         position: Dict[str, Any] = {"splits_done": 0, "num_splits": {}}
         if resume:
-            position = engine.resume(resume_file(resume)) or position
+            position = engine.resume(resume_file(resume), resumed) or position
             logger.info("resumed after %d split(s) of training", position["splits_done"])
         schedule = Blocks(cfg, dataset_cfg, list(range(start, end)) if end > start else [None], position,
                           run_dir, logging_to_run_dir=resume is None)

@@ -355,12 +355,19 @@ class Engine:
                                                    training=None), self.run_dir / name)
         distributed.barrier()
 
-    def resume(self, path) -> Optional[Dict[str, Any]]:
+    def resume(self, path, state: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
         """Continue from a file `save` wrote: weights, optimizer, scheduler, scaler, counters, best epoch,
-        history and this rank's RNG. Returns the `position` given to `save`."""
-        state = checkpoint.load(path)
+        history and this rank's RNG. Returns the `position` given to `save`.
+
+        Args:
+            state: the file already read (`checkpoint.load(path)`) when the task was built from it
+                (`build_task(..., state=checkpoint.task_state(state))`): its weights are then in place.
+        """
+        weights_in_place = state is not None
+        state = checkpoint.load(path) if state is None else state
         training = checkpoint.resumable_training(state, path, self.world_size)
-        checkpoint.load_state_dict_checked(self.task, checkpoint.task_state(state), str(path))
+        if not weights_in_place:
+            checkpoint.load_state_dict_checked(self.task, checkpoint.task_state(state), str(path))
         self.stepper.load_state_dict(training)
         self.epoch, self.step = state["epoch"], training["step"]
         self.selection.load_state_dict(training["best"])

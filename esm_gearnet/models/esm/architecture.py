@@ -6,9 +6,12 @@ checkpoints (`sequence_model.model.*`) load directly."""
 from __future__ import annotations
 
 import argparse
+import re
+import zipfile
 
 import torch
 
+from ...checkpoint import load_state_dict_checked, skipping_init
 from .vocabularies import VOCABULARIES
 
 # config name -> (checkpoint stem, layers, embedding dim, heads)
@@ -29,12 +32,15 @@ class WeightError(FileNotFoundError):
 
 
 def load_esm_checkpoint(path: str) -> dict:
-    """Load an official fair-esm checkpoint without unpickling arbitrary code.
+    """Load an official fair-esm checkpoint without unpickling arbitrary code, its tensors memory-mapped when the
+    file is in torch's zip format (read whole otherwise).
 
     The files hold an `argparse.Namespace` (fairseq config), which `torch.load(weights_only=True)` refuses by
     default; exactly that class is allow-listed here.
     """
     with torch.serialization.safe_globals([argparse.Namespace]):
+        if zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -45,4 +51,18 @@ def build_esm2(num_layers: int, embed_dim: int, attention_heads: int, token_drop
     alphabet = alphabet or VOCABULARIES["ESM-2"]()
     model = esm.model.esm2.ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
                                 alphabet=alphabet, token_dropout=token_dropout)
+    return model, alphabet
+
+
+def esm2_from_checkpoint(model_data: dict, source: str):
+    """fair-esm's ESM2 module and alphabet with the weights of a fair-esm checkpoint dict (`load_esm_checkpoint`),
+    built without initialising what the weights replace (`checkpoint.skipping_init`); the state's keys checked
+    strictly, as fair-esm's own loader does (its `_load_model_and_alphabet_core_v2`, whose renaming this repeats)."""
+    cfg = model_data["cfg"]["model"]
+    state = {re.sub(r"^(encoder\.sentence_encoder\.|encoder\.)", "", name): value
+             for name, value in model_data["model"].items()}
+    with skipping_init():
+        model, alphabet = build_esm2(cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads,
+                                     token_dropout=cfg.token_dropout)
+    load_state_dict_checked(model, state, source, assign=True)
     return model, alphabet

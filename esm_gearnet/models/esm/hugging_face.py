@@ -24,6 +24,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from ...checkpoint import load_state_dict_checked, skipping_init
 from .architecture import WeightError, build_esm2
 from .vocabularies import VOCABULARIES
 
@@ -266,12 +267,13 @@ def load_hf_esm(folder: str) -> Tuple[object, object, Dict]:
     check_architecture(folder, config)
     _, alphabet = hf_alphabet(folder, config)
     state = read_weights(folder)
-    model, _ = build_esm2(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-                          token_dropout=bool(config["token_dropout"]), alphabet=alphabet)
+    with skipping_init():  # every weight comes from the folder (to_fair_esm fills the heads it lacks)
+        model, _ = build_esm2(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+                              token_dropout=bool(config["token_dropout"]), alphabet=alphabet)
     eps = float(config["layer_norm_eps"])
     for module in model.modules():  # transformers' ESM uses config's eps in every layer norm
         if "LayerNorm" in type(module).__name__ and hasattr(module, "eps"):
             module.eps = eps
     rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    model.load_state_dict(to_fair_esm(state, model, folder, float(rope_theta)))
+    load_state_dict_checked(model, to_fair_esm(state, model, folder, float(rope_theta)), folder, assign=True)
     return model, alphabet, config

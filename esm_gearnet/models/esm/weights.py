@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .architecture import ARCHITECTURES, DEFAULT_MODEL, WeightError, build_esm2, load_esm_checkpoint
+from .architecture import (ARCHITECTURES, DEFAULT_MODEL, WeightError, build_esm2, esm2_from_checkpoint,
+                           load_esm_checkpoint)
 from .hugging_face import is_hf_folder, load_hf_esm
 from .vocabularies import VOCABULARIES
 
@@ -48,6 +49,10 @@ def load_esm_model(path: str, stem: str):
             heads = getattr(cfg, "encoder_attention_heads", getattr(cfg, "attention_heads", 20))
             regression_data = {"model": {"contact_head.regression.weight": torch.zeros(1, layers * heads),
                                          "contact_head.regression.bias": torch.zeros(1)}}
+        if stem.startswith("esm2"):
+            model_data["model"].update(regression_data["model"])
+            return esm2_from_checkpoint(model_data, file)
+        # ESM-1b: fair-esm's own loader (its module initialises, then loads)
         return esm.pretrained.load_model_and_alphabet_core(stem, model_data, regression_data)
 
 
