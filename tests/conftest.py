@@ -14,6 +14,20 @@ ALPHAFOLD = SHARED_DATA / "alphafold"
 FIDELITY = SHARED_DATA / "fidelity"
 
 
+# Set by the GPU check (benchmarks/gpu_check.py) and CI: a test that would skip because ../shared/data (or its
+# carried copy) is absent fails instead, so missing data never passes as green.
+REQUIRE_DATA = os.environ.get("ESM_GEARNET_REQUIRE_DATA") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_DATA and report.skipped and "absent" in str(report.longrepr):
+        report.outcome = "failed"
+        report.longrepr = f"ESM_GEARNET_REQUIRE_DATA=1 and the data is missing: {report.longrepr[-1]}"
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: these tests read the real structures in ../shared/data")
