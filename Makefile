@@ -20,7 +20,7 @@ endif
 PY := $(ENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo test bench gpu-check gpu-wheels
+.PHONY: install demo test bench gpu-check gpu-rehearse gpu-wheels gpu-data gpu-command
 
 $(PY):
 	$(PYTHON) -m venv $(ENV)
@@ -49,21 +49,40 @@ bench: $(ENV)/.esm_gearnet-core
 	$(PY) benchmarks/structure_io.py
 	$(PY) benchmarks/graph_construction.py
 
-# The GPU path on a CUDA machine, install included, within 10 minutes; on a machine without CUDA, one line and
-# exit 0. It uses the machine's own Python and torch (a CUDA build), installing the package's other dependencies
-# from GPU_WHEELS when that folder exists (machines without network: `make gpu-wheels` fills it beforehand).
-GPU_WHEELS ?= .gpu/wheels
-GPU_REPORT ?= gpu_report.md
+# The GPU check (benchmarks/gpu_check.py): its steps in priority order under one deadline, the report and the log
+# written into GPU_OUT after every step. On a GPU machine that has no network and no make, carry `.gpu/` (made
+# here by `make gpu-wheels gpu-data`: the wheels the image lacks and the data the tests read) and run the one line
+# `make gpu-command` prints. `make gpu-rehearse` runs the same check on this CPU, tiny.
+GPU_DIR ?= .gpu
+GPU_OUT ?= gpu_check
+# what the GPU image (Python 3.12, torch, numpy, transformers, msgpack, safetensors, pytest, h5py, peft, filelock)
+# lacks of the package's dependencies
+GPU_IMAGE_LACKS = fair-esm gemmi lmdb easydict mini3di
+SHARED_DATA ?= ../shared/data
 
 gpu-check:
-	@$(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || \
-		{ echo "gpu-check: no CUDA device on this machine; nothing to check."; exit 0; }; \
-	if [ -d $(GPU_WHEELS) ]; then $(PYTHON) -m pip install -q --no-deps $(GPU_WHEELS)/*.whl; fi; \
-	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e . && \
-	$(PYTHON) benchmarks/gpu_check.py --report $(GPU_REPORT)
+	$(PY) benchmarks/gpu_check.py --out $(GPU_OUT)
 
-# the dependencies in pyproject.toml that the GPU image (torch, numpy, yaml, jinja2, tqdm, matplotlib) lacks, and pytest with its own
+gpu-rehearse: $(ENV)/.esm_gearnet-test
+	$(PY) benchmarks/gpu_check.py --rehearse --out $(GPU_OUT)
+
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-		--platform manylinux_2_17_x86_64 \
-		--no-deps -d $(GPU_WHEELS) fair-esm gemmi lmdb easydict msgpack safetensors mini3di pytest iniconfig pluggy packaging pygments
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --no-deps -d $(GPU_DIR)/wheels \
+		$(GPU_IMAGE_LACKS)
+	@du -sh $(GPU_DIR)/wheels
+
+# the real data the tests read (structures, AlphaFold models, the fidelity fixture)
+gpu-data:
+	mkdir -p $(GPU_DIR)/data
+	cp -r $(SHARED_DATA)/structures $(SHARED_DATA)/alphafold $(SHARED_DATA)/fidelity $(GPU_DIR)/data/
+	@du -sh $(GPU_DIR)
+
+GPU_COMMAND = test -d $(GPU_DIR)/data/structures && ls $(GPU_DIR)/wheels/*.whl >/dev/null || { echo "gpu check:
+GPU_COMMAND += $(GPU_DIR)/data or $(GPU_DIR)/wheels is missing; run make gpu-wheels gpu-data where they are made and
+GPU_COMMAND += carry $(GPU_DIR)" >&2; exit 2; }; python -m pip install -q --no-index --no-deps $(GPU_DIR)/wheels/*.whl
+GPU_COMMAND += && python -m pip install -q --no-index --no-deps --no-build-isolation -e . &&
+GPU_COMMAND += ESM_GEARNET_SHARED_DATA=$$PWD/$(GPU_DIR)/data python benchmarks/gpu_check.py --out "$${OUT:?set OUT}"
+
+gpu-command:
+	@echo '$(GPU_COMMAND)'

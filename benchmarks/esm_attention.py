@@ -34,17 +34,18 @@ from esm_gearnet.models.esm import MAX_RESIDUES, uses_varlen_kernel  # noqa: E40
 
 
 def settings(cuda, architectures):
-    out = [("cpu", arch, None) for arch in architectures["cpu"]]
-    if cuda:
-        out += [("cuda", arch, dtype) for arch in architectures["cuda"] for dtype in (None, torch.bfloat16)]
-    return out
+    """(device, architecture, autocast dtype) rows: the CPU's without CUDA, only CUDA's on a GPU machine."""
+    if not cuda:
+        return [("cpu", arch, None) for arch in architectures["cpu"]]
+    return [("cuda", arch, dtype) for arch in architectures["cuda"] for dtype in (None, torch.bfloat16)]
 
 
 def build(arch, attentions, device):
     models = {}
     for attention in attentions:
         torch.manual_seed(0)
-        models[attention] = ESM(pretrained=False, architecture=arch, attention=attention).to(device)
+        with torch.device(device):  # initialised where it runs, never on the CPU and moved
+            models[attention] = ESM(pretrained=False, architecture=arch, attention=attention).to(device)
     return models
 
 
@@ -150,8 +151,20 @@ def real_lengths(args):
         report("esm_unpadded", device=device, precision=label, model=name, batch=args.batch,
                proteins=len(proteins), tokens=tokens, padded_tokens=padded_tokens, attention_kernel=kernel,
                padded=figures["sdpa"], unpadded=figures["varlen"], speedup_fwd=round(speedup[0], 2),
+               mfu_fwd_bwd=mfu(arch, proteins, times, args.peak_tflops),
                speedup_fwd_bwd=round(speedup[1], 2), feature_relative_difference=difference,
                threads=torch.get_num_threads())
+
+
+def mfu(arch, proteins, times, peak_tflops):
+    """{path: model FLOP/s of forward + backward / the measured peak} or None without a peak. Model FLOPs per
+    sequence of L tokens: 3 x (2 x 12 layers d^2 L + 4 layers d L^2), the padding credited nothing."""
+    if not peak_tflops:
+        return None
+    layers, width, _ = arch
+    flops = sum(3 * (2 * 12 * layers * width * width * (len(p) + 2) + 4 * layers * width * (len(p) + 2) ** 2)
+                for p in proteins)
+    return {path: round(flops / seconds[1] / (peak_tflops * 1e12), 3) for path, seconds in times.items()}
 
 
 def main():
@@ -162,6 +175,8 @@ def main():
     parser.add_argument("--part", default="1,2", help="1: equal lengths, 2: padded vs unpadded on real lengths")
     parser.add_argument("--esm", default=None, help="part 2: one layers,width,heads instead of the defaults")
     parser.add_argument("--max-proteins", type=int, default=48, help="part 2: real structures used")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's measured matrix-product "
+                        "peak (benchmarks/peak.py), for MFU")
     args = parser.parse_args()
     args.esm = tuple(int(x) for x in args.esm.split(",")) if args.esm else None
     parts = set(args.part.split(","))
