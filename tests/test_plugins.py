@@ -3,7 +3,6 @@ dotted path in a config, no list to edit): it trains, saves, embeds and predicts
 `main(argv)`, in-process. The encoder is defined here and registered only by the entry point of a distribution
 that the test writes (a `.dist-info` folder on `sys.path`, what `pip install` of a plugin leaves)."""
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
