@@ -257,9 +257,23 @@ class _Bounded(NodeTransformer):
                             lineno=node.lineno)
 
 
+_COMMENTED_EXPRESSION = re.compile(r"^(\s*#.*?)\{\{.*?\}\}", re.M)
+
+
+def _without_commented_expressions(text: str) -> str:
+    """The text with every `{{ ... }}` on a YAML comment line removed (`# model_checkpoint: {{ ckpt }}`): a
+    commented-out key is no option of the config and is never rendered."""
+    while True:
+        stripped = _COMMENTED_EXPRESSION.sub(r"\1", text)
+        if stripped == text:
+            return text
+        text = stripped
+
+
 def _parse_template(text: str, path: str):
     """(sandbox, template, undeclared variables); a syntax error, an unknown filter or test, or a tag that reads
     another file ends in one sentence."""
+    text = _without_commented_expressions(text)
     # StrictUndefined: `{{ x.y }}` of a variable without that attribute is an error, not an empty value
     environment = _Sandbox()
     try:

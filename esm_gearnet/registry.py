@@ -68,11 +68,14 @@ def names_of(kind: type) -> List[str]:
 #: `[project.entry-points."esm_gearnet.models"] egnn = "my_package.egnn:EGNN"`
 ENTRY_POINT_GROUPS = ("esm_gearnet.models", "esm_gearnet.tasks")
 _plugins_loaded = False
+#: the subpackages whose modules `@register` the package's own classes (the package root imports lazily)
+BUILT_IN = ("esm_gearnet.data", "esm_gearnet.models", "esm_gearnet.tasks")
 
 
 def _import_all():
     global _plugins_loaded
-    importlib.import_module("esm_gearnet")  # importing the package registers every class it defines
+    for package in BUILT_IN:  # importing them registers every class the package defines
+        importlib.import_module(package)
     if not _plugins_loaded:
         _plugins_loaded = True
         for group in ENTRY_POINT_GROUPS:

@@ -46,7 +46,18 @@ def test_help_goes_to_stdout(cli):
                  "--output_dir VALUE", "--KEY.PATH VALUE", "--engine.batch_size 4"):
         assert name in out
     code, _, err = cli()
-    assert code == 2 and "name a command" in err
+    assert code == 2 and "no command given; name one of: embed" in err
+    code, _, err = cli("foo")
+    assert code == 2 and "unknown command 'foo'" in err
+    code, out, _ = cli("--version")
+    assert code == 0 and out.startswith("esm-gearnet ")
+    for command in ("embed", "predict", "report", "downstream", "pretrain"):
+        code, out, _ = cli(command, "--help")
+        assert out.startswith(f"usage: esm-gearnet {command} ")
+        if command in ("embed", "predict"):
+            assert "its suffix chooses the format" in out  # -o has its line of help
+    code, out, _ = cli("downstream", "-c", ROOT / "config" / "EC" / "esm_gearnet_cross.yaml", "--help")
+    assert "--ckpt VALUE" not in out  # `# model_checkpoint: {{ ckpt }}` is a comment, not an option
 
 
 def test_overrides_are_applied_and_saved(demo_run):

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextvars import ContextVar
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..config import ConfigError, Override, detect_variables, literal
+
+
+#: the program name a command's usage shows: `esm-gearnet downstream` when `esm-gearnet` runs it (set by
+#: `commands.main`), else argparse's own (the script's file name)
+program: ContextVar[Optional[str]] = ContextVar("program", default=None)
 
 
 def base_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
@@ -30,8 +36,8 @@ def base_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
 
 def script_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     """An ArgumentParser whose -h/--help is left to `parse_args` (so it can describe the config too)."""
-    parser = argparse.ArgumentParser(description=description, add_help=False, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program.get(), description=description, add_help=False,
+                                     allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-h", "--help", action="store_true", help="show this help (with -c: the config's "
                         "variables and how to override its keys) and exit")
     return parser
@@ -105,4 +111,69 @@ def config_help(path: Optional[str], names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["base_parser", "config_help", "parse_args", "script_parser", "split_overrides"]
+# ---- the commands' parsers: light (no torch), so that `esm-gearnet COMMAND --help` answers at once ----------
+DESCRIPTIONS = {"downstream": "Fine-tune a model on a downstream task (EC, GO, PSR, MSP, your own folder).",
+                "pretrain": "Pre-train an encoder with a self-supervised objective (AlphaFold DB, ...)."}
+
+
+def downstream_parser(description: str) -> argparse.ArgumentParser:
+    parser = base_parser(description)
+    parser.add_argument("--ckpt", default=None,
+                        help="model weights to fine-tune from (the original's .pth or a checkpoint of this framework)")
+    parser.add_argument("--resume", default=None, help="run directory (or its last.pth) to continue exactly; "
+                        "without -c, the run's own config.yaml")
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch
+    return parser
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="PDB/mmCIF files (.gz too), folders, or text files of paths")
+    parser.add_argument("-o", "--output", required=True, help="the file to write; its suffix chooses the format")
+    parser.add_argument("--workers", type=int, default=2, help="parsing processes")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    parser.add_argument("--max-residues", type=int, default=4096, help="padded residues per batch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    parser = script_parser("Embeddings of your own structures (.npz, .pt or .h5).")
+    parser.add_argument("-c", "--config", default=None, help="the model's config (optional with --ckpt of a run)")
+    parser.add_argument("--ckpt", default=None, help="weights: a run directory, a checkpoint or a bare state_dict")
+    parser.add_argument("--per-residue", action="store_true", help="also write per-residue embeddings")
+    parser.add_argument("--resume", action="store_true", help="keep the proteins already in OUT, embed the rest")
+    add_input_options(parser)
+    return parser
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = script_parser("Predictions of a trained task for your own structures (CSV).")
+    parser.add_argument("--ckpt", required=True, help="a run directory (its best.pth) or a checkpoint of it")
+    parser.add_argument("-c", "--config", default=None, help="override the config the checkpoint carries")
+    parser.add_argument("--threshold", type=float, default=0.5, help="terms scored at least this are listed")
+    parser.add_argument("--top", type=int, default=5, help="how many best-scoring terms to list")
+    parser.add_argument("--scores", default=None, help="also write the full score matrix to this .npz")
+    add_input_options(parser)
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=program.get(), description="Training curves of one or more runs side by "
+                                     "side.")
+    parser.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")
+    parser.add_argument("--label", action="append", default=None,
+                        help="the name of a run in the legend, once per run in order (default: the config keys "
+                             "in which the runs differ)")
+    parser.add_argument("-o", "--output", default=None, help="the figure (default: report.png in the first run)")
+    return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of the `esm-gearnet` command `name`."""
+    if name in DESCRIPTIONS:
+        return downstream_parser(DESCRIPTIONS[name])
+    return {"embed": embed_parser, "predict": predict_parser, "report": report_parser}[name]()
+
+
+__all__ = ["DESCRIPTIONS", "add_input_options", "base_parser", "command_parser", "config_help", "downstream_parser",
+           "embed_parser", "parse_args", "predict_parser", "report_parser", "script_parser", "split_overrides"]

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -18,23 +17,13 @@ from .. import checkpoint, writing
 from ..assembly import build_encoder, model_config
 from ..data import ProteinBatch
 from ..models import Encoder
-from .arguments import parse_args, script_parser
+from .arguments import embed_parser, parse_args
 from .exits import one_sentence
-from .inputs import (add_input_options, device_of, in_input_order, load_run, output_file, read_inputs,
+from .inputs import (device_of, in_input_order, load_run, output_file, read_inputs,
                      write_skipped)
 
 logger = logging.getLogger("esm_gearnet")
 FORMATS = (".npz", ".pt", ".h5")
-
-
-def embed_parser() -> argparse.ArgumentParser:
-    parser = script_parser("Embeddings of your own structures (.npz, .pt or .h5).")
-    parser.add_argument("-c", "--config", default=None, help="the model's config (optional with --ckpt of a run)")
-    parser.add_argument("--ckpt", default=None, help="weights: a run directory, a checkpoint or a bare state_dict")
-    parser.add_argument("--per-residue", action="store_true", help="also write per-residue embeddings")
-    parser.add_argument("--resume", action="store_true", help="keep the proteins already in OUT, embed the rest")
-    add_input_options(parser)
-    return parser
 
 
 @one_sentence

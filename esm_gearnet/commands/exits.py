@@ -18,10 +18,10 @@ def one_sentence(main):
         try:
             return main(argv)
         except user_errors() as error:
-            print(f"error: {error}", file=sys.stderr)
+            _tell(error)
             return 2
         except fault_errors() as error:
-            print(f"error: {error}", file=sys.stderr)
+            _tell(error, every_rank=True)
             from ..distributed import StalledError
 
             if isinstance(error, StalledError):
@@ -36,6 +36,28 @@ def one_sentence(main):
                 _end_process(INTERRUPTED_EXIT_CODE, only_in_a_group=True)
             return INTERRUPTED_EXIT_CODE
     return wrapper
+
+
+def _tell(error: BaseException, every_rank: bool = False) -> None:
+    """The error's one sentence on stderr, and under torchrun into its error file, so that its failure summary
+    names it as the root cause. Under torchrun only rank 0 prints (every rank meets a config's or a file's error
+    alike: one sentence, not one per process) unless `every_rank`; a rank that alone fails is still named by the
+    summary."""
+    import json
+    import os
+    import time
+
+    if every_rank or int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {error}", file=sys.stderr)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": {"message": f"{type(error).__name__}: {error}",
+                              "extraInfo": {"py_callstack": f"error: {error}", "timestamp": str(int(time.time()))}}}
+        try:
+            with open(path, "w") as handle:
+                json.dump(record, handle)
+        except OSError:
+            pass
 
 
 def _end_process(code: int, only_in_a_group: bool = False) -> None:

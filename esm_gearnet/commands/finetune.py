@@ -14,6 +14,7 @@ from ..assembly import build_optimizer, build_scheduler, build_task, runtime_tas
 from ..engine import Engine
 from ..engine.run_log import format_metrics
 from ..registry import build
+from .arguments import DESCRIPTIONS
 from .exits import one_sentence
 from .run import load_encoder_weights, resume_file, setup_logging, training_run
 
@@ -57,7 +58,7 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
 
 
 def run_downstream(argv: Optional[List[str]] = None) -> Dict[str, float]:
-    with training_run(argv, "Fine-tune a model on a downstream task (EC, GO, PSR, MSP, your own folder).") as (
+    with training_run(argv, DESCRIPTIONS["downstream"]) as (
             args, cfg, run_dir, resume):
         engine = build_downstream(cfg, run_dir, args.seed, ckpt=args.ckpt,
                                   resume_from=resume_file(resume) if resume else None)

@@ -4,7 +4,6 @@ by length, the output file checked before any work, the model's config and check
 loop that runs a model over the batches (`engine.evaluation`)."""
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import os
@@ -23,15 +22,6 @@ from ..engine import evaluation
 logger = logging.getLogger("esm_gearnet")
 
 
-def add_input_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="PDB/mmCIF files (.gz too), folders, or text files of paths")
-    parser.add_argument("-o", "--output", required=True)
-    parser.add_argument("--workers", type=int, default=2, help="parsing processes")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    parser.add_argument("--max-residues", type=int, default=4096, help="padded residues per batch")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
     """(proteins, their files, skipped [(input, reason)]) of the inputs, leaving out files in `exclude`."""
     files, skipped = collect_inputs(inputs)
@@ -42,10 +32,13 @@ def read_inputs(inputs: Sequence, workers: int, progress: bool, exclude=()):
 
 
 def write_skipped(output: Path, skipped: Sequence[Tuple[str, str]]) -> None:
-    """`OUT.skipped.tsv`: one row `input<TAB>reason` per skipped input (`writing.write_skipped`)."""
+    """`OUT.skipped.tsv`: one row `input<TAB>reason` per skipped input (`writing.write_skipped`); when none was,
+    no report (one an earlier run left is removed)."""
+    if not skipped:
+        Path(output).with_name(Path(output).name + ".skipped.tsv").unlink(missing_ok=True)
+        return
     report = writing.write_skipped(output, skipped)
-    if skipped:
-        logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
+    logger.warning("%d input(s) skipped, reasons in %s", len(skipped), report)
 
 
 def length_batches(lengths: Sequence[int], max_residues: int = 4096, max_proteins: int = 32) -> Iterator[List[int]]:

@@ -14,6 +14,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .arguments import command_parser, parse_args, program
+
 #: command -> its module in esm_gearnet.commands (imported when run: `--help` of one command loads no other)
 COMMANDS = {"embed": "embed", "predict": "predict", "report": "report", "downstream": "finetune",
             "pretrain": "pretrain"}
@@ -29,11 +31,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
+    if argv and argv[0] == "--version":
+        from .. import __version__
+
+        print(f"esm-gearnet {__version__}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr)
-        print(f"\nerror: name a command: {', '.join(COMMANDS)}.", file=sys.stderr)
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"\nerror: {what}; name one of: {', '.join(COMMANDS)} (or --help, --version).", file=sys.stderr)
         return 2
-    return command(argv[0])(argv[1:])
+    token = program.set(f"esm-gearnet {argv[0]}")
+    try:
+        if any(a in ("-h", "--help") for a in argv[1:]):  # from the light parsers: no torch imported for help
+            parser = command_parser(argv[0])
+            parser.parse_args(argv[1:]) if argv[0] == "report" else parse_args(argv[1:], parser)
+        return command(argv[0])(argv[1:])
+    finally:
+        program.reset(token)
 
 
 if __name__ == "__main__":

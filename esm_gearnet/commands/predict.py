@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import csv
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -16,21 +15,10 @@ from ..assembly import build_predictor
 from ..data import collate
 from ..data.datasets import Proteins
 from ..registry import build
-from .arguments import parse_args, script_parser
+from .arguments import parse_args, predict_parser
 from .exits import one_sentence
-from .inputs import (add_input_options, device_of, in_input_order, load_run, output_file, read_inputs,
+from .inputs import (device_of, in_input_order, load_run, output_file, read_inputs,
                      write_skipped)
-
-
-def predict_parser() -> argparse.ArgumentParser:
-    parser = script_parser("Predictions of a trained task for your own structures (CSV).")
-    parser.add_argument("--ckpt", required=True, help="a run directory (its best.pth) or a checkpoint of it")
-    parser.add_argument("-c", "--config", default=None, help="override the config the checkpoint carries")
-    parser.add_argument("--threshold", type=float, default=0.5, help="terms scored at least this are listed")
-    parser.add_argument("--top", type=int, default=5, help="how many best-scoring terms to list")
-    parser.add_argument("--scores", default=None, help="also write the full score matrix to this .npz")
-    add_input_options(parser)
-    return parser
 
 
 @one_sentence

@@ -24,6 +24,7 @@ from .. import checkpoint, distributed
 from ..assembly import build_optimizer, build_task
 from ..engine import Engine, Stage
 from ..registry import build
+from .arguments import DESCRIPTIONS
 from .exits import one_sentence
 from .run import load_encoder_weights, resume_file, setup_logging, training_run
 
@@ -42,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run_pretrain(argv: Optional[List[str]] = None) -> Path:
     """Returns the run directory."""
-    with training_run(argv, "Pre-train an encoder with a self-supervised objective (AlphaFold DB, ...).",
+    with training_run(argv, DESCRIPTIONS["pretrain"],
                       dataset_keys=DATASET_KEYS) as (args, cfg, run_dir, resume):
         dataset_cfg = copy.deepcopy(cfg.dataset)
         start, end = dataset_cfg.pop("species_start", 0), dataset_cfg.pop("species_end", 0)

@@ -4,10 +4,10 @@ weights and the checkpoint `--resume` continues from.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -23,20 +23,9 @@ from .. import checkpoint, distributed, writing
 from ..assembly import validate
 from ..config import ConfigError, load_config, load_run_config, plain
 from ..errors import Interrupted, fault_errors, ignoring_ctrl_c, user_errors
-from .arguments import base_parser, parse_args
+from .arguments import downstream_parser, parse_args
 
 logger = logging.getLogger("esm_gearnet")
-
-
-def downstream_parser(description: str) -> argparse.ArgumentParser:
-    parser = base_parser(description)
-    parser.add_argument("--ckpt", default=None,
-                        help="model weights to fine-tune from (the original's .pth or a checkpoint of this framework)")
-    parser.add_argument("--resume", default=None, help="run directory (or its last.pth) to continue exactly; "
-                        "without -c, the run's own config.yaml")
-    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch
-    return parser
 
 
 def seed_everything(seed: int) -> None:
@@ -173,6 +162,8 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     except BaseException as error:
         _log_error(run_dir, error)
         lock.close()
+        if resume is None:
+            _remove_unstarted(run_dir)
         if not isinstance(error, distributed.StalledError):  # with a peer gone, leaving the group can wait forever
             distributed.shutdown(wait=False)
         raise
@@ -189,6 +180,25 @@ def interrupted(run_dir: Optional[Path]) -> Interrupted:
         return Interrupted(f"interrupted before the first checkpoint; nothing in {run_dir} to resume, start the run "
                            "again")
     return Interrupted("interrupted")
+
+
+# what the set-up alone writes into a new run directory
+SET_UP_FILES = {"log.txt", "config.yaml", ".lock"}
+
+
+def _remove_unstarted(run_dir: Optional[Path]) -> None:
+    """A failed start leaves no run behind: rank 0 removes a new run directory that holds only what the set-up
+    wrote (its config and the log of the failed start, whose sentence the command prints); one that holds more
+    (a metrics record, a checkpoint) is a run that started, and stays."""
+    if run_dir is None or distributed.rank() != 0 or not Path(run_dir).is_dir():
+        return
+    if {p.name for p in Path(run_dir).iterdir()} <= SET_UP_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in list(Path(run_dir).parents)[:3]:  # Task/Dataset/Model (`make_run_dir`), when left empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def _log_error(run_dir: Optional[Path], error: BaseException) -> None:
@@ -225,5 +235,5 @@ def resume_file(resume) -> Path:
     return checkpoint.locate(resume, ("last.pth",))
 
 
-__all__ = ["downstream_parser", "load_encoder_weights", "resume_file", "seed_everything", "setup_logging",
+__all__ = ["load_encoder_weights", "resume_file", "seed_everything", "setup_logging",
            "training_run"]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -190,6 +191,8 @@ class Engine:
         count, started, proteins = (within["count"] if within else 0), time.perf_counter(), 0
         epoch = self.epoch + 1  # epochs count from 1 everywhere: bar, log, metrics.jsonl, checkpoints
         bar = self._bar(loader, f"epoch {epoch}", num_batch - start)
+        # a log line every log_interval batches; without a terminal (no bar), ten lines over a long epoch
+        interval = self.log_interval or (num_batch // 10 if num_batch >= 100 and not sys.stderr.isatty() else 0)
         self.stepper.zero_grad()
         self.stepper.start_epoch(num_batch, skipped=within["skipped"] if within else 0)
         for i, batch in enumerate(bar, start):
@@ -221,7 +224,7 @@ class Engine:
             if self.progress:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
                                 proteins_per_s=f"{proteins / (time.perf_counter() - started):.1f}")
-            if self.rank == 0 and self.log_interval and (i + 1) % self.log_interval == 0:
+            if self.rank == 0 and interval and (i + 1) % interval == 0:
                 logger.info("epoch %d step %d loss %.4g", epoch, self.step, float(loss.detach()))
             # a checkpoint inside the epoch (`Stage.save_every`), scored first when the stage names a metric
             if boundary and stage.save_every and self.step % stage.save_every == 0 and i + 1 < num_batch:
@@ -390,7 +393,9 @@ class Engine:
         if not self.progress:
             return iterable
         from tqdm import tqdm
-        return tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True, mininterval=1.0)
+        # a bar on a terminal only: into a log file tqdm would write its frames one after another on one line
+        return tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True, mininterval=1.0,
+                    disable=not sys.stderr.isatty())
 
 
 def _num_proteins(batch: Dict[str, Any]) -> int:
