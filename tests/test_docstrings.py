@@ -11,8 +11,9 @@ their public classes (methods a public class inherits from a private class of th
       (`Features = Dict[str, torch.Tensor]`), e.g. `Optional[torch.Tensor]`, `Dict[str, torch.Tensor]`;
    b. or, unannotated, it overrides a parameter of the same name that is one by (a) (`MSP.loss(pred, target)`
       inherits `Task.loss(pred: torch.Tensor, target: torch.Tensor)`);
-   c. or, unannotated and not inherited, its name is one the package gives only to tensors and batches
-      (`TENSOR_NAMES`: `batch` is a batch dict, `graph` a `ProteinBatch`, `x` a node feature, ...).
+   c. or, whatever its annotation, its name is one the package gives only to tensors and batches
+      (`TENSOR_NAMES`: `batch` is a batch dict, even annotated `Dict[str, Any]`; `graph` a `ProteinBatch`; `x` a
+      node feature, ...).
 2. The return is a *tensor return* when its annotation (or, unannotated, the overridden method's) is one by (1a),
    and for every `forward` (a module's forward returns tensors).
 3. A function with a tensor parameter has a docstring with an `Args:` section (the class docstring stands in for
@@ -21,7 +22,8 @@ their public classes (methods a public class inherits from a private class of th
 4. A function with a tensor return has a docstring with a `Returns:` section that holds a shape; a property's
    docstring is its `Returns:`.
 
-A shape is a bracket not right after a name (indexing, `x[j]`) and without quotes (a list of names, `["label"]`).
+A shape is a bracket not right after a name (indexing, `x[j]`) that holds no string (a list of names,
+`["label"]`; a prime, `[E', 3]`, is no string).
 Returns that are not annotated and not a `forward` cannot be told from the signature; they are documented all the
 same but not checked.
 """
@@ -41,10 +43,16 @@ import esm_gearnet.tasks
 EXCLUDED = {"esm_gearnet.models.esm", "esm_gearnet.models.esm_hf"}
 
 TENSOR = re.compile(r"\b(Tensor|ProteinBatch)\b")
-# unannotated parameters of these names hold tensors or batches wherever the package uses them (rule 1c)
+# parameters of these names hold tensors or batches wherever the package uses them, annotated or not (rule 1c)
 TENSOR_NAMES = {"batch", "graph", "x", "pos", "frames", "residue_number", "num_residues", "adjacency"}
-# [N, 3], [B], [n, T], [N * R, N], [] (a scalar): brackets not after a name (indexing) and without quotes (keys)
-SHAPE = re.compile(r"(?<![\w\]])\[[^\[\]\n\"'`]*\]")
+# [N, 3], [B], [E', 3], [N, node_h_dim[0]], [] (a scalar): a bracket not right after a name (indexing, x[j])
+BRACKET = re.compile(r"(?<![\w\]])\[((?:[^\[\]\n]|\[[^\[\]\n]*\])*)\]")
+# ... that holds no string (a list of names, ["label"]); a prime (E') is no string
+STRING = re.compile(r"[\"`]|(?:^|,)\s*'")
+
+
+def has_shape(text: str) -> bool:
+    return any(not STRING.search(match.group(1)) for match in BRACKET.finditer(text))
 ENTRY = re.compile(r"^(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*)\s*:(.*)$")
 
 
@@ -138,9 +146,8 @@ def tensor_parameters(function, cls=None):
         else:
             inherited = [(base, inspect.signature(base).parameters.get(name)) for base in _overridden(function, cls)]
             inherited = [(base, p) for base, p in inherited if p is not None and p.annotation is not p.empty]
-            tensor = (_is_tensor_annotation(inherited[0][1].annotation, inherited[0][0]) if inherited
-                      else name in TENSOR_NAMES)
-        if tensor:
+            tensor = bool(inherited) and _is_tensor_annotation(inherited[0][1].annotation, inherited[0][0])
+        if tensor or name in TENSOR_NAMES:
             names.append(name)
     returns = inspect.signature(function).return_annotation
     if returns is inspect.Signature.empty:
@@ -208,18 +215,18 @@ def missing_shapes(function, cls=None, is_property=False):
     if parameters:
         entries = args_entries(doc)
         if entries is None:
-            lacking.append(f"no Args: section, though {', '.join(parameters)} hold tensors")
+            lacking.append(f"no Args: section for its tensor parameters ({', '.join(parameters)})")
         else:
             for name in parameters:
                 if name not in entries:
                     lacking.append(f"Args: has no entry for {name}")
-                elif not SHAPE.search(entries[name]):
+                elif not has_shape(entries[name]):
                     lacking.append(f"the Args: entry of {name} has no shape")
     if "return" in names:
         returns = [doc] if is_property else _section(doc, "Returns")
         if returns is None:
             lacking.append("no Returns: section, though it returns tensors")
-        elif not SHAPE.search("\n".join(returns)):
+        elif not has_shape("\n".join(returns)):
             lacking.append("the Returns: section has no shape")
     return lacking
 
@@ -320,6 +327,14 @@ class _Base:
 class _Override(_Base):
     def loss(self, pred, target):
         """The loss of pred against target."""  # unannotated: inherits the base's tensors (rule 1b)
+
+
+@pytest.mark.parametrize("text, shape", [
+    ("[N, 3] positions", True), ("[]", True), ("[E', 3]", True), ("[N, node_h_dim[0]]", True),
+    ("{\"graph\": ProteinBatch [B]}", True), ("indexed like x[i]", False), ("keys [\"graph\", \"targets\"]", False),
+    ("names ['a', 'b']", False), ("no bracket", False)])
+def test_what_counts_as_a_shape(text, shape):
+    assert has_shape(text) == shape
 
 
 @pytest.mark.parametrize("function, cls, lacking", [
