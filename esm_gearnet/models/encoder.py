@@ -73,7 +73,7 @@ class Encoder(nn.Module):
         Returns:
             ProteinBatch [B, N] with `edge_list` [E, 3] (source, target, relation), `num_relation` R and
             `edge_feature` [E, De] where the graph construction makes edge features; `batch` itself when the
-            encoder needs no graph (ESM, CDConv).
+            encoder has no graph construction model (ESM; CDConv builds its own graphs).
         """
         return batch if self.graph_construction_model is None else self.graph_construction_model(batch)
 

@@ -128,7 +128,7 @@ def sample_edges(graph: ProteinBatch, num_sample: int) -> torch.Tensor:
         graph: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3].
         num_sample: edges per protein.
     Returns:
-        [S] long indices into `edge_list`, S = num_sample × the proteins that have edges.
+        [S] long indices into `edge_list`, S = num_sample × the proteins that have edges besides self-loops.
     """
     candidates = (graph.edge_list[:, 0] != graph.edge_list[:, 1]).nonzero().flatten()
     edge2graph = graph.residue2graph[graph.edge_list[candidates, 1]]
