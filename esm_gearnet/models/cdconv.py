@@ -10,6 +10,9 @@ where g_ij = (direction j - i in i's local frame, dot products of the axes of bo
 w_q is a small net chosen by the clamped sequence offset q = n_j - n_i (`seq_cutoff` nets) and
 s_ij = 1/2 - tanh(16 d_ij/r · |q|/(seq_cutoff // 2) - 14)/2 damps pairs far apart in both space and sequence.
 
+Shapes: B proteins, N residues (after pooling, the nodes of the current stage), E edges of a stage's graph,
+D channels, K the width of a kernel (`kernel_dims[-1]`), W the largest in-degree of a stage's graph.
+
 Module names are the original's (`embedding`, `layers.{k}.{identity,input,conv,output}.module.*`,
 `layers.{k}.conv.WeightNet.{Ws,bs}.*`, `layers.{k}.conv.W`), so its state_dicts load.
 
@@ -36,7 +39,13 @@ from .encoder import Features, StructureEncoder
 
 
 def local_frames(pos: torch.Tensor, num_residues: torch.Tensor) -> torch.Tensor:
-    """[N, 3, 3] orientation frame of every residue, rows (b, n, o), from the CA positions.
+    """The orientation frame of every residue, rows (b, n, o), from the CA positions.
+
+    Args:
+        pos: [N, 3] CA positions (Å), packed.
+        num_residues: [B] residues per protein.
+    Returns:
+        [N, 3, 3] the frames.
 
     With u_i the unit vector CA_i -> CA_{i+1}: b = normalise(u_{i-1} - u_i), n = normalise(u_{i-1} × u_i),
     o = normalise(b × n). The first and last residue of a protein take their neighbour's frame.
@@ -66,8 +75,10 @@ def local_frames(pos: torch.Tensor, num_residues: torch.Tensor) -> torch.Tensor:
 def pool_pairs(num_residues: torch.Tensor):
     """Pooling map of consecutive residue pairs (0, 1), (2, 3), ... of every protein.
 
+    Args:
+        num_residues: [B] residues (nodes) per protein.
     Returns:
-        old2new [N] pooled node of each residue, new_num_residues [B] = ceil(L_b / 2),
+        old2new [N] pooled node of each residue, new_num_residues [B] = ceil(num_residues / 2),
         first [N] bool, True on the first residue of each pair.
     """
     new_num_residues = torch.div(num_residues + 1, 2, rounding_mode="floor")
@@ -85,6 +96,14 @@ class StageGraph:
     in-degree, so kernels scatter into a [N, width, K] tensor and aggregate with one batched matmul against
     the source features laid out the same way (`padded_source` [N, width], 0 on empty slots, whose kernels
     stay 0).
+
+    Attributes:
+        target: [E] long, target node of each edge (sorted).
+        geometry: [E, 7] direction in the target's frame (3), frame alignment (3), distance (1, Å).
+        offset_index: [E] long, the clamped sequence offset + seq_cutoff // 2: which kernel net.
+        smooth: [E, 1] the damping s_ij.
+        slot: [E] long, each edge's place among its target's edges.
+        padded_source: [N, W] long, source node of each slot (0 on empty slots).
     """
     target: torch.Tensor
     geometry: torch.Tensor  # [E, 7]: direction in the target frame (3), frame alignment (3), distance (1)
@@ -98,8 +117,11 @@ class StageGraph:
         """The stage's graph: edges between residues of one protein within `cutoff` Å.
 
         Args:
-            pos: [N, 3] CA positions (Å); frames: [N, 3, 3] local frames (`local_frames`);
-            residue_number: [N] residue numbers (the sequence offset of an edge); num_residues: [B].
+            pos: [N, 3] CA positions (Å).
+            frames: [N, 3, 3] local frames (`local_frames`).
+            residue_number: [N] residue numbers (the sequence offset of an edge).
+            num_residues: [B] nodes per protein.
+            cutoff: the radius (Å); seq_cutoff: number of sequence-offset kernels.
         """
         source, target = radius_edges(pos, num_residues, cutoff).unbind(-1)
         target_frame = frames[target]
@@ -119,8 +141,14 @@ class StageGraph:
                    padded_source)
 
     def aggregate(self, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """[N, K * C]: row i = vec(sum over edges j -> i of kernel_e ⊗ x_j), flattened kernel-major, for
-        kernel [E, K] (one per edge) and x [N, C]."""
+        """Row i = vec(sum over edges j -> i of kernel_e ⊗ x_j), flattened kernel-major.
+
+        Args:
+            kernel: [E, K] one kernel per edge.
+            x: [N, D] node features.
+        Returns:
+            [N, K * D]
+        """
         padded_kernel = kernel.new_zeros(self.padded_source.shape + kernel.shape[-1:])
         padded_kernel[self.target, self.slot] = kernel
         return torch.bmm(padded_kernel.transpose(1, 2), x[self.padded_source]).flatten(1)
@@ -144,7 +172,14 @@ class WeightNet(nn.Module):
             _kaiming_uniform_(W, W.shape[1] * W.shape[2])
 
     def forward(self, geometry: torch.Tensor, offset_index: torch.Tensor) -> torch.Tensor:
-        """[E, K] the kernel of each edge from its geometry [E, 7] and its sequence offset's index [E]."""
+        """The kernel of each edge from the net of its sequence offset.
+
+        Args:
+            geometry: [E, 7] (`StageGraph.geometry`).
+            offset_index: [E] long, which net (`StageGraph.offset_index`).
+        Returns:
+            [E, K] with K = `kernel_dims[-1]`.
+        """
         h = geometry
         for W, b in zip(self.Ws, self.bs):
             h = F.leaky_relu(torch.bmm(h.unsqueeze(1), W[offset_index]).squeeze(1) + b[offset_index], 0.2)
@@ -164,7 +199,14 @@ class ContinuousDiscreteConv(nn.Module):
         _kaiming_uniform_(self.W, output_dim)
 
     def forward(self, graph: StageGraph, x: torch.Tensor) -> torch.Tensor:
-        """[N, output_dim] from x [N, input_dim] over the stage's graph."""
+        """The convolution over the stage's graph.
+
+        Args:
+            graph: the stage's `StageGraph` [N nodes, E edges].
+            x: [N, input_dim] node features.
+        Returns:
+            [N, output_dim]
+        """
         kernel = self.WeightNet(graph.geometry, graph.offset_index) * graph.smooth
         return graph.aggregate(kernel, x) @ self.W
 
@@ -206,7 +248,14 @@ class CDBlock(nn.Module):
         self.output = _Sequential(_norm_act_linear(width, output_dim, batch_norm, dropout, bias, slope))
 
     def forward(self, graph: StageGraph, x: torch.Tensor) -> torch.Tensor:
-        """[N, output_dim] from x [N, input_dim] over the stage's graph."""
+        """The block over the stage's graph.
+
+        Args:
+            graph: the stage's `StageGraph` [N nodes, E edges].
+            x: [N, input_dim] node features.
+        Returns:
+            [N, output_dim]
+        """
         return self.output(self.conv(graph, self.input(x))) + self.identity(x)
 
 
@@ -256,6 +305,16 @@ class CDConv(StructureEncoder):
                                            base_width=base_width, batch_norm=batch_norm, dropout=dropout, bias=bias))
 
     def network(self, batch: ProteinBatch, input: torch.Tensor) -> Features:
+        """The stages over the residues' CA positions; CDConv builds its own graphs.
+
+        Args:
+            batch: ProteinBatch [B proteins, N residues], a CA atom in every residue.
+            input: [N, input_dim] per-residue input features.
+        Returns:
+            {"residue_feature": [N, output_dim], "graph_feature": [B, output_dim]}: the graph feature is the mean
+            over the last stage's nodes; the residue feature, that of the residue's node in the last stage (or,
+            `residue_feature: graph`, the graph feature).
+        """
         if not bool(batch.atom_mask[:, 1].all()):
             raise ValueError("CDConv needs a CA atom in every residue; add the ResidueGraph transform to the "
                              "dataset (or AlphaCarbonNode to the graph construction) to remove the others.")

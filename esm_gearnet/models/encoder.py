@@ -66,8 +66,15 @@ class Encoder(nn.Module):
         self.frozen: Set[str] = set()
 
     def construct(self, batch: ProteinBatch) -> ProteinBatch:
-        """The batch (B proteins, N residues) with its residue graph: `edge_list` [E, 3] (source, target,
-        relation) and, for line graphs, its own edge features; a new object, the input is not changed."""
+        """The batch with its residue graph; a new object, the input is not changed.
+
+        Args:
+            batch: ProteinBatch [B proteins, N residues].
+        Returns:
+            ProteinBatch [B, N] with `edge_list` [E, 3] (source, target, relation), `num_relation` R and
+            `edge_feature` [E, De] where the graph construction makes edge features; `batch` itself when the
+            encoder has no graph construction model (ESM; CDConv builds its own graphs).
+        """
         return batch if self.graph_construction_model is None else self.graph_construction_model(batch)
 
     def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
@@ -83,8 +90,14 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
-        """`encode(construct(batch), residue_mask)`: residue_feature [N, D], graph_feature [B, D]; residue_mask
-        [N] bool."""
+        """`encode(construct(batch), residue_mask)`.
+
+        Args:
+            batch: ProteinBatch [B proteins, N residues], before graph construction.
+            residue_mask: [N] bool (optional), residues hidden from the encoder.
+        Returns:
+            {"residue_feature": [N, D], "graph_feature": [B, D], ...} as `encode`.
+        """
         return self.encode(self.construct(batch), residue_mask)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
@@ -104,8 +117,14 @@ class Encoder(nn.Module):
 
 
 def residue_one_hot(graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[N, 21] one-hot residue type (index 20 = unknown), zero on the rows of `residue_mask` [N] bool: the input
-    of a structure encoder that does not read ESM's features."""
+    """The input of a structure encoder that does not read ESM's features.
+
+    Args:
+        graph: ProteinBatch [B proteins, N residues].
+        residue_mask: [N] bool (optional), the rows to set to zero.
+    Returns:
+        [N, 21] float one-hot residue type (index 20 = unknown), zero on the rows of `residue_mask`.
+    """
     one_hot = nn.functional.one_hot(graph.residue_type, ONE_HOT_DIM).float()
     if residue_mask is not None:
         one_hot = one_hot.masked_fill(residue_mask.unsqueeze(-1), 0.0)
@@ -134,10 +153,25 @@ class StructureEncoder(Encoder):
         return width
 
     def network(self, graph: ProteinBatch, input: torch.Tensor) -> Features:
-        """Features of the graph from input features [N, input_dim]."""
+        """Features of the graph from per-residue input features.
+
+        Args:
+            graph: constructed ProteinBatch [B proteins, N residues] (`edge_list` [E, 3] where `needs_graph`).
+            input: [N, input_dim] the one-hot residue types [N, 21], or ESM's residue features [N, D_esm] in
+                series fusion.
+        Returns:
+            {"residue_feature": [N, D], "graph_feature": [B, D]} (D = `output_dim`), and whatever else the
+            encoder adds (GVPGNN: "vector_feature").
+        """
         raise NotImplementedError
 
     def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
-        """`network` on the one-hot residue types [N, 21] (zero where residue_mask [N] is set): residue_feature
-        [N, D], graph_feature [B, D]."""
+        """`network` on the one-hot residue types (`residue_one_hot`).
+
+        Args:
+            graph: constructed ProteinBatch [B proteins, N residues].
+            residue_mask: [N] bool (optional), residues whose one-hot row is zero.
+        Returns:
+            {"residue_feature": [N, D], "graph_feature": [B, D], ...} as `network`.
+        """
         return self.network(graph, residue_one_hot(graph, residue_mask))

@@ -25,7 +25,14 @@ class SelfAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, D], mask: [B, L] True on real positions -> [B, L, D]."""
+        """Self-attention over padded sequences (in cross fusion L = twice the longest protein).
+
+        Args:
+            x: [B, L, D] padded features.
+            mask: [B, L] bool, True on real positions.
+        Returns:
+            [B, L, D]
+        """
         return self.attn(self.query(x), self.key(x), self.value(x), key_padding_mask=~mask, need_weights=False)[0]
 
 
@@ -110,8 +117,11 @@ class FusionNetwork(Encoder):
         return {"sequence": self.sequence_model.output_dim, "structure": self.structure_model.output_dim}
 
     def encode(self, graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> Features:
-        """Both models' features of a constructed graph (residue_mask [N] bool reaches both).
+        """Both models' features of a constructed graph.
 
+        Args:
+            graph: constructed ProteinBatch [B proteins, N residues] (`construct`).
+            residue_mask: [N] bool (optional), residues hidden from both models.
         Returns:
             series and parallel: residue_feature [N, D_seq + D_struct] and graph_feature [B, D_seq + D_struct]
             (the two concatenated), with sequence_graph_feature [B, D_seq] and structure_graph_feature

@@ -31,7 +31,12 @@ def relational_adjacency(edge_list: torch.Tensor, num_node: int, num_relation: i
 
     Args:
         edge_list: [E, 3] (source, target, relation).
-        num_source: number of source rows (default `num_node`).
+        num_node: N, the number of target rows.
+        num_relation: R.
+        num_source: N_source, the number of source rows (default `num_node`).
+        aggregation: "sparse" or "scatter".
+    Returns:
+        "sparse": a sparse CSR float tensor [N * R, N_source]; "scatter": the tuple (edge_list [E, 3], N).
     """
     if aggregation == "scatter":
         return edge_list, num_node
@@ -51,7 +56,10 @@ def relational_sum(x: torch.Tensor, adjacency, num_relation: int) -> torch.Tenso
     """Per relation, the sum of source features over incoming edges, relations side by side.
 
     Args:
-        x: [N_source, D] node features; adjacency: from `relational_adjacency`.
+        x: [N_source, D] node features.
+        adjacency: from `relational_adjacency`: sparse [N * R, N_source], or (edge_list [E, 3], N) on the
+            "scatter" path.
+        num_relation: R.
     Returns:
         [N, R * D]: block r of row i = sum of x[j] over the edges j -> i of relation r.
 
@@ -83,7 +91,16 @@ class GeometricRelationalGraphConv(nn.Module):
         self.activation = ACTIVATIONS[activation]() if activation else None
 
     def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
-        """x: [N, D_in]; adjacency: [N * R, N] from `relational_adjacency`."""
+        """One layer over the graph (N rows are residues; in GearNet-Edge's edge layers, the edges of the line
+        graph, and R its angle bins).
+
+        Args:
+            x: [N, D_in] node features.
+            adjacency: [N * R, N] sparse, or the "scatter" tuple (edge_list [E, 3], N), from
+                `relational_adjacency`.
+        Returns:
+            [N, D_out] (D_out = `output_dim`).
+        """
         update = relational_sum(x, adjacency, self.num_relation)
         output = self.linear(update) + self.self_loop(x)
         if self.batch_norm is not None:
@@ -150,6 +167,16 @@ class GearNet(StructureEncoder):
         self.batch_norms = nn.ModuleList(nn.BatchNorm1d(d) for d in hidden_dims) if batch_norm else None
 
     def network(self, batch: ProteinBatch, input: torch.Tensor) -> Features:
+        """The relational convolutions (and, for GearNet-Edge, the edge message passing) over the residue graph.
+
+        Args:
+            batch: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3] of R =
+                `num_relation` relations (GearNet-Edge: and `edge_feature` [E, edge_input_dim]).
+            input: [N, input_dim] per-residue input features.
+        Returns:
+            {"residue_feature": [N, output_dim], "graph_feature": [B, output_dim]}; output_dim is the sum of
+            `hidden_dims` with `concat_hidden`, else the last one.
+        """
         if batch.edge_list is None:
             raise ValueError("GearNet needs a residue graph: give the config a task.graph_construction_model "
                              "(as config/EC/esm_gearnet.yaml has).")

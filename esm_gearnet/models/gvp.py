@@ -1,10 +1,11 @@
 """GVP-GNN (geometric vector perceptrons) in plain torch, no torch-geometric.
 
-Features are pairs (s, V): scalars [*, S] and 3-d vectors [*, V, 3]. Scalars are invariant and vectors
-rotate with the protein. Module and parameter names follow gvp-pytorch and the original's GVPGNN
-(`residue_embdding`, `W_v`, `W_e`, `layers.{i}.conv.message_func`, `W_out`, ...), so its checkpoints would
-load. Edges carry 16 Gaussian RBFs of the Cα distance over 0–20 Å and the displacement vector (target −
-source); node vector channels are zero at input.
+Features are pairs (s, V): scalars [*, S] and 3-d vectors [*, V, 3] (S scalar and V vector channels; Se, Ve
+those of the edges; N residues, E edges, B proteins). Scalars are invariant and vectors rotate with the protein.
+Module and parameter names follow gvp-pytorch and the original's GVPGNN (`residue_embdding`, `W_v`, `W_e`,
+`layers.{i}.conv.message_func`, `W_out`, ...), so its checkpoints would load. Edges carry 16 Gaussian RBFs
+of the Cα distance over 0–20 Å and the displacement vector (target − source); node vector channels are zero
+at input.
 """
 from __future__ import annotations
 
@@ -54,8 +55,14 @@ class GVP(nn.Module):
         self.scalar_act, self.vector_act = activations
 
     def forward(self, x):
-        """(s [*, si], v [*, vi, 3]) -> (s [*, so], v [*, vo, 3]); scalars only ([*, si] -> [*, so]) when the
-        GVP has no vector input or output."""
+        """One perceptron, (si, vi) -> (so, vo) channels.
+
+        Args:
+            x: (s [*, si], v [*, vi, 3]); with no vector input (vi = 0), s [*, si] alone or the pair (s [*, si], None).
+        Returns:
+            (s [*, so], v [*, vo, 3]); s [*, so] alone when the GVP has no vector output (vo = 0). With vectors
+            out but none in, s is [M, si] and v starts at zero, [M, vo, 3].
+        """
         v = None
         if self.vi:
             s, v = x
@@ -86,7 +93,13 @@ class GVPLayerNorm(nn.Module):
         self.scalar_norm = nn.LayerNorm(self.s)
 
     def forward(self, x):
-        """(s [*, S], v [*, V, 3]) normalised: layer norm of s, v divided by its root-mean-square norm."""
+        """Layer norm of the scalars; vectors divided by the root-mean-square of their norms.
+
+        Args:
+            x: (s [*, S], v [*, V, 3]); with V = 0, s [*, S] alone or the pair (s [*, S], None).
+        Returns:
+            (s [*, S], v [*, V, 3]) normalised; s [*, S] alone when V = 0.
+        """
         if not self.v:
             return self.scalar_norm(x[0] if isinstance(x, tuple) else x)
         s, v = x
@@ -103,8 +116,13 @@ class GVPDropout(nn.Module):
         self.sdropout = nn.Dropout(drop_rate)
 
     def forward(self, x):
-        """(s [*, S], v [*, V, 3]) with dropout: of scalar channels, and of whole vector channels (all 3
-        coordinates together)."""
+        """Dropout of scalar channels, and of whole vector channels (all 3 coordinates together).
+
+        Args:
+            x: (s [*, S], v [*, V, 3]).
+        Returns:
+            (s [*, S], v [*, V, 3]).
+        """
         s, v = x
         if not self.training or not self.drop_rate:
             return self.sdropout(s), v
@@ -139,10 +157,11 @@ class GVPConv(nn.Module):
         """Messages along the edges, averaged at each target.
 
         Args:
-            x: node features (s [N, S], v [N, V, 3]); edge_list: [E, 3] (source, target, relation);
+            x: node features (s [N, S], v [N, V, 3]).
+            edge_list: [E, 3] (source, target, relation).
             edge_attr: edge features (s [E, Se], v [E, Ve, 3]).
         Returns:
-            (s [N, So], v [N, Vo, 3]).
+            (s [N, So], v [N, Vo, 3]) with (So, Vo) = `out_dims`.
         """
         source, target = edge_list[:, 0], edge_list[:, 1]
         s, v = x
@@ -168,7 +187,14 @@ class GVPConvLayer(nn.Module):
 
     def forward(self, x: Features, edge_list: torch.Tensor, edge_attr: Features) -> Features:
         """One GVP-GNN layer: message passing then feed-forward, each with dropout, residual and layer norm.
-        x: (s [N, S], v [N, V, 3]); edge_list: [E, 3]; edge_attr: (s [E, Se], v [E, Ve, 3]). Returns x's shapes."""
+
+        Args:
+            x: node features (s [N, S], v [N, V, 3]), (S, V) = `node_dims`.
+            edge_list: [E, 3] (source, target, relation).
+            edge_attr: edge features (s [E, Se], v [E, Ve, 3]).
+        Returns:
+            (s [N, S], v [N, V, 3]).
+        """
         dh = self.dropout[0](self.conv(x, edge_list, edge_attr))
         x = self.norm[0]((x[0] + dh[0], x[1] + dh[1]))
         dh = self.dropout[1](self.ff_func(x))
@@ -176,7 +202,13 @@ class GVPConvLayer(nn.Module):
 
 
 def rbf(distance: torch.Tensor, num: int, d_min: float = 0.0, d_max: float = 20.0) -> torch.Tensor:
-    """[E, num] Gaussian radial basis of distances (Å), centres evenly over [d_min, d_max]."""
+    """Gaussian radial basis of distances, `num` centres evenly over [d_min, d_max], width (d_max - d_min) / num.
+
+    Args:
+        distance: [E] distances (Å).
+    Returns:
+        [E, num]
+    """
     mu = torch.linspace(d_min, d_max, num, device=distance.device, dtype=distance.dtype)
     sigma = (d_max - d_min) / num
     return torch.exp(-((distance.unsqueeze(-1) - mu) / sigma) ** 2)
@@ -233,6 +265,16 @@ class GVPGNN(StructureEncoder):
                                        vector_gate=vector_gate))
 
     def network(self, batch: ProteinBatch, input: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """GVP message passing over the residue graph (edges: RBFs of the CA distance and the displacement).
+
+        Args:
+            batch: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3] and CA positions
+                (`pos` [N, 3]).
+            input: [N, node_in_dim[0]] per-residue input features.
+        Returns:
+            {"residue_feature": [N, node_h_dim[0]], "graph_feature": [B, node_h_dim[0]],
+            "vector_feature": [N, node_h_dim[1], 3]} (the last layer's vectors, which rotate with the protein).
+        """
         if batch.edge_list is None:
             raise ValueError("GVPGNN needs a residue graph: give the config a task.graph_construction_model "
                              "(as config/EC/esm_gvp.yaml has).")

@@ -6,6 +6,8 @@ L2-normalised. logits = exp(logit_scale) · S Tᵀ, with logit_scale initialised
 or fixed, and exp(logit_scale) clamped at 100. The loss is the mean of the cross entropies in both directions
 with the matching protein as the target. Under DDP the embeddings of every rank are gathered with their
 gradients, so the negatives span the global batch.
+
+Shapes: B proteins (of this rank's batch), N residues, D the width of the joint space (`embedding_dim`).
 """
 from __future__ import annotations
 
@@ -26,8 +28,15 @@ def projection_head(input_dim: int, embedding_dim: int) -> nn.Module:
 
 
 def clip_loss(sequence: torch.Tensor, structure: torch.Tensor, scale: torch.Tensor):
-    """(loss, sequence→structure top-1 accuracy, structure→sequence top-1 accuracy) of this rank's normalised
-    embeddings, sequence [b, E] and structure [b, E], against those of all ranks; scale: [] the logit scale."""
+    """The symmetric InfoNCE of this rank's embeddings against those of all ranks.
+
+    Args:
+        sequence: [B, D] this rank's normalised sequence embeddings.
+        structure: [B, D] the structure embeddings of the same proteins.
+        scale: [] the logit scale (exp(logit_scale), clamped).
+    Returns:
+        (loss [], sequence→structure top-1 accuracy [], structure→sequence top-1 accuracy []).
+    """
     all_sequence, start = distributed.all_gather_with_grad(sequence)
     all_structure, _ = distributed.all_gather_with_grad(structure)
     labels = torch.arange(start, start + len(sequence), device=sequence.device)
@@ -67,13 +76,26 @@ class SequenceStructureContrast(Task):
             self.register_buffer("logit_scale", init)
 
     def embed(self, graph):
-        """(sequence [B, E], structure [B, E]) normalised embeddings of a raw batch."""
+        """The normalised embeddings of a raw batch.
+
+        Args:
+            graph: ProteinBatch [B proteins, N residues], before graph construction.
+        Returns:
+            (sequence [B, D], structure [B, D]), each row of unit norm.
+        """
         output = self.encoder(graph)
         return (F.normalize(self.sequence_head(output["sequence_graph_feature"]), dim=-1),
                 F.normalize(self.structure_head(output["structure_graph_feature"]), dim=-1))
 
     def forward(self, batch):
-        """(loss, logged values) for batch {"graph": [B] proteins}: symmetric InfoNCE of their embeddings [B, E]."""
+        """Symmetric InfoNCE of the proteins' sequence and structure embeddings [B, D].
+
+        Args:
+            batch: {"graph": ProteinBatch [B proteins, N residues], ...}.
+        Returns:
+            (loss [], {"loss", "sequence_to_structure_accuracy", "structure_to_sequence_accuracy",
+            "logit_scale"}: each [] without gradient).
+        """
         sequence, structure = self.embed(batch["graph"])
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
         loss, seq_acc, struct_acc = clip_loss(sequence, structure, scale)

@@ -41,6 +41,14 @@ class MSP(Task):
         return total / (count + 1e-10)
 
     def predict(self, batch) -> torch.Tensor:
+        """The logit that the mutation stabilises, from both structures.
+
+        Args:
+            batch: {"graph1": ProteinBatch [B proteins, N residues] (wild types), "graph2": ProteinBatch [B, N]
+                (mutants, the same residue counts), ...}.
+        Returns:
+            [B, 1] logits.
+        """
         wild, mutant = batch["graph1"], batch["graph2"]
         if wild.num_residue != mutant.num_residue or not torch.equal(wild.num_residues, mutant.num_residues):
             raise ValueError("MSP: the wild-type and mutant structures of a pair must have the same residues "
@@ -50,12 +58,36 @@ class MSP(Task):
         return self.in_fp32(self.mlp, pair)
 
     def target(self, batch) -> torch.Tensor:
+        """The labels.
+
+        Args:
+            batch: {"targets": [B, 1] (or [B]) 0/1, ...}.
+        Returns:
+            [B, 1] float.
+        """
         return batch["targets"].float().reshape(-1, 1)
 
     def loss(self, pred, target) -> torch.Tensor:
+        """Binary cross entropy.
+
+        Args:
+            pred: [B, 1] logits.
+            target: [B, 1] 0/1.
+        Returns:
+            [] the loss.
+        """
         return F.binary_cross_entropy_with_logits(pred, target)
 
     def evaluate(self, pred, target, extra=None) -> Dict[str, float]:
+        """AUROC and AUPRC over a split.
+
+        Args:
+            pred: [B, 1] logits of every pair of the split.
+            target: [B, 1] 0/1.
+            extra: not read.
+        Returns:
+            {"auroc [label]": value, "auprc [label]": value}.
+        """
         name = self.task[0]
         return {f"auroc [{name}]": float(metrics.auroc(pred, target)),
                 f"auprc [{name}]": float(metrics.auprc(pred, target))}

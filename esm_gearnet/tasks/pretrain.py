@@ -10,6 +10,8 @@ together with every other edge between the same two residues.
 
 The original's `Unsupervised` task around `MultiviewContrast` is one task here, `MultiviewContrast`; the config
 layout maps onto it in `esm_gearnet.assembly.build`.
+
+Shapes: B proteins, N residues, E edges, D channels, P sampled residue pairs or paths.
 """
 from __future__ import annotations
 
@@ -30,8 +32,14 @@ from .base import Task
 
 # ---- sampling helpers ---------------------------------------------------------------------------------------
 def sample_in_segments(segment: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[M] bool choosing `counts[b]` items uniformly without replacement among those with `segment == b`
-    (segment: [M] the group of each item; counts: [G] how many to draw in each group)."""
+    """`counts[g]` items drawn uniformly without replacement among those with `segment == g`.
+
+    Args:
+        segment: [M] long, the group of each of M items.
+        counts: [G] long, how many to draw in each of G groups.
+    Returns:
+        [M] bool, the items drawn.
+    """
     num = len(segment)
     perm = torch.argsort(torch.rand(num, device=segment.device))
     perm = perm[torch.argsort(segment[perm], stable=True)]
@@ -42,7 +50,13 @@ def sample_in_segments(segment: torch.Tensor, counts: torch.Tensor) -> torch.Ten
 
 
 def sample_residues(graph: ProteinBatch, counts: torch.Tensor) -> torch.Tensor:
-    """[N] bool: `counts[b]` residues of known type drawn without replacement in each protein b (counts: [B]).
+    """`counts[b]` residues of known type drawn without replacement in each protein b.
+
+    Args:
+        graph: ProteinBatch [B proteins, N residues].
+        counts: [B] long.
+    Returns:
+        [N] bool, the residues drawn.
 
     DEVIATION: the original's residue-type masking drew its residues with replacement from all residues (so a
     residue could be drawn twice, and unknown residues were drawn with targets that mean nothing).
@@ -53,7 +67,15 @@ def sample_residues(graph: ProteinBatch, counts: torch.Tensor) -> torch.Tensor:
 
 
 def mask_residues(graph: ProteinBatch, mask: torch.Tensor, three_di: bool = False) -> ProteinBatch:
-    """The batch with the residues of `mask [N]` made unknown: type 20 and no side-chain atoms.
+    """The batch with the residues of `mask` made unknown: type 20 and no side-chain atoms.
+
+    Args:
+        graph: ProteinBatch [B proteins, N residues].
+        mask: [N] bool, the residues to mask.
+        three_di: whether to compute 3Di states the batch lacks, before the side chains go.
+    Returns:
+        ProteinBatch [B, N] with new `residue_type` [N], `atom_mask` [N, 14], `atom_pos` [N, 14, 3] (and
+        `three_di_state` [N] or None).
 
     The batch's 3Di states, if it has them, stay: they describe the structure before masking. With `three_di`
     (an encoder that `reads_three_di`) a batch without them gets them, computed before the side chains go
@@ -70,14 +92,27 @@ def mask_residues(graph: ProteinBatch, mask: torch.Tensor, three_di: bool = Fals
 
 
 def drop_edges(graph: ProteinBatch, keep: torch.Tensor) -> ProteinBatch:
-    """The graph with only the edges of `keep` [E] bool (edge_list [E', 3], and their edge features)."""
+    """The graph with only some of its edges.
+
+    Args:
+        graph: constructed ProteinBatch with `edge_list` [E, 3] (and `edge_feature` [E, De]).
+        keep: [E] bool, the edges to keep.
+    Returns:
+        ProteinBatch with `edge_list` [E', 3] (and `edge_feature` [E', De]), E' = keep.sum().
+    """
     feature = graph.edge_feature[keep] if graph.edge_feature is not None else None
     return graph.replace(edge_list=graph.edge_list[keep], edge_feature=feature)
 
 
 def remove_pairs(graph: ProteinBatch, node_a: torch.Tensor, node_b: torch.Tensor) -> ProteinBatch:
-    """The batch without any edge between residues a[p] and b[p] (either direction, any relation); node_a,
-    node_b: [P] residue indices."""
+    """The batch without any edge between residues node_a[p] and node_b[p] (either direction, any relation).
+
+    Args:
+        graph: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3].
+        node_a, node_b: [P] long residue indices.
+    Returns:
+        ProteinBatch with `edge_list` [E', 3], E' <= E.
+    """
     n = graph.num_residue
     pair = torch.minimum(node_a, node_b) * n + torch.maximum(node_a, node_b)
     src, dst = graph.edge_list[:, 0], graph.edge_list[:, 1]
@@ -86,8 +121,15 @@ def remove_pairs(graph: ProteinBatch, node_a: torch.Tensor, node_b: torch.Tensor
 
 
 def sample_edges(graph: ProteinBatch, num_sample: int) -> torch.Tensor:
-    """[S] edge indices: `num_sample` edges drawn with replacement in every protein that has edges; self-loops
-    (sequential offset 0) are never drawn."""
+    """`num_sample` edges drawn with replacement in every protein that has edges; self-loops (sequential offset
+    0) are never drawn.
+
+    Args:
+        graph: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3].
+        num_sample: edges per protein.
+    Returns:
+        [S] long indices into `edge_list`, S = num_sample × the proteins that have edges besides self-loops.
+    """
     candidates = (graph.edge_list[:, 0] != graph.edge_list[:, 1]).nonzero().flatten()
     edge2graph = graph.residue2graph[graph.edge_list[candidates, 1]]
     order = candidates[torch.argsort(edge2graph, stable=True)]
@@ -98,8 +140,14 @@ def sample_edges(graph: ProteinBatch, num_sample: int) -> torch.Tensor:
 
 
 def next_edges(graph: ProteinBatch, node: torch.Tensor) -> torch.Tensor:
-    """[P] for each residue of `node` [P], a random edge leaving it to another residue (index into edge_list
-    [E, 3]), -1 when it has none."""
+    """For each residue of `node`, a random edge leaving it to another residue.
+
+    Args:
+        graph: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3].
+        node: [P] long residue indices.
+    Returns:
+        [P] long indices into `edge_list`, -1 where the residue has no such edge.
+    """
     candidates = (graph.edge_list[:, 0] != graph.edge_list[:, 1]).nonzero().flatten()
     src = graph.edge_list[candidates, 0]
     order = candidates[torch.argsort(src, stable=True)]
@@ -126,12 +174,23 @@ class ResidueTypePrediction(Task):
         self.mlp = MLP(dim, [dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
 
     def sample_mask(self, graph: ProteinBatch) -> torch.Tensor:
-        """[N] bool: the residues to mask, `mask_rate` of each protein's (at least one)."""
+        """The residues to mask, `mask_rate` of each protein's (at least one).
+
+        Args:
+            graph: ProteinBatch [B proteins, N residues].
+        Returns:
+            [N] bool.
+        """
         return sample_residues(graph, (graph.num_residues.float() * self.mask_rate).long().clamp(min=1))
 
     def forward(self, batch):
-        """(loss, {"loss", "accuracy"}) on batch["graph"] (B proteins, N residues): cross-entropy of the masked
-        residues' types from their features [N, D]."""
+        """Cross entropy of the masked residues' types from their features [N, D].
+
+        Args:
+            batch: {"graph": ProteinBatch [B proteins, N residues], ...}.
+        Returns:
+            (loss [], {"loss": [], "accuracy": []} without gradient).
+        """
         graph = batch["graph"]
         mask = self.sample_mask(graph)
         masked = mask_residues(graph, mask, self.encoder.reads_three_di)
@@ -154,7 +213,13 @@ class _PathPrediction(Task):
         self.mlp = MLP(self.num_points * encoder.output_dim, hidden + [num_output])
 
     def sample_paths(self, graph: ProteinBatch) -> torch.Tensor:
-        """[P, num_points] residues of paths i-j(-k(-l)) along edges, without repeated residues."""
+        """Paths i-j(-k(-l)) along edges, without repeated residues.
+
+        Args:
+            graph: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3].
+        Returns:
+            [P, num_points] long residue indices.
+        """
         edges = sample_edges(graph, self.num_sample)
         path = [graph.edge_list[edges, 0], graph.edge_list[edges, 1]]
         valid = torch.ones_like(path[0], dtype=torch.bool)
@@ -166,15 +231,36 @@ class _PathPrediction(Task):
         return torch.stack(path, -1)[valid]
 
     def target(self, pos: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
-        """[P] what is predicted for each path, from CA positions pos [N, 3] and the paths [P, num_points]."""
+        """What is predicted for each path.
+
+        Args:
+            pos: [N, 3] CA positions (Å).
+            path: [P, num_points] residue indices (`sample_paths`).
+        Returns:
+            [P]
+        """
         raise NotImplementedError
 
     def criterion(self, pred: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """{"loss", "accuracy"} of logits pred [P, num_class] against class indices target [P]."""
+        """Cross entropy and accuracy.
+
+        Args:
+            pred: [P, num_class] logits.
+            target: [P] long class indices.
+        Returns:
+            {"loss": [], "accuracy": []}.
+        """
         loss = F.cross_entropy(pred, target)
         return {"loss": loss, "accuracy": (pred.argmax(-1) == target).float().mean()}
 
     def forward(self, batch):
+        """The geometry of sampled paths predicted from the features of their residues, their edges removed.
+
+        Args:
+            batch: {"graph": ProteinBatch [B proteins, N residues], ...}.
+        Returns:
+            (loss [], {name: [] detached}): `criterion`'s values ("loss", and "accuracy" for the classes).
+        """
         graph = self.encoder.construct(batch["graph"])
         path = self.sample_paths(graph)
         hidden = remove_pairs(graph, path[:, :-1].flatten(), path[:, 1:].flatten())
@@ -196,11 +282,25 @@ class DistancePrediction(_PathPrediction):
         super().__init__(encoder, num_sample, 1, num_mlp_layer)
 
     def target(self, pos, path):
-        """[P] the CA distance (Å) of each sampled edge: pos [N, 3], path [P, 2]."""
+        """The CA distance of each sampled edge.
+
+        Args:
+            pos: [N, 3] CA positions (Å).
+            path: [P, 2] residue indices.
+        Returns:
+            [P] distances (Å).
+        """
         return (pos[path[:, 0]] - pos[path[:, 1]]).norm(dim=-1)
 
     def criterion(self, pred, target):
-        """{"loss"}: mean squared error of pred [P, 1] against target [P]."""
+        """Mean squared error.
+
+        Args:
+            pred: [P, 1] predicted distances (Å).
+            target: [P] distances (Å).
+        Returns:
+            {"loss": []}.
+        """
         return {"loss": F.mse_loss(pred.squeeze(-1), target)}
 
 
@@ -218,7 +318,14 @@ class AnglePrediction(_GeometryClassification):
     num_points = 3
 
     def target(self, pos, path):
-        """[P] the bin of each angle: pos [N, 3], path [P, 3]."""
+        """The bin of each angle i-j-k.
+
+        Args:
+            pos: [N, 3] CA positions (Å).
+            path: [P, 3] residue indices.
+        Returns:
+            [P] long bins in [0, num_class).
+        """
         angle = functional.angle_between(pos[path[:, 0]] - pos[path[:, 1]], pos[path[:, 2]] - pos[path[:, 1]])
         return functional.to_bins(angle, self.num_class, 0.0, math.pi)
 
@@ -236,7 +343,14 @@ class DihedralPrediction(_GeometryClassification):
         self.signed = signed
 
     def target(self, pos, path):
-        """[P] the bin of each dihedral angle: pos [N, 3], path [P, 4]."""
+        """The bin of each dihedral angle i-j-k-l.
+
+        Args:
+            pos: [N, 3] CA positions (Å).
+            path: [P, 4] residue indices.
+        Returns:
+            [P] long bins in [0, num_class).
+        """
         angle = functional.dihedral(*(pos[path[:, k]] for k in range(4)), signed=self.signed)
         low = -math.pi if self.signed else 0.0
         return functional.to_bins(angle, self.num_class, low, math.pi)
@@ -251,6 +365,13 @@ class SubsequenceNode:
         self.max_length = max_length
 
     def __call__(self, graph: ProteinBatch) -> ProteinBatch:
+        """The crop.
+
+        Args:
+            graph: ProteinBatch [B proteins, N residues].
+        Returns:
+            ProteinBatch [B, N'] with N' = the sum of min(num_residues, max_length).
+        """
         lengths = graph.num_residues
         start = (torch.rand(len(lengths), device=lengths.device) * (lengths - self.max_length + 1).clamp(min=1)).long()
         position = functional.position_in_segment(lengths, graph.residue2graph)
@@ -269,6 +390,13 @@ class SubspaceNode:
         self.min_neighbor, self.min_radius = min_neighbor, min_radius
 
     def __call__(self, graph: ProteinBatch) -> ProteinBatch:
+        """The crop.
+
+        Args:
+            graph: ProteinBatch [B proteins, N residues].
+        Returns:
+            ProteinBatch [B, N'], N' <= N.
+        """
         lengths = graph.num_residues
         centre = functional.offsets(lengths) + (torch.rand(len(lengths), device=lengths.device) * lengths).long()
         distance = (graph.pos - graph.pos[centre[graph.residue2graph]]).norm(dim=-1)
@@ -284,6 +412,13 @@ class IdentityNode:
     """Noise: none."""
 
     def __call__(self, graph: ProteinBatch) -> ProteinBatch:
+        """The graph itself.
+
+        Args:
+            graph: ProteinBatch [B proteins, N residues].
+        Returns:
+            ProteinBatch [B, N], `graph`.
+        """
         return graph
 
 
@@ -295,6 +430,13 @@ class RandomEdgeMask:
         self.mask_rate = mask_rate
 
     def __call__(self, graph: ProteinBatch) -> ProteinBatch:
+        """The graph without some of its edges.
+
+        Args:
+            graph: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3].
+        Returns:
+            ProteinBatch [B, N] with `edge_list` [E', 3] (and `edge_feature` [E', De]), E' <= E.
+        """
         edge2graph = graph.residue2graph[graph.edge_list[:, 1]]
         counts = (graph.num_edges.float() * self.mask_rate).long()
         return drop_edges(graph, ~sample_in_segments(edge2graph, counts))
@@ -325,12 +467,24 @@ class MultiviewContrast(Task):
         self.mlp = MLP(encoder.output_dim, [encoder.output_dim] * num_mlp_layer)
 
     def view(self, graph: ProteinBatch) -> ProteinBatch:
-        """One random view of graph [B proteins, N residues]: a crop of each protein, its graph, then noise."""
+        """One random view: a crop of each protein, its graph, then noise.
+
+        Args:
+            graph: ProteinBatch [B proteins, N residues], before graph construction.
+        Returns:
+            constructed ProteinBatch [B, N'] (N' <= N) with `edge_list` [E, 3].
+        """
         graph = random.choice(self.crop_funcs)(graph)
         return random.choice(self.noise_funcs)(self.encoder.construct(graph))
 
     def forward(self, batch):
-        """(loss, {"loss", "accuracy"}): InfoNCE between the graph features [B, D] of two views of each protein."""
+        """InfoNCE between the graph features [B, D] of two views of each protein.
+
+        Args:
+            batch: {"graph": ProteinBatch [B proteins, N residues], ...}.
+        Returns:
+            (loss [], {"loss": [], "accuracy": []} without gradient).
+        """
         features = []
         for _ in range(2):
             output = self.encoder.encode(self.view(batch["graph"]))

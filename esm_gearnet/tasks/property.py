@@ -1,4 +1,8 @@
-"""Protein-level prediction: `MultipleBinaryClassification` (EC, GO) and `PropertyPrediction` (PSR, ...)."""
+"""Protein-level prediction: `MultipleBinaryClassification` (EC, GO) and `PropertyPrediction` (PSR, ...).
+
+Shapes: B proteins (of a batch; in `evaluate`, of a whole split), N residues, T targets per protein (the terms of
+EC/GO, the properties), C classes per target (`criterion: ce`).
+"""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -45,12 +49,25 @@ class MultipleBinaryClassification(Task):
         return list(self.metric)
 
     def scores(self, pred: torch.Tensor) -> torch.Tensor:
-        """[B, T] the probability of each term."""
+        """The probability of each term.
+
+        Args:
+            pred: [B, T] logits from `predict`.
+        Returns:
+            [B, T] probabilities.
+        """
         return torch.sigmoid(pred)
 
     def prediction_columns(self, scores, names, threshold, top):
-        """`top_terms` (the `top` best, `term:probability`) and the terms of probability at least `threshold`,
-        from scores [B, T]."""
+        """`top_terms` (the `top` best, `term:probability`) and the terms of probability at least `threshold`.
+
+        Args:
+            scores: [B, T] probabilities from `scores`.
+            names: the T term names.
+            threshold, top: the probability a listed term reaches; how many best terms to list.
+        Returns:
+            (["top_terms", "terms_above_<threshold>"], [[the two cells] of each protein]).
+        """
         rows = []
         for row in scores:
             order = torch.argsort(row, descending=True).tolist()
@@ -59,15 +76,46 @@ class MultipleBinaryClassification(Task):
         return ["top_terms", f"terms_above_{threshold:g}"], rows
 
     def predict(self, batch) -> torch.Tensor:
+        """One logit per term from the protein feature.
+
+        Args:
+            batch: {"graph": ProteinBatch [B proteins, N residues], ...}.
+        Returns:
+            [B, T] logits.
+        """
         return self.in_fp32(self.mlp, self.encoder(batch["graph"])["graph_feature"])
 
     def target(self, batch) -> torch.Tensor:
+        """The term labels.
+
+        Args:
+            batch: {"targets": [B, T] 0/1, ...}.
+        Returns:
+            [B, T] float.
+        """
         return batch["targets"].float()
 
     def loss(self, pred, target) -> torch.Tensor:
+        """Binary cross entropy averaged over proteins and terms.
+
+        Args:
+            pred: [B, T] logits.
+            target: [B, T] 0/1.
+        Returns:
+            [] the loss.
+        """
         return F.binary_cross_entropy_with_logits(pred, target)
 
     def evaluate(self, pred, target, extra=None) -> Dict[str, float]:
+        """The `metric`s over a split.
+
+        Args:
+            pred: [B, T] logits of every protein of the split.
+            target: [B, T] 0/1.
+            extra: not read.
+        Returns:
+            {metric name: value}.
+        """
         out = {}
         for name in self.metric:
             if name == "auroc@micro":
@@ -118,6 +166,7 @@ class PropertyPrediction(Task):
                        dropout=mlp_dropout)
 
     def preprocess(self, train_set) -> None:
+        """With `normalization`, the mean and std [T] of each target over the labelled proteins of `train_set`."""
         if not self.normalization:
             return
         values = dataset_targets(train_set).double().reshape(-1, len(self.task))
@@ -131,8 +180,14 @@ class PropertyPrediction(Task):
     predicts_proteins = True
 
     def scores(self, pred: torch.Tensor) -> torch.Tensor:
-        """[B, T] values (regression, in the targets' scale) or probabilities ("bce"), [B, T, C] class
-        probabilities ("ce")."""
+        """Values or probabilities.
+
+        Args:
+            pred: [B, T] (or [B, T, C] for "ce") from `predict`.
+        Returns:
+            [B, T] values (regression, in the targets' scale) or probabilities ("bce"); [B, T, C] class
+            probabilities ("ce").
+        """
         if self.criterion == "bce":
             return torch.sigmoid(pred)
         if self.criterion == "ce":
@@ -140,8 +195,15 @@ class PropertyPrediction(Task):
         return pred
 
     def prediction_columns(self, scores, names, threshold, top):
-        """One column per target: its value or probability (scores [B, T]), or ("ce", scores [B, T, C]) the most
-        probable class."""
+        """One column per target: its value or probability, or ("ce") the most probable class.
+
+        Args:
+            scores: [B, T] (or [B, T, C] for "ce") from `scores`.
+            names: the T target names.
+            threshold, top: not read.
+        Returns:
+            (the target names, [the T cells of each protein]).
+        """
         if self.criterion == "ce":
             return list(names), [[str(c) for c in row.argmax(-1).tolist()] for row in scores]
         return list(names), [[f"{v:.6g}" for v in row.tolist()] for row in scores]
@@ -154,15 +216,39 @@ class PropertyPrediction(Task):
         return names
 
     def predict(self, batch) -> torch.Tensor:
+        """The head's outputs from the protein feature.
+
+        Args:
+            batch: {"graph": ProteinBatch [B proteins, N residues], ...}.
+        Returns:
+            [B, T] values in the targets' scale ("mse", de-normalised) or logits ("bce"); [B, T, C] logits
+            ("ce").
+        """
         pred = self.in_fp32(self.mlp, self.encoder(batch["graph"])["graph_feature"])
         if self.criterion == "ce":
             return pred.view(len(pred), len(self.task), self.num_class)
         return pred * self.std + self.mean if self.normalization else pred
 
     def target(self, batch) -> torch.Tensor:
+        """The targets.
+
+        Args:
+            batch: {"targets": [B, T] (or [B] with one target), ...}.
+        Returns:
+            [B, T] float (class indices for "ce"), NaN where a label is missing.
+        """
         return batch["targets"].float().reshape(len(batch["targets"]), len(self.task))
 
     def loss(self, pred, target) -> torch.Tensor:
+        """The `criterion` on the labelled entries, averaged per target, then over targets ("mse" on standardised
+        values).
+
+        Args:
+            pred: [B, T] (or [B, T, C] for "ce") from `predict`.
+            target: [B, T], NaN where a label is missing.
+        Returns:
+            [] the loss.
+        """
         labeled = ~torch.isnan(target)
         if self.criterion == "mse":
             error = F.mse_loss((pred - self.mean) / self.std, (target - self.mean) / self.std, reduction="none")
@@ -175,6 +261,15 @@ class PropertyPrediction(Task):
         return (error.sum(0) / labeled.sum(0).clamp(min=1)).mean()
 
     def evaluate(self, pred, target, extra=None) -> Dict[str, float]:
+        """The `metric`s of each target over its labelled proteins ("metric [target]").
+
+        Args:
+            pred: [B, T] (or [B, T, C] for "ce") of every protein of the split.
+            target: [B, T], NaN where a label is missing.
+            extra: {"target_id": the target protein of each of the B proteins} for per-target Spearman (PSR).
+        Returns:
+            {metric name: value}.
+        """
         out = {}
         groups = (extra or {}).get("target_id")
         for t, name in enumerate(self.task):

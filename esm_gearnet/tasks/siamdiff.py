@@ -8,6 +8,8 @@ the *other* conformer's residue features. The structure head is equivariant: per
 conformer, an MLP of both residues' features (from the other conformer), their distance and the noise level
 gives a weight w_ij, and ε̂_i = Σ_j w_ij (x_i − x_j). Loss: γ·structure (MSE of ε) + (1 − γ)·sequence (cross
 entropy).
+
+Shapes: B proteins, N residues, E edges, D channels, L residues of one protein.
 """
 from __future__ import annotations
 
@@ -32,6 +34,13 @@ class NoiseTransform:
         self.sigma = sigma
 
     def __call__(self, item):
+        """The item with its second conformer.
+
+        Args:
+            item: {"graph": Protein [L residues], ...}.
+        Returns:
+            {"graph": Protein [L], "graph2": Protein [L] (atom_pos [L, 14, 3] noised), ...}.
+        """
         graph = item["graph"]
         noise = torch.randn_like(graph.atom_pos) * self.sigma * graph.atom_mask.unsqueeze(-1)
         return {**item, "graph2": graph.replace(atom_pos=graph.atom_pos + noise)}
@@ -41,13 +50,24 @@ class NoiseTransform:
 
 
 def sigmoid_schedule(begin: float, end: float, num: int) -> torch.Tensor:
-    """[num] betas rising from `begin` to `end` along a sigmoid (float64)."""
+    """Betas rising from `begin` to `end` along a sigmoid.
+
+    Returns:
+        [num] float64.
+    """
     return torch.sigmoid(torch.linspace(-6, 6, num, dtype=torch.float64)) * (end - begin) + begin
 
 
 def perturb(graph: ProteinBatch, scale: torch.Tensor, noise: torch.Tensor) -> ProteinBatch:
-    """Every atom of residue n moved by noise[n] · scale[graph of n] (residues move rigidly): noise [N, 3] (Å
-    before scaling), scale [B]; atom_pos [N, 14, 3] changes, nothing else."""
+    """Every atom of residue n moved by noise[n] · scale[graph of n] (residues move rigidly).
+
+    Args:
+        graph: ProteinBatch [B proteins, N residues].
+        scale: [B] the noise scale of each protein.
+        noise: [N, 3] one displacement per residue (Å before scaling).
+    Returns:
+        ProteinBatch [B, N] with new `atom_pos` [N, 14, 3] (present atoms moved), nothing else changed.
+    """
     shift = (noise * scale[graph.residue2graph].unsqueeze(-1)).unsqueeze(1) * graph.atom_mask.unsqueeze(-1)
     return graph.replace(atom_pos=graph.atom_pos + shift)
 
@@ -73,13 +93,27 @@ class SiamDiff(Task):
         self.seq_mlp = MLP(dim, [dim] * (num_mlp_layer - 1) + [constants.NUM_RESIDUE_TYPES])
 
     def sample(self, graph: ProteinBatch):
-        """(noise level t [B], sequence mask [N]) shared by both conformers."""
+        """The noise level and sequence mask shared by both conformers.
+
+        Args:
+            graph: ProteinBatch [B proteins, N residues].
+        Returns:
+            (t [B] long noise levels in [0, num_noise_level), mask [N] bool residues to mask).
+        """
         t = torch.randint(self.num_noise_level, (graph.batch_size,), device=graph.device)
         ratio = (t + 1).float() / self.num_noise_level * self.max_mask_ratio
         return t, sample_residues(graph, (graph.num_residues.float() * ratio).long().clamp(min=1))
 
     def predict_noise(self, noisy: ProteinBatch, feature: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        """[N, 3] ε̂ for the noisy (constructed) conformer from the other conformer's features [N, D]."""
+        """ε̂ for the noisy conformer from the other conformer's features.
+
+        Args:
+            noisy: constructed ProteinBatch [B proteins, N residues] with `edge_list` [E, 3].
+            feature: [N, D] the other conformer's residue features.
+            level: [B] noise level of each protein, t / num_noise_level.
+        Returns:
+            [N, 3] ε̂ = Σ_j w_ij (x_i − x_j) over the edges i -> j.
+        """
         i, j = noisy.edge_list[:, 0], noisy.edge_list[:, 1]
         delta = noisy.pos[i] - noisy.pos[j]
         distance = delta.norm(dim=-1, keepdim=True)
@@ -88,8 +122,14 @@ class SiamDiff(Task):
         return functional.segment_sum(weight * delta, i, noisy.num_residue)
 
     def forward(self, batch):
-        """(loss, logged values) on two conformers of each protein, batch["graph"] and batch["graph2"] (B
-        proteins, N residues each, atom_pos [N, 14, 3])."""
+        """The SiamDiff loss on two conformers of each protein.
+
+        Args:
+            batch: {"graph": ProteinBatch [B proteins, N residues], "graph2": ProteinBatch [B, N] (the second
+                conformer, `NoiseTransform`), ...}.
+        Returns:
+            (loss [], {"loss", "structure_loss", "sequence_loss"}: each [] detached).
+        """
         conformers = [batch["graph"], batch["graph2"]]
         t, mask = self.sample(conformers[0])
         scale = self.noise_scale[t]
