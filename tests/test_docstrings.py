@@ -38,10 +38,6 @@ import pytest
 import esm_gearnet.models
 import esm_gearnet.tasks
 
-# The lead documents ESM (the package `models.esm`, which replaced the modules `models.esm` and `models.esm_hf`)
-# while splitting it; these modules, and every module under them, are not walked.
-EXCLUDED = {"esm_gearnet.models.esm", "esm_gearnet.models.esm_hf"}
-
 TENSOR = re.compile(r"\b(Tensor|ProteinBatch)\b")
 # parameters of these names hold tensors or batches wherever the package uses them, annotated or not (rule 1c)
 TENSOR_NAMES = {"batch", "graph", "x", "pos", "frames", "residue_number", "num_residues", "adjacency"}
@@ -56,16 +52,10 @@ def has_shape(text: str) -> bool:
 ENTRY = re.compile(r"^(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*)\s*:(.*)$")
 
 
-def excluded(module_name: str) -> bool:
-    return any(module_name == name or module_name.startswith(name + ".") for name in EXCLUDED)
-
-
 def _modules(package):
-    """`package` and every module under it, excluded ones (and what lies under them) left out."""
+    """`package` and every module under it."""
     yield package
     for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
-        if excluded(info.name):
-            continue
         module = importlib.import_module(info.name)
         yield from (_modules(module) if info.ispkg else [module])
 
@@ -240,15 +230,12 @@ def test_public_tensor_functions_of_models_and_tasks_say_their_shapes():
     assert not bad, "\n".join(f"{name}: {'; '.join(lacking)}" for name, lacking in bad.items())
 
 
-def test_the_walk_finds_new_modules_and_leaves_out_only_the_excluded_ones():
+def test_the_walk_finds_every_module():
     names = {name.rsplit(".", 1)[0] for name in public_functions()} | {
         name.rsplit(".", 2)[0] for name in public_functions()}
     for module in ("esm_gearnet.models.gearnet", "esm_gearnet.models.encoder", "esm_gearnet.tasks.pretrain",
-                   "esm_gearnet.tasks.base"):
+                   "esm_gearnet.tasks.base", "esm_gearnet.models.esm.encoder", "esm_gearnet.models.esm.tokens"):
         assert module in names
-    assert not any(excluded(name) for name in names)
-    assert excluded("esm_gearnet.models.esm.encoder") and excluded("esm_gearnet.models.esm_hf")
-    assert not excluded("esm_gearnet.models.esmfold")
     # a method inherited from a private base is checked where it is written
     assert "esm_gearnet.tasks.pretrain._PathPrediction.sample_paths" in public_functions()
 

@@ -49,8 +49,17 @@ def _layer_out(layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 def sdpa_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """One ESM-2 transformer layer on padded tokens x [B, T, D] (pre-norm attention with rotary embeddings,
-    then the feed-forward)."""
+    """One ESM-2 transformer layer on padded tokens (pre-norm attention with rotary embeddings, then the
+    feed-forward).
+
+    Args:
+        layer: a fair-esm `TransformerLayer`.
+        x: [B, T, D] tokens.
+        cos, sin: [T, 1, hd] the rotary embeddings of each position.
+        attn_mask: [B, 1, 1, T] bool, False on padding; None without padding.
+    Returns:
+        [B, T, D]
+    """
     q, k, v = (t.transpose(1, 2) for t in _qkv(layer, x, cos, sin))  # [B, H, T, hd]
     h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return _layer_out(layer, x, h.transpose(1, 2))
@@ -117,11 +126,15 @@ def _flash_capable(device_index: int) -> bool:
 
 
 def varlen_kernel_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype in which `varlen_attention` runs FlashAttention's variable-length kernel on `q` [T, H, hd], or
-    None when it runs the reference instead. The kernel runs on a CUDA GPU of compute capability 8.0 or newer,
-    in bf16/fp16 (q's own dtype, else the active CUDA autocast dtype), head size a multiple of 8 up to 256, with
-    a torch that has `varlen_attn`. fp32 without autocast runs the reference, exact in fp32 (FlashAttention has
-    no fp32 kernel, and a silent cast to bf16 would change the numbers a fp32 run asked for)."""
+    """The dtype in which `varlen_attention` runs FlashAttention's variable-length kernel on `q`, or None when it
+    runs the reference instead. The kernel runs on a CUDA GPU of compute capability 8.0 or newer, in bf16/fp16
+    (q's own dtype, else the active CUDA autocast dtype), head size a multiple of 8 up to 256, with a torch that
+    has `varlen_attn`. fp32 without autocast runs the reference, exact in fp32 (FlashAttention has no fp32 kernel,
+    and a silent cast to bf16 would change the numbers a fp32 run asked for).
+
+    Args:
+        q: [T, H, hd] queries.
+    """
     if not q.is_cuda or q.shape[-1] % 8 or q.shape[-1] > 256 or varlen_kernel() is None:
         return None
     if not _flash_capable(q.device.index if q.device.index is not None else torch.cuda.current_device()):
@@ -135,8 +148,11 @@ def varlen_kernel_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
 
 
 def uses_varlen_kernel(q: torch.Tensor) -> bool:
-    """Whether `varlen_attention` runs FlashAttention's variable-length kernel on `q` [T, H, hd] (see
-    `varlen_kernel_dtype`)."""
+    """Whether `varlen_attention` runs FlashAttention's variable-length kernel (see `varlen_kernel_dtype`).
+
+    Args:
+        q: [T, H, hd] queries.
+    """
     return varlen_kernel_dtype(q) is not None
 
 

@@ -24,11 +24,20 @@ class FeatureCache:
         return key in self._features
 
     def get(self, key: bytes, device) -> torch.Tensor:
-        """[L, D] the features kept for `key`, on `device`."""
+        """The features kept for `key`, on `device`.
+
+        Returns:
+            [L, D] one protein's residue features.
+        """
         return self._features[key].to(device, non_blocking=True)
 
     def add(self, key: bytes, feature: torch.Tensor) -> None:
-        """Keep a copy of `feature` [L, D] for `key` when it is new and fits the budget."""
+        """Keep a copy of `feature` for `key` when it is new and fits the budget.
+
+        Args:
+            key: the protein's tokens as bytes.
+            feature: [L, D] its residue features.
+        """
         size = feature.numel() * feature.element_size()
         if key not in self._features and self.bytes + size <= self.budget:
             self._features[key] = feature.to("cpu", copy=True)

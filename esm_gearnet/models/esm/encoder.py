@@ -155,13 +155,23 @@ class ESM(Encoder):
         self.saprot = self.reads_three_di = self.tokens.saprot
 
     def structure_tokens(self, batch: ProteinBatch) -> Optional[torch.Tensor]:
-        """[N] long: the structure column of each residue's SaProt token (3Di state 0..19, 20 for `#`), or None
-        for a model of another vocabulary. See the class docstring for the rules."""
+        """The structure column of each residue's SaProt token (`Tokenizer.structure`; rules in the class docstring).
+
+        Args:
+            batch: residue_type [N] and the structure it holds (three_di_state [N] or atom_pos [N, 14, 3]).
+        Returns:
+            [N] long: 3Di state 0..19, 20 for `#`; None for a model of another vocabulary.
+        """
         return self.tokens.structure(batch)
 
     def token_strings(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> List[str]:
         """Each protein's tokens as one string (SaProt: `MdEvVp...`; ESM-2: its residue letters), without
-        `<cls>` / `<eos>`; `residue_mask` [N] bool marks masked residues."""
+        `<cls>` / `<eos>`.
+
+        Args:
+            batch: residue_type [N], num_residues [B].
+            residue_mask: [N] bool, masked residues.
+        """
         return self.tokens.strings(batch, residue_mask)
 
     def tokenize(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):

@@ -140,7 +140,11 @@ def _load_file(file: str) -> Dict[str, torch.Tensor]:
 
 
 def read_weights(folder: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a Hugging Face folder (one file or the shards of an index), never unpickling code."""
+    """The tensors of a Hugging Face folder (one file or the shards of an index), never unpickling code.
+
+    Returns:
+        {name: tensor [that parameter's shape]}: the folder's state_dict.
+    """
     present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
     if not present:
         raise WeightError(f"ESM: {folder} has config.json but no weights ({', '.join(WEIGHT_FILES)}); copy the "
@@ -178,6 +182,11 @@ def _show(keys: List[str]) -> str:
 def to_fair_esm(state: Dict[str, torch.Tensor], model, folder: str,
                 rope_theta: float = 10000.0) -> Dict[str, torch.Tensor]:
     """Rename a Hugging Face ESM state_dict onto the fair-esm `ESM2` module `model` (its full state_dict).
+
+    Args:
+        state: {Hugging Face name: tensor [that parameter's shape]}.
+    Returns:
+        {fair-esm name: tensor [that parameter's shape]}, every key of `model.state_dict()`.
 
     Heads the checkpoint lacks (`EsmModel` has no language-model head; older ones no contact head) are set to
     zeros (layer-norm scales to ones): they are never used for features, and loading stays deterministic.

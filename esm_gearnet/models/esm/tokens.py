@@ -23,15 +23,23 @@ MAX_RESIDUES = 1022  # ESM-2 was trained on 1024 positions, cls and eos included
 
 
 def residue_tokens(alphabet) -> torch.Tensor:
-    """[21] token id of each residue type in the framework's order (G A S P V T C I L N D Q K E M H F R Y W),
-    then unknown -> `<unk>`."""
+    """The token of each residue type in the framework's order (G A S P V T C I L N D Q K E M H F R Y W), then
+    unknown -> `<unk>`.
+
+    Returns:
+        [21] long token ids.
+    """
     tokens = [alphabet.get_idx(c) for c in constants.RESIDUE_LETTERS] + [alphabet.unk_idx]
     return torch.tensor(tokens, dtype=torch.long)
 
 
 def saprot_tokens(alphabet) -> torch.Tensor:
-    """[22, 21] token id of (residue row, structure column): rows the residue types, unknown (`<unk>`) and a
-    masked amino acid (`#`); columns the 3Di states 0..19 and masked structure (`#`)."""
+    """SaProt's token of (residue row, structure column): rows the residue types, unknown (`<unk>`) and a masked
+    amino acid (`#`); columns the 3Di states 0..19 and masked structure (`#`).
+
+    Returns:
+        [22, 21] long token ids.
+    """
     from ...data.foldseek import THREE_DI_LETTERS
 
     structure = [c.lower() for c in THREE_DI_LETTERS] + ["#"]
@@ -60,8 +68,14 @@ class Tokenizer(nn.Module):
             self.register_buffer("saprot_mapping", saprot_tokens(alphabet), persistent=False)
 
     def structure(self, batch: ProteinBatch) -> Optional[torch.Tensor]:
-        """[N] long: the structure column of each residue's SaProt token (3Di state 0..19, 20 for `#`), or None
-        for an alphabet without structure. See `ESM` for the rules."""
+        """The structure column of each residue's SaProt token (see `ESM` for the rules).
+
+        Args:
+            batch: residue_type [N], three_di_state [N] when kept (else computed from atom_pos [N, 14, 3]), and
+                bfactor [N] with `plddt_mask`.
+        Returns:
+            [N] long: 3Di state 0..19, 20 for `#`; None for an alphabet without structure.
+        """
         if not self.saprot:
             return None
         from ...data import foldseek
@@ -103,7 +117,12 @@ class Tokenizer(nn.Module):
 
     def strings(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> List[str]:
         """Each protein's tokens as one string (SaProt: `MdEvVp...`; ESM-2: its residue letters; special tokens as
-        written, e.g. `<unk>`), without `<cls>` / `<eos>`. `residue_mask`: [N] bool, as in `ids`."""
+        written, e.g. `<unk>`), without `<cls>` / `<eos>`.
+
+        Args:
+            batch: residue_type [N], num_residues [B] (and what `structure` reads).
+            residue_mask: [N] bool, as in `ids`.
+        """
         ids = self.ids(batch.residue_type, residue_mask, self.structure(batch))
         return ["".join(self.alphabet.all_toks[i] for i in chunk.tolist())
                 for chunk in ids.split(batch.num_residues.tolist())]
@@ -130,7 +149,10 @@ class Tokenizer(nn.Module):
         """Padded tokens, one row per window.
 
         Args:
-            residue_type: [N]; num_residues: [B]; residue_mask, structure: [N] as in `ids`.
+            residue_type: [N] residue types.
+            num_residues: [B] residues of each protein.
+            residue_mask: [N] bool, as in `ids`.
+            structure: [N] SaProt's structure column, as in `ids`.
         Returns:
             tokens [W, T], and the (window row, column) of every packed residue ([N], [N]).
         """
@@ -153,7 +175,10 @@ class Tokenizer(nn.Module):
         """Unpadded tokens: every window its own `<cls>` ... `<eos>` sequence, all sequences one after the other.
 
         Args:
-            residue_type: [N]; num_residues: [B]; residue_mask, structure: [N] as in `ids`.
+            residue_type: [N] residue types.
+            num_residues: [B] residues of each protein.
+            residue_mask: [N] bool, as in `ids`.
+            structure: [N] SaProt's structure column, as in `ids`.
         Returns:
             tokens [T], cu_seqlens [W + 1] (sequence w holds tokens cu_seqlens[w] .. cu_seqlens[w + 1] - 1) and
             the token of every packed residue [N].
