@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from esm_gearnet import checkpoint, load_config
 from esm_gearnet.assembly import build_predictor, build_task
 from esm_gearnet.checkpoint import CheckpointError, load_state_dict_checked, skipping_init
-from esm_gearnet.commands import finetune
+from esm_gearnet.commands import finetune, pretrain
 from esm_gearnet.commands.embed import load_encoder
 from esm_gearnet.commands.inputs import load_run
 from esm_gearnet.config import plain
@@ -264,8 +264,10 @@ def test_ckpt_of_a_run_in_build_downstream(tmp_path):
     cfg = _demo()
     trained = _trained(cfg)
     checkpoint.save_atomic(checkpoint.pack(trained, plain(cfg), ["t"]), tmp_path / "best.pth")
-    engine = finetune.build_downstream(cfg, None, seed=0, ckpt=str(tmp_path), progress=False)
+    engine, written, _ = _build(lambda: finetune.build_downstream(cfg, None, seed=0, ckpt=str(tmp_path),
+                                                                  progress=False))
     _assert_same_state(engine.task.encoder, trained.encoder)
+    assert written == {id(p) for name, p in engine.task.named_parameters() if not name.startswith("encoder.")}
 
 
 def test_embed_and_predict_build_from_a_run_without_initialising(tmp_path, all_proteins):
@@ -300,3 +302,24 @@ def test_resume_reads_its_checkpoint_once_and_not_ckpt(tmp_path, monkeypatch):
     assert not written
     _assert_same_state(resumed.task, engine.task)
     assert resumed.epoch == engine.epoch and resumed.step == engine.step and resumed.history == engine.history
+
+
+def test_pretrain_ckpt_builds_the_encoder_from_its_weights(tmp_path, monkeypatch):
+    config = Path(__file__).resolve().parents[1] / "config" / "demo" / "pretrain_mc_esm_gearnet.yaml"
+    cfg = load_config(str(config), {"num_protein": 8})
+    trained = build_task(cfg)
+    randomized_weights(trained, seed=9)
+    checkpoint.save_atomic(checkpoint.pack(trained, plain(cfg)), tmp_path / "model_epoch_1.pth")
+    built = []
+    real_build_task = pretrain.build_task
+
+    def spy(*args, **kwargs):
+        built.append((kwargs, real_build_task(*args, **kwargs)))
+        return built[-1][1]
+
+    monkeypatch.setattr(pretrain, "build_task", spy)
+    pretrain.run_pretrain(["-c", str(config), "--num_protein", "8", "--output_dir", str(tmp_path / "out"),
+                           "--ckpt", str(tmp_path / "model_epoch_1.pth"), "--train.num_epoch", "0"])
+    ((kwargs, task),) = built
+    assert kwargs["source"] == str(tmp_path / "model_epoch_1.pth") and kwargs["encoder_state"] is not None
+    _assert_same_state(task.encoder, trained.encoder)
