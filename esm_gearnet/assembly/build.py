@@ -190,13 +190,21 @@ def runtime_task_list(cfg, task_names: Sequence[str]) -> List[Any]:
 
 
 def build_task(cfg, task_list: Optional[Sequence] = None, state: Optional[Dict[str, torch.Tensor]] = None,
-               source: str = "the checkpoint") -> Task:
+               source: str = "the checkpoint", encoder_state: Optional[Dict[str, torch.Tensor]] = None) -> Task:
     """The task of a config: its encoder (`build_encoder`) and head. `task_list` is the runtime `task.task`
-    of fine-tuning tasks (see `runtime_task_list`); pre-training objectives take none. With `state` (the task's
-    state_dict, `checkpoint.task_state`, read from `source`), nothing is initialised: the task takes its tensors."""
+    of fine-tuning tasks (see `runtime_task_list`); pre-training objectives take none.
+
+    Weights read from `source`, given as one of:
+        state: the task's whole state_dict (`checkpoint.task_state`: --resume, predict): nothing is initialised,
+            the task takes its tensors.
+        encoder_state: the encoder's state_dict (--ckpt): the encoder is built from it without initialising it
+            (`build_encoder`); the head is initialised as without weights.
+    """
+    if state is not None and encoder_state is not None:
+        raise ValueError("build_task takes the task's state or the encoder's, not both.")
     runtime = {"task": list(task_list)} if task_list is not None else {}
     with checkpoint.skipping_init() if state is not None else nullcontext():
-        task = build(*_head(cfg), encoder=build_encoder(cfg), **runtime)
+        task = build(*_head(cfg), encoder=build_encoder(cfg, encoder_state, source), **runtime)
     if state is not None:
         checkpoint.load_state_dict_checked(task, state, source, assign=True)
     return task

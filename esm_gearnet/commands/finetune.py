@@ -16,7 +16,7 @@ from ..engine.run_log import format_metrics
 from ..registry import build
 from .arguments import DESCRIPTIONS
 from .exits import one_sentence
-from .run import load_encoder_weights, resume_file, setup_logging, training_run
+from .run import encoder_weights, resume_file, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -29,7 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str] = None,
                      progress: bool = True, resume_from: Optional[Path] = None) -> Engine:
-    """Dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer, engine.
+    """Dataset, task (runtime task list, --ckpt weights, training-split statistics), optimizer, engine. The
+    encoder of --ckpt (or the config's `model_checkpoint`) is built from its weights, never initialised.
 
     `resume_from`: the checkpoint a resumed run continues from: the task is built from its weights and
     statistics, never initialised (--ckpt is not read: those weights would be replaced), and the engine resumes
@@ -42,10 +43,9 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
     if resumed is not None:
         task = build_task(cfg, task_list, checkpoint.task_state(resumed), str(resume_from))
     else:
-        task = build_task(cfg, task_list)
         weights = ckpt or cfg.get("model_checkpoint")
-        if weights:
-            load_encoder_weights(task, weights)
+        encoder, source = encoder_weights(weights) if weights else (None, "the checkpoint")
+        task = build_task(cfg, task_list, source=source, encoder_state=encoder)
         task.preprocess(train_set)
     metric = selection_metric(cfg, task)
     optimizer = build_optimizer(cfg, task)

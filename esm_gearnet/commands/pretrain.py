@@ -26,7 +26,7 @@ from ..engine import Engine, Stage
 from ..registry import build
 from .arguments import DESCRIPTIONS
 from .exits import one_sentence
-from .run import load_encoder_weights, resume_file, setup_logging, training_run
+from .run import encoder_weights, resume_file, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -52,10 +52,11 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
         resumed = checkpoint.load(resume_file(resume)) if resume else None
         if resumed is not None:  # built from the checkpoint's weights, never initialised; --ckpt not read
             task = build_task(cfg, state=checkpoint.task_state(resumed), source=str(resume_file(resume)))
+        elif args.ckpt:  # the encoder built from --ckpt's weights, never initialised; the head fresh
+            encoder, source = encoder_weights(args.ckpt)
+            task = build_task(cfg, source=source, encoder_state=encoder)
         else:
             task = build_task(cfg)
-            if args.ckpt:
-                load_encoder_weights(task, args.ckpt)
         engine = Engine(task, None, None, None, build_optimizer(cfg, task), run_dir=run_dir, config=cfg,
                         seed=args.seed, **dict(cfg.get("engine") or {}))
         torch.manual_seed(args.seed + distributed.rank())

@@ -13,7 +13,7 @@ import time
 import traceback
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -91,13 +91,13 @@ def make_run_dir(cfg, resume: Optional[str]) -> Path:
     return Path(distributed.broadcast_object(name))
 
 
-def load_encoder_weights(task, path) -> None:
-    """`--ckpt`: the encoder's weights from a checkpoint of this framework (best.pth, last.pth,
-    model_epoch_N.pth) or one of the original's bare state_dicts; the head starts fresh."""
+def encoder_weights(path) -> Tuple[Dict[str, torch.Tensor], str]:
+    """`--ckpt`: (the encoder's state_dict, the file it was read from) of a checkpoint of this framework
+    (best.pth, last.pth, model_epoch_N.pth) or one of the original's bare state_dicts, for
+    `build_task(..., encoder_state=...)`: the encoder is built with these weights, the head starts fresh."""
     path = checkpoint.locate(path)
     logger.info("loading encoder weights from %s", path)
-    state = checkpoint.encoder_state(checkpoint.load(path), str(path))
-    checkpoint.load_state_dict_checked(task.encoder, state, str(path))
+    return checkpoint.encoder_state(checkpoint.load(path), str(path)), str(path)
 
 
 @contextmanager
@@ -235,5 +235,5 @@ def resume_file(resume) -> Path:
     return checkpoint.locate(resume, ("last.pth",))
 
 
-__all__ = ["load_encoder_weights", "resume_file", "seed_everything", "setup_logging",
+__all__ = ["encoder_weights", "resume_file", "seed_everything", "setup_logging",
            "training_run"]

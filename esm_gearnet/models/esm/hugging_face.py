@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from typing import Dict, List, Tuple
 
 import torch
@@ -132,11 +133,13 @@ def check_architecture(folder: str, config: Dict) -> None:
 # ---- weights -----------------------------------------------------------------------------------------------
 
 def _load_file(file: str) -> Dict[str, torch.Tensor]:
+    """The tensors of one weight file, memory-mapped: safetensors maps its files; a pytorch_model.bin in torch's
+    zip format is mapped too (read whole in torch's older format)."""
     if file.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(file, device="cpu")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
 
 
 def read_weights(folder: str) -> Dict[str, torch.Tensor]:

@@ -9,8 +9,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from .architecture import (ARCHITECTURES, DEFAULT_MODEL, WeightError, build_esm2, esm2_from_checkpoint,
-                           load_esm_checkpoint)
+from ...checkpoint import skipping_init
+from .architecture import (
+    ARCHITECTURES,
+    DEFAULT_MODEL,
+    WeightError,
+    build_esm2,
+    esm2_from_checkpoint,
+    load_esm_checkpoint,
+)
 from .hugging_face import is_hf_folder, load_hf_esm
 from .vocabularies import VOCABULARIES
 
@@ -52,8 +59,10 @@ def load_esm_model(path: str, stem: str):
         if stem.startswith("esm2"):
             model_data["model"].update(regression_data["model"])
             return esm2_from_checkpoint(model_data, file)
-        # ESM-1b: fair-esm's own loader (its module initialises, then loads)
-        return esm.pretrained.load_model_and_alphabet_core(stem, model_data, regression_data)
+        # ESM-1b: fair-esm's own loader, which copies the file's weights into its module, strictly (the
+        # contact-regression keys are always given): the module is built without initialising them
+        with skipping_init():
+            return esm.pretrained.load_model_and_alphabet_core(stem, model_data, regression_data)
 
 
 def weight_source(path: Optional[str], model: Optional[str], pretrained: bool,
