@@ -23,7 +23,9 @@ on CUDA. The tests run with ESM_GEARNET_REQUIRE_DATA=1: a test that would skip f
 each step, the deadline), plus a planted step that overruns its limit (benchmarks/planted_overrun.py), which
 must be killed with its children and leave no process; the whole rehearsal takes under 3 minutes.
 
-Without CUDA and without --rehearse it says so in one line and exits 0.
+Without CUDA and without --rehearse it says so in one line and exits 0. Left out of the steps for time:
+saprot_step.py (SaProt against ESM-2 of one size: equal within the run-to-run spread on the CPU) and
+esm_attention.py's part 1 (equal lengths, no padding); run them by hand when a GPU session has time left.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One step of the GPU check as a process: its own session, a time limit, its output streamed to a log file, and at
 the limit the whole of it killed, children included.
 
-A step is killed with every process it started: its process group (`os.killpg`) and, before that, every
+A step is killed with every process it started: its process group (`os.killpg`) and every
 descendant found through the parent links in /proc, since some launchers start their workers in sessions of
 their own (torch.distributed.run does: a killed launcher would leave its ranks holding the GPU). After a kill
 the step's processes are looked for again; any still alive are named in the outcome.
@@ -42,7 +42,7 @@ class Outcome:
     def describe(self) -> str:
         left = f"{len(self.left)} LEFT ALIVE: {', '.join(map(str, self.left))}" if self.left else "none left"
         if self.timed_out:
-            return f"timed out: killed with {len(self.killed)} child process(es), {left}"
+            return f"timed out: killed with {len(self.killed)} process(es) it started, {left}"
         status = "ok" if self.code == 0 else f"failed (exit {self.code})"
         if self.killed:
             status += f"; {len(self.killed)} process(es) it left running killed, {left}"
@@ -66,7 +66,8 @@ def _processes() -> Dict[int, tuple]:
 
 def members(leader: int, known: Sequence[int] = ()) -> List[int]:
     """Live processes (zombies excluded) of the step whose first process is `leader`: its process group, its
-    descendants, and the pids in `known` (found earlier, perhaps since orphaned)."""
+    descendants (whatever their session), and those of `known` still alive (found earlier, perhaps orphaned
+    since)."""
     table = _processes()
     found = {pid for pid, (_, _, group) in table.items() if group == leader}
     found |= {pid for pid in known if pid in table}
@@ -82,23 +83,25 @@ def members(leader: int, known: Sequence[int] = ()) -> List[int]:
 
 def kill_step(leader: int, grace: float = 5.0) -> tuple:
     """Kill every process of the step (`members`); (killed pids other than the leader, pids still alive after
-    `grace` seconds)."""
-    victims = set(members(leader))
+    `grace` seconds). Only processes found in the step's group or below its live processes are killed, never a
+    pid remembered from before (it could have been given to another process since)."""
+    killed = set()
     deadline = time.monotonic() + grace
     while True:
-        try:
+        found = members(leader)
+        try:  # the group's id is the leader's pid, which stays reserved until the leader is reaped (run_step)
             os.killpg(leader, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        for pid in members(leader, victims):
-            victims.add(pid)
+        for pid in found:  # and those that left the group (own sessions), and the group itself again
             try:
                 os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
             except (ProcessLookupError, PermissionError):
                 pass
-        alive = members(leader, victims)
+        alive = members(leader, killed)
         if not alive or time.monotonic() > deadline:
-            return sorted(victims - {leader}), alive
+            return sorted(killed - {leader}), alive
         time.sleep(0.05)
 
 
