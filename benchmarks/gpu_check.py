@@ -99,7 +99,7 @@ STEPS = [
          ["benchmarks/esm_attention.py", "--part", "2", *ESM_650M, "--precision", "bf16", "--repeats", "3",
           *COMMON, *PEAK], 100, 45,
          ["benchmarks/esm_attention.py", "--part", "2", "--esm", "2,64,4", "--precision", "fp32", "--repeats", "1",
-          "--max-proteins", "8", *COMMON, *PEAK], 40, 10),
+          "--max-proteins", "8", *COMMON, *PEAK], 40, 15),
     Step("ec_step", "the EC training step with ESM-2 650M against the original path, a few levers",
          ["benchmarks/train_step.py", *ESM_650M, "--batch", "8", "--repeats", "2", "--max-proteins", "48",
           "--levers", "baseline,bf16,unpadded,frozen", *COMMON, *PEAK], 150, 80,
@@ -120,7 +120,7 @@ STEPS = [
          ["benchmarks/train_step.py", *ESM_650M, "--batch", "8", "--repeats", "1", "--max-proteins", "48",
           "--levers", "unpadded", "--max-batch", "unpadded", "--batch-limit", "512", *COMMON, *PEAK], 120, 90,
          ["benchmarks/train_step.py", *TINY_EC, "--batch", "2", "--repeats", "1", "--max-proteins", "4",
-          "--levers", "unpadded", "--max-batch", "unpadded", "--batch-limit", "4", *COMMON, *PEAK], 60, 15),
+          "--levers", "unpadded", "--max-batch", "unpadded", "--batch-limit", "4", *COMMON, *PEAK], 60, 25),
 ]
 
 
