@@ -343,6 +343,10 @@ def main(argv=None) -> int:
                                                           else [])))
     if args.rehearse:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the rehearsal is the CPU's, even on a GPU machine
+        # tiny steps are all thread barriers: on a loaded 2-core machine 2 threads made `encoders` 8x slower
+        # (34 s against 4 s with one), so the rehearsal uses one unless told otherwise
+        env.setdefault("OMP_NUM_THREADS", "1")
+        header.append(f"- the steps run with OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
     context = {"device": device, "peak": "0", "results": str(out / RESULTS)}
     records = []
     for step in steps:
