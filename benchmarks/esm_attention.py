@@ -13,8 +13,14 @@ Two parts, same weights in every path:
    The two paths are timed in alternation (medians of --repeats rounds after a warm-up round).
    On CPU, and in fp32 on CUDA, the unpadded path runs its reference attention (one SDPA per sequence); under
    bf16 on CUDA it runs FlashAttention's variable-length kernel (torch.nn.attention.varlen.varlen_attn).
+   Also the model FLOPs utilisation of each path (benchmarks/esm_flops.py over the real tokens, against the
+   matrix-product peak: --peak-tflops, or measured here with benchmarks/peak.py).
+
+One device per run (--device, default cuda when present): on a GPU no CPU row is run. Models are built on the
+device (random initialisation there, never on the CPU and then moved).
 
     python benchmarks/esm_attention.py [--repeats 3] [--batch 4] [--length 550] [--part 1,2] [--esm 6,320,20]
+                                       [--device cpu|cuda] [--precision fp32,bf16] [--peak-tflops 0]
 """
 import argparse
 import contextlib
@@ -27,25 +33,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks._common import alternating_times, median_time, real_structure_files, report  # noqa: E402
+from benchmarks.esm_flops import esm_flops  # noqa: E402
+from benchmarks.peak import peak_tflops  # noqa: E402
 from esm_gearnet.data import Protein, ProteinBatch, constants, load_structures  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
 from esm_gearnet.models import ESM  # noqa: E402
 from esm_gearnet.models.esm import MAX_RESIDUES, uses_varlen_kernel  # noqa: E402
 
 
-def settings(cuda, architectures):
-    """(device, architecture, autocast dtype) rows: the CPU's without CUDA, only CUDA's on a GPU machine."""
-    if not cuda:
-        return [("cpu", arch, None) for arch in architectures["cpu"]]
-    return [("cuda", arch, dtype) for arch in architectures["cuda"] for dtype in (None, torch.bfloat16)]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def settings(args, architectures):
+    """(device, architecture, autocast dtype or None) of every row: the one device's architectures x precisions."""
+    return [(args.device, arch, PRECISIONS[precision]) for arch in architectures[args.device]
+            for precision in args.precision]
 
 
 def build(arch, attentions, device):
+    """One model per attention path, the same weights in each, built on the device."""
     models = {}
     for attention in attentions:
         torch.manual_seed(0)
-        with torch.device(device):  # initialised where it runs, never on the CPU and moved
-            models[attention] = ESM(pretrained=False, architecture=arch, attention=attention).to(device)
+        with torch.device(device):
+            models[attention] = ESM(pretrained=False, architecture=arch, attention=attention)
     return models
 
 
@@ -87,7 +98,7 @@ def equal_lengths(args):
     proteins = [Protein.from_sequence("".join(letters[i] for i in torch.randint(20, (args.length,), generator=generator)))
                 for _ in range(args.batch)]
     architectures = {"cpu": [(6, 320, 20), (12, 480, 20)], "cuda": [(6, 320, 20), (12, 480, 20), (33, 1280, 20)]}
-    for device, arch, dtype in settings(torch.cuda.is_available(), architectures):
+    for device, arch, dtype in settings(args, architectures):
         batch = ProteinBatch.pack(proteins).to(device)
         times = {}
         for attention, model in build(arch, ("esm", "sdpa", "varlen"), device).items():
@@ -121,7 +132,10 @@ def real_lengths(args):
           f"random batches of {args.batch}; padded tokens / real tokens = {padded_tokens / tokens:.3f}")
     architectures = {"cpu": [args.esm] if args.esm else [(6, 320, 20), (12, 480, 20)],
                      "cuda": [args.esm] if args.esm else [(6, 320, 20), (33, 1280, 20)]}
-    for device, arch, dtype in settings(torch.cuda.is_available(), architectures):
+    lengths = [min(len(p) - start, MAX_RESIDUES) + 2 for p in proteins for start in range(0, len(p), MAX_RESIDUES)]
+    for device, arch, dtype in settings(args, architectures):
+        peak = peak_tflops(device, dtype or torch.float32, args.peak_tflops)
+        flops = esm_flops(arch, lengths)
         batches = [b.to(device) for b in cpu_batches]
         models = build(arch, ("sdpa", "varlen"), device)
         with torch.no_grad(), (torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()):
@@ -136,13 +150,14 @@ def real_lengths(args):
         figures = {}
         for attention, (fwd, fwdbwd) in times.items():
             row = "padded (sdpa)" if attention == "sdpa" else "unpadded (varlen)"
+            mfu = (flops / fwd / (peak * 1e12), 3 * flops / fwdbwd / (peak * 1e12))
             print(f"{device} {label} {name} {row:>17s}: fwd {len(proteins) / fwd:8.2f} proteins/s "
-                  f"{tokens / fwd:10.0f} tokens/s | fwd+bwd {len(proteins) / fwdbwd:8.2f} proteins/s "
-                  f"{tokens / fwdbwd:10.0f} tokens/s")
+                  f"{tokens / fwd:10.0f} tokens/s MFU {mfu[0]:.3f} | fwd+bwd {len(proteins) / fwdbwd:8.2f} "
+                  f"proteins/s {tokens / fwdbwd:10.0f} tokens/s MFU {mfu[1]:.3f}")
             figures[attention] = {"fwd_proteins_per_s": round(len(proteins) / fwd, 2),
-                                  "fwd_tokens_per_s": round(tokens / fwd),
+                                  "fwd_tokens_per_s": round(tokens / fwd), "fwd_mfu": round(mfu[0], 4),
                                   "fwd_bwd_proteins_per_s": round(len(proteins) / fwdbwd, 2),
-                                  "fwd_bwd_tokens_per_s": round(tokens / fwdbwd)}
+                                  "fwd_bwd_tokens_per_s": round(tokens / fwdbwd), "fwd_bwd_mfu": round(mfu[1], 4)}
         speedup = (times["sdpa"][0] / times["varlen"][0], times["sdpa"][1] / times["varlen"][1])
         tolerance = 2e-2 if dtype else 1e-5
         print(f"{device} {label} {name}   unpadded / padded: fwd {speedup[0]:.2f}x  fwd+bwd {speedup[1]:.2f}x; "
@@ -151,20 +166,8 @@ def real_lengths(args):
         report("esm_unpadded", device=device, precision=label, model=name, batch=args.batch,
                proteins=len(proteins), tokens=tokens, padded_tokens=padded_tokens, attention_kernel=kernel,
                padded=figures["sdpa"], unpadded=figures["varlen"], speedup_fwd=round(speedup[0], 2),
-               mfu_fwd_bwd=mfu(arch, proteins, times, args.peak_tflops),
                speedup_fwd_bwd=round(speedup[1], 2), feature_relative_difference=difference,
-               threads=torch.get_num_threads())
-
-
-def mfu(arch, proteins, times, peak_tflops):
-    """{path: model FLOP/s of forward + backward / the measured peak} or None without a peak. Model FLOPs per
-    sequence of L tokens: 3 x (2 x 12 layers d^2 L + 4 layers d L^2), the padding credited nothing."""
-    if not peak_tflops:
-        return None
-    layers, width, _ = arch
-    flops = sum(3 * (2 * 12 * layers * width * width * (len(p) + 2) + 4 * layers * width * (len(p) + 2) ** 2)
-                for p in proteins)
-    return {path: round(flops / seconds[1] / (peak_tflops * 1e12), 3) for path, seconds in times.items()}
+               peak_tflops=round(peak, 3), threads=torch.get_num_threads())
 
 
 def main():
@@ -175,10 +178,17 @@ def main():
     parser.add_argument("--part", default="1,2", help="1: equal lengths, 2: padded vs unpadded on real lengths")
     parser.add_argument("--esm", default=None, help="part 2: one layers,width,heads instead of the defaults")
     parser.add_argument("--max-proteins", type=int, default=48, help="part 2: real structures used")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's measured matrix-product "
-                        "peak (benchmarks/peak.py), for MFU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default=None,
+                        help="comma-separated fp32, bf16 (autocast); default fp32 on the CPU, fp32,bf16 on CUDA")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the device's matrix-product peak in its own precision (bf16 on CUDA, fp32 on the "
+                             "CPU), as the GPU check's peak step measured it; 0: measured here")
     args = parser.parse_args()
     args.esm = tuple(int(x) for x in args.esm.split(",")) if args.esm else None
+    args.precision = (args.precision or ("fp32,bf16" if args.device == "cuda" else "fp32")).split(",")
+    if set(args.precision) - set(PRECISIONS):
+        parser.error(f"--precision: choose from {', '.join(PRECISIONS)}.")
     parts = set(args.part.split(","))
     if "1" in parts:
         equal_lengths(args)

@@ -21,14 +21,21 @@ Levers, cumulative down to `sparse` (or `bf16` on CUDA), then each opt-in on top
     frozen       + ESM frozen, run without autograd (esm_gearnet_freeze.yaml: changes the science)
     cache        + frozen ESM's features cached per protein (`feature_cache_gib`); the timed epochs hit it
 
-Every lever is checked against the plain path (fair-esm attention, index_add_, fp32) on the same batch, same
+Every lever is checked against the plain path (fair-esm attention, index_add_, fp32) on one batch of
+CHECK_BATCH proteins (whatever --batch is, so the fp32 reference never decides how large a batch fits), same
 weights: the relative difference of the loss (fp32 levers: below 1e-5; bf16: below 2e-2) and the largest
-relative difference of a parameter gradient (reported). On CUDA the ESM part's model FLOPs utilisation is
-printed: 6 x non-embedding parameters + 12 x layers x width x length FLOPs per residue (forward + backward;
-frozen: a third of it), over the measured time, against --peak-tflops.
+relative difference of a parameter gradient (reported). The ESM part's model FLOPs utilisation is printed
+(benchmarks/esm_flops.py over the real tokens, forward + backward; frozen: the forward), over the measured
+time, against the device's matrix-product peak in its own precision (bf16 on CUDA, fp32 on the CPU):
+--peak-tflops, or measured here (benchmarks/peak.py) when 0.
+
+Models are built on the device (random initialisation there, never on the CPU and then moved). Each lever's
+process writes its figures into a file the parent reads; its output goes where the parent's goes (the GPU
+check's log, as it is printed). --max-batch LEVER then doubles the batch of that lever (a process each, without
+the check, which ran at the first batch) until one runs out of GPU memory or reaches --batch-limit.
 
     python benchmarks/train_step.py [-c config/EC/esm_gearnet.yaml] [--esm 6,320,20] [--batch 8] [--repeats 2]
-    python benchmarks/train_step.py --esm 33,1280,20 --peak-tflops 989   # ESM-2-650M on an H200 (bf16 dense)
+    python benchmarks/train_step.py --esm 33,1280,20 --levers baseline,bf16,unpadded   # ESM-2-650M on a GPU
 """
 import argparse
 import copy
@@ -37,6 +44,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -47,6 +55,8 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from benchmarks._common import real_structure_files, report  # noqa: E402
+from benchmarks.esm_flops import esm_flops  # noqa: E402
+from benchmarks.peak import device_dtype, peak_tflops  # noqa: E402
 from esm_gearnet.config import load_config  # noqa: E402
 from esm_gearnet.data import collate, load_structures  # noqa: E402
 from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
@@ -56,6 +66,8 @@ from esm_gearnet.assembly import build_task as assemble_task, model_config, opti
 from esm_gearnet.registry import resolve  # noqa: E402
 
 NUM_TASK = 538  # EC
+CHECK_BATCH = 4  # proteins of the batch every lever is checked on against the plain fp32 path
+OUT_OF_MEMORY = 3  # exit status of a lever process that ran out of GPU memory
 PLAIN = dict(attention="esm", bucket=False, aggregation="scatter", precision="fp32", ratio=0.1, compile=False,
              checkpointing=False, cache_gib=0.0)
 DESCRIPTIONS = {
@@ -69,9 +81,6 @@ DESCRIPTIONS = {
     "frozen": "+ ESM frozen, no autograd (a different experiment)",
     "cache": "+ ESM frozen, features cached per protein",
 }
-
-
-CHECK_BATCH = 4  # proteins of the batch each lever is checked on against the plain path
 
 
 def lever_options(cuda):
@@ -103,7 +112,7 @@ def build_task(cfg, esm, options, device):
     model.structure_model["aggregation"] = options["aggregation"]  # GearNet's sparse product or index_add_
     cfg.sequence_model_lr_ratio = options["ratio"]
     torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs, never on the CPU and moved
+    with torch.device(device):  # initialised on the device: a 650M ESM-2 takes ~20 s to initialise on 2 cores
         task = assemble_task(cfg, list(range(NUM_TASK)))
     optimizer = torch.optim.Adam(optimizer_groups(cfg, task, 1e-4), lr=1e-4)
     return task.to(device).train(), optimizer
@@ -144,7 +153,7 @@ def loss_and_gradients(task, batch, options, passes=1):
         with autocast(options["precision"]):
             loss, _ = task(batch)
         loss.backward()
-    return float(loss), {n: p.grad.float() for n, p in task.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.float() for n, p in task.named_parameters() if p.grad is not None}
 
 
 def check(cfg, esm, options, batch, device):
@@ -157,13 +166,6 @@ def check(cfg, esm, options, batch, device):
     gradient = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-30))
                    for n, g in reference_grads.items() if n in grads)
     return abs(loss - reference) / abs(reference), gradient
-
-
-def esm_flops_per_residue(esm, length, trained=True):
-    layers, width, _ = esm
-    non_embedding = layers * 12 * width * width  # attention 4 d^2 + feed-forward 8 d^2 per layer
-    forward = 2 * non_embedding + 4 * layers * width * length
-    return 3 * forward if trained else forward
 
 
 def run_lever(args, name, cfg, esm, items, device):
@@ -186,38 +188,51 @@ def run_lever(args, name, cfg, esm, items, device):
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     figures = {"proteins_per_s": round(len(items) / seconds, 2), "residues_per_s": round(residues / seconds),
                "padding": round(padded / residues, 3), "peak_memory_gib": round(memory, 2)}
-    if device.type == "cuda" and not options["cache_gib"]:  # with the cache, ESM does not run in timed epochs
-        # model FLOPs: each residue attends over its own protein only (padding is not useful work), so the
-        # padded and unpadded paths are credited the same FLOPs for the same data
-        flops = sum(esm_flops_per_residue(esm, n, options["ratio"] > 0) * n
-                    for b in data for n in b["graph"].num_residues.tolist())
-        figures["esm_mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 3)
+    if not options["cache_gib"]:  # with the cache, ESM does not run in the timed epochs
+        # each protein's tokens (<cls> + residues + <eos>): padding is not useful work, so the padded and
+        # unpadded paths are credited the same FLOPs for the same data
+        flops = esm_flops(esm, [n + 2 for b in data for n in b["graph"].num_residues.tolist()], options["ratio"] > 0)
+        figures["esm_mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 4)
     del task, optimizer
-    # the references run at a small fixed batch: their memory is not what the lever's batch size measures
+    if args.no_check:
+        return figures
     figures["loss_difference"], figures["gradient_difference"] = check(
-        cfg, esm, options, to_device(batches(items, min(args.batch, CHECK_BATCH), False)[0], device), device)
+        cfg, esm, options, to_device(batches(items, CHECK_BATCH, False)[0], device), device)
     tolerance = 2e-2 if options["precision"] == "bf16" else 1e-5
     figures["loss_check"] = "ok" if figures["loss_difference"] < tolerance else f"FAILED (> {tolerance})"
     return figures
 
 
+def run_lever_process(args, lever, batch, check=True):
+    """(exit status, figures or None) of one lever in a process of its own at `batch`; its output is printed
+    where this process prints."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "lever.json"
+        command = [sys.executable, __file__, "-c", args.config, "--esm", args.esm, "--batch", str(batch),
+                   "--repeats", str(args.repeats), "--max-proteins", str(args.max_proteins), "--device",
+                   args.device, "--peak-tflops", repr(args.peak_tflops), "--lever", lever, "--result-file",
+                   str(result)] + ([] if check else ["--no-check"])
+        code = subprocess.run(command).returncode
+        return code, (json.loads(result.read_text()) if result.exists() else None)
+
+
 def largest_batch(args, figures_at_batch):
-    """Double the batch of lever `args.max_batch` (one process each) until one runs out of GPU memory; print and
-    report the largest that fits and its throughput."""
+    """Double the batch of lever `args.max_batch` (one process each, no check) until one runs out of GPU memory
+    or the batch passes --batch-limit; print and report the largest that ran and its throughput."""
     batch, best = args.batch, (args.batch, figures_at_batch)
-    argv = [a for a in sys.argv[1:] if a not in ("--max-batch", args.max_batch)]
-    while batch < 4096:
+    while batch * 2 <= args.batch_limit:
         batch *= 2
-        child = subprocess.run([sys.executable, __file__, *argv, "--batch", str(batch), "--lever", args.max_batch],
-                               capture_output=True, text=True)
-        if child.returncode != 0:
-            if "out of memory" not in child.stderr.lower():
-                raise SystemExit(f"lever {args.max_batch} at batch {batch} failed:\n{child.stderr[-4000:]}")
+        code, figures = run_lever_process(args, args.max_batch, batch, check=False)
+        if code == OUT_OF_MEMORY:
+            print(f"{args.max_batch} at batch {batch}: out of GPU memory", flush=True)
             break
-        best = (batch, json.loads(child.stdout.split("LEVER ", 1)[1]))
-        print(f"{args.max_batch} at batch {batch}: {best[1]}", flush=True)
-    print(f"largest batch that fits for {args.max_batch}: {best[0]}")
-    report("train_step_largest_batch", lever=args.max_batch, batch=best[0], figures=best[1])
+        if code != 0:
+            raise SystemExit(f"lever {args.max_batch} at batch {batch} failed (exit {code}); its output is above.")
+        best = (batch, figures)
+        print(f"{args.max_batch} at batch {batch}: {figures}", flush=True)
+    print(f"largest batch that ran for {args.max_batch}: {best[0]} (limit {args.batch_limit})")
+    report("train_step_largest_batch", lever=args.max_batch, batch=best[0], batch_limit=args.batch_limit,
+           figures=best[1])
 
 
 def main():
@@ -227,39 +242,48 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-proteins", type=int, default=48)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="device bf16 dense peak, for MFU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the device's matrix-product peak in its own precision, for MFU (0: measured here)")
     parser.add_argument("--levers", default=None, help="comma-separated subset of the levers (default: all)")
     parser.add_argument("--max-batch", default=None, metavar="LEVER",
-                        help="then double the batch for this lever until it no longer fits in GPU memory, and report "
-                             "the largest that fits with its throughput (the proteins repeat to fill two batches)")
+                        help="then double the batch for this lever until it no longer fits in GPU memory (or "
+                             "passes --batch-limit), and report the largest that ran with its throughput (the "
+                             "proteins repeat to fill two batches)")
+    parser.add_argument("--batch-limit", type=int, default=4096)
     parser.add_argument("--lever", help=argparse.SUPPRESS)  # internal: run one lever in this process
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)  # internal: where that lever's figures go
+    parser.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)  # internal: the search
     args = parser.parse_args()
     esm = tuple(int(x) for x in args.esm.split(","))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
 
-    if args.max_batch and device.type != "cuda":
-        parser.error("--max-batch searches the GPU's memory; it needs a CUDA device.")
     if args.lever is None:  # the parent: one process per lever
         known = list(lever_options(device.type == "cuda"))
         names = args.levers.split(",") if args.levers else known
-        if set(names) - set(known):
-            parser.error(f"--levers: unknown {', '.join(sorted(set(names) - set(known)))}; choose from "
-                         f"{', '.join(known)}.")
-        print(f"ESM-2 {esm}; batch {args.batch}; {device}, {torch.get_num_threads()} threads; one process per lever")
+        if args.max_batch and args.max_batch not in names:  # the search starts from its figures at --batch
+            names.append(args.max_batch)
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            parser.error(f"--levers/--max-batch: unknown {', '.join(unknown)}; choose from {', '.join(known)}.")
+        if args.peak_tflops <= 0:
+            args.peak_tflops = peak_tflops(device, device_dtype(device))
+        print(f"ESM-2 {esm}; batch {args.batch}; {device}, {torch.get_num_threads()} threads; one process per "
+              f"lever; peak {args.peak_tflops:.3g} TFLOP/s", flush=True)
         results = {}
         for name in names:
-            command = [sys.executable, __file__, *sys.argv[1:], "--lever", name]
-            child = subprocess.run(command, capture_output=True, text=True)
-            if child.returncode != 0:
-                raise SystemExit(f"lever {name} failed:\n{child.stderr[-4000:]}")
-            results[name] = json.loads(child.stdout.split("LEVER ", 1)[1])
-            print(f"{name:11s} {results[name]}", flush=True)
+            code, figures = run_lever_process(args, name, args.batch)
+            if code != 0:
+                raise SystemExit(f"lever {name} failed (exit {code}); its output is above.")
+            results[name] = figures
+            print(f"{name:11s} {figures}", flush=True)
         base = results.get("baseline", next(iter(results.values())))["proteins_per_s"]
         print()
         for name, figures in results.items():
             print(f"{DESCRIPTIONS[name]:70s} {figures['proteins_per_s']:7.2f} proteins/s  "
-                  f"{figures['proteins_per_s'] / base:5.2f}x  loss check {figures['loss_check']}")
-        report("train_step", device=str(device), esm=list(esm), batch=args.batch,
+                  f"{figures['proteins_per_s'] / base:5.2f}x  MFU {figures.get('esm_mfu', '-')}  "
+                  f"loss check {figures['loss_check']}")
+        report("train_step", device=str(device), esm=list(esm), batch=args.batch, peak_tflops=args.peak_tflops,
                **{n: dict(f, ratio=round(f["proteins_per_s"] / base, 2)) for n, f in results.items()})
         if args.max_batch:
             largest_batch(args, results.get(args.max_batch))
@@ -267,13 +291,18 @@ def main():
 
     cfg = load_config(str(HERE.parent / args.config), {"branch": "MF", "ckpt": None})
     proteins, _ = load_structures(real_structure_files()[:args.max_proteins], workers=1, progress=False)
-    while len(proteins) < 2 * args.batch:  # large batches (--max-batch): the proteins repeat to fill two
+    while len(proteins) < max(2 * args.batch, CHECK_BATCH):  # large batches: the proteins repeat to fill two
         proteins = proteins + proteins
     crop = TruncateProtein(max_length=550)
     generator = torch.Generator().manual_seed(0)
     items = [{"graph": crop(p), "targets": (torch.rand(NUM_TASK, generator=generator) < 0.01).float()}
              for p in proteins]
-    print("LEVER " + json.dumps(run_lever(args, args.lever, cfg, esm, items, device)))
+    try:
+        figures = run_lever(args, args.lever, cfg, esm, items, device)
+    except torch.cuda.OutOfMemoryError:
+        print(f"lever {args.lever} at batch {args.batch}: out of GPU memory")
+        sys.exit(OUT_OF_MEMORY)
+    Path(args.result_file).write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def test_demo_trains_under_bf16_with_finite_losses(cli, tmp_path):
 
 
 def test_one_process_nccl_run_finishes(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # the tree first, what was on the path kept (wheels installed with --target and PYTHONPATH still count)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
                           "script/downstream.py", "-c", str(DEMO), "--output_dir", str(tmp_path), *SMALL], 300,
                          cwd=ROOT, env=env)
