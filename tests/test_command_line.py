@@ -180,3 +180,20 @@ def test_wandb_logger_offline(cli, tmp_path, monkeypatch):
     assert runs[0]["config"]["task"]["model"]["structure_model"]["hidden_dims"] == [16]
     assert [step for step, _ in logged] == [1] and {"train/loss", "valid/f1_max", "test/auprc@micro"} <= set(logged[0][1])
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_under_torchrun_a_user_error_is_printed_by_rank_0_and_named_in_torchruns_error_file(cli, tmp_path,
+                                                                                           monkeypatch):
+    """Every rank meets a config's or a file's error alike: rank 0 prints the sentence, each rank writes it into
+    the error file torchrun reads, so torchrun's failure summary names it as the root cause."""
+    import json
+
+    missing = tmp_path / "absent.pth"
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error{rank}.json"))
+        code, _, err = cli("predict", "--ckpt", missing, tmp_path, "-o", tmp_path / "p.csv")
+        assert code == 2
+        record = json.loads((tmp_path / f"error{rank}.json").read_text())["message"]
+        assert str(missing) in record["message"] and record["extraInfo"]["py_callstack"].startswith("error: ")
+        assert (err == "") == (rank == "1"), err
