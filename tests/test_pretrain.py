@@ -287,3 +287,26 @@ def test_contrast_gathers_negatives_across_two_gloo_ranks(tmp_path):
     torch.testing.assert_close(grad_t, t.grad, atol=1e-6, rtol=1e-5)
     accuracy = (float(parts[0]["acc"][0]) + float(parts[1]["acc"][0])) / 2
     assert accuracy == pytest.approx(float(acc_s))
+
+
+def test_clip_loss_equals_infonce_written_as_loops():
+    """One process: the symmetric InfoNCE of CLIP, each term written out over the pairs (no matrix product)."""
+    import math
+
+    torch.manual_seed(3)
+    sequence = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    structure = torch.nn.functional.normalize(sequence + torch.randn(5, 4), dim=-1)
+    scale = 7.0
+    loss, seq_accuracy, struct_accuracy = clip_loss(sequence, structure, torch.tensor(scale))
+
+    def term(a, b):  # mean over i of -log( exp(scale a_i.b_i) / sum_j exp(scale a_i.b_j) ), and top-1 accuracy
+        total, hits = 0.0, 0
+        for i in range(len(a)):
+            scores = [scale * sum(float(x) * float(y) for x, y in zip(a[i], b[j])) for j in range(len(b))]
+            total -= scores[i] - math.log(sum(math.exp(s) for s in scores))
+            hits += max(range(len(scores)), key=scores.__getitem__) == i
+        return total / len(a), hits / len(a)
+
+    (forward, forward_hits), (backward, backward_hits) = term(sequence, structure), term(structure, sequence)
+    assert float(loss) == pytest.approx((forward + backward) / 2, rel=1e-5)
+    assert float(seq_accuracy) == pytest.approx(forward_hits) and float(struct_accuracy) == pytest.approx(backward_hits)
