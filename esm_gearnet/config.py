@@ -69,10 +69,35 @@ class _Refused(Exception):
         self.line = line
 
 
-def _read(path: str) -> str:
+#: the configs that ship with the package (`config/` of the repository): `esm-gearnet configs` lists them
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged_configs():
+    """The names of the configs that ship with the package (`EC/esm_gearnet.yaml`, ...), sorted."""
+    return sorted(os.path.relpath(os.path.join(folder, name), CONFIGS).replace(os.sep, "/")
+                  for folder, _, names in os.walk(CONFIGS) for name in names if name.endswith(".yaml"))
+
+
+def locate(path: str) -> str:
+    """`path` when that file exists, else the packaged config of that name (`EC/esm_gearnet.yaml`, also written
+    `config/EC/esm_gearnet.yaml` as in the original's command lines), so a pip-installed package finds its
+    configs from any folder; the path itself when neither exists."""
     path = os.path.expanduser(str(path))
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    name = path.replace(os.sep, "/")
+    for candidate in (name, name[len("config/"):] if name.startswith("config/") else None):
+        if candidate and os.path.isfile(os.path.join(CONFIGS, candidate)):
+            return os.path.join(CONFIGS, candidate)
+    return path
+
+
+def _read(path: str) -> str:
+    path = locate(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file with -c.")
+        raise ConfigError(f"config file {path} does not exist, nor among the configs that ship with the package "
+                          "(`esm-gearnet configs` lists them); pass an existing YAML file with -c.")
     if os.path.getsize(path) > RENDER_BYTES:
         raise ConfigError(f"config file {path} is larger than RENDER_BYTES ({RENDER_BYTES} bytes); a config is a "
                           "short text.")

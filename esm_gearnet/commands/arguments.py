@@ -168,12 +168,28 @@ def report_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configs_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=program.get(), description="The configs that ship with the package, one "
+                                   "name a line (give one as -c NAME from any folder).")
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=program.get(), description="The built-in demo, offline: the data "
+                                     "pipeline on generated backbones, then ESM-GearNet fine-tuned on DemoFolds.")
+    parser.add_argument("inputs", nargs="*", help="structure files or folders for the pipeline (default: generated "
+                        "backbones)")
+    parser.add_argument("--output_dir", default="output/demo", help="where the run directory goes")
+    parser.add_argument("--pipeline-only", action="store_true", help="the data pipeline alone, no fine-tuning")
+    return parser
+
+
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of the `esm-gearnet` command `name`."""
     if name in DESCRIPTIONS:
         return downstream_parser(DESCRIPTIONS[name])
-    return {"embed": embed_parser, "predict": predict_parser, "report": report_parser}[name]()
+    return {"embed": embed_parser, "predict": predict_parser, "report": report_parser, "configs": configs_parser,
+            "demo": demo_parser}[name]()
 
 
-__all__ = ["DESCRIPTIONS", "add_input_options", "base_parser", "command_parser", "config_help", "downstream_parser",
+__all__ = ["DESCRIPTIONS", "add_input_options", "base_parser", "command_parser", "config_help", "configs_parser", "demo_parser", "downstream_parser",
            "embed_parser", "parse_args", "predict_parser", "report_parser", "script_parser", "split_overrides"]

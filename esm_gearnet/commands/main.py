@@ -1,8 +1,10 @@
-"""The `esm-gearnet` command: embed, predict, report, downstream and pretrain.
+"""The `esm-gearnet` command: embed, predict, report, downstream, pretrain, configs and demo.
 
     esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
     esm-gearnet predict --ckpt RUN_DIR_OR_CHECKPOINT INPUT... -o predictions.csv [--threshold T] [--scores S.npz]
     esm-gearnet report RUN_DIR... [--label NAME...] [-o report.png]
+    esm-gearnet configs                  the configs that ship with the package (-c NAME finds them anywhere)
+    esm-gearnet demo                     the built-in demo, offline, from any folder
     esm-gearnet downstream -c CONFIG ...   /   esm-gearnet pretrain -c CONFIG ...   /   ... --resume RUN_DIR
 
 Any key of the config can be set on the command line: --engine.batch_size 4 --dataset.path /data (see
@@ -18,7 +20,7 @@ from .arguments import command_parser, parse_args, program
 
 #: command -> its module in esm_gearnet.commands (imported when run: `--help` of one command loads no other)
 COMMANDS = {"embed": "embed", "predict": "predict", "report": "report", "downstream": "finetune",
-            "pretrain": "pretrain"}
+            "pretrain": "pretrain", "configs": "configs", "demo": "demo"}
 
 
 def command(name: str):
@@ -45,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if any(a in ("-h", "--help") for a in argv[1:]):  # from the light parsers: no torch imported for help
             parser = command_parser(argv[0])
-            parser.parse_args(argv[1:]) if argv[0] == "report" else parse_args(argv[1:], parser)
+            parser.parse_args(argv[1:]) if argv[0] in ("report", "configs", "demo") else parse_args(argv[1:], parser)
         return command(argv[0])(argv[1:])
     finally:
         program.reset(token)
