@@ -286,8 +286,8 @@ _COMMENTED_EXPRESSION = re.compile(r"^(\s*#.*?)\{\{.*?\}\}", re.M)
 
 
 def _without_commented_expressions(text: str) -> str:
-    """The text with every `{{ ... }}` on a YAML comment line removed (`# model_checkpoint: {{ ckpt }}`): a
-    commented-out key is no option of the config and is never rendered."""
+    """The text with every `{{ ... }}` on a YAML comment line removed (`# model_checkpoint: {{ ckpt }}`): what
+    `detect_variables` reads, so a commented-out key is no option of the config."""
     while True:
         stripped = _COMMENTED_EXPRESSION.sub(r"\1", text)
         if stripped == text:
@@ -298,7 +298,6 @@ def _without_commented_expressions(text: str) -> str:
 def _parse_template(text: str, path: str):
     """(sandbox, template, undeclared variables); a syntax error, an unknown filter or test, or a tag that reads
     another file ends in one sentence."""
-    text = _without_commented_expressions(text)
     # StrictUndefined: `{{ x.y }}` of a variable without that attribute is an error, not an empty value
     environment = _Sandbox()
     try:
@@ -322,8 +321,12 @@ def _template_line(error: BaseException) -> str:
 
 
 def detect_variables(path: str) -> Set[str]:
-    """The undeclared Jinja variables of a config file (each one is a command-line option)."""
-    return _parse_template(_read(path), path)[2]
+    """The undeclared Jinja variables of a config file (each one is a command-line option), those that appear
+    only on YAML comment lines left out (`# model_checkpoint: {{ ckpt }}` is no option). The comment lines are
+    still rendered, in the sandbox, with every undeclared variable None (`render_config`)."""
+    text = _read(path)
+    _parse_template(text, path)  # the whole file is checked: syntax, unknown filters, tags reading other files
+    return _parse_template(_without_commented_expressions(text), path)[2]
 
 
 MARK = "__jinja_variable__"
