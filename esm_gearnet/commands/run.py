@@ -22,6 +22,7 @@ import yaml
 from .. import checkpoint, distributed, writing
 from ..assembly import validate
 from ..config import ConfigError, load_config, load_run_config, plain
+from ..engine.stepper import CannotLearn
 from ..errors import Interrupted, fault_errors, ignoring_ctrl_c, user_errors
 from .arguments import downstream_parser, parse_args
 
@@ -162,8 +163,8 @@ def training_run(argv: Optional[List[str]], description: str, dataset_keys: Opti
     except BaseException as error:
         _log_error(run_dir, error)
         lock.close()
-        if resume is None:
-            _remove_unstarted(run_dir)
+        if resume is None and isinstance(error, user_errors()) and not isinstance(error, CannotLearn):
+            _remove_unstarted(run_dir)  # a bad config, file or download; a fault or a run that cannot learn stays
         if not isinstance(error, distributed.StalledError):  # with a peer gone, leaving the group can wait forever
             distributed.shutdown(wait=False)
         raise
@@ -187,9 +188,10 @@ SET_UP_FILES = {"log.txt", "config.yaml", ".lock"}
 
 
 def _remove_unstarted(run_dir: Optional[Path]) -> None:
-    """A failed start leaves no run behind: rank 0 removes a new run directory that holds only what the set-up
-    wrote (its config and the log of the failed start, whose sentence the command prints); one that holds more
-    (a metrics record, a checkpoint) is a run that started, and stays."""
+    """A failed start leaves no run behind: after an error a user can act on (a config, a file, a download), rank
+    0 removes a new run directory that holds only what the set-up wrote (its config and the log of the failed
+    start, whose sentence the command prints); one that holds more (a metrics record, a checkpoint) stays, as does
+    the run of a fault of the machine or of a run that cannot learn (its log.txt says what happened)."""
     if run_dir is None or distributed.rank() != 0 or not Path(run_dir).is_dir():
         return
     if {p.name for p in Path(run_dir).iterdir()} <= SET_UP_FILES:
