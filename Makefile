@@ -24,7 +24,7 @@ endif
 PY := $(ENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench gpu-check gpu-rehearse gpu-wheels gpu-data gpu-command
+.PHONY: install demo test test-fast bench figures docs gpu-check gpu-rehearse gpu-wheels gpu-data gpu-command
 
 # the Pythons the package runs on (pyproject.toml's requires-python); checked before anything is installed
 SUPPORTED = (3, 10) <= sys.version_info[:2] <= (3, 13)
@@ -58,10 +58,31 @@ test: $(ENV)/.esm_gearnet-test
 test-fast: $(ENV)/.esm_gearnet-test
 	$(PY) -m pytest -q tests -m "not slow"
 
+# every benchmark on this machine, each recorded in benchmarks/results/NAME.json (about 40 min on 2 cores; run
+# it on an idle machine), then the tables rendered from them. One: `python benchmarks/record.py NAME [ARGS]`.
+BENCHMARKS = peak structure_io graph_construction three_di encoders dataset esm_attention embed saprot_step \
+	startup train_step
 bench: $(ENV)/.esm_gearnet-core
 	$(PIP) install -q biotite
-	$(PY) benchmarks/structure_io.py
-	$(PY) benchmarks/graph_construction.py
+	for name in $(BENCHMARKS); do $(PY) benchmarks/record.py $$name || exit 1; done
+	$(MAKE) figures
+
+# the tables of README.md, benchmarks/README.md and docs/ from benchmarks/results/*.json
+figures:
+	$(PYTHON) benchmarks/figures.py
+
+$(ENV)/.esm_gearnet-docs: $(ENV)/.esm_gearnet-core
+	$(PIP) install -q -e ".[docs]"
+	@touch $@
+
+# the documentation site in site/ (mkdocs --strict: a broken link, anchor or API reference fails the build);
+# `make docs-serve` serves it on http://127.0.0.1:8000 while you edit
+docs: $(ENV)/.esm_gearnet-docs
+	$(PY) benchmarks/figures.py --check
+	NO_MKDOCS_2_WARNING=1 $(ENV)/bin/mkdocs build --strict
+
+docs-serve: $(ENV)/.esm_gearnet-docs
+	NO_MKDOCS_2_WARNING=1 $(ENV)/bin/mkdocs serve
 
 # The GPU check (benchmarks/gpu_check.py): the CUDA tests and the GPU benchmarks in priority order within an
 # 8-minute deadline, report.md, log.txt and results.json rewritten in GPU_OUT after every step. Without CUDA it

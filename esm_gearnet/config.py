@@ -467,7 +467,7 @@ def load_config(path: str, variables: Optional[Dict[str, Any]] = None,
 
     Raises:
         ConfigError: missing file, template error, YAML error, a limit or an unknown override, naming the file
-        (and line).
+            (and line).
     """
     config = _mapping(render_config(path, variables), path, " after rendering")
     return easydict.EasyDict(apply_overrides(config, overrides, path, list(variables or ())))

@@ -1,6 +1,8 @@
 """`esm-gearnet embed`: per-protein (and per-residue) embeddings of your own structures (.npz, .pt or .h5).
 
-    esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
+```
+esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
+```
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """`esm-gearnet predict`: predictions of a trained task for your own structures (CSV, and the scores as .npz).
 
-    esm-gearnet predict --ckpt RUN_DIR_OR_CHECKPOINT INPUT... -o predictions.csv [--threshold T] [--scores S.npz]
+```
+esm-gearnet predict --ckpt RUN_DIR_OR_CHECKPOINT INPUT... -o predictions.csv [--threshold T] [--scores S.npz]
+```
 """
 from __future__ import annotations
 

@@ -223,7 +223,8 @@ class GVPGNN(StructureEncoder):
         node_h_dim, edge_in_dim, edge_h_dim: (scalar, vector) widths; edge_in_dim[0] = number of RBFs.
         num_layers: GVPConvLayers; readout: "sum" or "mean"; drop_rate: dropout in every layer;
         vector_gate: vector gating in every GVP; graph_construction_model: the residue graph (see `Encoder`),
-        e.g. SpatialEdge(radius 10, min_distance 0).
+            e.g. SpatialEdge(radius 10, min_distance 0).
+
     `network(graph, input [N, node_in_dim[0]])` returns residue_feature [N, node_h_dim[0]], graph_feature
     [B, node_h_dim[0]] and vector_feature [N, node_h_dim[1], 3] (the last layer's vectors, which rotate with the
     protein).
