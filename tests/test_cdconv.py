@@ -1,13 +1,17 @@
-"""CDConv against a slow per-edge reference of the original's formulas; invariance, packing, fusion."""
+"""CDConv: the original's state_dict layout, and a slow per-edge reference of the original's formulas reading the
+weights by the original's names (one stage on a synthetic chain, the whole network on real pieces); invariance,
+packing, fusion."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from esm_gearnet import checkpoint
 from esm_gearnet.data import Orientation, ProteinBatch, ResidueGraph, graph
 from esm_gearnet.data.synthetic import backbone_protein
 from esm_gearnet.models import CDConv, ESM, FusionNetwork, residue_one_hot
 from esm_gearnet.models.cdconv import local_frames, pool_pairs
 from conftest import assert_every_parameter_trained, assert_packed_equals_single
+from original_layouts import TINY_CDCONV, TINY_CDCONV_CONFIG, original_cdconv_layout, random_state, shapes_of
 from test_graph import _random_rigid_motion
 
 TINY = dict(embedding_dim=4, hidden_dims=[8, 16, 24], cutoffs=[6.0, 9.0, 12.0], seq_cutoff=5, kernel_dims=[4, 3],
@@ -20,7 +24,7 @@ def _tiny(input_dim=21, **options):
 
 
 def _randomise_batch_norms(model):
-    """Eval-mode batch norms with non-trivial statistics, so the reference also checks where they sit."""
+    """Eval-mode batch norms with non-trivial statistics (not the identity a fresh one is)."""
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm1d):
@@ -31,7 +35,17 @@ def _randomise_batch_norms(model):
             module.bias.data.copy_(torch.randn(size, generator=generator) * 0.1)
 
 
-# ---- a slow, obvious reference: one protein, python loops, the original's formulas --------------------------
+def _original_layout(config):
+    """The original's layout for a CDConv config (its `cutoffs` size nothing; dropout owns no parameter)."""
+    return original_cdconv_layout(**{k: v for k, v in config.items() if k not in ("cutoffs", "dropout")})
+
+
+def _load_original(model, state, source="the original's state_dict"):
+    """What --ckpt does with a bare state_dict of the original: `encoder_state`, then the strict, checked load."""
+    checkpoint.load_state_dict_checked(model, checkpoint.encoder_state(dict(state), source), source)
+
+
+# ---- a slow, obvious reference: one protein, python loops, the original's formulas and parameter names ------------
 
 def _reference_frames(pos):
     length = len(pos)
@@ -48,8 +62,29 @@ def _reference_frames(pos):
     return [frames[0]] + frames + [frames[-1]]
 
 
-def _reference_conv(conv, pos, frames, number, x, cutoff, seq_cutoff):
+def _reference_batch_norm(p, name, x):
+    """Eval-mode BatchNorm1d, column by column."""
+    return (x - p[name + "running_mean"]) / torch.sqrt(p[name + "running_var"] + 1e-5) * p[name + "weight"] \
+        + p[name + "bias"]
+
+
+def _reference_linear(p, prefix, x):
+    """cdconv.py's `Linear` (eval): BatchNorm1d, LeakyReLU(0.1), Dropout, nn.Linear without bias."""
+    return F.leaky_relu(_reference_batch_norm(p, prefix + "module.0.", x), 0.1) @ p[prefix + "module.3.weight"].T
+
+
+def _reference_mlp(p, prefix, x):
+    """cdconv.py's `MLP` with mid_channels None (eval): `Linear`'s four, then BatchNorm1d, LeakyReLU(0.1)."""
+    return F.leaky_relu(_reference_batch_norm(p, prefix + "module.4.", _reference_linear(p, prefix, x)), 0.1)
+
+
+def _reference_conv(p, prefix, pos, frames, number, x, cutoff, seq_cutoff):
+    """cdconv.py's `CDConv` over the radius graph (self-pairs included): for each pair j -> i within `cutoff`,
+    g = (frame_i (pos_j - pos_i)/d, rows of frame_i · rows of frame_j, d), q = clamp(n_j - n_i, ±seq_cutoff//2),
+    kernel = WeightNet_q(g) (LeakyReLU(0.2) after each Ws[q] g + bs[q]) times the damping s_ij;
+    row i = (sum_j vec(kernel ⊗ x_j)) @ W."""
     half = seq_cutoff // 2
+    depth = sum(1 for name in p if name.startswith(prefix + "WeightNet.Ws."))
     rows = []
     for i in range(len(pos)):
         total = 0
@@ -61,24 +96,34 @@ def _reference_conv(conv, pos, frames, number, x, cutoff, seq_cutoff):
             alignment = (frames[i] * frames[j]).sum(-1)
             q = int(max(-half, min(half, number[j] - number[i])))
             h = torch.cat([direction, alignment, distance.view(1)])
-            for W, b in zip(conv.WeightNet.Ws, conv.WeightNet.bs):
-                h = F.leaky_relu(h @ W[q + half] + b[q + half], 0.2)
+            for k in range(depth):
+                W, b = p[f"{prefix}WeightNet.Ws.{k}"][q + half], p[f"{prefix}WeightNet.bs.{k}"][q + half]
+                h = F.leaky_relu(h @ W + b, 0.2)
             smooth = 0.5 - torch.tanh(distance / cutoff * abs(q) / half * 16.0 - 14.0) * 0.5
             total = total + torch.outer(h * smooth, x[j]).flatten()
         rows.append(total)
-    return torch.stack(rows) @ conv.W
+    return torch.stack(rows) @ p[prefix + "W"]
 
 
-def _reference_forward(model, pos, number, x):
-    x = model.embedding(x)
+def _reference_block(p, prefix, pos, frames, number, x, cutoff, seq_cutoff):
+    """cdconv.py's `CDBlock` (eval): output(conv(input(x))) + identity(x), identity a `Linear` when widths differ."""
+    identity = _reference_linear(p, prefix + "identity.", x) if prefix + "identity.module.3.weight" in p else x
+    h = _reference_mlp(p, prefix + "input.", x)
+    h = _reference_conv(p, prefix + "conv.", pos, frames, number, h, cutoff, seq_cutoff)
+    return _reference_linear(p, prefix + "output.", h) + identity
+
+
+def _reference_forward(p, config, pos, number, x):
+    """The original network (eval) on one protein: embedding, then per stage two blocks over the stage's radius
+    graph and (but after the last) pooling of consecutive pairs. Returns (last stage's nodes, their mean)."""
+    x = x @ p["embedding.weight"].T
     frames = _reference_frames(pos)
     number = [int(n) for n in number]
-    stages = len(model.layers) // 2
+    stages = len(config["hidden_dims"])
     for stage in range(stages):
-        for block in model.layers[2 * stage: 2 * stage + 2]:
-            update = _reference_conv(block.conv, pos, frames, number, block.input(x), model.cutoffs[stage],
-                                     model.seq_cutoff)
-            x = block.output(update) + block.identity(x)
+        for block in (2 * stage, 2 * stage + 1):
+            x = _reference_block(p, f"layers.{block}.", pos, frames, number, x, config["cutoffs"][stage],
+                                 config["seq_cutoff"])
         if stage < stages - 1:
             pairs = [list(range(k, min(k + 2, len(pos)))) for k in range(0, len(pos), 2)]
             x = torch.stack([x[p].mean(0) for p in pairs])
@@ -88,10 +133,31 @@ def _reference_forward(model, pos, number, x):
     return x, x.mean(0)
 
 
+def test_one_stage_matches_slow_reference_of_the_original():
+    """The tiny layout (one stage: a widening block with its identity map, then a block without) on a synthetic
+    9-residue chain, no pooling."""
+    config = TINY_CDCONV_CONFIG
+    state = random_state(_original_layout(config), seed=1)
+    model = CDConv(**config).double().eval()
+    _load_original(model, state)
+    batch = ProteinBatch.pack([backbone_protein("ACDEFGHIK", "HHHHLLEEE")])
+    batch = batch.replace(atom_pos=batch.atom_pos.double())
+    x = torch.randn(9, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        out = model.network(batch, x)
+    nodes, graph_feature = _reference_forward(state, config, batch.pos, batch.residue_number, x)
+    torch.testing.assert_close(out["residue_feature"], nodes, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out["graph_feature"][0], graph_feature, atol=1e-10, rtol=1e-10)
+    assert nodes.std(0).abs().sum() > 0
+
+
 def test_matches_slow_reference_of_the_original(all_proteins):
-    """A 31-residue piece of a real protein and a 5-residue one (where the original's torch.cross erred)."""
+    """Three stages over a 31-residue piece of a real protein and a 5-residue one (where the original's torch.cross
+    erred)."""
+    config = {"input_dim": 21, **TINY}
+    state = random_state(_original_layout(config), seed=0)
     model = _tiny().double().eval()
-    _randomise_batch_norms(model)
+    _load_original(model, state)
     proteins = [all_proteins[0].subresidue(torch.arange(10, 41)), all_proteins[1].subresidue(torch.arange(5))]
     batch = ProteinBatch.pack(proteins)
     batch = batch.replace(atom_pos=batch.atom_pos.double())
@@ -102,7 +168,8 @@ def test_matches_slow_reference_of_the_original(all_proteins):
         start = 0
         for b, protein in enumerate(proteins):
             rows = slice(start, start + protein.num_residue)
-            nodes, graph_feature = _reference_forward(model, pos[rows], batch.residue_number[rows], features[rows])
+            nodes, graph_feature = _reference_forward(state, config, pos[rows], batch.residue_number[rows],
+                                                      features[rows])
             torch.testing.assert_close(out["graph_feature"][b], graph_feature, atol=1e-9, rtol=1e-9)
             upsampled = nodes[torch.arange(protein.num_residue) // 4]  # 3 stages: 4 residues per final node
             torch.testing.assert_close(out["residue_feature"][rows], upsampled, atol=1e-9, rtol=1e-9)
@@ -190,18 +257,50 @@ def test_esm_cdconv_fusion_trains_every_parameter(all_proteins, fusion):
     assert_every_parameter_trained(net)
 
 
-def test_original_configuration_and_parameter_names():
-    model = CDConv(1280, 16, [256, 512, 1024, 2048], [8.0, 12.0, 16.0, 20.0], 21, [32], base_width=16.0,
-                   dropout=0.2)
-    assert model.output_dim == 2048 and len(model.layers) == 8
-    names = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    assert names["embedding.weight"] == (16, 1280)
-    assert names["layers.0.identity.module.3.weight"] == (256, 16)  # BN, LeakyReLU, Dropout, Linear
-    assert names["layers.0.input.module.4.running_mean"] == (64,)  # width = 256 * 16 / 64
-    assert names["layers.0.conv.WeightNet.Ws.0"] == (21, 7, 32)
-    assert names["layers.0.conv.W"] == (32 * 64, 64)
-    assert names["layers.7.output.module.3.weight"] == (2048, 512)
-    assert "layers.1.identity.module.0.weight" not in names  # same widths: a plain identity
+# ---- the original's state_dict layout (tests/original_layouts.py, written from the original's code) -------------
+
+# config/{EC,GO,PSR,MSP}/*cdconv*.yaml of the original: input 1280 after ESM-2-650M (series), 21 otherwise
+ORIGINAL_CDCONV = dict(embedding_dim=16, hidden_dims=[256, 512, 1024, 2048], cutoffs=[8.0, 12.0, 16.0, 20.0],
+                       seq_cutoff=21, kernel_dims=[32], base_width=16.0, batch_norm=True, dropout=0.2)
+
+
+def test_layout_function_writes_the_literal_table():
+    assert _original_layout(TINY_CDCONV_CONFIG) == TINY_CDCONV
+
+
+@pytest.mark.parametrize("input_dim", [1280, 21])
+def test_loader_takes_the_original_layout_of_the_original_configs(input_dim):
+    layout = _original_layout({"input_dim": input_dim, **ORIGINAL_CDCONV})
+    # embedding 1; each of the 8 blocks 11 (input: BN, Linear, BN) + 3 (conv: W, Ws.0, bs.0) + 6 (output: BN,
+    # Linear); the first block of each stage widens, so 6 more (identity: BN, Linear); a BN holds 5 entries
+    assert len(layout) == 1 + 8 * 20 + 4 * 6
+    assert layout["layers.6.conv.W"] == (32 * 512, 512) and layout["layers.6.identity.module.3.weight"] == (2048, 1024)
+    with checkpoint.skipping_init():
+        model = CDConv(input_dim, **ORIGINAL_CDCONV)
+    _load_original(model, {name: torch.zeros(shape, dtype=torch.long if not shape else torch.float32)
+                           for name, shape in layout.items()})
+    assert shapes_of(model.state_dict()) == layout
+
+
+def test_loader_refuses_a_missing_extra_or_misshaped_key():
+    def refusal(missing="none", unexpected="none", misshaped="none"):
+        return (f"the original's state_dict does not fit CDConv: missing keys: {missing}; unexpected keys: "
+                f"{unexpected}; mis-shaped keys (checkpoint vs model): {misshaped}. Check that the config builds the "
+                "model the checkpoint was saved from.")
+
+    model = CDConv(**TINY_CDCONV_CONFIG)
+    state = {name: torch.zeros(shape) for name, shape in TINY_CDCONV.items()}
+    _load_original(model, state)
+    cases = [({k: v for k, v in state.items() if k != "layers.1.conv.WeightNet.bs.1"},
+              refusal(missing="layers.1.conv.WeightNet.bs.1")),
+             ({**state, "layers.1.identity.module.3.weight": torch.zeros(8, 8)},  # equal widths: no identity map
+              refusal(unexpected="layers.1.identity.module.3.weight")),
+             ({**state, "layers.0.conv.W": torch.zeros(4, 12)},
+              refusal(misshaped="layers.0.conv.W (4, 12) vs (12, 4)"))]
+    for broken, sentence in cases:
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            _load_original(model, broken)
+        assert str(error.value) == sentence
 
 
 def test_config_transforms_and_missing_alpha_carbon(all_proteins):

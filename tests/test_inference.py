@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import STRUCTURES, run_command
+from original_layouts import original_cdconv_layout, original_gvpgnn_layout, random_state, shapes_of
 from esm_gearnet import checkpoint
 from esm_gearnet.commands.embed import load_embeddings
 from esm_gearnet.commands.inputs import length_batches
@@ -221,9 +222,29 @@ def test_embed_reproduces_the_original_from_its_bare_state_dict(mode, fidelity_d
                                atol=1e-5, rtol=1e-5)
 
 
+# small GVP-GNN and CDConv configs (the original's names and defaults); with `input_dim`, the original's layout
+SMALL_GVP = dict(node_h_dim=[16, 4], edge_in_dim=[16, 1], edge_h_dim=[8, 1], num_layers=2)
+SMALL_CDCONV = dict(embedding_dim=8, hidden_dims=[16, 32], seq_cutoff=21, kernel_dims=[8])
+
+
+def _original_layout(structure, input_dim, prefix=""):
+    """The original's state_dict layout (tests/original_layouts.py, written from its code) of SMALL_GVP or
+    SMALL_CDCONV on `input_dim` channels."""
+    if structure == "GVPGNN":
+        return original_gvpgnn_layout(node_in_dim=[input_dim, 0], **SMALL_GVP, prefix=prefix)
+    return original_cdconv_layout(input_dim=input_dim, **SMALL_CDCONV, prefix=prefix)
+
+
+def _structure_config(structure):
+    if structure == "GVPGNN":
+        return {"class": "GVPGNN", "readout": "mean", **SMALL_GVP}
+    return {"class": "CDConv", "cutoffs": [8.0, 12.0], **SMALL_CDCONV}
+
+
 def test_bare_gvp_and_cdconv_state_dicts_load_and_embed(tmp_path, capsys):
-    """The original's GVP-GNN state_dicts carry empty `vdropout.dummy_param` tensors (accepted, dropped); bare
-    CDConv state_dicts load too; a file that fits no encoder gets one sentence saying what it holds."""
+    """Bare state_dicts in the original's layout (the GVP-GNN's with its empty `vdropout.dummy_param` tensors,
+    accepted and dropped) load through --ckpt and embed as the same weights loaded in-process; a file that fits no
+    encoder gets one sentence saying what it holds."""
     from esm_gearnet.assembly import build_encoder
     from esm_gearnet.commands.embed import main as embed_main
     from esm_gearnet.config import load_config
@@ -234,23 +255,16 @@ def test_bare_gvp_and_cdconv_state_dicts_load_and_embed(tmp_path, capsys):
         pytest.skip("../shared/data is absent: these tests embed real structures")
     files = [str(STRUCTURES / name) for name in FOLDER_FILES]
     proteins, _ = load_structures(files, workers=0, progress=False)
-    gvp = {"class": "GVPGNN", "node_in_dim": [21, 0], "node_h_dim": [16, 4], "edge_in_dim": [16, 1],
-           "edge_h_dim": [8, 1], "num_layers": 2, "readout": "mean"}
-    cdconv = {"class": "CDConv", "embedding_dim": 8, "hidden_dims": [16, 32], "cutoffs": [8.0, 12.0],
-              "seq_cutoff": 21, "kernel_dims": [8]}
-    for name, model, graph in (("gvp", gvp, True), ("cdconv", cdconv, False)):
-        config = _write_config(tmp_path / f"{name}.yaml", model, graph)
-        torch.manual_seed(0)
-        encoder = build_encoder(load_config(str(config))).eval()
-        state = encoder.state_dict()
-        if name == "gvp":
-            for i in range(2):
-                for j in range(2):
-                    state[f"layers.{i}.dropout.{j}.vdropout.dummy_param"] = torch.empty(0)
+    for name, structure in (("gvp", "GVPGNN"), ("cdconv", "CDConv")):
+        config = _write_config(tmp_path / f"{name}.yaml", _structure_config(structure), structure == "GVPGNN")
+        state = random_state(_original_layout(structure, 21), dtype=torch.float32)
+        assert any(k.endswith("dummy_param") for k in state) == (structure == "GVPGNN")
         torch.save(state, tmp_path / f"{name}.pth")
         out = tmp_path / f"{name}.npz"
         assert run_embed(files, out, str(config), str(tmp_path / f"{name}.pth"), workers=0, progress=False)[0] == 3
-        expected, _ = embed_proteins(encoder, proteins)
+        source = "the original's state_dict"
+        encoder = build_encoder(load_config(str(config)), checkpoint.encoder_state(dict(state), source), source)
+        expected, _ = embed_proteins(encoder.eval(), proteins)
         torch.testing.assert_close(load_embeddings(out)["embedding"], expected, atol=1e-5, rtol=1e-5)
     torch.save({"epoch": 3, "note": "not weights"}, tmp_path / "other.pth")
     assert embed_main(["-c", str(tmp_path / "gvp.yaml"), "--ckpt", str(tmp_path / "other.pth"), *files,
@@ -259,3 +273,34 @@ def test_bare_gvp_and_cdconv_state_dicts_load_and_embed(tmp_path, capsys):
     assert error.count("\n") == 1 and "holds the keys epoch, note, which is neither" in error
     assert embed_main(["--ckpt", str(tmp_path / "gvp.pth"), *files, "-o", str(tmp_path / "x.npz")]) == 2
     assert "holds no config (a bare state_dict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("structure, fusion", [("GVPGNN", "series"), ("GVPGNN", "parallel"), ("GVPGNN", "cross"),
+                                               ("CDConv", "series"), ("CDConv", "parallel")])
+def test_original_fusion_state_dicts_around_gvp_and_cdconv_load(structure, fusion, fidelity_dir, tmp_path):
+    """The original's FusionNetwork around GVP-GNN or CDConv (config/*/esm_gvp*.yaml, esm_cdconv*.yaml): its ESM-2
+    (and cross fusion's seq_linear and attn) as the fidelity files name them, `structure_model.*` in the layout
+    written from the original's code, and cross fusion's struct_linear = Linear(structure output, cross_dim). The
+    encoder takes exactly those keys (less the empty dropout probes and ESM's `mapping` buffer)."""
+    from esm_gearnet.assembly import build_encoder
+    from esm_gearnet.config import load_config
+
+    expected = torch.load(fidelity_dir / "expected.pt", weights_only=True)
+    esm, cross_dim = expected["esm"], expected["cross_dim"]
+    original = torch.load(fidelity_dir / f"{fusion}.pt", weights_only=True)
+    state = {k: v for k, v in original.items() if not k.startswith(("structure_model.", "struct_linear."))}
+    layout = _original_layout(structure, esm["embed_dim"] if fusion == "series" else 21, "structure_model.")
+    if fusion == "cross":
+        output_dim = SMALL_GVP["node_h_dim"][0] if structure == "GVPGNN" else SMALL_CDCONV["hidden_dims"][-1]
+        layout.update({"struct_linear.weight": (cross_dim, output_dim), "struct_linear.bias": (cross_dim,)})
+    state.update(random_state(layout, dtype=torch.float32))
+    model = {"class": "FusionNetwork", "fusion": fusion, "cross_dim": cross_dim,
+             "sequence_model": {"class": "ESM", "pretrained": False,
+                                "architecture": [esm["num_layers"], esm["embed_dim"], esm["attention_heads"]]},
+             "structure_model": _structure_config(structure)}
+    config = _write_config(tmp_path / "fusion.yaml", model, structure == "GVPGNN")
+    source = f"the original's {fusion} {structure} state_dict"
+    encoder = build_encoder(load_config(str(config)), checkpoint.encoder_state(dict(state), source), source)
+    kept = {k: v for k, v in shapes_of(state).items()
+            if not k.endswith("vdropout.dummy_param") and k != "sequence_model.mapping"}
+    assert shapes_of(encoder.state_dict()) == kept
