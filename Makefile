@@ -24,7 +24,7 @@ endif
 PY := $(ENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench figures docs gpu-check gpu-rehearse gpu-wheels gpu-data gpu-command
+.PHONY: install demo test test-fast bench figures docs docs-serve gpu-check gpu-rehearse gpu-wheels gpu-data gpu-command
 
 # the Pythons the package runs on (pyproject.toml's requires-python); checked before anything is installed
 SUPPORTED = (3, 10) <= sys.version_info[:2] <= (3, 13)
