@@ -68,8 +68,8 @@ def finish(process: subprocess.Popen, timeout: float):
 # `python -c KILL_BEFORE_CHECKPOINT N script.py ARGS...`: script.py run as `python script.py ARGS...`, except that
 # the process SIGKILLs itself when the engine is about to write last.pth at the end of epoch N (after the epoch
 # was trained, recorded and, when scored, its best.pth written; before its checkpoint): the same place in every
-# run. The wrapper of tests/faults/test_fault_distributed.py, at the engine's public `save`; nothing in
-# esm_gearnet knows about it.
+# run. The wrapper pattern of tests/faults/test_fault_distributed.py (which SIGSTOPs a rank), here at the engine's
+# public `save`: nothing in esm_gearnet knows about it.
 KILL_BEFORE_CHECKPOINT = """
 import os, runpy, signal, sys
 from esm_gearnet.engine import Engine
