@@ -75,10 +75,10 @@ $(ENV)/.esm_gearnet-docs: $(ENV)/.esm_gearnet-core
 	$(PIP) install -q -e ".[docs]"
 	@touch $@
 
-# the documentation site in site/ (mkdocs --strict: a broken link, anchor or API reference fails the build);
+# the documentation site in site/ (mkdocs --strict: a broken link, anchor or API reference fails the build; the
+# figures in it are checked by tests/test_figures.py);
 # `make docs-serve` serves it on http://127.0.0.1:8000 while you edit
 docs: $(ENV)/.esm_gearnet-docs
-	$(PY) benchmarks/figures.py --check
 	NO_MKDOCS_2_WARNING=1 $(ENV)/bin/mkdocs build --strict
 
 docs-serve: $(ENV)/.esm_gearnet-docs
