@@ -185,7 +185,7 @@ def headline():
             ["EC training step, the default fast path vs the original's path",
              f"{ratio(t['sparse']['ratio'])} (SDPA + length buckets + sparse aggregation)",
              "`benchmarks/train_step.py`"]]
-    rows += [[f"frozen ESM-2 {r['model']} embedding, `embed` vs fair-esm",
+    rows += [[f"frozen {r['model']} embedding, `embed` vs fair-esm",
               ratio(r["esm_gearnet_varlen"]["proteins_per_s"] / r["fair_esm"]["proteins_per_s"]),
               "`benchmarks/embed.py`"] for r in e]
     st = results("startup")[0]["sizes"]
@@ -195,7 +195,8 @@ def headline():
                  "`benchmarks/startup.py`"])
     machine = load("train_step")["machine"]
     return (table(["what", "measured", "script"], rows)
-            + f"\nOn {machine['cpu']} ({machine['cores']} cores), no GPU; how and when each was measured: "
+            + f"\nOn {machine['cpu']} ({machine['cores']} cores, shared: the load average is given with each), no GPU; "
+              "how and when each was measured: "
               "[benchmarks/README.md](benchmarks/README.md).\n")
 
 
