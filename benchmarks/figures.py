@@ -158,12 +158,22 @@ def startup():
     return table(header, rows) + provenance("startup")
 
 
+# the order of benchmarks/train_step.py: cumulative up to `sparse`, then each option on top of it
+TRAIN_STEP_LEVERS = ["baseline", "sdpa", "bucket", "sparse", "bf16", "unpadded", "unpadded_random", "compile",
+                     "checkpoint", "frozen", "cache"]
+
+
 def train_step():
     r = results("train_step", "train_step")[0]
     levers = {k: v for k, v in r.items() if isinstance(v, dict) and "proteins_per_s" in v}
+    order = [name for name in TRAIN_STEP_LEVERS if name in levers] + sorted(set(levers) - set(TRAIN_STEP_LEVERS))
+
+    def difference(value):
+        return "—" if value is None else f"{value:.1e}" if value else "0"
+
     rows = [[name, f["proteins_per_s"], f["residues_per_s"], f["padding"], f["peak_memory_gib"],
-             f.get("loss_difference", "—"), f.get("gradient_difference", "—"), ratio(f["ratio"])]
-            for name, f in levers.items()]
+             difference(f.get("loss_difference")), difference(f.get("gradient_difference")), ratio(f["ratio"])]
+            for name, f in ((name, levers[name]) for name in order)]
     return (f"ESM-2 {' × '.join(map(str, r['esm']))} (layers × width × heads), batch {r['batch']}, "
             f"{r['device']}.\n\n" + table(["lever", "proteins/s", "residues/s", "padded / real", "peak GiB",
                                            "loss rel. diff", "grad rel. diff", "vs baseline"], rows)
