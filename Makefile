@@ -24,7 +24,7 @@ endif
 PY := $(ENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench figures docs gpu-check gpu-rehearse gpu-wheels gpu-data gpu-command
+.PHONY: install demo test test-fast bench figures docs docs-serve gpu-check gpu-rehearse gpu-wheels gpu-data gpu-command
 
 # the Pythons the package runs on (pyproject.toml's requires-python); checked before anything is installed
 SUPPORTED = (3, 10) <= sys.version_info[:2] <= (3, 13)
@@ -33,8 +33,9 @@ SUPPORTED = (3, 10) <= sys.version_info[:2] <= (3, 13)
 # not active says "command not found"), the newest X.Y.* under `pyenv root`; else $(1) as given.
 find_python = $(shell p='$(1)'; if "$$p" -c '' 2>/dev/null; then echo "$$p"; exit; fi; \
 	case "$$p" in (python3.*) root=$$(pyenv root 2>/dev/null) && \
-	for c in $$(ls -d "$$root"/versions/$(patsubst python%,%,$(1)).*/bin/$$p 2>/dev/null | grep -E '/versions/[0-9.]+/bin/' | sort -rV); \
-	do "$$c" -c '' 2>/dev/null && { echo "$$c"; exit; }; done;; esac; echo "$$p")
+	for c in $$(ls -d "$$root"/versions/$(patsubst python%,%,$(1)).*/bin/$$p 2>/dev/null \
+	| grep -E '/versions/[0-9.]+/bin/' | sort -rV); do "$$c" -c '' 2>/dev/null && { echo "$$c"; exit; }; done;; \
+	esac; echo "$$p")
 
 # one sentence and exit 2 unless the interpreter $(1) (named $(2)) runs and is Python 3.10 to 3.13
 check_python = "$(1)" -c '' 2>/dev/null || { echo "$(2) does not run here (nor does pyenv hold it): give a \

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("ESM_GEARNET_BENCH_RESULTS", HERE / "results"))
 
 
 def machine():
@@ -71,7 +71,7 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{args.name or args.script}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"recorded {path.relative_to(HERE.parent)}")
+    print(f"recorded {path}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,34 @@ def finish(process: subprocess.Popen, timeout: float):
                     f"killed. stderr ends with:\n{(stderr or '')[-3000:]}", pytrace=False)
 
 
+# `python -c KILL_BEFORE_CHECKPOINT N script.py ARGS...`: script.py run as `python script.py ARGS...`, except that
+# the process SIGKILLs itself when the engine is about to write last.pth at the end of epoch N (after the epoch
+# was trained, recorded and, when scored, its best.pth written; before its checkpoint): the same place in every
+# run. The wrapper pattern of tests/faults/test_fault_distributed.py (which SIGSTOPs a rank), here at the engine's
+# public `save`: nothing in esm_gearnet knows about it.
+KILL_BEFORE_CHECKPOINT = """
+import os, runpy, signal, sys
+from esm_gearnet.engine import Engine
+
+epoch, sys.argv = int(sys.argv[1]), sys.argv[2:]
+save = Engine.save
+
+def save_or_die(self, name, position=None):
+    if name == "last.pth" and self.epoch == epoch:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, name, position)
+
+Engine.save = save_or_die
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def killed_before_checkpoint(command, epoch: int, timeout: float, **options) -> subprocess.CompletedProcess:
+    """`command` ([python, script, args...]) run under `KILL_BEFORE_CHECKPOINT`, to its end, as `run_command`:
+    its return code is -SIGKILL when it reached the end of epoch `epoch`."""
+    return run_command([command[0], "-c", KILL_BEFORE_CHECKPOINT, str(epoch), *command[1:]], timeout, **options)
+
+
 def structure_files():
     """Every real structure file (PDB and mmCIF), sorted; empty when ../shared/data is absent."""
     if not STRUCTURES.exists():

@@ -10,7 +10,7 @@ TorchDrug's readouts and `MessagePassingBase`, and torch-geometric's `MessagePas
 tables `TINY_GVPGNN` and `TINY_CDCONV` write one small config out key by key, and the layout functions must
 reproduce them (a check of the functions themselves).
 """
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import torch
 

@@ -7,6 +7,7 @@ EC/GO/pre-training configs train on generated proteins (DemoFolds) with the conf
 on ATOM3D LMDBs written from real structures. Structure input widths and GearNet's num_relation are left out of
 the shrunk configs: the assembly derives them."""
 import csv
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for folder in ("EC", "GO", "PSR", "MSP", "pretrain", "demo")
                  for p in (ROOT / "config" / folder).glob("*.yaml"))
 EMBED_FILES = ["1D66-A.pdb", "2N2U-A.pdb", "1A7G-E.cif"]
+# config files per folder: 12 for each downstream task, 7 pre-training objectives, 3 demos
+EXPECTED = {"EC": 12, "GO": 12, "PSR": 12, "MSP": 12, "pretrain": 7, "demo": 3}
+
+
+def test_the_matrix_holds_every_config():
+    """The matrix below is parametrized by CONFIGS: a folder moved or renamed would empty it, and pytest would
+    skip it as an empty parameter set instead of failing."""
+    assert Counter(p.parent.name for p in CONFIGS) == EXPECTED
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +99,7 @@ def test_config_trains_saves_loads_and_embeds(path, atom3d_root, tmp_path):
     optimizer.step()
     assert torch.isfinite(loss)
     if cfg.get("fix_sequence_model"):
+        assert frozen  # the sequence model's weights, by the name the check reads
         assert all(torch.equal(v, task.encoder.state_dict()[k]) for k, v in frozen.items())
     if not pretraining:
         batch = collate([dataset[i] for i in range(3)])

@@ -6,16 +6,14 @@ import gzip
 import hashlib
 import os
 import signal
-import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import STRUCTURES, finish, run_command
+from conftest import STRUCTURES, killed_before_checkpoint, run_command
 from esm_gearnet import checkpoint
 from esm_gearnet.assembly import build_encoder
 from esm_gearnet.config import load_config
@@ -144,38 +142,25 @@ def test_resume_continues_to_the_uninterrupted_weights_and_rewrites_nothing(conf
          "--resume", str(uninterrupted))
     assert _hashes(uninterrupted) == before
 
-    # a run stopped after its first block resumes to the uninterrupted result; block 1's file is not rewritten
-    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(tmp_path / "b"), "--num_epoch", "1")
-    stopped = _run_dir(tmp_path / "b")
+    # a run stopped after its first block is resumed, and killed (kill -9) inside the second block: after its first
+    # split (split 3 of the run) was checkpointed and its second trained and recorded, before that split's
+    # checkpoint. Resumed once more, it ends with the uninterrupted run's weights and records (split 4 once), and
+    # block 1's file is never rewritten.
+    out = tmp_path / "b"
+    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(out), "--num_epoch", "1")
+    stopped = _run_dir(out)
     block_one = _hashes(stopped)["model_epoch_1.pth"]
-    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(tmp_path / "b"), "--num_epoch", "2",
+    command = [sys.executable, "script/pretrain.py", "-c", str(config), "--output_dir", str(out), "--num_epoch", "2",
+               "--resume", str(stopped)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = killed_before_checkpoint(command, 4, 300, cwd=ROOT, env=env)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert checkpoint.load(stopped / "last.pth")["training"]["position"]["splits_done"] == 3
+    assert not (stopped / "model_epoch_2.pth").exists()
+    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(out), "--num_epoch", "2",
          "--resume", str(stopped))
     resumed = _encoder_weights(stopped / "model_epoch_2.pth")
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
     assert _hashes(stopped)["model_epoch_1.pth"] == block_one
-
-    # kill -9 inside the second block (after its first split), then resume
-    out = tmp_path / "c"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "script/pretrain.py", "-c", str(config), "--output_dir", str(out),
-                                "--num_epoch", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline, killed_at = time.time() + 300, None
-    while time.time() < deadline and process.poll() is None:
-        found = list(out.glob("*/*/*/*/last.pth"))
-        if found:
-            position = checkpoint.load(found[0])["training"]["position"]
-            if position["splits_done"] >= 3:
-                process.send_signal(signal.SIGKILL)
-                killed_at = position["splits_done"]
-                break
-        time.sleep(0.02)
-    finish(process, 60)
-    assert killed_at == 3 and process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed = _run_dir(out)
-    block_one = _hashes(killed)["model_epoch_1.pth"]
-    _run("script/pretrain.py", "-c", str(config), "--output_dir", str(out), "--num_epoch", "2",
-         "--resume", str(killed))
-    resumed = _encoder_weights(killed / "model_epoch_2.pth")
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    assert _hashes(killed)["model_epoch_1.pth"] == block_one
+    assert (checkpoint.load(stopped / "last.pth")["training"]["metrics"]
+            == checkpoint.load(uninterrupted / "last.pth")["training"]["metrics"])

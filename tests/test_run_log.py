@@ -2,7 +2,6 @@
 per-epoch record (a run that trains nothing leaves no events file)."""
 import json
 
-import pytest
 import torch
 
 from esm_gearnet.engine import Engine
@@ -36,17 +35,21 @@ def test_record_without_run_dir_keeps_the_history_only(tmp_path):
     assert engine.history == [EPOCH]
 
 
-def test_tensorboard_opens_at_the_first_epoch_record(tmp_path):
-    pytest.importorskip("tensorboard", reason="tensorboard is optional and not installed")
+def test_tensorboard_opens_at_the_first_epoch_record_and_holds_every_scalar_at_its_epoch(tmp_path):
+    """The events file read back: each "<split>/<metric>" once per epoch, at step = epoch (not the record's
+    optimizer step), with its value (binary fractions, exact in TensorBoard's float32)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     engine = _engine(tmp_path)
-    engine.record({"final": {"test": {}}})
+    engine.record({"final": {"best_epoch": None, "valid": {}, "test": {}}})  # as Engine.final writes it
     assert _events(tmp_path) == []
-    engine.record(EPOCH)
-    engine.record({**EPOCH, "epoch": 2, "train": {"loss": 0.4}})
+    engine.record({"epoch": 1, "step": 3, "train": {"loss": 0.5}, "valid": {"f1_max": 0.25}, "test": {"f1_max": 0.125}})
+    engine.record({"epoch": 2, "step": 6, "train": {"loss": 0.375}, "valid": {"f1_max": 0.75, "auprc@micro": 0.625},
+                   "test": {"f1_max": 0.5}})
     assert len(_events(tmp_path)) == 1  # one writer for the run
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert sorted(events.Tags()["scalars"]) == ["test/f1_max", "train/loss", "valid/f1_max"]
-    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.4)]
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars == {"train/loss": [(1, 0.5), (2, 0.375)], "valid/f1_max": [(1, 0.25), (2, 0.75)],
+                       "valid/auprc@micro": [(2, 0.625)], "test/f1_max": [(1, 0.125), (2, 0.5)]}
+    engine.close()

@@ -148,13 +148,20 @@ def test_placeholder_rule_on_a_missing_backbone_atom(structures_dir, atom):
 
 def test_short_chains_and_empty_proteins_have_no_state(structures_dir):
     protein = load_structure(structures_dir / "1D66-A.pdb")
+    # the placeholder tells a residue without a state from one whose state is D: "#" marks exactly the residues
+    # three_di_states leaves at NO_STATE, and Foldseek's default string writes D there
     for length in (1, 2, 3):
-        assert three_di(protein.subresidue(torch.arange(length))) == "D" * length
+        short = protein.subresidue(torch.arange(length))
+        assert three_di(short, placeholder="#") == "#" * length and three_di(short) == "D" * length
     # DEVIATION from mini3di, which gives the middle residue of 3 a state from a partner that Foldseek refuses
     assert _mini3di(protein.subresidue(torch.arange(3))) == "DVD"
-    assert three_di(protein.subresidue(torch.arange(4)))[1:3] != "##"  # two interior residues: partners exist
+    four = protein.subresidue(torch.arange(4))  # two interior residues: partners exist, the chain ends have none
+    masked = three_di(four, placeholder="#")
+    assert masked[0] == masked[3] == "#" and "#" not in masked[1:3]
+    assert three_di(four) == masked.replace("#", "D") == _mini3di(four)
     assert three_di(protein.subresidue(torch.arange(0))) == ""
-    assert three_di(Protein.from_sequence("ACDEF", ca=torch.randn(5, 3))) == "DDDDD"  # CA only: no N, C
+    ca_only = Protein.from_sequence("ACDEF", ca=torch.randn(5, 3))  # CA only: no N, C
+    assert three_di(ca_only, placeholder="#") == "#####" and three_di(ca_only) == "DDDDD"
     with pytest.raises(ValueError, match="one character"):
         three_di(protein, placeholder="##")
 
