@@ -29,13 +29,28 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # the Pythons the package runs on (pyproject.toml's requires-python); checked before anything is installed
 SUPPORTED = (3, 10) <= sys.version_info[:2] <= (3, 13)
 
-$(PY):
-	@$(PYTHON) -c "import sys; sys.exit(not ($(SUPPORTED)))" || { echo "$(PYTHON) is Python \
-	$$($(PYTHON) -c 'import platform; print(platform.python_version())'); esm_gearnet runs on Python 3.10 to 3.13: \
-	give one with PYTHON=python3.12 (pyenv versions lists them)." >&2; exit 2; }
-	$(PYTHON) -m venv $(ENV)
+# The interpreter $(1) names: itself when it runs; else, for a bare pythonX.Y (pyenv's shim of a version that is
+# not active says "command not found"), the newest X.Y.* under `pyenv root`; else $(1) as given.
+find_python = $(shell p='$(1)'; if "$$p" -c '' 2>/dev/null; then echo "$$p"; exit; fi; \
+	case "$$p" in (python3.*) root=$$(pyenv root 2>/dev/null) && \
+	for c in $$(ls -d "$$root"/versions/$(patsubst python%,%,$(1)).*/bin/$$p 2>/dev/null \
+	| grep -E '/versions/[0-9.]+/bin/' | sort -rV); do "$$c" -c '' 2>/dev/null && { echo "$$c"; exit; }; done;; \
+	esac; echo "$$p")
 
+# one sentence and exit 2 unless the interpreter $(1) (named $(2)) runs and is Python 3.10 to 3.13
+check_python = "$(1)" -c '' 2>/dev/null || { echo "$(2) does not run here (nor does pyenv hold it): give a \
+	Python 3.10 to 3.13 with PYTHON=python3.12 or PYTHON=/path/to/python3.12." >&2; exit 2; }; \
+	"$(1)" -c "import sys; sys.exit(not ($(SUPPORTED)))" || { echo "$(2) is Python \
+	$$("$(1)" -c 'import platform; print(platform.python_version())'); esm_gearnet runs on Python 3.10 to 3.13: \
+	give one with PYTHON=python3.12 (pyenv versions lists them)." >&2; exit 2; }
+
+$(PY):
+	@$(call check_python,$(call find_python,$(PYTHON)),$(PYTHON))
+	$(call find_python,$(PYTHON)) -m venv $(ENV)
+
+# checked again here, for an active environment or one made before the check: torch never goes into another
 $(ENV)/.esm_gearnet-core: pyproject.toml setup.py | $(PY)
+	@$(call check_python,$(PY),$(ENV))
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)" \
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e .
@@ -57,6 +72,24 @@ test: $(ENV)/.esm_gearnet-test
 
 test-fast: $(ENV)/.esm_gearnet-test
 	$(PY) -m pytest -q tests -m "not slow"
+
+# The fast suite on the oldest and the newest Python besides the default one (CI runs the whole suite on that),
+# each in its own .venv-pythonX.Y; an interpreter is found on PATH or under `pyenv root`. On a machine that reaches
+# PyPI only, torch there is the CUDA build: 2.7 GB to download and 5.2 GB per environment (this machine's CPU
+# wheel in /opt/wheels is for Python 3.11 only). Every one is run; those that failed are named at the end.
+TEST_PYTHONS ?= python3.10 python3.13
+.PHONY: test-versions test-pythons
+test-versions: test-pythons
+	@failed=; for python in $(TEST_PYTHONS); do \
+		echo "make test-versions: the fast suite on $$python"; \
+		env -u VIRTUAL_ENV $(MAKE) --no-print-directory test-fast PYTHON=$$python || failed="$$failed $$python"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make test-versions: the fast suite failed on$$failed." >&2; exit 1; fi
+
+# each of TEST_PYTHONS found and supported, or one sentence and exit 2 (before anything is installed)
+test-pythons:
+	@$(foreach python,$(TEST_PYTHONS),$(call check_python,$(call find_python,$(python)),$(python)) && \
+		echo "$(python): $(call find_python,$(python))";) true
 
 # every benchmark on this machine, each recorded in benchmarks/results/NAME.json (about 40 min on 2 cores; run
 # it on an idle machine), then the tables rendered from them. One: `python benchmarks/record.py NAME [ARGS]`.
