@@ -197,3 +197,17 @@ def test_under_torchrun_a_user_error_is_printed_by_rank_0_and_named_in_torchruns
         record = json.loads((tmp_path / f"error{rank}.json").read_text())["message"]
         assert str(missing) in record["message"] and record["extraInfo"]["py_callstack"].startswith("error: ")
         assert (err == "") == (rank == "1"), err
+
+
+def test_help_into_a_pipe_closed_early_is_no_error():
+    """`esm-gearnet ... --help | head -1`: the reader leaves after one line; no traceback, exit 0."""
+    import subprocess
+    import sys
+
+    for args in (["--help"], ["downstream", "--help"]):
+        process = subprocess.Popen([sys.executable, "-m", "esm_gearnet", *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, bufsize=0)
+        process.stdout.read(10)
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=60) == 0 and "Traceback" not in stderr, stderr
