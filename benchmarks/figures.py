@@ -180,6 +180,46 @@ def train_step():
             + provenance("train_step"))
 
 
+STREAM_PATHS = {"foldcomp": "FoldComp (`FoldCompDB.item`)", "foldcomp_3di": "FoldComp + 3Di (`three_di=True`)",
+                "pdb_gz": "`.pdb.gz` (`read_structure_arrays`)", "pdb_gz_3di": "`.pdb.gz` + 3Di",
+                "get_data": "`foldcomp.get_data` alone"}
+
+
+def stream():
+    r = results("stream")[0]
+    d, target = r["decode"], r["targets"]
+    rows = [[label, d[key]["proteins_per_s"], d[key]["residues_per_s"],
+             ratio(d[key]["vs_pdb_gz"]) if "vs_pdb_gz" in d[key] else "—"] for key, label in STREAM_PATHS.items()]
+    small, large = r["memory"]["small"], r["memory"]["large"]
+    first = r["first_batch"]["large"]
+    figures = [["decoded + cropped per worker, FoldComp", f"{d['foldcomp']['proteins_per_s']} proteins/s",
+                f"≥ {target['proteins_per_s']} proteins/s"],
+               [f"resident memory after {r['batch']}-protein batches, {small['entries']:,} → {large['entries']:,} "
+                "entries", f"{small['rss_mb']:.0f} → {large['rss_mb']:.0f} MB (+{r['memory_growth_mb']} MB)",
+                f"growth < {target['memory_growth_mb']} MB"],
+               [f"`FoldCompDB(path)` to the first batch of {r['batch']}, {first['entries']:,} entries, 1 worker",
+                f"{first['first_batch_s']} s (open {first['open_s']} s)", f"< {target['first_batch_s']} s"]]
+    return (f"{r['structures']} real structures, {r['mean_residues']} residues on average; a FoldComp record "
+            f"{r['record_bytes']:,} bytes, its `.pdb.gz` {r['pdb_gz_bytes']:,} bytes. Decoding: one process at one "
+            f"thread, {r['sample']} proteins per path and round, the median of {r['rounds']} rounds.\n\n"
+            + table(["path, with the pre-training crop", "proteins/s", "residues/s", "vs `.pdb.gz`"], rows) + "\n"
+            + table(["figure", "measured", "target"], figures) + provenance("stream"))
+
+
+def train_step_stream():
+    r = results("train_step_stream", "train_step")[0]
+    f = r["stream"]
+    rows = [[f["threads"], f["proteins_per_s"], f["residues_per_s"], f["step_s"], f["steps"],
+             f["data_wait_ms_per_step"], f"{100 * f['data_wait_share']:.2f} %",
+             f"{100 * f['data_wait_share_after_first']:.2f} %", f["first_batch_s"]]]
+    return (f"ESM-2 {' × '.join(map(str, r['esm']))} (layers × width × heads), batch {r['batch']}, {r['device']}; "
+            "the `sparse` step fed by `engine.stream.loader` with 1 DataLoader worker. Target: a wait under 2 % "
+            "of the step time.\n\n"
+            + table(["step threads", "proteins/s", "residues/s", "s per step", "steps timed", "wait ms per step",
+                     "wait / step time", "without epochs' first batch", "first batch s"], rows)
+            + provenance("train_step_stream"))
+
+
 def peak():
     rows = [[r["device"], r["dtype"], f"{r['size']}³", r["tflops"]] for r in results("peak")]
     return table(["device", "dtype", "matrix product", "TFLOP/s"], rows) + provenance("peak")
@@ -203,6 +243,10 @@ def headline():
     rows.append([f"pretrained ESM-2 {big} start-up", f"{ratio(st[big]['build']['time_vs_read'])} the time of "
                  f"reading its file; peak {ratio(st[big]['build']['peak_vs_weights'])} the weights",
                  "`benchmarks/startup.py`"])
+    d = results("stream")[0]
+    rows.append(["FoldComp entries decoded + cropped, one worker", f"{d['decode']['foldcomp']['proteins_per_s']} "
+                 f"proteins/s ({ratio(d['decode']['foldcomp']['vs_pdb_gz'])} `.pdb.gz`); a 1 M-entry database "
+                 f"to its first batch in {d['first_batch']['large']['first_batch_s']} s", "`benchmarks/stream.py`"])
     machine = load("train_step")["machine"]
     return (table(["what", "measured", "script"], rows)
             + f"\nOn {machine['cpu']} ({machine['cores']} cores, shared: the load average is given with each), no GPU; "
@@ -211,7 +255,8 @@ def headline():
 
 
 RENDER = {f.__name__: f for f in (structure_io, graph_construction, three_di, encoders, dataset, esm_attention,
-                                  embed, saprot_step, startup, train_step, peak, headline)}
+                                  embed, saprot_step, startup, train_step, train_step_stream, stream, peak,
+                                  headline)}
 
 
 def render_page(text, path):

@@ -110,6 +110,12 @@ STEPS = [
           "--batch", "8", "--rounds", "2", *COMMON, *PEAK], 120, 60,
          ["benchmarks/embed.py", "--sizes", "2x64x4", "--precision", "fp32", "--proteins", "4", "--batch", "2",
           "--rounds", "1", *COMMON, *PEAK], 60, 20),
+    Step("foldcomp_embed", "embed from a FoldComp database: frozen ESM-2 650M, bf16, unpadded, length-bucketed, "
+         "proteins/s (the aim: 3 M an hour, 830/s)",
+         ["benchmarks/embed_stream.py", *ESM_650M, "--entries", "20000", "--warmup", "2000", "--precision", "bf16",
+          "--workers", "8", *COMMON], 150, 70,
+         ["benchmarks/embed_stream.py", "--esm", "2,64,4", "--entries", "200", "--warmup", "50", "--precision",
+          "fp32", "--workers", "1", "--shard-size", "100", *COMMON], 60, 20),
     Step("graph_construction", "EC graph construction proteins/s",
          ["benchmarks/graph_construction.py", *COMMON], 45, 15,
          ["benchmarks/graph_construction.py", *COMMON, "--max-proteins", "8", "--repeats", "1"], 30, 6),

@@ -20,6 +20,7 @@ Levers, cumulative down to `sparse` (or `bf16` on CUDA), then each opt-in on top
     checkpoint   + activation checkpointing of the ESM layers (`activation_checkpointing: true`)
     frozen       + ESM frozen, run without autograd (esm_gearnet_freeze.yaml: changes the science)
     cache        + frozen ESM's features cached per protein (`feature_cache_gib`); the timed epochs hit it
+    stream       + the batches streamed from a FoldComp database (only when named in --levers): see below
 
 Every lever is checked against the plain path (fair-esm attention, index_add_, fp32) on one batch of
 CHECK_BATCH proteins (whatever --batch is, so the fp32 reference never decides how large a batch fits), same
@@ -28,6 +29,14 @@ relative difference of a parameter gradient (reported). The ESM part's model FLO
 (benchmarks/esm_flops.py over the real tokens, forward + backward; frozen: the forward), over the measured
 time, against the device's matrix-product peak in its own precision (bf16 on CUDA, fp32 on the CPU):
 --peak-tflops, or measured here (benchmarks/peak.py) when 0.
+
+`stream` feeds the `sparse` step from a FoldComp database of the same real structures (those FoldComp holds
+faithfully, `benchmarks/_databases.py`, repeated to whole batches) through `engine.stream.loader` with one
+DataLoader worker, as pre-training from AlphaFold DB does, the step at one thread (the worker has the other
+core); its items are cropped to 550 with random multi-hot targets, and each epoch is a stream of its own (a
+DataLoader whose worker starts, as in training). It adds the time the step waited for its batches (blocked in
+`next`, the end of each epoch included) as a share of the timed epochs' time: all of it, and without each
+epoch's first batch, whose wait (the worker's start) is given apart.
 
 Models are built on the device (random initialisation there, never on the CPU and then moved). Each lever's
 process writes its figures into a file the parent reads; its output goes where the parent's goes (the GPU
@@ -59,9 +68,10 @@ from benchmarks.esm_flops import esm_flops  # noqa: E402
 from benchmarks.peak import device_dtype, peak_tflops  # noqa: E402
 from esm_gearnet.config import load_config  # noqa: E402
 from esm_gearnet.data import collate, load_structures  # noqa: E402
-from esm_gearnet.data.transforms import TruncateProtein  # noqa: E402
+from esm_gearnet.data.transforms import Compose, TruncateProtein  # noqa: E402
 from esm_gearnet.engine import to_device  # noqa: E402
 from esm_gearnet.engine.sampler import LengthBucketSampler  # noqa: E402
+from esm_gearnet.engine.stream import loader  # noqa: E402
 from esm_gearnet.assembly import build_task as assemble_task, model_config, optimizer_groups  # noqa: E402
 from esm_gearnet.registry import resolve  # noqa: E402
 
@@ -69,7 +79,8 @@ NUM_TASK = 538  # EC
 CHECK_BATCH = 4  # proteins of the batch every lever is checked on against the plain fp32 path
 OUT_OF_MEMORY = 3  # exit status of a lever process that ran out of GPU memory
 PLAIN = dict(attention="esm", bucket=False, aggregation="scatter", precision="fp32", ratio=0.1, compile=False,
-             checkpointing=False, cache_gib=0.0)
+             checkpointing=False, cache_gib=0.0, stream=False, threads=0)
+OPT_IN = ("stream",)  # levers run only when --levers names them
 DESCRIPTIONS = {
     "baseline": "baseline: fair-esm attention, random batches, fp32, index_add_ aggregation, ESM trained",
     "sdpa": "+ SDPA attention", "bucket": "+ length-bucketed batches (`engine.bucket: true`)",
@@ -80,6 +91,7 @@ DESCRIPTIONS = {
     "checkpoint": "+ activation checkpointing of the ESM layers",
     "frozen": "+ ESM frozen, no autograd (a different experiment)",
     "cache": "+ ESM frozen, features cached per protein",
+    "stream": "+ batches streamed from a FoldComp database (1 worker, step at 1 thread)",
 }
 
 
@@ -94,7 +106,8 @@ def lever_options(cuda):
     for name, change in [("unpadded", {"attention": "varlen"}),
                          ("unpadded_random", {"attention": "varlen", "bucket": False}),
                          ("compile", {"compile": True}), ("checkpoint", {"checkpointing": True}),
-                         ("frozen", {"ratio": 0.0}), ("cache", {"ratio": 0.0, "cache_gib": 8.0})]:
+                         ("frozen", {"ratio": 0.0}), ("cache", {"ratio": 0.0, "cache_gib": 8.0}),
+                         ("stream", {"stream": True, "threads": 1})]:
         options[name] = {**current, **change}
     return options
 
@@ -127,6 +140,50 @@ def batches(items, batch_size, bucket, seed=0):
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return [collate([items[i] for i in group]) for group in groups]
+
+
+class RandomTargets:
+    """Random multi-hot EC targets for a streamed protein (a FoldComp database has no labels), drawn from torch's
+    generator, which the stream seeds per sample."""
+
+    def __call__(self, item):
+        return {**item, "targets": (torch.rand(NUM_TASK) < 0.01).float()}
+
+
+class Waited:
+    """The batches of an iterator, recording the seconds the caller waited in each `next` (the last one, which
+    ends the iteration and stops the DataLoader's worker, included) and the proteins' lengths of each batch ([B]
+    residues)."""
+
+    def __init__(self, batches):
+        self.batches, self.waits, self.lengths = iter(batches), [], []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            batch = next(self.batches)
+        finally:
+            self.waits.append(time.perf_counter() - start)
+        self.lengths.append(batch["graph"].num_residues)
+        return {k: v for k, v in batch.items() if k != "stream"}  # its place in the epoch: the trainer's business
+
+
+def streamed_dataset(args, folder):
+    """A FoldComp database of the real structures (--max-proteins files; those FoldComp holds faithfully, repeated
+    to whole batches, at least two) written into `folder`, as the streamed training dataset (crop to 550, random
+    targets)."""
+    from benchmarks._databases import real_records, write_repeated
+    from esm_gearnet.data.datasets.foldcomp import FoldCompDB
+
+    records = real_records(files=real_structure_files()[:args.max_proteins])
+    entries = max(-(-len(records) // args.batch), 2) * args.batch
+    path = write_repeated(Path(folder) / "db", records, entries)
+    print(f"stream: {len(records)} of the {args.max_proteins} structures held faithfully by FoldComp, "
+          f"{entries} proteins an epoch", flush=True)
+    return FoldCompDB(path, transform=Compose([TruncateProtein(max_length=550), RandomTargets()]))
 
 
 def autocast(precision):
@@ -170,29 +227,53 @@ def check(cfg, esm, options, batch, device):
 
 def run_lever(args, name, cfg, esm, items, device):
     options = lever_options(device.type == "cuda")[name]
-    residues = sum(it["graph"].num_residue for it in items)
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
     task, optimizer = build_task(cfg, esm, options, device)
-    data = batches(items, args.batch, options["bucket"])
-    padded = (residues if options["attention"] == "varlen"  # packed: no padding token
-              else sum(b["graph"].batch_size * int(b["graph"].num_residues.max()) for b in data))
+    if options["stream"]:  # each epoch: a stream of the database (a DataLoader, its worker started), as in training
+        folder = tempfile.TemporaryDirectory()
+        dataset, feeds = streamed_dataset(args, folder.name), []
+        proteins = len(dataset)
+
+        def epoch_data():
+            feeds.append(Waited(loader(dataset, args.batch, 0, 1, seed=0, epoch=len(feeds), num_workers=1)))
+            return feeds[-1]
+    else:
+        data, proteins = batches(items, args.batch, options["bucket"]), len(items)
+        epoch_data = lambda: data  # noqa: E731
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    epoch(task, optimizer, data, device, options)  # warm-up (and, for `cache`, the epoch that fills it)
+    epoch(task, optimizer, epoch_data(), device, options)  # warm-up (and, for `cache`, the epoch that fills it)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        epoch(task, optimizer, data, device, options)
+        epoch(task, optimizer, epoch_data(), device, options)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     memory = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-    figures = {"proteins_per_s": round(len(items) / seconds, 2), "residues_per_s": round(residues / seconds),
+    # [B] residues of each batch of one epoch
+    lengths = feeds[-1].lengths if options["stream"] else [b["graph"].num_residues for b in data]
+    residues = sum(int(n.sum()) for n in lengths)
+    padded = (residues if options["attention"] == "varlen"  # packed: no padding token
+              else sum(len(n) * int(n.max()) for n in lengths))
+    figures = {"proteins_per_s": round(proteins / seconds, 2), "residues_per_s": round(residues / seconds),
                "padding": round(padded / residues, 3), "peak_memory_gib": round(memory, 2)}
     if not options["cache_gib"]:  # with the cache, ESM does not run in the timed epochs
         # each protein's tokens (<cls> + residues + <eos>): padding is not useful work, so the padded and
         # unpadded paths are credited the same FLOPs for the same data
-        flops = esm_flops(esm, [n + 2 for b in data for n in b["graph"].num_residues.tolist()], options["ratio"] > 0)
+        flops = esm_flops(esm, [n + 2 for b in lengths for n in b.tolist()], options["ratio"] > 0)
         figures["esm_mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 4)
+    if options["stream"]:  # the timed epochs' waits: all of them, and those after each epoch's first batch
+        waited, later = [w for f in feeds[1:] for w in f.waits], [w for f in feeds[1:] for w in f.waits[1:]]
+        steps = sum(len(f.lengths) for f in feeds[1:])
+        figures.update(threads=options["threads"], steps=steps, step_s=round(sum(times) / steps, 3),
+                       data_wait_share=round(sum(waited) / sum(times), 5),
+                       data_wait_share_after_first=round(sum(later) / sum(times), 5),
+                       data_wait_ms_per_step=round(1e3 * sum(waited) / steps, 2),
+                       first_batch_s=round(statistics.median(f.waits[0] for f in feeds[1:]), 3))
+        del feeds
+        folder.cleanup()
     del task, optimizer
     if args.no_check:
         return figures
@@ -260,7 +341,7 @@ def main():
 
     if args.lever is None:  # the parent: one process per lever
         known = list(lever_options(device.type == "cuda"))
-        names = args.levers.split(",") if args.levers else known
+        names = args.levers.split(",") if args.levers else [name for name in known if name not in OPT_IN]
         if args.max_batch and args.max_batch not in names:  # the search starts from its figures at --batch
             names.append(args.max_batch)
         unknown = sorted(set(names) - set(known))

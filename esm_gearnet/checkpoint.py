@@ -121,11 +121,15 @@ def digest(content: Dict[str, Any]) -> str:
 # ---- files ----------------------------------------------------------------------------------------------------
 def save_atomic(content: Dict[str, Any], path) -> None:
     """torch.save of `content` with its `digest` added, written atomically (`writing.replacing`: a full disk is one
-    sentence, and the previous file stays whole)."""
-    sealed = {k: v for k, v in content.items() if k != DIGEST}
-    sealed[DIGEST] = digest(sealed)
-    with replacing(path) as temporary, open(temporary, "wb") as handle:
-        torch.save(sealed, handle)  # through a file of ours: a full disk is its OSError, not only torch's message
+    sentence, and the previous file stays whole); a Ctrl-C meanwhile is raised when the file is in place."""
+    from .errors import deferring_ctrl_c
+
+    # a Ctrl-C while the file is made is raised once it is in place (the run resumes from it)
+    with deferring_ctrl_c():
+        sealed = {k: v for k, v in content.items() if k != DIGEST}
+        sealed[DIGEST] = digest(sealed)
+        with replacing(path) as temporary, open(temporary, "wb") as handle:
+            torch.save(sealed, handle)  # through a file of ours: a full disk is its OSError, not torch's message
 
 
 CHECKPOINT_ADVICE = ("use another checkpoint of the run (best.pth, last.pth, model_epoch_N.pth) or a fresh copy of "
@@ -229,7 +233,8 @@ def resumable_training(state: Any, path, world_size: int) -> Dict[str, Any]:
 
     Raises:
         CheckpointError: a file that is not a training checkpoint of this framework, one holding weights only,
-            or one written by another number of processes (the RNG streams and data order are per rank).
+            or one written by another number of processes (the RNG streams and data order are per rank), unless
+            it trained on streamed data, whose position is a sample of the epoch's order.
     """
     if not is_packed(state):
         raise CheckpointError(f"{path} is not a training checkpoint of this framework; resume needs the last.pth a "
@@ -238,7 +243,8 @@ def resumable_training(state: Any, path, world_size: int) -> Dict[str, Any]:
     if training is None:
         raise CheckpointError(f"{path} holds model weights only; resume needs a last.pth written during training "
                               "(use --ckpt to start from weights).")
-    if training["world_size"] != world_size:
+    # streamed data continues at its sample with any number of processes (`engine.stream`)
+    if training["world_size"] != world_size and not training.get("streamed"):
         raise CheckpointError(f"{path} was written by {training['world_size']} process(es) but {world_size} run "
                               "now; resume with the same number.")
     return training

@@ -159,6 +159,22 @@ def all_gather_with_grad(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return _GatherRows.apply(x.contiguous(), sizes), sum(sizes[:dist.get_rank()])
 
 
+def wait_for_all(name: str, poll: float = 0.5) -> None:
+    """Every rank says it reached `name` and waits, with no time limit, until every rank has: the end of work
+    shared unevenly (embedding shards), where a rank may finish hours after another, longer than any collective's
+    timeout. Through the launcher's key-value store, polled every `poll` seconds; a rank that dies meanwhile ends
+    the job through the launcher (torchrun stops every rank when one fails), not through this wait."""
+    if not dist.is_initialized():
+        return
+    import time
+
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"esm_gearnet/{name}/{dist.get_rank()}", "1")
+    keys = [f"esm_gearnet/{name}/{r}" for r in range(dist.get_world_size())]
+    while not store.check(keys):
+        time.sleep(poll)
+
+
 def any_true(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is True on at least one."""
     if not dist.is_initialized():

@@ -31,6 +31,25 @@ def ignoring_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def deferring_ctrl_c():
+    """Ctrl-C (SIGINT) held back inside the block and raised as KeyboardInterrupt when it ends: a write that must
+    not be broken off (torch.save of a checkpoint: interrupted inside its zip writer it raised a RuntimeError of
+    its own, and the command a traceback instead of its one line) finishes first. Only the main thread can set
+    signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 class UserError(Exception):
     """Base of the errors a user can act on that are not ValueErrors (a checkpoint, a download, an output, a run
     that cannot learn): each module's own class derives from it, so this module needs none of them."""

@@ -9,7 +9,7 @@ function            what it does
                     (then the folder is synced). A killed or failed writer leaves the previous file whole; a
                     killed one leaves its temporary file, which `remove_leftovers` removes later.
 `write_atomic`      `replacing` for bytes or text already in memory; `write_skipped`, the `OUT.skipped.tsv` of
-                    the inputs a command reported and skipped
+                    the inputs a command reported and skipped (its rows: `skipped_rows`)
 `append_line`       one record appended to a log (`metrics.jsonl`, `log.txt`) and flushed; a crash tears at most
                     the last record, which the readers skip, naming it
 `writable(path)`    a test write where `path` goes (and, given a size, the free space): the location is refused
@@ -203,16 +203,20 @@ def write_atomic(path, content: Union[bytes, str]) -> None:
             _sync(handle)
 
 
-def write_skipped(output, skipped) -> Path:
-    """`OUTPUT.skipped.tsv`: one `input<TAB>reason` row per skipped input (an empty file when none was). A tab or
-    line break in a name or reason becomes a space (it would split the row); a file name that is not UTF-8 keeps
-    its bytes. Returns the report's path."""
+def skipped_rows(skipped) -> bytes:
+    """The content of a skipped report: one `input<TAB>reason` row per skipped input. A tab or line break in a
+    name or reason becomes a space (it would split the row); a file name that is not UTF-8 keeps its bytes."""
     def cell(text) -> str:
         return re.sub(r"[\t\r\n]", " ", str(text))
 
-    report = Path(output).with_name(Path(output).name + ".skipped.tsv")
     rows = "".join(f"{cell(name)}\t{cell(reason)}\n" for name, reason in skipped)
-    write_atomic(report, rows.encode("utf-8", "surrogateescape"))
+    return rows.encode("utf-8", "surrogateescape")
+
+
+def write_skipped(output, skipped) -> Path:
+    """`OUTPUT.skipped.tsv`: `skipped_rows` (an empty file when none was). Returns the report's path."""
+    report = Path(output).with_name(Path(output).name + ".skipped.tsv")
+    write_atomic(report, skipped_rows(skipped))
     return report
 
 
@@ -299,4 +303,4 @@ def output_lock(path, wait: bool = False, what: str = "output") -> Iterator[None
 
 
 __all__ = ["OutputError", "append_line", "output_lock", "refusal", "remove_leftovers", "replacing", "writable",
-           "write_atomic", "write_skipped"]
+           "skipped_rows", "write_atomic", "write_skipped"]

@@ -200,12 +200,15 @@ def test_under_torchrun_a_user_error_is_printed_by_rank_0_and_named_in_torchruns
 
 
 def test_help_into_a_pipe_closed_early_is_no_error():
-    """`esm-gearnet ... --help | head -1`: the reader leaves after one line; no traceback, exit 0."""
+    """`esm-gearnet ... --help | head -1` and `python script/X.py --help | head -1`: the reader leaves after one
+    line; no traceback, exit 0."""
     import subprocess
     import sys
 
-    for args in (["--help"], ["downstream", "--help"]):
-        process = subprocess.Popen([sys.executable, "-m", "esm_gearnet", *args], stdout=subprocess.PIPE,
+    root = Path(__file__).resolve().parents[1]
+    for args in (["-m", "esm_gearnet", "--help"], ["-m", "esm_gearnet", "downstream", "--help"],
+                 [str(root / "script" / "pretrain.py"), "--help"], [str(root / "script" / "embed.py"), "--help"]):
+        process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, bufsize=0)
         process.stdout.read(10)
         process.stdout.close()

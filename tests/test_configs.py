@@ -25,17 +25,38 @@ from esm_gearnet.registry import build
 from esm_gearnet.tasks import MultipleBinaryClassification, PropertyPrediction
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for folder in ("EC", "GO", "PSR", "MSP", "pretrain", "demo")
-                 for p in (ROOT / "config" / folder).glob("*.yaml"))
+ALL_CONFIGS = sorted(p for folder in ("EC", "GO", "PSR", "MSP", "pretrain", "demo")
+                     for p in (ROOT / "config" / folder).glob("*.yaml"))
+# a pre-training config on a FoldComp database is its original's but for the dataset and schedule (checked
+# below), so the matrix builds the original only
+STREAMED = sorted((ROOT / "config" / "pretrain").glob("*_foldcomp.yaml"))
+CONFIGS = [p for p in ALL_CONFIGS if p not in STREAMED]
 EMBED_FILES = ["1D66-A.pdb", "2N2U-A.pdb", "1A7G-E.cif"]
-# config files per folder: 12 for each downstream task, 7 pre-training objectives, 3 demos
-EXPECTED = {"EC": 12, "GO": 12, "PSR": 12, "MSP": 12, "pretrain": 7, "demo": 3}
+# config files per folder: 12 for each downstream task, 7 pre-training objectives (twice: AlphaFold DB's proteome
+# archives as the original, and a FoldComp database), 4 demos
+EXPECTED = {"EC": 12, "GO": 12, "PSR": 12, "MSP": 12, "pretrain": 14, "demo": 4}
 
 
 def test_the_matrix_holds_every_config():
     """The matrix below is parametrized by CONFIGS: a folder moved or renamed would empty it, and pytest would
     skip it as an empty parameter set instead of failing."""
-    assert Counter(p.parent.name for p in CONFIGS) == EXPECTED
+    assert Counter(p.parent.name for p in ALL_CONFIGS) == EXPECTED
+    assert len(STREAMED) == 7
+
+
+@pytest.mark.parametrize("path", STREAMED, ids=lambda p: p.name)
+def test_a_foldcomp_pretraining_config_is_its_original_on_afdb_rep_v4(path):
+    """The objective, model, optimizer and engine of the original's config; the dataset is afdb_rep_v4 as a
+    FoldComp database with the original's transform, and the schedule is in epochs of it and steps."""
+    cfg = load_config(str(path))
+    original = load_config(str(path.with_name(path.name.replace("_foldcomp", ""))))
+    for key in set(cfg) | set(original):
+        if key not in ("dataset", "save_interval", "train"):
+            assert cfg.get(key) == original.get(key), key
+    assert cfg.dataset["class"] == "FoldCompDB" and cfg.dataset.path.endswith("/afdb_rep_v4")
+    assert cfg.dataset.download and cfg.dataset.held_out == 1000
+    assert cfg.dataset.transform == original.dataset.transform
+    assert cfg.save_interval == 5000 and cfg.train == {"num_epoch": 8}
 
 
 @pytest.fixture(scope="session")
@@ -132,3 +153,38 @@ def test_config_trains_saves_loads_and_embeds(path, atom3d_root, tmp_path):
         assert [row["id"] for row in rows] == [Path(f).stem for f in files]
         if isinstance(task, PropertyPrediction):
             assert all(np.isfinite(float(row[name])) for row in rows for name in names)
+
+
+@pytest.fixture(scope="module")
+def demo_database(tmp_path_factory):
+    from esm_gearnet.data.datasets.foldcomp import DemoFoldCompDB
+
+    path = tmp_path_factory.mktemp("foldcomp") / "demo"
+    DemoFoldCompDB(path, num_protein=12)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", STREAMED, ids=lambda p: p.name)
+def test_every_objective_pretrains_from_a_foldcomp_database(path, demo_database, tmp_path):
+    """Each config/pretrain/*_foldcomp.yaml, its encoders small, on a database of the demo's proteins: two steps
+    streamed, a checkpoint with the held-out loss after each, the weights file at the end."""
+    import json
+
+    import yaml
+
+    from esm_gearnet.commands.pretrain import main
+    from esm_gearnet.config import plain
+
+    cfg = load_config(str(path))
+    small(model_config(cfg)[0])
+    cfg.dataset.update({"path": str(demo_database), "download": False, "held_out": 2})
+    cfg.update({"train": {"num_step": 2}, "save_interval": 1, "output_dir": str(tmp_path / "out"),
+                "engine": {"batch_size": 2}})
+    shrunk = tmp_path / path.name
+    shrunk.write_text(yaml.safe_dump(plain(cfg)))
+    assert main(["-c", str(shrunk)]) == 0
+    (run_dir,) = {p.parent for p in (tmp_path / "out").rglob("model_step_2.pth")}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["valid"]["loss"] for r in records if "valid" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))

@@ -27,14 +27,14 @@ TOP_LEVEL: Dict[str, Any] = {
     "lr_ratio": Optional[float], "sequence_model_lr_ratio": Optional[float], "fix_sequence_model": Optional[bool],
     "original_optimizer_groups": Optional[bool], "model_checkpoint": Optional[str], "checkpoint": Optional[str],
 }
-TRAIN: Dict[str, Any] = {"num_epoch": int, "batch_per_epoch": Optional[int]}
+TRAIN: Dict[str, Any] = {"num_epoch": int, "batch_per_epoch": Optional[int], "num_step": Optional[int]}
 
 # Engine arguments that the run supplies, not the config's `engine:` block
 ENGINE_RUNTIME = {"task", "train_set", "valid_set", "test_set", "optimizer", "scheduler", "run_dir", "config",
                   "task_names", "seed", "device", "progress"}
 
 MINIMUM = {"save_interval": 1, "lr_ratio": 0, "sequence_model_lr_ratio": 0, "train.num_epoch": 0,
-           "train.batch_per_epoch": 1, "engine.batch_size": 1, "engine.gradient_interval": 1,
+           "train.batch_per_epoch": 1, "train.num_step": 1, "engine.batch_size": 1, "engine.gradient_interval": 1,
            "engine.num_worker": 0, "engine.log_interval": 0, "engine.timeout": 1}
 
 

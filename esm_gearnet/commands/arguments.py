@@ -127,9 +127,10 @@ def downstream_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def add_input_options(parser: argparse.ArgumentParser) -> None:
+def add_input_options(parser: argparse.ArgumentParser,
+                      output_help: str = "the file to write; its suffix chooses the format") -> None:
     parser.add_argument("inputs", nargs="+", help="PDB/mmCIF files (.gz too), folders, or text files of paths")
-    parser.add_argument("-o", "--output", required=True, help="the file to write; its suffix chooses the format")
+    parser.add_argument("-o", "--output", required=True, help=output_help)
     parser.add_argument("--workers", type=int, default=2, help="parsing processes")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     parser.add_argument("--max-residues", type=int, default=4096, help="padded residues per batch")
@@ -137,12 +138,23 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
 
 
 def embed_parser() -> argparse.ArgumentParser:
-    parser = script_parser("Embeddings of your own structures (.npz, .pt or .h5).")
+    parser = script_parser("Embeddings of your own structures (.npz, .pt or .h5); with one FoldComp database as "
+                           "INPUT, or under torchrun, a folder of shards (see --shard-size).")
     parser.add_argument("-c", "--config", default=None, help="the model's config (optional with --ckpt of a run)")
     parser.add_argument("--ckpt", default=None, help="weights: a run directory, a checkpoint or a bare state_dict")
     parser.add_argument("--per-residue", action="store_true", help="also write per-residue embeddings")
-    parser.add_argument("--resume", action="store_true", help="keep the proteins already in OUT, embed the rest")
-    add_input_options(parser)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: autocast on CUDA (the CPU runs fp32)")
+    parser.add_argument("--resume", action="store_true", help="keep the proteins already in OUT, embed the rest "
+                        "(a folder: the shards already written)")
+    parser.add_argument("--shard-size", type=int, default=None, help="entries per shard of a folder output "
+                        "(default 10000; a resumed folder keeps its own)")
+    parser.add_argument("--format", choices=("npz", "h5"), default=None, help="the shards' format in a folder "
+                        "output (default npz)")
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch
+    add_input_options(parser, "the file to write (its suffix chooses the format); with a FoldComp database as "
+                      "input or under torchrun, the folder of shards")
     return parser
 
 
@@ -154,6 +166,25 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top", type=int, default=5, help="how many best-scoring terms to list")
     parser.add_argument("--scores", default=None, help="also write the full score matrix to this .npz")
     add_input_options(parser)
+    return parser
+
+
+def pack_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=program.get(), description="Pack structures into a FoldComp database "
+                                     "(one entry per chain, each checked after compressing; FoldCompDB reads it). "
+                                     "A killed pack continues when run again with the same command.")
+    parser.add_argument("inputs", nargs="+", help="PDB/mmCIF files (.gz too), folders, text files of paths, and "
+                        "AlphaFold DB proteome tars (.tar, read member by member, never extracted)")
+    parser.add_argument("-o", "--output", required=True, help="the database to write: DB, beside DB.index, "
+                        "DB.lookup, DB.dbtype (and DB.skipped.tsv listing what was left out, with reasons)")
+    parser.add_argument("--workers", type=int, default=2, help="packing processes (default 2; a crash of "
+                        "foldcomp costs only its structure)")
+    parser.add_argument("--max-ca-error", type=float, default=1.0, help="leave out a chain whose Cα atoms move "
+                        "more than this (Å) through compression (default 1.0)")
+    parser.add_argument("--split-breaks", action="store_true", help="pack a chain with breaks (consecutive Cα "
+                        "more than 4.2 Å apart), which FoldComp cannot represent, as its segments NAME_seg1, "
+                        "NAME_seg2, ... instead of leaving it out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -187,9 +218,10 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of the `esm-gearnet` command `name`."""
     if name in DESCRIPTIONS:
         return downstream_parser(DESCRIPTIONS[name])
-    return {"embed": embed_parser, "predict": predict_parser, "report": report_parser, "configs": configs_parser,
-            "demo": demo_parser}[name]()
+    return {"embed": embed_parser, "predict": predict_parser, "pack": pack_parser, "report": report_parser,
+            "configs": configs_parser, "demo": demo_parser}[name]()
 
 
 __all__ = ["DESCRIPTIONS", "add_input_options", "base_parser", "command_parser", "config_help", "configs_parser", "demo_parser", "downstream_parser",
-           "embed_parser", "parse_args", "predict_parser", "report_parser", "script_parser", "split_overrides"]
+           "embed_parser", "pack_parser", "parse_args", "predict_parser", "report_parser", "script_parser",
+           "split_overrides"]

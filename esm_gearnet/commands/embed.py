@@ -1,28 +1,28 @@
-"""`esm-gearnet embed`: per-protein (and per-residue) embeddings of your own structures (.npz, .pt or .h5).
+"""`esm-gearnet embed`: per-protein (and per-residue) embeddings of your own structures (.npz, .pt or .h5); of a
+FoldComp database, or of any input under `torchrun`, a folder of shards (`commands.embed_scale`).
 
 ```
 esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
+torchrun --nproc_per_node=N script/embed.py -c CONFIG [--ckpt PATH] DB -o OUT/ [--shard-size K] [--format npz|h5]
 ```
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .. import checkpoint, writing
-from ..assembly import build_encoder, model_config
-from ..data import ProteinBatch
-from ..models import Encoder
 from .arguments import embed_parser, parse_args
+from .embed_scale import is_sharded, run_sharded
+from .encoding import embed_proteins, embedding_options, load_encoder
 from .exits import one_sentence
-from .inputs import (device_of, in_input_order, load_run, output_file, read_inputs,
-                     write_skipped)
+from .inputs import load_run, output_file, read_inputs, write_skipped
+from .shards import ShardedEmbeddings
 
 logger = logging.getLogger("esm_gearnet")
 FORMATS = (".npz", ".pt", ".h5")
@@ -34,52 +34,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args, variables, overrides = parse_args(argv, embed_parser())
     setup_logging(None)
+    if is_sharded(args.inputs):
+        result = run_sharded(args.inputs, args.output, args.config, args.ckpt, args.per_residue, args.resume,
+                             args.workers, args.device, args.max_residues, progress=not args.quiet,
+                             variables=variables, overrides=overrides, shard_size=args.shard_size, fmt=args.format,
+                             precision=args.precision)
+        if result["rows"] is None:  # a rank other than 0: rank 0 says what the output holds
+            return 0
+        skipped = len(result["skipped"])
+        print(f"embedded {result['embedded']} protein(s) into {args.output} ({result['rows']} in its "
+              f"{result['shards']} shard(s)); {skipped} entr{'y' if skipped == 1 else 'ies'} skipped")
+        return 0 if result["rows"] or not skipped else 1
+    if args.shard_size is not None or args.format is not None:
+        raise ValueError(f"--shard-size and --format apply to a folder of shards (a FoldComp database as input, or "
+                         f"a run under torchrun); the suffix of -o {args.output} chooses a single file's format.")
     count, skipped = run_embed(args.inputs, args.output, args.config, args.ckpt, args.per_residue, args.resume,
                                args.workers, args.device, args.max_residues, progress=not args.quiet,
-                               variables=variables, overrides=overrides)
+                               variables=variables, overrides=overrides, precision=args.precision)
     print(f"embedded {count} protein(s) into {args.output}; {len(skipped)} input(s) skipped")
     return 0 if count or (args.resume and not skipped) else 1
-
-
-def load_encoder(cfg, state: Optional[Dict] = None, source: str = "the checkpoint") -> Encoder:
-    """The encoder of a config, in eval mode, with the checkpoint's encoder weights when given (then built without
-    initialising them)."""
-    weights = checkpoint.encoder_state(state, source) if state is not None else None
-    return build_encoder(cfg, weights, source).eval()
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """Which weights these are: `checkpoint.digest` of the module's state_dict (names, dtypes, shapes, values)."""
-    return checkpoint.digest(dict(sorted(module.state_dict().items())))
-
-
-def embed_proteins(encoder: Encoder, proteins, per_residue: bool = False, device=None, max_residues: int = 4096,
-                   progress: bool = False):
-    """([P, D] protein embeddings, per-residue [L_p, D] list or None) in the order of `proteins`; L_p counts the
-    residues the encoder's graph construction keeps (all residues with a CA atom)."""
-    device = device_of(device)
-    encoder.to(device)
-
-    def run(batch: ProteinBatch):
-        graph = encoder.construct(batch)
-        output = encoder.encode(graph)
-        return {"graph_feature": output["graph_feature"], "num_residues": graph.num_residues,
-                **({"residue_feature": output["residue_feature"]} if per_residue else {})}
-
-    values = in_input_order(run, proteins, [p.num_residue for p in proteins], ProteinBatch.pack, device,
-                            max_residues, progress, "embedding")
-    embedding = torch.stack([v["graph_feature"] for v in values]) if values else torch.zeros(0, encoder.output_dim)
-    return embedding, ([v["residue_feature"] for v in values] if per_residue else None)
-
-
-def embedding_options(cfg, encoder: Encoder, per_residue: bool) -> str:
-    """What an embedding file was made with, as JSON: the encoder's weights (sha256), its config (model and
-    graph construction) and the options that change what the file holds."""
-    model, _ = model_config(cfg)
-    graph = cfg.task.get("graph_construction_model")
-    config = hashlib.sha256(json.dumps([model, graph], sort_keys=True, default=str).encode()).hexdigest()
-    return json.dumps({"encoder_sha256": weights_digest(encoder), "config_sha256": config,
-                       "per_residue": bool(per_residue)}, sort_keys=True)
 
 
 def save_embeddings(path: Path, records: Dict) -> None:
@@ -118,13 +91,16 @@ def save_embeddings(path: Path, records: Dict) -> None:
                                           dtype=h5py.string_dtype() if value.dtype.kind == "U" else None)
 
 
-def load_embeddings(path: Path) -> Dict:
-    """The records `save_embeddings` wrote (embedding as a tensor, per-residue as a list of tensors).
+def load_embeddings(path: Path) -> Union[Dict, ShardedEmbeddings]:
+    """The records `save_embeddings` wrote (embedding as a tensor, per-residue as a list of tensors); of a folder
+    of shards, a `ShardedEmbeddings`: its names and memory-mapped embeddings as one table, read lazily.
 
     Raises:
         ValueError: one sentence naming the file when it cannot be read (truncated, not written by embed).
     """
     path = Path(path)
+    if path.is_dir():
+        return ShardedEmbeddings(path)
     try:
         if path.suffix == ".pt":
             records = torch.load(path, weights_only=True)
@@ -159,7 +135,7 @@ def load_embeddings(path: Path) -> Dict:
 def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Optional[str] = None,
               per_residue: bool = False, resume: bool = False, workers: int = 2, device: Optional[str] = None,
               max_residues: int = 4096, progress: bool = True, variables: Optional[Dict] = None,
-              overrides: Sequence = ()) -> Tuple[int, List[Tuple[str, str]]]:
+              overrides: Sequence = (), precision: str = "fp32") -> Tuple[int, List[Tuple[str, str]]]:
     """Embed the inputs into `output`; returns (proteins embedded now, skipped [(input, reason)]). The skipped
     inputs are also listed in `<output>.skipped.tsv`. With `resume`, the proteins already in `output` are kept
     (per-protein and per-residue rows) and only the others are embedded; the file must have been written by the
@@ -170,13 +146,14 @@ def run_embed(inputs: Sequence, output, config: Optional[str] = None, ckpt: Opti
     cfg, state = load_run(config, ckpt, variables, overrides)  # a config or checkpoint fault: nothing is made
     with writing.output_lock(output):  # a second embed into the same file is refused: nothing is lost
         writing.remove_leftovers(output)
-        return _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, device, max_residues, progress)
+        return _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, device, max_residues, progress,
+                      precision)
 
 
-def _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, device, max_residues, progress
-           ) -> Tuple[int, List[Tuple[str, str]]]:
+def _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, device, max_residues, progress,
+           precision) -> Tuple[int, List[Tuple[str, str]]]:
     encoder = load_encoder(cfg, state, str(ckpt))
-    options = embedding_options(cfg, encoder, per_residue)
+    options = embedding_options(cfg, encoder, per_residue, precision)
     previous = load_embeddings(output) if resume and output.exists() else None
     if previous is not None and previous["options"] != options:
         theirs = json.loads(previous["options"]) if previous["options"] else {}
@@ -193,7 +170,7 @@ def _embed(inputs, output, cfg, state, ckpt, per_residue, resume, workers, devic
     rows = len(proteins) + (sum(p.num_residue for p in proteins) if per_residue else 0)
     old_bytes = output.stat().st_size if previous is not None else 0
     writing.writable(output, need_bytes=4 * encoder.output_dim * rows + old_bytes)
-    embedding, residue = embed_proteins(encoder, proteins, per_residue, device, max_residues, progress)
+    embedding, residue = embed_proteins(encoder, proteins, per_residue, device, max_residues, progress, precision)
     records = {"ids": [p.name for p in proteins], "files": kept, "chains": [",".join(p.chain_ids) for p in proteins],
                "sequences": [p.sequence for p in proteins], "embedding": embedding}
     if per_residue:

@@ -1,5 +1,6 @@
 """How a command ends: an error a user can act on is its one sentence and exit code 2, a fault of the machine
-its sentence and exit code 1, Ctrl-C one line and exit code 130 (`one_sentence`)."""
+its sentence and exit code 1, Ctrl-C one line and exit code 130, a reader of its output that left early
+(`... --help | head`) nothing more and exit code 0 (`one_sentence`)."""
 from __future__ import annotations
 
 import functools
@@ -17,6 +18,8 @@ def one_sentence(main):
 
         try:
             return main(argv)
+        except BrokenPipeError:  # `script/pretrain.py --help | head`: the reader left; say nothing more
+            return reader_left()
         except user_errors() as error:
             _tell(error)
             return 2
@@ -36,6 +39,15 @@ def one_sentence(main):
                 _end_process(INTERRUPTED_EXIT_CODE, only_in_a_group=True)
             return INTERRUPTED_EXIT_CODE
     return wrapper
+
+
+def reader_left() -> int:
+    """Exit code 0 after the reader of stdout left (a closed pipe), with stdout pointed at /dev/null so that
+    Python's flush at exit raises no second BrokenPipeError (Python's own advice)."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def _tell(error: BaseException, every_rank: bool = False) -> None:

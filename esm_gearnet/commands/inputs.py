@@ -4,6 +4,8 @@ by length, the output file checked before any work, the model's config and check
 loop that runs a model over the batches (`engine.evaluation`)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import copy
 import logging
 import os
@@ -58,7 +60,8 @@ def length_batches(lengths: Sequence[int], max_residues: int = 4096, max_protein
 
 def in_input_order(run: Callable[[Any], Dict[str, Any]], items: Sequence, lengths: Sequence[int],
                    collate: Callable[[Sequence], Any], device: torch.device, max_residues: int = 4096,
-                   progress: bool = False, what: str = "predicting") -> List[Dict[str, Any]]:
+                   progress: bool = False, what: str = "predicting",
+                   autocast: Callable[[], Any] = nullcontext) -> List[Dict[str, Any]]:
     """`run` over `items` in batches of similar length (`length_batches`, each made by `collate`) through the one
     evaluation loop (`engine.evaluation.outputs`): [each item's share of the outputs] in the order of `items`.
     Outputs are split along their first dimension, per protein; with "num_residues" among them, "residue_feature"
@@ -68,15 +71,28 @@ def in_input_order(run: Callable[[Any], Dict[str, Any]], items: Sequence, length
     order = list(length_batches(lengths, max_residues))
     batches = (collate([items[i] for i in index]) for index in order)
     values: List[Optional[Dict[str, Any]]] = [None] * len(items)
-    outputs = tqdm(evaluation.outputs(run, batches, device), desc=what, total=len(order), disable=not progress,
+    outputs = tqdm(evaluation.outputs(run, batches, device, autocast), desc=what, total=len(order), disable=not progress,
                    unit="batch")
     for index, output in zip(order, outputs):
-        split = {key: value for key, value in output.items() if key not in ("num_residues", "residue_feature")}
-        if "residue_feature" in output:
-            split["residue_feature"] = output["residue_feature"].split(output["num_residues"].long().tolist())
-        for k, i in enumerate(index):
-            values[i] = {key: value[k] for key, value in split.items()}
+        for i, value in zip(index, per_protein(output)):
+            values[i] = value
     return values
+
+
+def per_protein(output: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """A batch's outputs as one dict per protein: tensors split along their first dimension; with "num_residues"
+    among them, "residue_feature" split by those counts (and "num_residues" left out).
+
+    Args:
+        output: {"graph_feature": [B, D], ..., optional "num_residues": [B] and "residue_feature": [N, D]}.
+    Returns:
+        B dicts {"graph_feature": [D], ..., optional "residue_feature": [L_b, D]}.
+    """
+    split = {key: value for key, value in output.items() if key not in ("num_residues", "residue_feature")}
+    if "residue_feature" in output:
+        split["residue_feature"] = output["residue_feature"].split(output["num_residues"].long().tolist())
+    count = len(next(iter(split.values()))) if split else 0
+    return [{key: value[k] for key, value in split.items()} for k in range(count)]
 
 
 def load_run(config: Optional[str] = None, ckpt: Optional[str] = None, variables: Optional[Dict] = None,

@@ -1,7 +1,9 @@
-"""The `esm-gearnet` command: embed, predict, report, downstream, pretrain, configs and demo.
+"""The `esm-gearnet` command: embed, predict, pack, report, downstream, pretrain, configs and demo.
 
     esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
+    esm-gearnet embed -c CONFIG [--ckpt PATH] FOLDCOMP_DB -o OUT/ [--shard-size K] [--resume]   (torchrun too)
     esm-gearnet predict --ckpt RUN_DIR_OR_CHECKPOINT INPUT... -o predictions.csv [--threshold T] [--scores S.npz]
+    esm-gearnet pack INPUT... -o DB [--workers N] [--max-ca-error 1.0] [--split-breaks]   a FoldComp database
     esm-gearnet report RUN_DIR... [--label NAME...] [-o report.png]
     esm-gearnet configs                  the configs that ship with the package (-c NAME finds them anywhere)
     esm-gearnet demo                     the built-in demo, offline, from any folder
@@ -13,14 +15,14 @@ Any key of the config can be set on the command line: --engine.batch_size 4 --da
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from typing import List, Optional
 
 from .arguments import command_parser, parse_args, program
+from .exits import reader_left
 
 #: command -> its module in esm_gearnet.commands (imported when run: `--help` of one command loads no other)
-COMMANDS = {"embed": "embed", "predict": "predict", "report": "report", "downstream": "finetune",
+COMMANDS = {"embed": "embed", "predict": "predict", "pack": "pack", "report": "report", "downstream": "finetune",
             "pretrain": "pretrain", "configs": "configs", "demo": "demo"}
 
 
@@ -32,9 +34,8 @@ def command(name: str):
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _main(argv)
-    except BrokenPipeError:  # `esm-gearnet ... --help | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's advice: no error at exit
-        return 0
+    except BrokenPipeError:  # `esm-gearnet --help | head`: the reader left; say nothing more
+        return reader_left()
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
@@ -56,7 +57,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
     try:
         if any(a in ("-h", "--help") for a in argv[1:]):  # from the light parsers: no torch imported for help
             parser = command_parser(argv[0])
-            parser.parse_args(argv[1:]) if argv[0] in ("report", "configs", "demo") else parse_args(argv[1:], parser)
+            parser.parse_args(argv[1:]) if argv[0] in ("report", "pack", "configs", "demo") \
+                else parse_args(argv[1:], parser)
         return command(argv[0])(argv[1:])
     finally:
         program.reset(token)

@@ -1,4 +1,5 @@
-"""What the inputs of `embed` and `predict` name: structure files, folders of them and text files listing paths.
+"""What the inputs of `embed`, `predict` and `pack` name: structure files, folders of them, text files listing
+paths and (for `pack`, `archives=True`) tar archives of structure files such as AlphaFold DB's proteome tars.
 
 `collect_inputs` turns the command line's inputs into the structure files to parse, in the order given, and
 reports every input it cannot use as (input, reason) instead of stopping; the commands write those rows into
@@ -11,6 +12,8 @@ folder                      its structure files, recursively, sorted; other regu
                             CSVs); a symbolic link to a folder is followed, a folder already read in this walk
                             (a link loop, a second link to it) is reported and not read again
 structure file name         parsed (.pdb .ent .cif .mmcif, .gz too); the parser reports what is wrong inside
+archive name (`archives`)   .tar, .tar.gz, .tgz: the archive itself, whose members the caller reads (in a
+                            folder too); without `archives` an archive is an other regular file
 other regular file          a list of paths: UTF-8 text, one path per line, relative to the list's folder.
                             Refused as a whole (one row naming it) when binary (a NUL byte), not UTF-8, larger
                             than `MAX_LIST_BYTES`, empty, or when none of its lines names an existing path or
@@ -32,6 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .io import STRUCTURE_SUFFIXES, is_structure_file
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_LIST_BYTES = 64 << 20  # a list of paths past 64 MiB (about a million paths) is not a list
 _NOT_STRUCTURE = f"not a structure file ({', '.join(STRUCTURE_SUFFIXES)}, .gz too)"
 _SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
@@ -40,13 +44,19 @@ _SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
 Skipped = List[Tuple[str, str]]
 
 
-def collect_inputs(inputs: Sequence) -> Tuple[List[Path], Skipped]:
-    """(structure files in the order given, [(input, reason)] for the inputs that are not used; see the module
-    docstring for the rules). Nothing is opened but list files; a FIFO or device never is."""
+def is_archive(path) -> bool:
+    """Whether the name of `path` is a tar archive's (`ARCHIVE_SUFFIXES`)."""
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def collect_inputs(inputs: Sequence, archives: bool = False) -> Tuple[List[Path], Skipped]:
+    """(structure files, and with `archives` tar archives, in the order given; [(input, reason)] for the inputs
+    that are not used; see the module docstring for the rules). Nothing is opened but list files; a FIFO or
+    device never is."""
     files: List[Path] = []
     skipped: Skipped = []
     for item in inputs:
-        _collect(Path(os.path.expanduser(str(item))), files, skipped, lists=(), where="")
+        _collect(Path(os.path.expanduser(str(item))), files, skipped, lists=(), where="", archives=archives)
     return files, skipped
 
 
@@ -68,23 +78,24 @@ def _special(mode: int) -> Optional[str]:
     return next((name for test, name in _SPECIAL if test(mode)), None)
 
 
-def _collect(path: Path, files: List[Path], skipped: Skipped, lists: Tuple[str, ...], where: str) -> None:
+def _collect(path: Path, files: List[Path], skipped: Skipped, lists: Tuple[str, ...], where: str,
+             archives: bool) -> None:
     """Adds what `path` names to `files` or its reason to `skipped`; `where` (" (line N of LIST)") says where it
     was named and `lists` are the list files being read around it (their real paths)."""
     info, reason = _stat(path)
     if info is None:
         skipped.append((str(path), f"{path}: {reason}{where}."))
     elif stat.S_ISDIR(info.st_mode):
-        _walk(path, info, files, skipped)
+        _walk(path, info, files, skipped, archives)
     elif _special(info.st_mode):
         skipped.append((str(path), f"{path}: {_special(info.st_mode)}, not a file: it was not opened{where}."))
-    elif is_structure_file(path):
+    elif is_structure_file(path) or (archives and is_archive(path)):
         files.append(path)
     else:
-        _read_list(path, files, skipped, lists, where)
+        _read_list(path, files, skipped, lists, where, archives)
 
 
-def _walk(folder: Path, info: os.stat_result, files: List[Path], skipped: Skipped) -> None:
+def _walk(folder: Path, info: os.stat_result, files: List[Path], skipped: Skipped, archives: bool) -> None:
     """The structure files under `folder` (sorted, as `sorted(Path)` orders them) and the rows of the entries
     that name nothing or something that is not a file."""
     found: List[Path] = []
@@ -110,14 +121,15 @@ def _walk(folder: Path, info: os.stat_result, files: List[Path], skipped: Skippe
                 visit(path, entry)
             elif _special(entry.st_mode):
                 skipped.append((str(path), f"{path}: {_special(entry.st_mode)}, not a file: it was not opened."))
-            elif is_structure_file(path):
+            elif is_structure_file(path) or (archives and is_archive(path)):
                 found.append(path)
 
     visit(folder, info)
     files.extend(sorted(found))
 
 
-def _read_list(path: Path, files: List[Path], skipped: Skipped, lists: Tuple[str, ...], where: str) -> None:
+def _read_list(path: Path, files: List[Path], skipped: Skipped, lists: Tuple[str, ...], where: str,
+               archives: bool) -> None:
     """The paths a list file names, each collected in turn; the whole file is one row when it is not a list."""
     def refuse(why: str) -> None:
         skipped.append((str(path), f"{path}: {_NOT_STRUCTURE} and not a list of paths: {why}{where}."))
@@ -150,4 +162,4 @@ def _read_list(path: Path, files: List[Path], skipped: Skipped, lists: Tuple[str
         return refuse(f"none of its {len(lines)} line(s) names an existing file or folder (line {lines[0][0]}: "
                       f"{first!r})")
     for number, target in targets:
-        _collect(target, files, skipped, (*lists, real), f" (line {number} of {path})")
+        _collect(target, files, skipped, (*lists, real), f" (line {number} of {path})", archives)

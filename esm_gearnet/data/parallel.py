@@ -39,12 +39,14 @@ class WorkerDied(MachineFault, RuntimeError):
 
 
 def ordered_map(fn: Callable, jobs: Sequence, workers: int = 0, progress: bool = True, description: str = "",
-                unit: str = "item", on_death: Optional[Callable[[Any, str], Any]] = None) -> Iterator:
+                unit: str = "item", on_death: Optional[Callable[[Any, str], Any]] = None,
+                isolated: bool = False) -> Iterator:
     """Yields `fn(job)` for every job, in order; `workers` > 1 runs them in that many processes.
 
     When a worker process dies, the jobs in progress are run again one at a time, each in a fresh process; a job
     whose process dies again yields `on_death(job, how)` instead of its result, `how` being the signal or exit
-    code ("SIGKILL", "exit code 1"). In this process (`workers` <= 1) there is nothing to survive.
+    code ("SIGKILL", "exit code 1"). In this process (`workers` <= 1, or a single job) there is nothing to
+    survive, unless `isolated`.
 
     Args:
         fn: a module-level function (it is sent to the workers) that catches its own errors, so that one bad
@@ -53,14 +55,16 @@ def ordered_map(fn: Callable, jobs: Sequence, workers: int = 0, progress: bool =
         workers: processes; 0 or 1 runs every job in this process.
         progress, description, unit: the tqdm progress bar.
         on_death: what to yield for a job whose fresh process died too; by default `WorkerDied` is raised.
+        isolated: run the jobs in worker processes whatever `workers` (at least one) and their number, so that a
+            crash in C code (a library's segmentation fault) costs only its job, never this process.
     Returns:
         An iterator over the results, in the order of `jobs`.
     """
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit=unit)
-    parallel = workers and workers > 1 and len(jobs) > 1
-    results = _in_workers(fn, jobs, workers, on_death) if parallel else (fn(job) for job in jobs)
+    parallel = isolated or (workers and workers > 1 and len(jobs) > 1)
+    results = _in_workers(fn, jobs, max(workers or 0, 1), on_death) if parallel else (fn(job) for job in jobs)
     with bar, closing(results):
         for result in results:
             bar.update()

@@ -69,6 +69,12 @@ def backbone_protein(sequence: str, secondary_structure: str, name: str = "") ->
 
 def write_pdb(protein: Protein, path) -> None:
     """Write the protein's atoms as PDB ATOM records (atom14 slots in order)."""
+    with open(path, "w") as handle:
+        handle.write(pdb_text(protein))
+
+
+def pdb_text(protein: Protein) -> str:
+    """The protein's atoms as the text of a PDB file: ATOM records, atom14 slots in order, then END."""
     three = [constants.ONE_TO_THREE[c] for c in constants.RESIDUE_LETTERS] + ["UNK"]
     lines, serial = [], 1
     chain = protein.chain
@@ -84,5 +90,4 @@ def write_pdb(protein: Protein, path) -> None:
                          f"{int(protein.residue_number[i]):4d}{icode:1s}   {x:8.3f}{y:8.3f}{z:8.3f}"
                          f"{1.0:6.2f}{float(protein.bfactor[i]):6.2f}           {atom[0]:>1s}")
             serial += 1
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines) + "\nEND\n")
+    return "\n".join(lines) + "\nEND\n"

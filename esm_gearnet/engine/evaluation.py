@@ -20,6 +20,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def autocast(device: torch.device, precision: str) -> Callable[[], Any]:
+    """The context of a forward pass for `precision` on `device`: autocast to bf16/fp16 on CUDA, nothing under fp32
+    or on the CPU (where every precision runs as fp32)."""
+    if precision == "fp32" or device.type != "cuda":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
 def outputs(run: Callable[[Any], Dict[str, Any]], batches: Iterable, device: torch.device,
             autocast: Callable[[], Any] = nullcontext) -> Iterator[Dict[str, Any]]:
     """`run(batch)` for every batch (moved onto `device`), under `torch.no_grad()` and `autocast()`: each result

@@ -4,14 +4,20 @@ Training: a `DistributedSampler` (shuffled by (seed, epoch), padded so every ran
 or with `bucket` a `sampler.LengthBucketSampler` (proteins of similar length share a batch: less padding for
 ESM). `batch_size` is per process, so the global batch is batch_size x world size.
 
+Streamed data (a dataset that declares `streamed = True`, e.g. `FoldCompDB`): `stream.loader`, this rank's slice of
+every global batch of the epoch's computed order, from any position.
+
 Evaluation: the rank's contiguous slice (`gathering.rank_slice`), in dataset order, every protein once.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.protein import collate
 from .gathering import rank_slice
+from . import stream
 from .sampler import LengthBucketSampler, dataset_lengths
 
 
@@ -32,9 +38,16 @@ class Loaders:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bucket, self.pin_memory = bucket, pin_memory
 
-    def train(self, dataset, epoch: int, skip: int = 0) -> DataLoader:
+    def train(self, dataset, epoch: int, skip: int = 0, start_sample: int = 0,
+              stop_sample: Optional[int] = None) -> DataLoader:
         """This rank's batches of `dataset` for `epoch`: a new shuffled order every epoch; with `skip`, the batches
-        after the first `skip` of that order (a run resumed inside an epoch), none of them loaded."""
+        after the first `skip` of that order (a run resumed inside an epoch), none of them loaded. A streamed
+        dataset's batches run from sample `start_sample` of the epoch's sequence to `stop_sample` (`skip` is not
+        used: the sample position is what a run of any world size continues from)."""
+        if getattr(dataset, "streamed", False):
+            return stream.loader(dataset, self.batch_size, self.rank, self.world_size, self.seed, epoch,
+                                 start=start_sample, stop=stop_sample, num_workers=self.num_worker,
+                                 pin_memory=self.pin_memory)
         if self.bucket:
             sampler = LengthBucketSampler(dataset_lengths(dataset), self.batch_size, self.world_size, self.rank,
                                           seed=self.seed)

@@ -35,6 +35,10 @@ class Stage:
         position: the caller's position once this stage is done, stored in `last.pth` (a plain dict, or None).
         weights: a file of the task's weights (no training state) written after the stage, e.g.
             `model_epoch_5.pth`.
+        samples: for streamed data (`engine.stream`), the position in the epoch's sequence where the stage ends
+            (None: the end of the epoch); a schedule in steps ends inside an epoch.
+        held_out_loss: at every checkpoint, record the task's mean loss on the validation split (pre-training
+            from a stream, whose tasks have no metrics).
     """
 
     train: Any = None
@@ -45,6 +49,8 @@ class Stage:
     record: Dict[str, Any] = field(default_factory=dict)
     position: Optional[Dict[str, Any]] = None
     weights: Optional[str] = None
+    samples: Optional[int] = None
+    held_out_loss: bool = False
 
     def __post_init__(self):
         if self.epochs and self.train is None:

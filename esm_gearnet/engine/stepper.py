@@ -18,13 +18,13 @@ skipped batches is `Stepper.skipped` (metrics.jsonl's `skipped_steps`).
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .. import distributed
+from . import evaluation
 from ..errors import UserError
 
 logger = logging.getLogger("esm_gearnet")
@@ -87,6 +87,7 @@ class Stepper:
                             "which says how it is stepped (assembly.build_scheduler builds one from a config).")
         self.optimizer, self.scheduler = optimizer, scheduler
         self.precision = precision if device.type == "cuda" else "fp32"
+        self._autocast = evaluation.autocast(device, self.precision)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.gradient_interval = max(1, gradient_interval)
         self.clip_norm, self.on_nonfinite = clip_norm, on_nonfinite
@@ -99,9 +100,7 @@ class Stepper:
 
     def autocast(self):
         """The context of a forward pass: autocast to bf16/fp16 on CUDA, nothing under fp32."""
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return self._autocast()
 
     def loss_is_finite(self, loss: torch.Tensor, where: str) -> bool:
         """False on every rank when the loss of any rank is NaN or infinite; then "stop" raises `CannotLearn` and

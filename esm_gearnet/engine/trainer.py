@@ -156,6 +156,11 @@ class Engine:
         self.selection = BestEpoch()
         self.run_log = RunLog(self.run_dir, writes=self.rank == 0, logger=logger, config=self.config)
         self.num_evaluated: Dict[str, int] = {}
+        self._streamed = False  # whether streamed data was trained on (its checkpoints resume at any world size)
+        # samples of one step as the run was started (batch_size x its world size); a run resumed with another
+        # world size keeps it, so that a schedule in steps (`commands.pretrain.Stream`) means the same samples
+        self.step_samples = batch_size * self.world_size
+        self._entries_read = self._entries_skipped = 0  # of streamed data, by this rank
 
     @property
     def best(self) -> Dict[str, Any]:
@@ -177,15 +182,8 @@ class Engine:
         data, the batches and the mid-epoch checkpoints; an epoch a resumed checkpoint was saved inside
         continues after its last saved step."""
         stage = stage or Stage(self.sets["train"] if train_set is None else train_set, batches=batch_per_epoch)
-        # this rank's batches, in the order of (seed, epoch): the same on every rank and after a resume
-        loader = self.loaders.train(stage.train, self.epoch)
-        num_batch = min(len(loader), stage.batches or len(loader))
         within, self._within = self._within, None  # where a checkpoint inside this epoch left it
-        start = within["batch"] if within else 0
-        if start:
-            loader = self.loaders.train(stage.train, self.epoch, skip=start)
-        if start + len(loader) > num_batch:
-            loader = itertools.islice(loader, num_batch - start)
+        loader, start, num_batch = self._epoch_batches(stage, within)
         self.model.train()
         totals: Dict[str, float] = dict(within["totals"]) if within else {}
         count, started, proteins = (within["count"] if within else 0), time.perf_counter(), 0
@@ -196,6 +194,11 @@ class Engine:
         self.stepper.zero_grad()
         self.stepper.start_epoch(num_batch, skipped=within["skipped"] if within else 0)
         for i, batch in enumerate(bar, start):
+            # streamed data: where the global batch stands, and whether this rank's part is a filler (weight 0)
+            place = batch.pop("stream", None)
+            weight = place["weight"] if place else 1.0
+            if place:
+                self._streamed_batch(stage.train, place)
             # the batch onto this process's device
             batch = evaluation.to_device(batch, self.device)
             # an optimizer step ends every gradient_interval batches and the epoch; before it, DDP accumulates
@@ -206,6 +209,8 @@ class Engine:
                 # forward: the loss and the values to log (autocast under bf16/fp16)
                 with self.stepper.autocast():
                     loss, info = self.model(batch)
+                if weight != 1.0:  # a filler: in the collectives like any batch, with no gradient of its own
+                    loss = loss * weight
                 # a non-finite loss on any rank: raise ("stop"), or drop the step's gradients on every rank
                 if not self.stepper.loss_is_finite(loss, f"epoch {epoch}, step {self.step}, batch {i}"):
                     continue
@@ -216,11 +221,13 @@ class Engine:
                 self.stepper.step(self.task.parameters())
                 self.step += 1
             # bookkeeping: sums of the logged values, samples, throughput on the bar, a log line every log_interval
-            for key, value in info.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-            count += 1
-            proteins += _num_proteins(batch) * self.world_size
-            self.samples += _num_proteins(batch) * self.world_size
+            if weight:
+                for key, value in info.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                count += 1
+            passed = place["end"] - place["start"] if place else _num_proteins(batch) * self.world_size
+            proteins += passed
+            self.samples += passed
             if self.progress:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
                                 proteins_per_s=f"{proteins / (time.perf_counter() - started):.1f}")
@@ -231,14 +238,86 @@ class Engine:
                 if stage.metric:
                     self._validate(stage, epoch=self.epoch + (i + 1) / num_batch,
                                    train=mean_over_ranks({k: v / max(count, 1) for k, v in totals.items()}))
+                elif stage.held_out_loss:  # streamed: the epoch's fraction is the sample reached, for any world size
+                    self._record_held_out(stage, self.epoch + place["end"] / len(stage.train) if place
+                                          else self.epoch + (i + 1) / num_batch,
+                                          mean_over_ranks({k: v / max(count, 1) for k, v in totals.items()}))
                 self._within = {"batch": i + 1, "totals": totals, "count": count, "skipped": self.stepper.skipped,
-                                "stage_epoch": self._stage_epoch}
+                                "stage_epoch": self._stage_epoch, "sample": place["end"] if place else None}
                 self.save("last.pth", position=self._position)
                 self._within = None
         # the epoch's means over this rank's batches, then over the ranks
         means = mean_over_ranks({k: v / max(count, 1) for k, v in totals.items()})
         self.epoch += 1
         return means
+
+    def _epoch_batches(self, stage: Stage, within: Optional[Dict[str, Any]]):
+        """(this rank's loader for the rest of the epoch, the index of its first batch, the epoch's batches)."""
+        start = within["batch"] if within else 0
+        if getattr(stage.train, "streamed", False):  # from the sample where the run stands, up to the stage's end
+            self._streamed = True
+            loader = self.loaders.train(stage.train, self.epoch, start_sample=within["sample"] if within else 0,
+                                        stop_sample=stage.samples)
+            return loader, start, start + len(loader)
+        # this rank's batches, in the order of (seed, epoch): the same on every rank and after a resume
+        loader = self.loaders.train(stage.train, self.epoch)
+        num_batch = min(len(loader), stage.batches or len(loader))
+        if start:
+            loader = self.loaders.train(stage.train, self.epoch, skip=start)
+        if start + len(loader) > num_batch:
+            loader = itertools.islice(loader, num_batch - start)
+        return loader, start, num_batch
+
+    def _streamed_batch(self, dataset, place: Dict[str, Any]) -> None:
+        """The entries of a streamed batch that could not be read: each named in the log and counted; once their
+        share of the entries the ranks read passes the dataset's bound, every rank stops at this batch (one
+        sentence; the decision is collective, so no rank is left waiting in the next step's all-reduce)."""
+        self._entries_read += place["count"] + len(place["skipped"])
+        for name, reason in place["skipped"]:
+            self._entries_skipped += 1
+            logger.warning("skipped entry %s: %s", name, reason)
+        bound = getattr(dataset, "max_skipped", 0.01)
+        over = self._entries_read >= 100 and self._entries_skipped > bound * self._entries_read
+        if distributed.any_true(over, self.device):
+            from ..errors import InputError
+
+            raise InputError(f"{getattr(dataset, 'path', 'the streamed dataset')}: more than the dataset's "
+                             f"max_skipped ({bound:g}) of the entries read could not be read ({self._entries_skipped} "
+                             f"of {self._entries_read} on rank {self.rank}); the log names them: check or rebuild "
+                             "the database, or raise dataset.max_skipped.")
+
+    def _record_held_out(self, stage: Stage, epoch, train: Dict[str, float]) -> None:
+        """Record the training means so far and the mean loss on the validation split (`held_out_loss`)."""
+        self.record({"epoch": epoch, "step": self.step, "samples": self.samples, **stage.record, "train": train,
+                     "valid": {"loss": self.held_out_loss("valid")}, "lr": self.stepper.learning_rates(),
+                     "skipped_steps": self.stepper.skipped, "skipped_entries": self._entries_skipped})
+
+    @_stalls_named
+    def held_out_loss(self, split: str) -> Optional[float]:
+        """The task's mean loss over `split` (each rank its slice; None when the split is empty), in eval mode
+        and without gradients; every random stream is put back afterwards, so training continues as without it."""
+        dataset = self.sets.get(split)
+        if dataset is None or len(dataset) == 0:
+            return None
+        streams = rng.capture()
+        torch.manual_seed(self.loaders.seed)
+        self.task.eval()
+        total, count = 0.0, 0
+        # every rank the same number of batches: a task that gathers across ranks in its forward pass (the
+        # sequence-structure contrast) would otherwise meet another rank's collective (the < W left over are
+        # not scored)
+        even = len(dataset) - len(dataset) % self.world_size
+        try:
+            with torch.no_grad():
+                for batch in self.loaders.evaluation(torch.utils.data.Subset(dataset, range(even))):
+                    with self.stepper.autocast():
+                        loss, _ = self.task(evaluation.to_device(batch, self.device))
+                    total, count = total + float(loss) * _num_proteins(batch), count + _num_proteins(batch)
+        finally:
+            self.task.train()
+            rng.restore(streams)
+        sums = [sum(part) for part in zip(*distributed.gather_objects((total, count)))]
+        return sums[0] / sums[1] if sums[1] else None
 
     # ---- schedules ---------------------------------------------------------------------------------------
     def run(self, schedule: Iterable[Stage]) -> None:
@@ -252,6 +331,8 @@ class Engine:
                 if stage.metric:
                     self._validate(stage, self.epoch, train)
                     self.stepper.step_scheduler(self._score)
+                elif stage.held_out_loss:
+                    self._record_held_out(stage, self.epoch, train)
                 else:
                     self.record({"epoch": self.epoch, "step": self.step, **stage.record, "train": train,
                                  "lr": self.stepper.learning_rates(), "skipped_steps": self.stepper.skipped})
@@ -343,7 +424,8 @@ class Engine:
         if self.rank == 0 and self.run_dir is not None:
             training = {**self.stepper.state_dict(), "step": self.step, "best": self.best,
                         "metrics": self.history, "rng": rng_states, "world_size": self.world_size,
-                        "position": position, "samples": self.samples}
+                        "position": position, "samples": self.samples, "streamed": self._streamed,
+                        "step_samples": self.step_samples}
             if within is not None:
                 training["within"] = within
             checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, epoch=self.epoch,
@@ -375,9 +457,22 @@ class Engine:
         self.epoch, self.step = state["epoch"], training["step"]
         self.selection.load_state_dict(training["best"])
         self.run_log.restore(training["metrics"])  # drops records the interrupted run wrote after `path`
-        rng.restore(training["rng"][self.rank])
         self.samples = training.get("samples", 0)  # 0 in checkpoints written before samples were counted
-        self._within = training["within"][self.rank] if training.get("within") else None
+        self.step_samples = training.get("step_samples", self.step_samples)
+        within = training.get("within")
+        if training["world_size"] == self.world_size:
+            rng.restore(training["rng"][self.rank])
+            self._within = within[self.rank] if within else None
+        else:  # streamed data, another world size (`checkpoint.resumable_training`): the same sample, new streams
+            from .stream import derived_seed
+
+            self._streamed = True
+            rng.seed_all(derived_seed(self.loaders.seed, self.step, self.rank))
+            self._within = {"batch": 0, "totals": {}, "count": 0, "skipped": 0, "sample": within[0]["sample"],
+                            "stage_epoch": within[0]["stage_epoch"]} if within else None
+            logger.info("resumed a run of %d process(es) with %d: streamed data continues at sample %d of epoch %d",
+                        training["world_size"], self.world_size, within[0]["sample"] if within else 0,
+                        self.epoch + 1)
         self._position = training["position"]
         return training["position"]
 

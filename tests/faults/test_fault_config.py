@@ -42,7 +42,7 @@ CASES = [
      "config key `engine.batch_size` must be an integer, got 'eight'."),
     ("a batch size of 0", DEMO, "engine.batch_size", 0, "config key `engine.batch_size` must be at least 1, got 0."),
     ("text for the epochs", DEMO, "train.num_epoch", "five", "config key `train.num_epoch` must be an integer, got 'five'."),
-    ("an unknown train key", DEMO, "train.num_epochs", 3, "config key `train.num_epochs` is unknown; did you mean num_epoch?"),
+    ("an unknown train key", DEMO, "train.num_epochs", 3, "config key `train.num_epochs` is unknown; did you mean num_epoch or num_step?"),
     ("batch_per_epoch 0", DEMO, "train.batch_per_epoch", 0, "config key `train.batch_per_epoch` must be at least 1, got 0."),
     ("text for the learning rate", DEMO, "optimizer.lr", "fast", "config key `optimizer.lr` must be a number, got 'fast'."),
     ("1e-4, which YAML reads as text", DEMO, "optimizer.lr", "1e-4", "(YAML reads a number without a decimal point"),

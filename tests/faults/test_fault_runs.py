@@ -307,3 +307,28 @@ def test_report_draws_a_run_whose_last_line_is_cut_off_and_names_a_damaged_line(
     metrics.write_text(lines[0][:40] + "\n" + "\n".join(lines) + "\n")  # damaged before its last line
     code, _, err = cli("report", run_dir, "-o", tmp_path / "report.png")
     assert code == 2 and err.startswith(f"error: {metrics} line 1 is not a JSON record ("), err
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_is_raised_once_it_is_whole(tmp_path, monkeypatch):
+    """torch.save interrupted inside its zip writer raised a RuntimeError of its own ("unexpected pos"), and a run
+    under torchrun printed a traceback instead of its line (found by CI): the Ctrl-C waits for the file."""
+    import os
+    import signal
+
+    import torch
+
+    from esm_gearnet import checkpoint
+
+    save = torch.save
+
+    def interrupted_save(obj, handle):  # SIGINT arrives in the middle of the write
+        handle.write(b"")
+        os.kill(os.getpid(), signal.SIGINT)
+        save(obj, handle)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    content = {"weights": torch.randn(300, 300)}
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic(content, tmp_path / "last.pth")
+    monkeypatch.undo()
+    torch.testing.assert_close(checkpoint.load(tmp_path / "last.pth")["weights"], content["weights"])

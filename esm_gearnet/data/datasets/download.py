@@ -8,6 +8,7 @@ import shutil
 import stat
 import sys
 import tarfile
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -30,26 +31,46 @@ def md5sum(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, folder, md5: str = None, name: str = None) -> Path:
-    """`folder/name` (default: the URL's last part), fetched unless a file with the right md5 is there."""
+def download(url: str, folder, md5: str = None, name: str = None, resume: bool = False) -> Path:
+    """`folder/name` (default: the URL's last part), fetched unless a file with the right md5 is there.
+
+    The bytes arrive in `name.part`, renamed when complete. With `resume`, a `.part` left by an interrupted
+    download is continued with an HTTP Range request (a server that ignores the range sends the whole file,
+    which then replaces it): what the large FoldComp databases need (`afdb_uniprot_v4` is 1 TB).
+    """
     folder = Path(os.path.expanduser(str(folder)))
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / (name or url.rstrip("/").split("/")[-1])
     if target.is_file() and (md5 is None or md5sum(target) == md5):
         return target
     partial = target.with_name(target.name + ".part")
-    logger.info("downloading %s to %s", url, target)
+    have = partial.stat().st_size if resume and partial.is_file() else 0
+    logger.info("downloading %s to %s%s", url, target, f" (continuing after {have} bytes)" if have else "")
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as handle:
-            shutil.copyfileobj(response, handle, 1 << 20)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            continuing = have and getattr(response, "status", 200) == 206
+            with open(partial, "ab" if continuing else "wb") as handle:
+                shutil.copyfileobj(response, handle, 1 << 20)
+    except urllib.error.HTTPError as error:
+        if not (have and error.code == 416):  # 416: nothing after the bytes already here, the .part is whole
+            _refuse(url, target, partial, resume, error)
     except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise DownloadError(f"cannot download {url} ({error}); download it by hand and put it at {target}.") from None
+        _refuse(url, target, partial, resume, error)
     if md5 is not None and md5sum(partial) != md5:
         partial.unlink(missing_ok=True)
         raise DownloadError(f"{url} arrived with a wrong md5 (expected {md5}); the download was removed, try again.")
     os.replace(partial, target)
     return target
+
+
+def _refuse(url: str, target: Path, partial: Path, resume: bool, error: OSError) -> None:
+    """A failed download: one sentence; what arrived is kept when the download can be continued."""
+    if not resume:
+        partial.unlink(missing_ok=True)
+    again = "run it again to continue, or " if resume else ""
+    raise DownloadError(f"cannot download {url} ({error}); {again}download it by hand and put it at {target}.") \
+        from None
 
 
 def _check(member: tarfile.TarInfo, root: Path, archive: Path) -> tarfile.TarInfo:

@@ -40,6 +40,7 @@ bytes under the size cap) and the public API.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import stat
@@ -50,6 +51,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from ..parallel import ordered_map
 from ..protein import Protein
 from .errors import StructureError, _first_line
+from .foldcomp import EntryError
 from .mmcif import _cif_atoms
 from .numbers import COORDINATE_LIMIT, _parse_numbers
 from .pdb import _pdb_atoms
@@ -57,7 +59,8 @@ from .residues import _TYPE_OF_RESIDUE, _atoms_to_arrays, residue_arrays, residu
 from .table import table_atoms
 from .text import _refuse_control_bytes
 
-__all__ = ["COORDINATE_LIMIT", "MAX_STRUCTURE_BYTES", "STRUCTURE_SUFFIXES", "StructureError", "is_structure_file",
+__all__ = ["COORDINATE_LIMIT", "EntryError", "MAX_STRUCTURE_BYTES", "STRUCTURE_SUFFIXES", "StructureError",
+           "is_structure_file",
            "load_structure", "load_structures", "protein_name", "read_atom_table", "read_structure_arrays",
            "residue_arrays", "residue_type_of", "structure_format"]
 __all__ += ["_TYPE_OF_RESIDUE", "_parse_numbers"]  # private, read here by the tests as before the split
@@ -103,29 +106,44 @@ def _read_bytes(path: Path, limit: int) -> bytes:
             raise StructureError(f"{path}: the file is larger than {limit} bytes, more than any real structure; "
                                  f"refusing it ({_RAISE_LIMIT}).")
         with open(path, "rb") as raw:
-            if path.suffix.lower() != ".gz":
-                return raw.read()
-            chunks, size = [], 0
-            with gzip.GzipFile(fileobj=raw) as handle:
-                while size <= limit:
-                    chunk = handle.read(min(_CHUNK, limit + 1 - size))
-                    if not chunk:
-                        return b"".join(chunks)
-                    chunks.append(chunk)
-                    size += len(chunk)
+            return raw.read() if path.suffix.lower() != ".gz" else _gunzip(raw, path, limit)
     except FileNotFoundError:
         raise StructureError(f"{path}: no such file.") from None
     except PermissionError:
         raise StructureError(f"{path}: permission denied; make the file readable or leave it out.") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-        raise StructureError(f"{path}: the compressed file is damaged or truncated ({_first_line(error)}).") from None
     except OSError as error:
         raise StructureError(f"{path}: cannot be read ({error.strerror or _first_line(error)}).") from None
+
+
+def _given_bytes(data: bytes, path: Path, limit: int) -> bytes:
+    """Bytes read elsewhere (a member of an archive) named `path`, decompressed for .gz, under the same limits."""
+    if not data:
+        raise StructureError(f"{path}: the file is empty.")
+    if len(data) > limit:
+        raise StructureError(f"{path}: the file is larger than {limit} bytes, more than any real structure; "
+                             f"refusing it ({_RAISE_LIMIT}).")
+    return data if path.suffix.lower() != ".gz" else _gunzip(io.BytesIO(data), path, limit)
+
+
+def _gunzip(raw, path: Path, limit: int) -> bytes:
+    """The decompressed content of the gzip stream `raw`, in chunks, refused past `limit` bytes."""
+    chunks, size = [], 0
+    try:
+        with gzip.GzipFile(fileobj=raw) as handle:
+            while size <= limit:
+                chunk = handle.read(min(_CHUNK, limit + 1 - size))
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+                size += len(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise StructureError(f"{path}: the compressed file is damaged or truncated ({_first_line(error)}).") from None
     raise StructureError(f"{path}: decompresses to more than {limit} bytes, more than any real structure (a "
                          f"decompression bomb?); refusing it ({_RAISE_LIMIT}).")
 
 
-def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes: Optional[int] = None):
+def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes: Optional[int] = None,
+                          data: Optional[bytes] = None):
     """Parse a structure file into numpy arrays (the fields of `Protein`) plus metadata.
 
     Kept separate from `load_structure` so that worker processes send plain arrays back.
@@ -134,6 +152,8 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes
         path: `.pdb`, `.ent`, `.cif`, `.mmcif`, or any of them `.gz`-compressed.
         chain: keep only this chain (author chain id); all chains by default.
         max_bytes: refuse files (or `.gz` contents) larger than this; default `MAX_STRUCTURE_BYTES`.
+        data: the file's bytes as stored (still compressed for `.gz`), read elsewhere (a member of an archive);
+            then `path` only names them: its suffixes choose the format, errors and the protein's name use it.
     Returns:
         (arrays named like the per-residue fields of `Protein`, {"chain_ids", "name", "num_dropped"})
     Raises:
@@ -144,7 +164,8 @@ def read_structure_arrays(path: PathLike, chain: Optional[str] = None, max_bytes
     if fmt is None:
         raise StructureError(f"{path}: unknown file type; expected one of "
                              f"{', '.join(STRUCTURE_SUFFIXES)} (optionally .gz).")
-    data = _read_bytes(path, MAX_STRUCTURE_BYTES if max_bytes is None else max_bytes)
+    limit = MAX_STRUCTURE_BYTES if max_bytes is None else max_bytes
+    data = _read_bytes(path, limit) if data is None else _given_bytes(data, path, limit)
     if fmt == "pdb":
         atoms = _pdb_atoms(data, path)
     else:
