@@ -151,8 +151,11 @@ def present(path, what: str = "checkpoint", advice: str = CHECKPOINT_ADVICE) -> 
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
         raise CheckpointError(f"{what} {path} does not exist; check the path given to --ckpt / --resume.")
+    if path.is_dir() and not is_folder(path):
+        raise CheckpointError(f"{what} {path} is a directory, not a file or a sharded checkpoint (it holds no "
+                              f"{FOLDER_META}); {advice}.")
     if path.is_dir():
-        raise CheckpointError(f"{what} {path} is a directory, not a file; {advice}.")
+        return path
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes): it was never written completely; {advice}.")
     return path
@@ -195,6 +198,8 @@ def load(path, mmap: bool = False, what: str = "checkpoint", advice: str = CHECK
         CheckpointError: one sentence naming the file and what is wrong with it.
     """
     path = present(path, what, advice)
+    if path.is_dir():
+        return read_folder(path, tensors=verify)
 
     def refuse(problem: str):
         raise CheckpointError(f"{what} {path} {problem}; {advice}.")
@@ -244,9 +249,12 @@ def resumable_training(state: Any, path, world_size: int) -> Dict[str, Any]:
         raise CheckpointError(f"{path} holds model weights only; resume needs a last.pth written during training "
                               "(use --ckpt to start from weights).")
     # streamed data continues at its sample with any number of processes (`engine.stream`)
-    if training["world_size"] != world_size and not training.get("streamed"):
-        raise CheckpointError(f"{path} was written by {training['world_size']} process(es) but {world_size} run "
-                              "now; resume with the same number.")
+    # a sharded checkpoint (engine.strategy: fsdp) is resharded for any number of processes at an epoch's end
+    if training["world_size"] != world_size and not training.get("streamed") and not (
+            state.get("sharded") and not training.get("within")):
+        inside = " inside an epoch" if state.get("sharded") else ""
+        raise CheckpointError(f"{path} was written{inside} by {training['world_size']} process(es) but {world_size} "
+                              "run now; resume with the same number.")
     return training
 
 
@@ -273,21 +281,24 @@ def locate(path, names: Sequence[str] = ("best.pth", "last.pth")) -> Path:
         CheckpointError: a directory holding none of `names`, naming what it lacks (and the .pth it holds).
     """
     path = Path(os.path.expanduser(str(path)))
-    if not path.is_dir():
+    if not path.is_dir() or is_folder(path):
         return path
     for name in names:
-        if (path / name).is_file():
+        if (path / name).is_file() or is_folder(path / name):
             return path / name
+        if is_folder(path / f".{name}.old"):  # a run killed while it put a new sharded checkpoint in place
+            return path / f".{name}.old"
     files = sorted(p.name for p in path.glob("*.pth"))
     held = f" (it holds {', '.join(files[:6])}{' ...' if len(files) > 6 else ''})" if files else ""
     raise CheckpointError(f"the directory {path} holds no {' or '.join(names)}{held}; pass a run directory that "
                           "has one (a run writes them after its first epoch) or a checkpoint file.")
 
 
-def pack(task: nn.Module, config: Dict[str, Any], task_names: Sequence[str] = (), epoch: int = 0,
+def pack(task: Optional[nn.Module], config: Dict[str, Any], task_names: Sequence[str] = (), epoch: int = 0,
          training: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The checkpoint of a task (its `encoder` and the rest, the head) in this framework's layout."""
-    state = task.state_dict()
+    """The checkpoint of a task (its `encoder` and the rest, the head) in this framework's layout; with `task`
+    None, the layout without them (a sharded checkpoint's FOLDER_META)."""
+    state = task.state_dict() if task is not None else {}
     return {"format": FORMAT,
             "encoder": {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)},
             "head": {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIX)},
@@ -407,3 +418,114 @@ def load_state_dict_checked(module: nn.Module, state: Dict[str, torch.Tensor], s
         for name in others:
             owner, _, attribute = name.rpartition(".")
             setattr(module.get_submodule(owner), attribute, shared)
+
+
+# ---- sharded checkpoints (engine.strategy: fsdp) -------------------------------------------------------------
+# A folder in place of the file: every rank's shards of the task's and the optimizer's tensors
+# (`torch.distributed.checkpoint`: `.metadata` and `__RANK_0.distcp`), and FOLDER_META, the rest of the layout above
+# (config, task_names, epoch, training without the optimizer) with `sharded` = {"world_size", "files": {name:
+# [size, sha256]}} and its own digest. Every file is checked against its size and sha256 before anything is loaded.
+FOLDER_META = "meta.pth"
+
+
+def is_folder(path) -> bool:
+    """Whether `path` is a sharded checkpoint (a folder holding FOLDER_META)."""
+    return Path(path).is_dir() and (Path(path) / FOLDER_META).is_file()
+
+
+def _file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def save_folder(tensors: Dict[str, Any], content: Dict[str, Any], path) -> None:
+    """Every rank writes its shards of `tensors` (`sharding.state_dicts`) into a temporary folder beside `path`, in
+    parallel, and hashes them; after a barrier rank 0 writes FOLDER_META (`content` and every file's size and
+    sha256) and puts the folder in place of `path`. A Ctrl-C meanwhile is raised once the folder is in place.
+
+    Args:
+        content: the checkpoint's layout without its tensors (`encoder`, `head` and the optimizer's state are in the
+            shards).
+    """
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from . import distributed
+    from .errors import deferring_ctrl_c
+
+    path = Path(path)
+    temporary, old = path.parent / f".{path.name}.writing", path.parent / f".{path.name}.old"
+    rank = distributed.rank()
+    with deferring_ctrl_c():
+        if rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        distributed.barrier()
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(temporary), sync_files=True))
+        own = [f for f in temporary.iterdir() if f.name.startswith(f"__{rank}_")] + (
+            [temporary / ".metadata"] if rank == 0 else [])
+        files = {}
+        for part in distributed.gather_objects({f.name: [f.stat().st_size, _file_sha256(f)] for f in own}):
+            files.update(part)
+        if rank == 0:
+            save_atomic({**content, "sharded": {"world_size": distributed.world_size(), "files": files}},
+                        temporary / FOLDER_META)
+            if path.exists():  # the previous checkpoint stays readable (`locate`) until the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                path.rename(old)
+            temporary.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+
+
+def folder_problem(path, share: Optional[Sequence[int]] = None) -> str:
+    """"" when every shard file of the sharded checkpoint `path` that FOLDER_META lists is there with its size and
+    sha256, else what is wrong with the first that is not (missing, truncated, or of another checkpoint).
+
+    Args:
+        share: (rank, world size): check only every world-size-th file from the rank-th (ranks share the hashing).
+    """
+    meta = load(Path(path) / FOLDER_META)
+    files = sorted(meta["sharded"]["files"].items())
+    rank, size = share or (0, 1)
+    for name, (expected_size, expected_sha) in files[rank::size]:
+        file = Path(path) / name
+        if not file.is_file():
+            return (f"lacks {name}, written by one of the {meta['sharded']['world_size']} ranks that saved it (a "
+                    "rank's shard is missing)")
+        if file.stat().st_size != expected_size:
+            return f"holds {name} of {file.stat().st_size} bytes where {expected_size} were written (truncated)"
+        if _file_sha256(file) != expected_sha:
+            return f"holds {name} whose content differs from what was written (a shard of another checkpoint?)"
+    return ""
+
+
+def read_folder(path, tensors: bool = True) -> Dict[str, Any]:
+    """A sharded checkpoint as one checkpoint of this framework's layout, in this process (no process group): what
+    `embed`, `predict`, `--ckpt` and `consolidate` read. Every shard is checked first (`folder_problem`).
+
+    Args:
+        tensors: read the weights (`encoder`, `head`); False reads FOLDER_META only (for `check_resumable`).
+    Raises:
+        CheckpointError: one sentence naming the folder and the file that is wrong; nothing is loaded.
+    """
+    path = Path(path)
+    state = load(path / FOLDER_META)
+    if not tensors:
+        return state
+    problem = folder_problem(path)
+    if problem:
+        raise CheckpointError(f"sharded checkpoint {path} {problem}; nothing was loaded: {CHECKPOINT_ADVICE}.")
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    whole: Dict[str, Any] = {}
+    _load_state_dict(whole, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    model = whole["model"]
+    return {**state, "encoder": {k[len(ENCODER_PREFIX):]: v for k, v in model.items() if k.startswith(ENCODER_PREFIX)},
+            "head": {k: v for k, v in model.items() if not k.startswith(ENCODER_PREFIX)}}

@@ -9,14 +9,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import checkpoint, distributed
+from .. import distributed
 from ..assembly import build_optimizer, build_scheduler, build_task, runtime_task_list, selection_metric
 from ..engine import Engine
 from ..engine.run_log import format_metrics
 from ..registry import build
 from .arguments import DESCRIPTIONS
 from .exits import one_sentence
-from .run import encoder_weights, resume_file, setup_logging, training_run
+from .run import encoder_weights, resume_file, resumed_state, resumed_weights, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -35,13 +35,13 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
     `resume_from`: the checkpoint a resumed run continues from: the task is built from its weights and
     statistics, never initialised (--ckpt is not read: those weights would be replaced), and the engine resumes
     from it (`Engine.resume`)."""
-    resumed = checkpoint.load(resume_from) if resume_from is not None else None
+    resumed = resumed_state(resume_from) if resume_from is not None else None
     dataset = build(cfg.dataset, "dataset")
     train_set, valid_set, test_set = dataset.split()
     logger.info("%s: train %d, valid %d, test %d", dataset, len(train_set), len(valid_set), len(test_set))
     task_list = runtime_task_list(cfg, dataset.tasks)
     if resumed is not None:
-        task = build_task(cfg, task_list, checkpoint.task_state(resumed), str(resume_from))
+        task = build_task(cfg, task_list, resumed_weights(resumed), str(resume_from))
     else:
         weights = ckpt or cfg.get("model_checkpoint")
         encoder, source = encoder_weights(weights) if weights else (None, "the checkpoint")

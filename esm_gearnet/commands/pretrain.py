@@ -27,14 +27,14 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .. import checkpoint, distributed
+from .. import distributed
 from ..assembly import build_optimizer, build_task
 from ..engine import Engine, Stage
 from ..config import ConfigError
 from ..registry import build, resolve
 from .arguments import DESCRIPTIONS
 from .exits import one_sentence
-from .run import encoder_weights, resume_file, setup_logging, training_run
+from .run import encoder_weights, resume_file, resumed_state, resumed_weights, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -64,9 +64,9 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
         if not streamed and cfg.train.get("num_step") is not None:
             raise ConfigError(f"train.num_step is for streamed datasets (FoldCompDB); {dataset_cfg['class']} "
                               "trains train.num_epoch epochs: remove train.num_step.")
-        resumed = checkpoint.load(resume_file(resume)) if resume else None
+        resumed = resumed_state(resume_file(resume)) if resume else None
         if resumed is not None:  # built from the checkpoint's weights, never initialised; --ckpt not read
-            task = build_task(cfg, state=checkpoint.task_state(resumed), source=str(resume_file(resume)))
+            task = build_task(cfg, state=resumed_weights(resumed), source=str(resume_file(resume)))
         elif args.ckpt:  # the encoder built from --ckpt's weights, never initialised; the head fresh
             encoder, source = encoder_weights(args.ckpt)
             task = build_task(cfg, source=source, encoder_state=encoder)

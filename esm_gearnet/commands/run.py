@@ -92,6 +92,18 @@ def make_run_dir(cfg, resume: Optional[str]) -> Path:
     return Path(distributed.broadcast_object(name))
 
 
+def resumed_state(path) -> Dict:
+    """The checkpoint --resume continues from, read once: a file whole (the task is built from its weights), a
+    sharded checkpoint (`engine.strategy: fsdp`) without its tensors (`weights` False: each rank reads its own
+    shards when the engine resumes; the task is built as new)."""
+    return checkpoint.load(path, verify=not checkpoint.is_folder(path))
+
+
+def resumed_weights(state: Dict) -> Optional[Dict[str, torch.Tensor]]:
+    """The task's state_dict of what `resumed_state` read, None for a sharded checkpoint (read by the engine)."""
+    return None if state.get("sharded") else checkpoint.task_state(state)
+
+
 def encoder_weights(path) -> Tuple[Dict[str, torch.Tensor], str]:
     """`--ckpt`: (the encoder's state_dict, the file it was read from) of a checkpoint of this framework
     (best.pth, last.pth, model_epoch_N.pth) or one of the original's bare state_dicts, for
@@ -237,5 +249,5 @@ def resume_file(resume) -> Path:
     return checkpoint.locate(resume, ("last.pth",))
 
 
-__all__ = ["encoder_weights", "resume_file", "seed_everything", "setup_logging",
+__all__ = ["encoder_weights", "resume_file", "resumed_state", "resumed_weights", "seed_everything", "setup_logging",
            "training_run"]

@@ -163,8 +163,10 @@ class Stepper:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (a missing scheduler or scaler state is left as built)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore what `state_dict` returned (a missing scheduler or scaler state is left as built; a missing
+        optimizer state is a sharded checkpoint's, which the engine loads from the shards)."""
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):

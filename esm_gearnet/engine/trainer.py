@@ -47,9 +47,9 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .. import checkpoint, distributed
+from .. import checkpoint, distributed, sharding
 from ..config import plain
-from ..data.protein import ProteinBatch
+from ..data.protein import ProteinBatch, collate
 from . import evaluation, rng
 from .gathering import gather_predictions, mean_over_ranks
 from .loaders import Loaders
@@ -106,7 +106,10 @@ class Engine:
         clip_norm: clip the gradient norm; precision: "fp32", or "bf16"/"fp16" autocast on CUDA.
         on_nonfinite: "stop" (raise, naming the step) or "skip" the step (at most `stepper.MAX_SKIPPED_SHARE` of
             an epoch's batches; the epoch's count is the record's `skipped_steps`).
-        sync_batch_norm: convert batch norms to SyncBatchNorm under multi-GPU DDP.
+        sync_batch_norm: convert batch norms to SyncBatchNorm under multi-GPU DDP or FSDP.
+        strategy: "ddp" (every rank holds the whole model) or "fsdp" (each rank holds 1/W of the parameters,
+            gradients and optimizer state: `sharding`; checkpoints are folders, `checkpoint.save_folder`). One
+            process runs the plain loop under either.
         find_unused_parameters: passed to DDP.
         bucket: length-bucketed training batches (`sampler.LengthBucketSampler`): less padding for ESM.
         logger: "logging" (log, metrics.jsonl, curves.png, TensorBoard) or "wandb" (also Weights & Biases).
@@ -124,6 +127,7 @@ class Engine:
                  log_interval: int = 100, gradient_interval: int = 1, clip_norm: Optional[float] = None,
                  precision: str = "fp32", on_nonfinite: str = "stop", sync_batch_norm: bool = True,
                  find_unused_parameters: bool = False, bucket: bool = False,
+                 strategy: Literal["ddp", "fsdp"] = "ddp",
                  logger: Literal["logging", "wandb"] = "logging", run_dir=None,
                  config: Optional[Dict] = None, task_names: Sequence[str] = (), seed: int = 0,
                  device: Optional[torch.device] = None, progress: bool = True,
@@ -138,8 +142,17 @@ class Engine:
             log.warning("engine.gpus lists %d devices but %d process(es) run; batch_size %d is per process, so the "
                         "global batch is %d. Launch with torchrun --nproc_per_node=%d for the original setting.",
                         len(gpus), self.world_size, batch_size, batch_size * self.world_size, len(gpus))
-        self.task, self.model = data_parallel(task, self.device, self.world_size, sync_batch_norm,
-                                              find_unused_parameters)
+        self.sharded = strategy == "fsdp" and self.world_size > 1
+        if self.sharded:  # the optimizer's groups then point at the sharded parameters
+            names = sharding.parameter_names(task)
+            task = task.to(self.device)
+            if sync_batch_norm and self.device.type == "cuda":
+                task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
+            self.task = self.model = sharding.shard(task, self.device, precision)
+            sharding.rebind(optimizer, names, self.task)
+        else:
+            self.task, self.model = data_parallel(task, self.device, self.world_size, sync_batch_norm,
+                                                  find_unused_parameters)
         self.sets = {"train": train_set, "valid": valid_set, "test": test_set}
         self.loaders = Loaders(batch_size, num_worker, self.rank, self.world_size, seed=seed, bucket=bucket,
                                pin_memory=self.device.type == "cuda")
@@ -205,6 +218,8 @@ class Engine:
             # gradients locally (no_sync) instead of all-reducing them after every backward pass
             boundary = (i + 1) % self.stepper.gradient_interval == 0 or i + 1 == num_batch
             sync = nullcontext() if boundary or self.model is self.task else self.model.no_sync()
+            if self.sharded:  # FSDP: gradients reduce-scattered at the step's last batch only
+                sharding.gradient_sync(self.task, boundary)
             with sync:
                 # forward: the loss and the values to log (autocast under bf16/fp16)
                 with self.stepper.autocast():
@@ -367,8 +382,14 @@ class Engine:
             extra = {key: batch[key] for key in self.task.extra_keys if key in batch}
             return {"pred": self.task.predict(batch), "target": self.task.target(batch), **extra}
 
+        batches, gathered = self._bar(loader, split), nullcontext()
+        if self.sharded:  # every rank runs as many batches (each a collective): fillers after its own
+            batches = sharding.evened(batches, lambda: collate([self.sets[split][0]]), self.device)
+            gathered = sharding.gathered(self.task)
         preds, targets, extras = [], [], {k: [] for k in self.task.extra_keys}
-        for out in evaluation.outputs(run, self._bar(loader, split), self.device, self.stepper.autocast):
+        with gathered:
+            results = list(evaluation.outputs(run, batches, self.device, self.stepper.autocast))
+        for out in results[:len(loader)]:
             preds.append(out["pred"])
             targets.append(out["target"])
             for key in extras:
@@ -398,7 +419,7 @@ class Engine:
         "final"); returns the test metrics. DEVIATION: the original reported the last epoch's test score."""
         if self.best["epoch"] is not None and self.run_dir is not None:
             distributed.barrier()
-            self.task.load_state_dict(checkpoint.task_state(checkpoint.load(self.run_dir / "best.pth")))
+            self._load_weights(self.run_dir / "best.pth")
         final = {"best_epoch": self.best["epoch"], "valid": self.evaluate("valid"), "test": self.evaluate("test"),
                  "num_evaluated": dict(self.num_evaluated)}
         self.record({"final": final})
@@ -421,24 +442,55 @@ class Engine:
         rng_states = distributed.gather_objects(rng.capture())
         # inside an epoch (`Stage.save_every`): every rank's place and partial sums
         within = distributed.gather_objects(self._within) if self._within is not None else None
-        if self.rank == 0 and self.run_dir is not None:
-            training = {**self.stepper.state_dict(), "step": self.step, "best": self.best,
-                        "metrics": self.history, "rng": rng_states, "world_size": self.world_size,
-                        "position": position, "samples": self.samples, "streamed": self._streamed,
-                        "step_samples": self.step_samples}
-            if within is not None:
-                training["within"] = within
+        training = {**self.stepper.state_dict(), "step": self.step, "best": self.best,
+                    "metrics": self.history, "rng": rng_states, "world_size": self.world_size,
+                    "position": position, "samples": self.samples, "streamed": self._streamed,
+                    "step_samples": self.step_samples}
+        if within is not None:
+            training["within"] = within
+        self._write(name, training)
+
+    def _write(self, name: str, training: Optional[Dict[str, Any]]) -> None:
+        """`run_dir/name` in this framework's layout: a file rank 0 writes atomically, or under `fsdp` a folder
+        every rank writes its shards into (`checkpoint.save_folder`; the optimizer's state in the shards)."""
+        if self.run_dir is None:
+            return
+        if self.sharded:
+            tensors = sharding.state_dicts(self.task, self.stepper.optimizer if training is not None else None)
+            content = checkpoint.pack(None, self.config, self.task_names, epoch=self.epoch,
+                                      training=training and {**training, "optimizer": None})
+            checkpoint.save_folder(tensors, content, self.run_dir / name)
+            return
+        if self.rank == 0:
             checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, epoch=self.epoch,
                                                    training=training), self.run_dir / name)
         distributed.barrier()
 
+    def _load_weights(self, path) -> None:
+        """The task's weights from a checkpoint this engine wrote (a folder under `fsdp`: each rank its shards)."""
+        if self.sharded:
+            self._load_folder(path, with_optimizer=False)
+        else:
+            self.task.load_state_dict(checkpoint.task_state(checkpoint.load(path)))
+
+    def _load_folder(self, path, with_optimizer: bool) -> None:
+        """This rank's shards of the task (and the optimizer) from the sharded checkpoint `path`, resharded for this
+        world size; every shard file checked first, the ranks sharing the hashing (one sentence, nothing loaded)."""
+        import torch.distributed.checkpoint as dcp
+
+        problems = [p for p in distributed.gather_objects(checkpoint.folder_problem(path, (self.rank, self.world_size)))
+                    if p]
+        if problems:
+            raise checkpoint.CheckpointError(f"sharded checkpoint {path} {problems[0]}; nothing was loaded: "
+                                             f"{checkpoint.CHECKPOINT_ADVICE}.")
+        tensors = sharding.state_dicts(self.task, self.stepper.optimizer if with_optimizer else None)
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)))
+        sharding.load_state_dicts(self.task, self.stepper.optimizer if with_optimizer else None, tensors)
+
     @_stalls_named
     def save_weights(self, name: str) -> None:
-        """The task's weights (no training state) as `run_dir/name`, written atomically by rank 0."""
-        if self.rank == 0 and self.run_dir is not None:
-            checkpoint.save_atomic(checkpoint.pack(self.task, self.config, self.task_names, epoch=self.epoch,
-                                                   training=None), self.run_dir / name)
-        distributed.barrier()
+        """The task's weights (no training state) as `run_dir/name` (`_write`)."""
+        self._write(name, None)
 
     def resume(self, path, state: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
         """Continue from a file `save` wrote: weights, optimizer, scheduler, scaler, counters, best epoch,
@@ -446,12 +498,23 @@ class Engine:
 
         Args:
             state: the file already read (`checkpoint.load(path)`) when the task was built from it
-                (`build_task(..., state=checkpoint.task_state(state))`): its weights are then in place.
+                (`build_task(..., state=checkpoint.task_state(state))`): its weights are then in place. A sharded
+                checkpoint (a folder, `engine.strategy: fsdp`) is read here, each rank its shards, resharded for
+                this number of processes.
         """
-        weights_in_place = state is not None
-        state = checkpoint.load(path) if state is None else state
+        folder = checkpoint.is_folder(path)
+        if folder != self.sharded:
+            written, now = ("fsdp", "ddp") if folder else ("ddp", "fsdp")
+            raise checkpoint.CheckpointError(
+                f"{path} was written under engine.strategy {written} but this run is {now}"
+                f"{' with one process' if folder and self.world_size == 1 else ''}; resume with engine.strategy "
+                f"{written}{' and several processes' if folder else ''} (or start from its weights with --ckpt).")
+        weights_in_place = state is not None and not folder
+        state = checkpoint.load(path, verify=not folder) if state is None else state
         training = checkpoint.resumable_training(state, path, self.world_size)
-        if not weights_in_place:
+        if folder:
+            self._load_folder(path, with_optimizer=True)
+        elif not weights_in_place:
             checkpoint.load_state_dict_checked(self.task, checkpoint.task_state(state), str(path))
         self.stepper.load_state_dict(training)
         self.epoch, self.step = state["epoch"], training["step"]
@@ -463,15 +526,16 @@ class Engine:
         if training["world_size"] == self.world_size:
             rng.restore(training["rng"][self.rank])
             self._within = within[self.rank] if within else None
-        else:  # streamed data, another world size (`checkpoint.resumable_training`): the same sample, new streams
+        else:  # another world size (`checkpoint.resumable_training`): streamed data continues at its sample, a
+            # sharded checkpoint at its epoch's end; new random streams either way
             from .stream import derived_seed
 
-            self._streamed = True
+            self._streamed = bool(training.get("streamed"))
             rng.seed_all(derived_seed(self.loaders.seed, self.step, self.rank))
             self._within = {"batch": 0, "totals": {}, "count": 0, "skipped": 0, "sample": within[0]["sample"],
                             "stage_epoch": within[0]["stage_epoch"]} if within else None
-            logger.info("resumed a run of %d process(es) with %d: streamed data continues at sample %d of epoch %d",
-                        training["world_size"], self.world_size, within[0]["sample"] if within else 0,
+            logger.info("resumed a run of %d process(es) with %d at step %d (sample %d of epoch %d)",
+                        training["world_size"], self.world_size, self.step, within[0]["sample"] if within else 0,
                         self.epoch + 1)
         self._position = training["position"]
         return training["position"]

@@ -31,7 +31,7 @@ masking, as SaProt keeps a masked residue's structure token.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -114,6 +114,11 @@ class Encoder(nn.Module):
 
     def independent_parts(self) -> Dict[str, int]:
         return {}
+
+    def shard_units(self) -> List[Tuple[nn.Module, Tuple[str, ...]]]:
+        """[(module, the methods other than `forward` it is entered through)]: what `engine.strategy: fsdp` shards
+        as units (`sharding.shard`; the task holds the rest). By default the encoder is one unit."""
+        return [(self, ())]
 
 
 def residue_one_hot(graph: ProteinBatch, residue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

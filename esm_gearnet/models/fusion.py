@@ -111,6 +111,11 @@ class FusionNetwork(Encoder):
         else:
             super().freeze(group)
 
+    def shard_units(self):
+        """The sequence model's units and the structure encoder, entered through `network` (what fusion calls);
+        the cross-fusion projections stay with the task."""
+        return [*self.sequence_model.shard_units(), (self.structure_model, ("network",))]
+
     def independent_parts(self) -> Dict[str, int]:
         if self.fusion != "parallel":  # series: the structure model reads ESM; cross: the parts are mixed
             return {}

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ... import sharding
+
 
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
@@ -100,11 +102,11 @@ def _run_layers(model, x: torch.Tensor, repr_layer: int, checkpoint: bool, layer
     """x through the first `repr_layer` layers (`layer_fn(layer, x, *layer_args)`, recomputed in the backward
     pass with `checkpoint`), then `emb_layer_norm_after` when that is the last layer, as in fair-esm."""
     checkpoint = checkpoint and torch.is_grad_enabled()
-    for layer in model.layers[:repr_layer]:
+    for layer in model.layers[:repr_layer]:  # a layer sharded under engine.strategy: fsdp gathers its weights
         if checkpoint:
-            x = torch.utils.checkpoint.checkpoint(layer_fn, layer, x, *layer_args, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(sharding.call, layer, layer_fn, x, *layer_args, use_reentrant=False)
         else:
-            x = layer_fn(layer, x, *layer_args)
+            x = sharding.call(layer, layer_fn, x, *layer_args)
     if repr_layer == len(model.layers):
         x = model.emb_layer_norm_after(x)
     return x

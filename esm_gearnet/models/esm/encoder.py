@@ -7,6 +7,7 @@ windows, padded or packed), `attention` (the sdpa and varlen forward paths), `ca
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -21,6 +22,8 @@ from . import weights
 from .attention import esm2_forward_sdpa, esm2_forward_varlen, sdpa_layer, varlen_layer_fn
 from .cache import FeatureCache
 from .tokens import Tokenizer
+
+logger = logging.getLogger("esm_gearnet")
 
 
 @register
@@ -249,6 +252,15 @@ class ESM(Encoder):
                 self.feature_cache.add(keys[i], feature)
         device = batch.residue_type.device
         return torch.cat([fresh[key] if key in fresh else self.feature_cache.get(key, device) for key in keys])
+
+    def shard_units(self):
+        """Each transformer layer (`attention` enters them through `sharding.call`); the embeddings and the last
+        layer norm stay with the task. A feature cache is turned off: under `fsdp` every rank must run the layers
+        for every batch (each is a collective), not only the ranks whose proteins are not cached."""
+        if self.feature_cache.budget:
+            logger.info("ESM: the feature cache is off under engine.strategy: fsdp")
+            self.feature_cache = FeatureCache(0.0)
+        return [(layer, ()) for layer in self.model.layers]
 
     def clear_cache(self) -> None:
         """Forget every cached feature (they belong to the weights they were computed with)."""
