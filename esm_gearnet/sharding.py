@@ -78,17 +78,12 @@ def shard(task: nn.Module, device: torch.device, precision: str = "fp32") -> nn.
 
     Args:
         task: a `tasks.Task` on `device`, its parameters as built (the optimizer is rebuilt after: `rebind`).
-        device: this rank's device; precision: "fp32" or "bf16" ("fp16" refused).
+        device: this rank's device; precision: "fp32" or "bf16" (the engine refuses "fp16").
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if precision == "fp16":
-        from .config import ConfigError
-
-        raise ConfigError("config key `engine.precision`: fp16 does not shard (its loss scaler is per process); use "
-                          "bf16 or fp32 with engine.strategy: fsdp.")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     low = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)

@@ -188,6 +188,18 @@ def pack_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def consolidate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=program.get(), description="Write a sharded checkpoint (the folder "
+                                     "engine.strategy: fsdp writes as best.pth, last.pth, model_epoch_N.pth) as one "
+                                     "file; embed, predict and --ckpt read the folders directly.")
+    parser.add_argument("path", help="the folder, or a run directory (its best.pth, else last.pth)")
+    parser.add_argument("-o", "--output", default=None, help="the file to write (default: NAME-consolidated.pth "
+                        "beside the folder)")
+    parser.add_argument("--encoder-only", action="store_true", help="the encoder's bare state_dict, as the "
+                        "original's released .pth files")
+    return parser
+
+
 def report_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=program.get(), description="Training curves of one or more runs side by "
                                      "side.")
@@ -219,9 +231,11 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     if name in DESCRIPTIONS:
         return downstream_parser(DESCRIPTIONS[name])
     return {"embed": embed_parser, "predict": predict_parser, "pack": pack_parser, "report": report_parser,
+            "consolidate": consolidate_parser,
             "configs": configs_parser, "demo": demo_parser}[name]()
 
 
-__all__ = ["DESCRIPTIONS", "add_input_options", "base_parser", "command_parser", "config_help", "configs_parser", "demo_parser", "downstream_parser",
+__all__ = ["DESCRIPTIONS", "add_input_options", "base_parser", "command_parser", "config_help", "configs_parser",
+           "consolidate_parser", "demo_parser", "downstream_parser",
            "embed_parser", "pack_parser", "parse_args", "predict_parser", "report_parser", "script_parser",
            "split_overrides"]

@@ -1,10 +1,11 @@
-"""The `esm-gearnet` command: embed, predict, pack, report, downstream, pretrain, configs and demo.
+"""The `esm-gearnet` command: embed, predict, pack, report, consolidate, downstream, pretrain, configs and demo.
 
     esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
     esm-gearnet embed -c CONFIG [--ckpt PATH] FOLDCOMP_DB -o OUT/ [--shard-size K] [--resume]   (torchrun too)
     esm-gearnet predict --ckpt RUN_DIR_OR_CHECKPOINT INPUT... -o predictions.csv [--threshold T] [--scores S.npz]
     esm-gearnet pack INPUT... -o DB [--workers N] [--max-ca-error 1.0] [--split-breaks]   a FoldComp database
     esm-gearnet report RUN_DIR... [--label NAME...] [-o report.png]
+    esm-gearnet consolidate RUN_DIR_OR_FOLDER [-o FILE] [--encoder-only]   a sharded checkpoint as one file
     esm-gearnet configs                  the configs that ship with the package (-c NAME finds them anywhere)
     esm-gearnet demo                     the built-in demo, offline, from any folder
     esm-gearnet downstream -c CONFIG ...   /   esm-gearnet pretrain -c CONFIG ...   /   ... --resume RUN_DIR
@@ -22,7 +23,8 @@ from .arguments import command_parser, parse_args, program
 from .exits import reader_left
 
 #: command -> its module in esm_gearnet.commands (imported when run: `--help` of one command loads no other)
-COMMANDS = {"embed": "embed", "predict": "predict", "pack": "pack", "report": "report", "downstream": "finetune",
+COMMANDS = {"embed": "embed", "predict": "predict", "pack": "pack", "report": "report", "consolidate": "consolidate",
+            "downstream": "finetune",
             "pretrain": "pretrain", "configs": "configs", "demo": "demo"}
 
 
@@ -57,7 +59,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     try:
         if any(a in ("-h", "--help") for a in argv[1:]):  # from the light parsers: no torch imported for help
             parser = command_parser(argv[0])
-            parser.parse_args(argv[1:]) if argv[0] in ("report", "pack", "configs", "demo") \
+            parser.parse_args(argv[1:]) if argv[0] in ("report", "pack", "consolidate", "configs", "demo") \
                 else parse_args(argv[1:], parser)
         return command(argv[0])(argv[1:])
     finally:

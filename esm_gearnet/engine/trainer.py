@@ -142,6 +142,11 @@ class Engine:
             log.warning("engine.gpus lists %d devices but %d process(es) run; batch_size %d is per process, so the "
                         "global batch is %d. Launch with torchrun --nproc_per_node=%d for the original setting.",
                         len(gpus), self.world_size, batch_size, batch_size * self.world_size, len(gpus))
+        if strategy == "fsdp" and precision == "fp16":
+            from ..config import ConfigError
+
+            raise ConfigError("config key `engine.precision`: fp16 does not shard (its loss scaler is per process); "
+                              "use bf16 or fp32 with engine.strategy: fsdp.")
         self.sharded = strategy == "fsdp" and self.world_size > 1
         if self.sharded:  # the optimizer's groups then point at the sharded parameters
             names = sharding.parameter_names(task)

@@ -1,0 +1,122 @@
+"""Five training steps of small fused models under `ddp` and `fsdp` (or in one process), recorded for
+tests/test_sharding.py: run as `torchrun --nproc_per_node=W tests/fsdp_equality.py OUT` (every variant and both
+strategies in one launch) or `python tests/fsdp_equality.py OUT` (the single-process reference); `... save FOLDER`
+then `... load FOLDER` with another number of processes: a sharded checkpoint resharded.
+
+Every rank trains on its slice of the same global batches of 8 proteins; dropout is 0 and batch norms use their
+running statistics (eval mode), the two things that differ by design between one process and several."""
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import small  # noqa: E402
+from esm_gearnet import distributed, sharding  # noqa: E402
+from esm_gearnet.assembly import build_optimizer, build_task, model_config, runtime_task_list  # noqa: E402
+from esm_gearnet.config import load_config  # noqa: E402
+from esm_gearnet.data import collate  # noqa: E402
+from esm_gearnet.engine import Engine  # noqa: E402
+from esm_gearnet.registry import build  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"gearnet_series": "esm_gearnet", "gearnet_parallel": "esm_gearnet_parallel",
+            "gearnet_cross": "esm_gearnet_cross", "gvp_series": "esm_gvp", "cdconv_series": "esm_cdconv"}
+GLOBAL_BATCH, STEPS = 8, 5
+
+
+def config(variant: str):
+    cfg = load_config(str(ROOT / "config" / "EC" / f"{VARIANTS[variant]}.yaml"), {})
+    demo = load_config(str(ROOT / "config" / "demo" / "esm_gearnet.yaml"), {"num_protein": 40})
+    cfg.dataset = demo.dataset
+    small(model_config(cfg)[0])
+    cfg.engine = {"batch_size": GLOBAL_BATCH // distributed.world_size(), "clip_norm": 1.0}
+    return cfg
+
+
+def deterministic(task: nn.Module) -> None:
+    """Dropout 0 and batch norms on their running statistics: what differs by design between 1 and W processes."""
+    for module in task.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            module.train = lambda mode=True, m=module: m  # stays in eval mode
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, nn.MultiheadAttention):
+            module.dropout = 0.0
+        for name in ("drop_rate", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def train(engine: Engine) -> list:
+    """STEPS steps on the same global batches of GLOBAL_BATCH proteins, each rank its slice; the mean loss of each."""
+    data, rank, size = engine.sets["train"], distributed.rank(), distributed.world_size()
+    losses = []
+    for step in range(STEPS):
+        items = [data[(step * GLOBAL_BATCH + i) % len(data)] for i in range(GLOBAL_BATCH)]
+        share = GLOBAL_BATCH // size
+        loss, _ = engine.model(collate(items[rank * share:(rank + 1) * share]))
+        engine.stepper.backward(loss)
+        engine.stepper.step(engine.task.parameters())
+        engine.step += 1
+        losses.append(sum(distributed.gather_objects(float(loss.detach()))) / size)
+    return losses
+
+
+def run(variant: str, strategy: str):
+    engine = _engine(variant, strategy)
+    losses = train(engine)
+    state = sharding.full_state_dict(engine.task) if engine.sharded else engine.task.state_dict()
+    return {"losses": losses, "state": {k: v.detach().cpu().clone() for k, v in state.items()}}
+
+
+def reshard(folder: str, save: bool) -> None:
+    """`save`: train gearnet_series 5 steps under fsdp and save `folder/last.pth` (sharded) with the full weights
+    and optimizer state beside it (`expected.pt`); else resume from it with this world size and save what was
+    loaded (`loaded-W.pt`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    engine = _engine("gearnet_series", "fsdp", folder)
+    if save:
+        train(engine)
+        engine.save("last.pth")
+    else:
+        engine.resume(Path(folder) / "last.pth")
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    result = {"step": engine.step, "model": sharding.full_state_dict(engine.task),
+              "optimizer": get_optimizer_state_dict(engine.task, engine.stepper.optimizer, options=whole)["state"]}
+    if distributed.rank() == 0:
+        torch.save(result, Path(folder) / ("expected.pt" if save else f"loaded-{distributed.world_size()}.pt"))
+
+
+def _engine(variant: str, strategy: str, run_dir=None) -> Engine:
+    cfg = config(variant)
+    dataset = build(cfg.dataset, "dataset")
+    train = dataset.split()[0]
+    torch.manual_seed(0)
+    task = build_task(cfg, runtime_task_list(cfg, dataset.tasks))
+    task.preprocess(train)
+    deterministic(task)
+    return Engine(task, train, None, None, build_optimizer(cfg, task), progress=False, strategy=strategy,
+                  run_dir=run_dir, config=cfg, **cfg.engine)
+
+
+def main(argv) -> None:
+    torch.set_num_threads(1)
+    distributed.init()
+    if argv[0] in ("save", "load"):
+        reshard(argv[1], argv[0] == "save")
+    else:
+        strategies = ["ddp", "fsdp"] if distributed.world_size() > 1 else ["ddp"]
+        results = {(variant, strategy): run(variant, strategy) for variant in VARIANTS for strategy in strategies}
+        if distributed.rank() == 0:
+            torch.save({f"{v}/{s}": r for (v, s), r in results.items()}, argv[0])
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
