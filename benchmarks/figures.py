@@ -220,6 +220,19 @@ def train_step_stream():
             + provenance("train_step_stream"))
 
 
+def sharding_memory():
+    r = results("sharding_memory", "sharding_memory")[0]
+    rows = [[row["ranks"], row["strategy"], f"{row['parameters_mb']:.1f}", f"{row['gradients_mb']:.1f}",
+             f"{row['optimizer_mb']:.1f}", f"{row['held_mb']:.1f}", f"{row['held_vs_one_process']:.3f}",
+             f"{1 / row['ranks'] if row['strategy'] == 'fsdp' else 1:.3f}", f"{row['peak_rss_mb']:.0f}"]
+            for row in r["rows"]]
+    return (f"ESM-2 {' × '.join(map(str, r['esm']))} (layers × width × heads, random weights) in serial fusion with "
+            "the EC config's GearNet, Adam, one training step on two short real proteins per rank; MB held by the "
+            "largest rank (local shards of sharded tensors), its share of one process's, and the ideal share.\n\n"
+            + table(["ranks", "strategy", "parameters", "gradients", "optimizer", "held", "held / one process",
+                     "ideal", "peak RSS MB"], rows) + provenance("sharding_memory"))
+
+
 def peak():
     rows = [[r["device"], r["dtype"], f"{r['size']}³", r["tflops"]] for r in results("peak")]
     return table(["device", "dtype", "matrix product", "TFLOP/s"], rows) + provenance("peak")
@@ -256,6 +269,7 @@ def headline():
 
 RENDER = {f.__name__: f for f in (structure_io, graph_construction, three_di, encoders, dataset, esm_attention,
                                   embed, saprot_step, startup, train_step, train_step_stream, stream, peak,
+                                  sharding_memory,
                                   headline)}
 
 

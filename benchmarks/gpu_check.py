@@ -116,6 +116,11 @@ STEPS = [
           "--workers", "8", *COMMON], 150, 70,
          ["benchmarks/embed_stream.py", "--esm", "2,64,4", "--entries", "200", "--warmup", "50", "--precision",
           "fp32", "--workers", "1", "--shard-size", "100", *COMMON], 60, 20),
+    Step("sharding", "engine.strategy fsdp on one GPU vs the plain run (fp32, bf16); ESM-2 3B serial fusion, one "
+         "step with LoRA and with full fine-tuning under fsdp + activation checkpointing: peak memory, tokens/s",
+         ["benchmarks/sharding.py", "--part", "gpu", *COMMON], 180, 100,
+         ["benchmarks/sharding.py", "--part", "gpu", "--small-esm", "2,64,4", "--big-esm", "2,64,4", "--length", "64",
+          "--steps", "2", *COMMON], 90, 30),
     Step("graph_construction", "EC graph construction proteins/s",
          ["benchmarks/graph_construction.py", *COMMON], 45, 15,
          ["benchmarks/graph_construction.py", *COMMON, "--max-proteins", "8", "--repeats", "1"], 30, 6),

@@ -24,7 +24,11 @@ from esm_gearnet.registry import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"gearnet_series": "esm_gearnet", "gearnet_parallel": "esm_gearnet_parallel",
-            "gearnet_cross": "esm_gearnet_cross", "gvp_series": "esm_gvp", "cdconv_series": "esm_cdconv"}
+            "gearnet_cross": "esm_gearnet_cross", "gvp_series": "esm_gvp", "cdconv_series": "esm_cdconv",
+            # through the engine's own loop: 2 batches a step, activation checkpointing, the unpadded path
+            "gearnet_series_accumulated": "esm_gearnet",
+            # a frozen language model with a feature cache (off under fsdp)
+            "gearnet_series_frozen": "esm_gearnet"}
 GLOBAL_BATCH, STEPS = 8, 5
 
 
@@ -34,6 +38,13 @@ def config(variant: str):
     cfg.dataset = demo.dataset
     small(model_config(cfg)[0])
     cfg.engine = {"batch_size": GLOBAL_BATCH // distributed.world_size(), "clip_norm": 1.0}
+    sequence = model_config(cfg)[0]["sequence_model"]
+    if variant.endswith("accumulated"):
+        sequence.update({"attention": "varlen", "activation_checkpointing": True})
+        cfg.engine.update({"batch_size": GLOBAL_BATCH // 2 // distributed.world_size(), "gradient_interval": 2})
+    if variant.endswith("frozen"):
+        sequence["feature_cache_gib"] = 0.1
+        cfg.fix_sequence_model = True
     return cfg
 
 
@@ -69,7 +80,11 @@ def train(engine: Engine) -> list:
 
 def run(variant: str, strategy: str):
     engine = _engine(variant, strategy)
-    losses = train(engine)
+    if variant.endswith("accumulated"):  # one epoch of the engine's loop: the same global batches for any W
+        losses = [engine.train_epoch()["loss"]]
+        assert engine.step == len(engine.sets["train"]) // GLOBAL_BATCH
+    else:
+        losses = train(engine)
     state = sharding.full_state_dict(engine.task) if engine.sharded else engine.task.state_dict()
     return {"losses": losses, "state": {k: v.detach().cpu().clone() for k, v in state.items()}}
 
@@ -88,7 +103,7 @@ def reshard(folder: str, save: bool) -> None:
         engine.resume(Path(folder) / "last.pth")
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     result = {"step": engine.step, "model": sharding.full_state_dict(engine.task),
-              "optimizer": get_optimizer_state_dict(engine.task, engine.stepper.optimizer, options=whole)["state"]}
+              "optimizer": get_optimizer_state_dict(engine.task, engine.stepper.optimizer, options=whole).get("state", {})}
     if distributed.rank() == 0:
         torch.save(result, Path(folder) / ("expected.pt" if save else f"loaded-{distributed.world_size()}.pt"))
 
