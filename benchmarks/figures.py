@@ -227,7 +227,7 @@ def sharding_memory():
              f"{1 / row['ranks'] if row['strategy'] == 'fsdp' else 1:.3f}", f"{row['peak_rss_mb']:.0f}"]
             for row in r["rows"]]
     return (f"ESM-2 {' × '.join(map(str, r['esm']))} (layers × width × heads, random weights) in serial fusion with "
-            "the EC config's GearNet, Adam, one training step on two short real proteins per rank; MB held by the "
+            "the EC config's GearNet, Adam, after training steps on two short real proteins per rank; MB held by the "
             "largest rank (local shards of sharded tensors), its share of one process's, and the ideal share.\n\n"
             + table(["ranks", "strategy", "parameters", "gradients", "optimizer", "held", "held / one process",
                      "ideal", "peak RSS MB"], rows) + provenance("sharding_memory"))

@@ -38,6 +38,7 @@ where the file allows), so nothing is initialised twice and the weights exist on
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import os
@@ -380,6 +381,22 @@ def _tied(module: nn.Module):
     return [group for group in names.values() if len(group) > 1]
 
 
+_KEEP_DTYPES = contextvars.ContextVar("keep_dtypes", default=False)
+
+
+@contextmanager
+def keeping_dtypes():
+    """Modules that take a state's tensors inside (`load_state_dict_checked(..., assign=True)`) keep the tensors'
+    own dtypes (fair-esm's 3B and 15B files hold fp16) instead of casting them all at once: under
+    `engine.strategy: fsdp` each unit is cast to fp32 just before it is sharded (`sharding.shard`), so a model
+    larger than a process's memory never exists whole in fp32."""
+    token = _KEEP_DTYPES.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_DTYPES.reset(token)
+
+
 def load_state_dict_checked(module: nn.Module, state: Dict[str, torch.Tensor], source: str,
                             assign: bool = False) -> None:
     """`module.load_state_dict(state)` that lists missing, unexpected and mis-shaped keys in its error.
@@ -409,8 +426,9 @@ def load_state_dict_checked(module: nn.Module, state: Dict[str, torch.Tensor], s
         module.load_state_dict(state)
         return
     own = module.state_dict()
-    state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype and v.is_floating_point() else v
-             for k, v in state.items()}
+    if not _KEEP_DTYPES.get():
+        state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype and v.is_floating_point() else v
+                 for k, v in state.items()}
     tied = _tied(module)
     module.load_state_dict(state, assign=True)
     for first, *others in tied:

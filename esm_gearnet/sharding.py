@@ -77,7 +77,8 @@ def shard(task: nn.Module, device: torch.device, precision: str = "fp32") -> nn.
     """Shard `task` in place over the ranks of the process group (see the module docstring) and return it.
 
     Args:
-        task: a `tasks.Task` on `device`, its parameters as built (the optimizer is rebuilt after: `rebind`).
+        task: a `tasks.Task` (on the CPU: each unit is moved to `device` as it is sharded), its parameters as built
+            (the optimizer is pointed at the sharded ones after: `rebind`).
         device: this rank's device; precision: "fp32" or "bf16" (the engine refuses "fp16").
     """
     import torch.distributed as dist
@@ -88,13 +89,27 @@ def shard(task: nn.Module, device: torch.device, precision: str = "fp32") -> nn.
     low = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
     fp32 = MixedPrecisionPolicy()
+    # unit by unit: cast to fp32 (a model built in `checkpoint.keeping_dtypes` holds its file's fp16), then moved
+    # to the device and sharded: one unit at a time exists whole
     for unit, methods in task.encoder.shard_units():
+        _to_fp32(unit)
         fully_shard(unit, mesh=mesh, mp_policy=policy)
         _enter_through(unit, methods)
     for head in _head_units(task):
+        _to_fp32(head)
         fully_shard(head, mesh=mesh, mp_policy=fp32)
+    _to_fp32(task)
     fully_shard(task, mesh=mesh, mp_policy=policy)
     return task
+
+
+def _to_fp32(module: nn.Module) -> None:
+    """The module's floating-point parameters not sharded yet, as fp32 (the parameter objects kept)."""
+    from torch.distributed.tensor import DTensor
+
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.dtype != torch.float32 and not isinstance(parameter, DTensor):
+            parameter.data = parameter.data.float()
 
 
 def rebind(optimizer: torch.optim.Optimizer, names: Dict[int, str], task: nn.Module) -> None:

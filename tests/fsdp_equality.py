@@ -5,6 +5,7 @@ then `... load FOLDER` with another number of processes: a sharded checkpoint re
 
 Every rank trains on its slice of the same global batches of 8 proteins; dropout is 0 and batch norms use their
 running statistics (eval mode), the two things that differ by design between one process and several."""
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import small  # noqa: E402
 from esm_gearnet import distributed, sharding  # noqa: E402
+from esm_gearnet.commands.run import building  # noqa: E402
 from esm_gearnet.assembly import build_optimizer, build_task, model_config, runtime_task_list  # noqa: E402
 from esm_gearnet.config import load_config  # noqa: E402
 from esm_gearnet.data import collate  # noqa: E402
@@ -28,7 +30,9 @@ VARIANTS = {"gearnet_series": "esm_gearnet", "gearnet_parallel": "esm_gearnet_pa
             # through the engine's own loop: 2 batches a step, activation checkpointing, the unpadded path
             "gearnet_series_accumulated": "esm_gearnet",
             # a frozen language model with a feature cache (off under fsdp)
-            "gearnet_series_frozen": "esm_gearnet"}
+            "gearnet_series_frozen": "esm_gearnet",
+            # pretrained weights from a fair-esm file holding fp16 (cast unit by unit under fsdp)
+            "gearnet_series_fp16_file": "esm_gearnet"}
 GLOBAL_BATCH, STEPS = 8, 5
 
 
@@ -45,7 +49,28 @@ def config(variant: str):
     if variant.endswith("frozen"):
         sequence["feature_cache_gib"] = 0.1
         cfg.fix_sequence_model = True
+    if variant.endswith("fp16_file"):
+        sequence.update({"pretrained": True, "path": str(fp16_file().parent), "model": fp16_file().stem})
+        sequence.pop("architecture")
     return cfg
+
+
+def fp16_file() -> Path:
+    """A fair-esm ESM-2 file (2 layers x 32) of random weights stored in fp16, in $FSDP_EQUALITY_WEIGHTS; written
+    by the first (single-process) run."""
+    import argparse
+
+    from esm_gearnet.models.esm.architecture import build_esm2
+
+    file = Path(os.environ["FSDP_EQUALITY_WEIGHTS"]) / "esm2_t2_32_fp16.pt"
+    if not file.exists() and distributed.world_size() == 1:
+        torch.manual_seed(7)
+        model, _ = build_esm2(2, 32, 4)
+        state = {("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k: v.half()
+                 for k, v in model.state_dict().items() if not k.startswith("contact_head")}
+        cfg = argparse.Namespace(encoder_layers=2, encoder_embed_dim=32, encoder_attention_heads=4, token_dropout=True)
+        torch.save({"model": state, "cfg": {"model": cfg}}, file)
+    return file
 
 
 def deterministic(task: nn.Module) -> None:
@@ -101,23 +126,29 @@ def reshard(folder: str, save: bool) -> None:
         engine.save("last.pth")
     else:
         engine.resume(Path(folder) / "last.pth")
-    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    result = {"step": engine.step, "model": sharding.full_state_dict(engine.task),
-              "optimizer": get_optimizer_state_dict(engine.task, engine.stepper.optimizer, options=whole).get("state", {})}
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on rank 0; the others get {}
+    optimizer = get_optimizer_state_dict(engine.task, engine.stepper.optimizer, options=whole)
+    result = {"step": engine.step, "model": sharding.full_state_dict(engine.task), "optimizer": optimizer.get("state")}
     if distributed.rank() == 0:
         torch.save(result, Path(folder) / ("expected.pt" if save else f"loaded-{distributed.world_size()}.pt"))
 
 
 def _engine(variant: str, strategy: str, run_dir=None) -> Engine:
     cfg = config(variant)
+    cfg.engine["strategy"] = strategy
     dataset = build(cfg.dataset, "dataset")
     train = dataset.split()[0]
     torch.manual_seed(0)
-    task = build_task(cfg, runtime_task_list(cfg, dataset.tasks))
+    with building(cfg):  # what the commands do: under fsdp, weights from files keep their dtype until sharded
+        task = build_task(cfg, runtime_task_list(cfg, dataset.tasks))
+    if variant.endswith("fp16_file"):
+        dtypes = {p.dtype for p in task.encoder.sequence_model.parameters()}
+        assert dtypes == ({torch.float16} if strategy == "fsdp" and distributed.world_size() > 1 else
+                          {torch.float32}), dtypes
     task.preprocess(train)
     deterministic(task)
-    return Engine(task, train, None, None, build_optimizer(cfg, task), progress=False, strategy=strategy,
-                  run_dir=run_dir, config=cfg, **cfg.engine)
+    return Engine(task, train, None, None, build_optimizer(cfg, task), progress=False, run_dir=run_dir, config=cfg,
+                  **cfg.engine)
 
 
 def main(argv) -> None:

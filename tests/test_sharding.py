@@ -21,47 +21,55 @@ DEMO = ROOT / "config" / "demo" / "esm_gearnet.yaml"
 SMALL = ["--num_protein", "24", "--batch_norm", "False"]  # train 19, valid 2, test 3
 
 
-def _env():
+def _env(weights=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if weights:
+        env["FSDP_EQUALITY_WEIGHTS"] = str(weights)
     env.pop("WORLD_SIZE", None)
     return env
 
 
-def _launch(ranks, *command, timeout=600):
+def _launch(ranks, *command, timeout=600, weights=None):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    result = run_command(launcher + [str(c) for c in command], timeout, cwd=ROOT, env=_env())
+    result = run_command(launcher + [str(c) for c in command], timeout, cwd=ROOT, env=_env(weights))
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def weights(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights")  # a fair-esm file in fp16, written by the single-process run
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, weights):
     out = tmp_path_factory.mktemp("one") / "one.pt"
-    result = run_command([sys.executable, str(WORKER), str(out)], 300, cwd=ROOT, env=_env())
+    result = run_command([sys.executable, str(WORKER), str(out)], 300, cwd=ROOT, env=_env(weights))
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
 
 
 @pytest.fixture(scope="module")
-def saved_by_four(tmp_path_factory):
+def saved_by_four(tmp_path_factory, weights):
     """A sharded last.pth written by 4 ranks (gearnet_series, 5 steps) and what it holds, whole."""
     folder = tmp_path_factory.mktemp("four")
-    _launch(4, WORKER, "save", folder)
+    _launch(4, WORKER, "save", folder, weights=weights)
     return folder
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_fsdp_and_ddp_equal_one_process_for_every_fusion_and_encoder(one_process, saved_by_four, ranks, tmp_path):
+def test_fsdp_and_ddp_equal_one_process_for_every_fusion_and_encoder(one_process, saved_by_four, ranks, tmp_path,
+                                                                     weights):
     """One launch per world size runs every variant under ddp and fsdp: 5 steps of fp32 training on the same
     global batches (clipped; one variant through the engine's loop with gradient accumulation, activation
-    checkpointing and the varlen path, one with a frozen language model), losses and parameters within 1e-5 of
-    one process; then (2 ranks) the 4-rank sharded checkpoint is resharded: weights, optimizer state and step
-    exactly as saved."""
+    checkpointing and the varlen path, one with a frozen language model, one from a fair-esm file in fp16, which
+    fsdp casts unit by unit), losses and parameters within 1e-5 of one process; then (2 ranks) the 4-rank sharded
+    checkpoint is resharded: weights, optimizer state and step exactly as saved."""
     out = tmp_path / "ranks.pt"
-    _launch(ranks, WORKER, out)
+    _launch(ranks, WORKER, out, weights=weights)
     results = torch.load(out)
-    assert len(results) == 2 * len(one_process) == 14
+    assert len(results) == 2 * len(one_process) == 16
     for key, result in results.items():
         reference = one_process[key.split("/")[0] + "/ddp"]
         assert len(reference["losses"]) == 1 or reference["losses"][0] != reference["losses"][-1]  # it trained
@@ -71,7 +79,7 @@ def test_fsdp_and_ddp_equal_one_process_for_every_fusion_and_encoder(one_process
             torch.testing.assert_close(result["state"][name].float(), value.float(), atol=1e-5, rtol=0,
                                        msg=f"{key} {name}")
     if ranks == 2:
-        _launch(2, WORKER, "load", saved_by_four)
+        _launch(2, WORKER, "load", saved_by_four, weights=weights)
         saved, loaded = torch.load(saved_by_four / "expected.pt"), torch.load(saved_by_four / "loaded-2.pt")
         assert saved["step"] == loaded["step"] == 5
         for name, value in saved["model"].items():

@@ -16,7 +16,7 @@ from ..engine.run_log import format_metrics
 from ..registry import build
 from .arguments import DESCRIPTIONS
 from .exits import one_sentence
-from .run import encoder_weights, resume_file, resumed_state, resumed_weights, setup_logging, training_run
+from .run import building, encoder_weights, resume_file, resumed_state, resumed_weights, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -41,11 +41,13 @@ def build_downstream(cfg, run_dir: Optional[Path], seed: int, ckpt: Optional[str
     logger.info("%s: train %d, valid %d, test %d", dataset, len(train_set), len(valid_set), len(test_set))
     task_list = runtime_task_list(cfg, dataset.tasks)
     if resumed is not None:
-        task = build_task(cfg, task_list, resumed_weights(resumed), str(resume_from))
+        with building(cfg):
+            task = build_task(cfg, task_list, resumed_weights(resumed), str(resume_from))
     else:
         weights = ckpt or cfg.get("model_checkpoint")
         encoder, source = encoder_weights(weights) if weights else (None, "the checkpoint")
-        task = build_task(cfg, task_list, source=source, encoder_state=encoder)
+        with building(cfg):
+            task = build_task(cfg, task_list, source=source, encoder_state=encoder)
         task.preprocess(train_set)
     metric = selection_metric(cfg, task)
     optimizer = build_optimizer(cfg, task)

@@ -34,7 +34,7 @@ from ..config import ConfigError
 from ..registry import build, resolve
 from .arguments import DESCRIPTIONS
 from .exits import one_sentence
-from .run import encoder_weights, resume_file, resumed_state, resumed_weights, setup_logging, training_run
+from .run import building, encoder_weights, resume_file, resumed_state, resumed_weights, setup_logging, training_run
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -65,13 +65,14 @@ def run_pretrain(argv: Optional[List[str]] = None) -> Path:
             raise ConfigError(f"train.num_step is for streamed datasets (FoldCompDB); {dataset_cfg['class']} "
                               "trains train.num_epoch epochs: remove train.num_step.")
         resumed = resumed_state(resume_file(resume)) if resume else None
-        if resumed is not None:  # built from the checkpoint's weights, never initialised; --ckpt not read
-            task = build_task(cfg, state=resumed_weights(resumed), source=str(resume_file(resume)))
-        elif args.ckpt:  # the encoder built from --ckpt's weights, never initialised; the head fresh
-            encoder, source = encoder_weights(args.ckpt)
-            task = build_task(cfg, source=source, encoder_state=encoder)
-        else:
-            task = build_task(cfg)
+        with building(cfg):
+            if resumed is not None:  # built from the checkpoint's weights, never initialised; --ckpt not read
+                task = build_task(cfg, state=resumed_weights(resumed), source=str(resume_file(resume)))
+            elif args.ckpt:  # the encoder built from --ckpt's weights, never initialised; the head fresh
+                encoder, source = encoder_weights(args.ckpt)
+                task = build_task(cfg, source=source, encoder_state=encoder)
+            else:
+                task = build_task(cfg)
         train, valid = build(dataset_cfg, "dataset").split()[:2] if streamed else (None, None)
         engine = Engine(task, train, valid, None, build_optimizer(cfg, task), run_dir=run_dir, config=cfg,
                         seed=args.seed, **dict(cfg.get("engine") or {}))

@@ -11,7 +11,7 @@ import shutil
 import sys
 import time
 import traceback
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -90,6 +90,13 @@ def make_run_dir(cfg, resume: Optional[str]) -> Path:
             except OSError as error:  # the location was checked before the work; it changed since
                 raise writing.refusal(candidate, error) from None
     return Path(distributed.broadcast_object(name))
+
+
+def building(cfg):
+    """The context a run's task is built in: under `engine.strategy: fsdp` with several processes, weights read
+    from files keep their dtype until their unit is sharded (`checkpoint.keeping_dtypes`)."""
+    sharded = (cfg.get("engine") or {}).get("strategy") == "fsdp" and distributed.world_size() > 1
+    return checkpoint.keeping_dtypes() if sharded else nullcontext()
 
 
 def resumed_state(path) -> Dict:
@@ -249,5 +256,5 @@ def resume_file(resume) -> Path:
     return checkpoint.locate(resume, ("last.pth",))
 
 
-__all__ = ["encoder_weights", "resume_file", "resumed_state", "resumed_weights", "seed_everything", "setup_logging",
-           "training_run"]
+__all__ = ["building", "encoder_weights", "resume_file", "resumed_state", "resumed_weights", "seed_everything",
+           "setup_logging", "training_run"]

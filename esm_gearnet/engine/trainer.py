@@ -149,8 +149,7 @@ class Engine:
                               "use bf16 or fp32 with engine.strategy: fsdp.")
         self.sharded = strategy == "fsdp" and self.world_size > 1
         if self.sharded:  # the optimizer's groups then point at the sharded parameters
-            names = sharding.parameter_names(task)
-            task = task.to(self.device)
+            names = sharding.parameter_names(task)  # each unit is moved to the device as it is sharded
             if sync_batch_norm and self.device.type == "cuda":
                 task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
             self.task = self.model = sharding.shard(task, self.device, precision)
