@@ -482,7 +482,10 @@ def save_folder(tensors: Dict[str, Any], content: Dict[str, Any], path) -> None:
         if rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
         distributed.barrier()
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(temporary), sync_files=True))
+        try:
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(temporary), sync_files=True))
+        except dcp.api.CheckpointException as error:  # the rank's own failure (a full disk: its OSError)
+            raise rank_failure(error) from None
         own = [f for f in temporary.iterdir() if f.name.startswith(f"__{rank}_")] + (
             [temporary / ".metadata"] if rank == 0 else [])
         files = {}
@@ -497,6 +500,16 @@ def save_folder(tensors: Dict[str, Any], content: Dict[str, Any], path) -> None:
             temporary.rename(path)
             shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
+
+
+def rank_failure(error: BaseException) -> BaseException:
+    """The exception of the first rank that failed inside a `torch.distributed.checkpoint` call (which gathers
+    them into one `CheckpointException`, a BaseException); any other error as it is."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return error
+    first = next(iter(failures.values()))  # (the exception, its traceback)
+    return first[0] if isinstance(first, tuple) else first
 
 
 def folder_problem(path, share: Optional[Sequence[int]] = None) -> str:

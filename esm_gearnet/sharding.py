@@ -104,12 +104,18 @@ def shard(task: nn.Module, device: torch.device, precision: str = "fp32") -> nn.
 
 
 def _to_fp32(module: nn.Module) -> None:
-    """The module's floating-point parameters not sharded yet, as fp32 (the parameter objects kept)."""
+    """The module's fp16 and bf16 parameters not sharded yet (the parameter objects kept) and buffers (fair-esm's
+    rotary `inv_freq`), as fp32: what building the model outside `checkpoint.keeping_dtypes` gives."""
     from torch.distributed.tensor import DTensor
 
+    low = (torch.float16, torch.bfloat16)
     for parameter in module.parameters():
-        if parameter.is_floating_point() and parameter.dtype != torch.float32 and not isinstance(parameter, DTensor):
+        if parameter.dtype in low and not isinstance(parameter, DTensor):
             parameter.data = parameter.data.float()
+    for owner in module.modules():
+        for name, buffer in owner.named_buffers(recurse=False):
+            if buffer.dtype in low:
+                setattr(owner, name, buffer.float())
 
 
 def rebind(optimizer: torch.optim.Optimizer, names: Dict[int, str], task: nn.Module) -> None:

@@ -142,7 +142,7 @@ def _engine(variant: str, strategy: str, run_dir=None) -> Engine:
     with building(cfg):  # what the commands do: under fsdp, weights from files keep their dtype until sharded
         task = build_task(cfg, runtime_task_list(cfg, dataset.tasks))
     if variant.endswith("fp16_file"):
-        dtypes = {p.dtype for p in task.encoder.sequence_model.parameters()}
+        dtypes = {p.dtype for p in task.encoder.sequence_model.model.layers.parameters()}
         assert dtypes == ({torch.float16} if strategy == "fsdp" and distributed.world_size() > 1 else
                           {torch.float32}), dtypes
     task.preprocess(train)

@@ -107,10 +107,16 @@ def _weights(run_dir):
     return checkpoint.task_state(checkpoint.load(run_dir / "last.pth"))
 
 
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """A finished fine-tuning run of 2 epochs under fsdp with 4 ranks: best.pth and last.pth are folders."""
+    out = tmp_path_factory.mktemp("sharded")
+    _launch(4, *_downstream("--num_epoch", "2", "--output_dir", out)[1:])
+    return run_dir_of(out)
+
+
 @pytest.mark.slow
-def test_kill_9_under_fsdp_resumes_with_4_ranks_exactly_and_with_2_at_the_saved_step(tmp_path):
-    whole = tmp_path / "whole"
-    _launch(4, *_downstream("--num_epoch", "2", "--output_dir", whole)[1:])
+def test_kill_9_under_fsdp_resumes_with_4_ranks_exactly_and_with_2_at_the_saved_step(sharded_run, tmp_path):
     cut = tmp_path / "cut"
     command = _downstream("--num_epoch", "2", "--output_dir", cut)
     killed = _killed(command, 2)
@@ -121,7 +127,7 @@ def test_kill_9_under_fsdp_resumes_with_4_ranks_exactly_and_with_2_at_the_saved_
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
     _launch(4, "script/downstream.py", "--resume", run_dir)
-    a, b = _weights(run_dir_of(whole)), _weights(run_dir)
+    a, b = _weights(sharded_run), _weights(run_dir)
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -133,13 +139,6 @@ def test_kill_9_under_fsdp_resumes_with_4_ranks_exactly_and_with_2_at_the_saved_
     assert state["epoch"] == 2 and state["training"]["step"] == step + 5 and state["sharded"]["world_size"] == 2
     records = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "epoch" in r] == [1, 2]
-
-
-@pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded")
-    _launch(2, *_downstream("--num_epoch", "1", "--output_dir", out)[1:])
-    return run_dir_of(out)
 
 
 def _cli(*args):
@@ -170,14 +169,18 @@ def test_embed_predict_and_ckpt_read_a_sharded_run_as_its_consolidated_file(shar
 
 
 @pytest.mark.slow
-def test_a_sharded_checkpoint_cannot_be_resumed_under_ddp(sharded_run, tmp_path):
+def test_a_sharded_checkpoint_resumed_by_a_run_that_cannot_use_it_is_one_sentence(sharded_run, tmp_path, cli):
     copy = tmp_path / "run"
     shutil.copytree(sharded_run, copy)
+    code, _, err = cli("downstream", "--resume", copy, "--engine.strategy", "ddp", "--train.num_epoch", "3")
+    assert code == 2 and "was written under engine.strategy fsdp but this run is ddp with one process; resume " \
+        "with engine.strategy fsdp and several processes" in err, err
     result = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "script/downstream.py", "--resume", str(copy), "--engine.strategy", "ddp",
-                          "--train.num_epoch", "2"], 300, cwd=ROOT, env=_env())
-    assert result.returncode != 0
-    assert "was written under engine.strategy fsdp but this run is ddp" in result.stderr
+                          "script/downstream.py", "--resume", str(copy), "--task.num_mlp_layer", "3",
+                          "--train.num_epoch", "3"], 300, cwd=ROOT, env=_env())
+    assert result.returncode != 0  # torchrun's own code; each rank ended with its sentence and exit code 2
+    assert "does not fit this run's model (ValueError: Size mismatch between saved" in result.stderr
+    assert "]: Traceback" not in result.stderr, result.stderr[-3000:]  # no rank's
 
 
 # ---- in one process ------------------------------------------------------------------------------------------
@@ -245,3 +248,11 @@ def test_fp16_is_refused_under_fsdp_in_one_sentence():
     with pytest.raises(Exception, match=r"config key `engine.precision`: fp16 does not shard"):
         Engine(task, [], None, None, torch.optim.Adam(task.parameters()), strategy="fsdp", precision="fp16",
                progress=False)
+
+
+def test_fsdp_with_one_process_is_the_plain_run():
+    task = torch.nn.Linear(2, 2)
+    parameters = list(task.parameters())
+    engine = Engine(task, [], None, None, torch.optim.Adam(parameters), strategy="fsdp", progress=False)
+    assert not engine.sharded and engine.model is engine.task is task
+    assert list(task.parameters()) == parameters  # nothing replaced: the optimizer's parameters are the task's

@@ -488,7 +488,13 @@ class Engine:
             raise checkpoint.CheckpointError(f"sharded checkpoint {path} {problems[0]}; nothing was loaded: "
                                              f"{checkpoint.CHECKPOINT_ADVICE}.")
         tensors = sharding.state_dicts(self.task, self.stepper.optimizer if with_optimizer else None)
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)))
+        try:
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)))
+        except (Exception, dcp.api.CheckpointException) as error:  # noqa: BLE001 - another model's: keys, shapes
+            raise checkpoint.CheckpointError(
+                f"sharded checkpoint {path} does not fit this run's model "
+                f"({checkpoint.first_line(checkpoint.rank_failure(error))}); check that the config builds the model "
+                "the checkpoint was saved from.") from None
         sharding.load_state_dicts(self.task, self.stepper.optimizer if with_optimizer else None, tensors)
 
     @_stalls_named
