@@ -16,6 +16,10 @@ training        None, or the state `--resume` needs: optimizer, scheduler, scale
 digest          `digest` of all the other keys, added by `save_atomic`
 ==============  ==================================================================================================
 
+An ESM with LoRA adapters (`models.esm.lora`) leaves its base weights out of its state_dict, and so out of `encoder`:
+the encoder holds the adapters, everything outside the base language model, and (`...lora._extra_state`) the
+base weight file's name, size and digest of its first and last MiB, checked when the file is loaded.
+
 The original wrote bare state_dicts of its model (FusionNetwork, GearNet, GVP-GNN, CDConv); `encoder_state`
 reads those too. Files are loaded with `weights_only=True` (no pickled code) and written atomically.
 
@@ -409,7 +413,7 @@ def load_state_dict_checked(module: nn.Module, state: Dict[str, torch.Tensor], s
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                 if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+                 if k in state and torch.is_tensor(own[k]) and tuple(state[k].shape) != tuple(own[k].shape)]
     # the ESM wrapper checks and drops the original's `mapping` buffer itself
     unexpected = [k for k in unexpected if not k.endswith("sequence_model.mapping") and k != "mapping"]
     if missing or unexpected or misshaped:
@@ -426,9 +430,9 @@ def load_state_dict_checked(module: nn.Module, state: Dict[str, torch.Tensor], s
         module.load_state_dict(state)
         return
     own = module.state_dict()
-    if not _KEEP_DTYPES.get():
-        state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype and v.is_floating_point() else v
-                 for k, v in state.items()}
+    if not _KEEP_DTYPES.get():  # (LoRA's extra state is no tensor)
+        state = {k: v.to(own[k].dtype) if k in own and torch.is_tensor(v) and v.dtype != own[k].dtype
+                 and v.is_floating_point() else v for k, v in state.items()}
     tied = _tied(module)
     module.load_state_dict(state, assign=True)
     for first, *others in tied:

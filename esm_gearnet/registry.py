@@ -6,11 +6,13 @@ torch names. Mistakes give one sentence naming the config key, the class and wha
 class or argument (with the closest names), a missing argument, a value of the wrong type (read from the
 constructor's type hints: `hidden_dims: 64` where a list of integers is wanted), a value other than null or a
 `class:` dict for an argument that takes a function (`lr_lambda: "lambda e: ..."`, which no YAML value can be) or
-a value the constructor refuses.
+a value the constructor refuses. An argument whose type hint is a dataclass (ESM's `lora: LoRASettings`) takes a
+mapping, checked key by key against the dataclass's fields as a class's arguments are.
 """
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
@@ -25,6 +27,15 @@ from .config import ConfigError
 from .errors import InputError
 
 _REGISTRY: Dict[str, Callable] = {}
+
+
+class ArgumentRefused(ValueError):
+    """A constructor's refusal of one of its arguments: `key` (dotted, below the class's config key, e.g.
+    `lora.targets`) and what is wrong with it (`problem`, read after the key). A config names the full key."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"`{key}` {problem}")
+        self.key, self.problem = key, problem
 
 
 def register(obj: Callable = None, *, name: Optional[str] = None):
@@ -174,6 +185,8 @@ def matches(value: Any, hint: Any) -> bool:
         return not args or all(matches(v, args[0]) for v in value)
     if origin in (dict, collections.abc.Mapping) or hint is dict:
         return isinstance(value, dict)
+    if dataclasses.is_dataclass(hint):  # a mapping of its fields (`check_arguments` checks them)
+        return isinstance(value, (dict, hint))
     if inspect.isclass(hint) and origin is None:  # a tensor, a module: no YAML value is one
         return isinstance(value, hint)
     return True
@@ -181,9 +194,12 @@ def matches(value: Any, hint: Any) -> bool:
 
 def _describe(hint: Any) -> str:
     """A type hint in words: `Optional[Sequence[int]]` -> "a list of integers or null"."""
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
     if _is_union(hint):  # without the alternatives no config value can be (tensors, modules)
         words = [_describe(h) for h in typing.get_args(hint)
-                 if not (inspect.isclass(h) and typing.get_origin(h) is None and h.__module__ != "builtins")]
+                 if not (inspect.isclass(h) and typing.get_origin(h) is None and h.__module__ != "builtins"
+                         and not dataclasses.is_dataclass(h))]
         return " or ".join(dict.fromkeys(words))
     words = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
              list: "a list", tuple: "a list", dict: "a mapping"}
@@ -238,6 +254,18 @@ def check_arguments(cls: Callable, kwargs: Dict[str, Any], path: str, supplied=(
                               f"(got {_short(value)}); use a class whose arguments are plain values.")
         if key in hints and not matches(value, hints[key]):
             raise type_error(f"{path}.{key}", value, hints[key])
+        settings = _dataclass_in(hints.get(key))
+        if settings is not None and isinstance(value, dict):  # its keys, types and values, at `path.key`
+            check_arguments(settings, value, f"{path}.{key}")
+            _refusals_named(settings, f"{path}.{key}", lambda: settings(**value))
+
+
+def _dataclass_in(hint: Any) -> Optional[type]:
+    """The dataclass a type hint names (`Optional[LoRASettings]` -> LoRASettings), or None."""
+    for option in typing.get_args(hint) if _is_union(hint) else (hint,):
+        if dataclasses.is_dataclass(option) and inspect.isclass(option):
+            return option
+    return None
 
 
 def _takes_callable(parameter: inspect.Parameter, hint: Any) -> bool:
@@ -317,5 +345,7 @@ def _refusals_named(cls, path: str, call: Callable[[], Any]) -> Any:
         return call()
     except (ConfigError, InputError):
         raise
+    except ArgumentRefused as error:
+        raise ConfigError(f"config key `{path}.{error.key}` {error.problem}") from None
     except ValueError as error:
         raise ConfigError(f"config key `{path}`: {cls.__name__} refuses its arguments: {error}") from None

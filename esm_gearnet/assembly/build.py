@@ -12,6 +12,7 @@ structure_model.input_dim (GVPGNN: node_in_dim[0])             derived: ESM's wi
 num_relation (GearNet)                                         derived from the graph construction's edge layers
 lr_ratio, sequence_model_lr_ratio, fix_sequence_model          learning-rate ratios of the encoder's parameter
                                                                groups; ratio 0 freezes the group
+lora_lr_ratio (this framework's)                               the ratio of an ESM's LoRA adapters (`lora:`)
 =============================================================  ===================================================
 
 A derived size that the config also gives must agree with it; otherwise one sentence names the key.
@@ -112,7 +113,8 @@ def _encoder(config: Dict[str, Any], path: str, input_dim: int, num_relation: in
 def learning_rate_ratios(cfg, encoder: Encoder) -> Dict[str, float]:
     """The learning-rate ratio of each of the encoder's parameter groups (0 = frozen), from the config's
     `lr_ratio` (the whole encoder against the head; it wins over the others, as in the original),
-    `sequence_model_lr_ratio`, `fix_sequence_model` and `original_optimizer_groups`.
+    `sequence_model_lr_ratio`, `fix_sequence_model` and `original_optimizer_groups`; with an ESM's `lora:`, its
+    adapters are the group "lora", at `lora_lr_ratio` (else at `lr_ratio`, else 1), its base frozen.
 
     DEVIATION: the original built its optimizer from `sequence_model`, `structure_model` and the head only, so
     cross fusion's `seq_linear`, `struct_linear` and `attn` kept their random initialisation in every
@@ -129,6 +131,11 @@ def learning_rate_ratios(cfg, encoder: Encoder) -> Dict[str, float]:
                 ratios["fusion"] = 0.0
     if cfg.get("fix_sequence_model"):
         ratios["sequence_model"] = 0.0
+    if cfg.get("lora_lr_ratio") is not None:
+        if "lora" not in groups:
+            raise ConfigError("config key `lora_lr_ratio` sets the learning-rate ratio of LoRA adapters, but the "
+                              "task's sequence model has none; add `lora:` to it or remove the key.")
+        ratios["lora"] = float(cfg.lora_lr_ratio)
     unknown = [name for name in ratios if name not in groups]
     if unknown:
         raise ConfigError(f"sequence_model_lr_ratio / fix_sequence_model need an encoder with a sequence model "

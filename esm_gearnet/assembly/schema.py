@@ -26,6 +26,7 @@ TOP_LEVEL: Dict[str, Any] = {
     "engine": Optional[dict], "train": dict, "metric": Optional[str], "save_interval": Optional[int],
     "lr_ratio": Optional[float], "sequence_model_lr_ratio": Optional[float], "fix_sequence_model": Optional[bool],
     "original_optimizer_groups": Optional[bool], "model_checkpoint": Optional[str], "checkpoint": Optional[str],
+    "lora_lr_ratio": Optional[float],
 }
 TRAIN: Dict[str, Any] = {"num_epoch": int, "batch_per_epoch": Optional[int], "num_step": Optional[int]}
 
@@ -35,7 +36,8 @@ ENGINE_RUNTIME = {"task", "train_set", "valid_set", "test_set", "optimizer", "sc
 
 MINIMUM = {"save_interval": 1, "lr_ratio": 0, "sequence_model_lr_ratio": 0, "train.num_epoch": 0,
            "train.batch_per_epoch": 1, "train.num_step": 1, "engine.batch_size": 1, "engine.gradient_interval": 1,
-           "engine.num_worker": 0, "engine.log_interval": 0, "engine.timeout": 1}
+           "engine.num_worker": 0, "engine.log_interval": 0, "engine.timeout": 1,
+           "lora_lr_ratio": 0}
 
 
 def engine_options() -> Dict[str, Any]:

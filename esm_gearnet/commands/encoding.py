@@ -14,14 +14,18 @@ from ..assembly import build_encoder, model_config
 from ..data import ProteinBatch
 from ..engine import evaluation
 from ..models import Encoder
+from ..models.esm import merge_lora
 from .inputs import device_of, in_input_order
 
 
 def load_encoder(cfg, state: Optional[Dict] = None, source: str = "the checkpoint") -> Encoder:
     """The encoder of a config, in eval mode, with the checkpoint's encoder weights when given (then built without
-    initialising them)."""
+    initialising them); LoRA adapters merged into their base weights (`merge_lora`: the same features, at the base
+    model's cost)."""
     weights = checkpoint.encoder_state(state, source) if state is not None else None
-    return build_encoder(cfg, weights, source).eval()
+    encoder = build_encoder(cfg, weights, source).eval()
+    merge_lora(encoder)
+    return encoder
 
 
 def weights_digest(module: torch.nn.Module) -> str:

@@ -16,6 +16,7 @@ from .. import checkpoint, writing
 from ..assembly import build_predictor
 from ..data import collate
 from ..data.datasets import Proteins
+from ..models.esm import merge_lora
 from ..registry import build
 from .arguments import parse_args, predict_parser
 from .exits import one_sentence
@@ -61,6 +62,7 @@ def _predict(inputs, output, cfg, state, ckpt, threshold, top, scores, workers, 
     if not names:
         raise ValueError(f"{ckpt}: the checkpoint lists no task names; predict needs a fine-tuning checkpoint.")
     task = build_predictor(cfg, names, checkpoint.task_state(state), str(ckpt))
+    merge_lora(task)  # LoRA adapters folded into their base weights: the same scores at the base model's cost
     device = device_of(device)
     task.to(device).eval()
     transform = cfg.dataset.get("transform")

@@ -97,16 +97,20 @@ class FusionNetwork(Encoder):
         return sequence_dim if fusion == "series" else ONE_HOT_DIM
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
-        groups = {"sequence_model": list(self.sequence_model.parameters()),
+        sequence = self.sequence_model.parameter_groups()  # an ESM with LoRA adds its adapters as "lora"
+        groups = {"sequence_model": sequence.pop(self.sequence_model.group), **sequence,
                   "structure_model": list(self.structure_model.parameters())}
         if self.fusion == "cross":
             groups["fusion"] = [p for m in (self.seq_linear, self.struct_linear, self.attn) for p in m.parameters()]
         return groups
 
     def freeze(self, group: str) -> None:
-        part = {"sequence_model": self.sequence_model, "structure_model": self.structure_model}.get(group)
-        if part is not None:
-            part.freeze(part.group)  # the part knows what freezing means for it (ESM: no autograd, its cache)
+        parts = {"sequence_model": (self.sequence_model, self.sequence_model.group),
+                 "lora": (self.sequence_model, "lora"),  # an ESM's LoRA adapters
+                 "structure_model": (self.structure_model, self.structure_model.group)}
+        if group in parts and group in self.parameter_groups():
+            part, its_group = parts[group]
+            part.freeze(its_group)  # the part knows what freezing means for it (ESM: no autograd, its cache)
             self.frozen.add(group)
         else:
             super().freeze(group)

@@ -2,7 +2,8 @@
 
 The package's parts, each used here: `architecture` (names, fair-esm's module), `weights` (where they come from:
 fair-esm files, `hugging_face` folders, random), `vocabularies` (ESM-2, SaProt), `tokens` (residues -> tokens,
-windows, padded or packed), `attention` (the sdpa and varlen forward paths), `cache` (features of a frozen model).
+windows, padded or packed), `attention` (the sdpa and varlen forward paths), `cache` (features of a frozen model),
+`lora` (low-rank adapters through peft).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..encoder import Encoder, Features
 from . import weights
 from .attention import esm2_forward_sdpa, esm2_forward_varlen, sdpa_layer, varlen_layer_fn
 from .cache import FeatureCache
+from .lora import LoRA, LoRASettings, adapter_parameters, settings_of, targets_of
 from .tokens import Tokenizer
 
 logger = logging.getLogger("esm_gearnet")
@@ -78,6 +80,11 @@ class ESM(Encoder):
             for experimental structures, whose B-factors are not confidences (SaProt's own "auto" looks for
             the word "alphafold" in the file, which a parsed protein no longer has).
         plddt_threshold: pLDDT below which the structure is masked (SaProt: 70).
+        lora: low-rank adapters (`lora.LoRASettings`: rank, alpha, dropout, targets) on the projections of every
+            layer, through peft: the base weights are frozen (whatever `sequence_model_lr_ratio` says) and the
+            adapters train, in the parameter group `lora` (`lora_lr_ratio`). Checkpoints hold the adapters and a
+            reference to the base weight file, not the base (see `lora`). Not frozen while the adapters train, so
+            the feature cache stays unused then.
         graph_construction_model: optional (ESM reads the sequence only; a node layer such as AlphaCarbonNode
             still decides which residues it sees).
 
@@ -109,13 +116,17 @@ class ESM(Encoder):
         given = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                  if p.default is not p.empty}
         given.update(arguments)
-        weights.weight_source(given["path"], given["model"], given["pretrained"], given["architecture"])
+        kind, _, stem = weights.weight_source(given["path"], given["model"], given["pretrained"],
+                                              given["architecture"])
+        if given["lora"] is not None:  # the family's projections, known from the weights' name
+            family = "ESM-1b" if kind == "fair-esm" and stem.startswith("esm1") else "ESM-2"
+            targets_of(family, settings_of(given["lora"]).targets)
 
     def __init__(self, path: Optional[str] = None, model: Optional[str] = None, readout: str = "mean",
                  pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
                  architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
                  feature_cache_gib: float = 0.0, compile: bool = False, vocabulary: Optional[str] = None,
-                 plddt_mask: bool = False, plddt_threshold: float = 70.0,
+                 plddt_mask: bool = False, plddt_threshold: float = 70.0, lora: Optional[LoRASettings] = None,
                  graph_construction_model: Optional[nn.Module] = None):
         super().__init__(graph_construction_model)
         if readout not in ("mean", "sum"):
@@ -126,6 +137,9 @@ class ESM(Encoder):
             if value and attention == "esm":
                 raise ValueError(f"ESM: {option} works on the sdpa and varlen paths; set `attention: sdpa`.")
         esm_model, alphabet = weights.load(path, model, pretrained, architecture, vocabulary)
+        # before `model`: a state_dict's reference to the base weights is checked before the adapters load
+        self.lora = LoRA(lora, esm_model, *weights.weight_files(path, model, pretrained, architecture)) \
+            if lora is not None else None
         self.model = esm_model
         self.alphabet = alphabet
         self.readout = readout
@@ -156,6 +170,21 @@ class ESM(Encoder):
                     parameter.requires_grad_(False)
         self.tokens = Tokenizer(alphabet, plddt_mask, plddt_threshold)
         self.saprot = self.reads_three_di = self.tokens.saprot
+
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """{"sequence_model": every parameter}; with `lora`, the adapters apart as "lora" (the base, frozen, stays
+        in "sequence_model")."""
+        if self.lora is None:
+            return super().parameter_groups()
+        adapters = adapter_parameters(self.model)
+        ids = {id(p) for p in adapters}
+        return {self.group: [p for p in self.parameters() if id(p) not in ids], "lora": adapters}
+
+    @property
+    def is_frozen(self) -> bool:
+        """Whether none of the language model's weights train (`freeze` of its group; with `lora`, of the adapters,
+        the base being frozen anyway): it then runs without autograd and may cache its features."""
+        return ("lora" if self.lora is not None else self.group) in self.frozen
 
     def structure_tokens(self, batch: ProteinBatch) -> Optional[torch.Tensor]:
         """The structure column of each residue's SaProt token (`Tokenizer.structure`; rules in the class docstring).
@@ -276,7 +305,7 @@ class ESM(Encoder):
         Returns:
             residue_feature [N, D] and graph_feature [B, D] (the readout over each protein's residues).
         """
-        if self.group not in self.frozen:
+        if not self.is_frozen:
             residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask,
                                              self.structure_tokens(batch))
         else:  # no gradient reaches a frozen ESM: keep no activations for one

@@ -142,6 +142,19 @@ def _load_file(file: str) -> Dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
 
 
+def weight_files(folder: str) -> List[str]:
+    """The weight files of a Hugging Face folder: its one file, or the shards its index lists."""
+    present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
+    if not present:
+        raise WeightError(f"ESM: {folder} has config.json but no weights ({', '.join(WEIGHT_FILES)}); copy the "
+                          "weight file of the checkpoint into that folder.")
+    index = os.path.join(folder, present[0])
+    if not index.endswith(".index.json"):
+        return [index]
+    with open(index) as handle:
+        return [os.path.join(folder, shard) for shard in sorted(set(json.load(handle)["weight_map"].values()))]
+
+
 def read_weights(folder: str) -> Dict[str, torch.Tensor]:
     """The tensors of a Hugging Face folder (one file or the shards of an index), never unpickling code.
 
@@ -152,14 +165,8 @@ def read_weights(folder: str) -> Dict[str, torch.Tensor]:
     if not present:
         raise WeightError(f"ESM: {folder} has config.json but no weights ({', '.join(WEIGHT_FILES)}); copy the "
                           "weight file of the checkpoint into that folder.")
-    index = os.path.join(folder, present[0])
     try:
-        if index.endswith(".index.json"):
-            with open(index) as handle:
-                shards = sorted(set(json.load(handle)["weight_map"].values()))
-            files = [os.path.join(folder, shard) for shard in shards]
-        else:
-            files = [index]
+        files = weight_files(folder)
         state: Dict[str, torch.Tensor] = {}
         for file in files:
             state.update(_load_file(file))

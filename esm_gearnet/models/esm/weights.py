@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -18,7 +18,7 @@ from .architecture import (
     esm2_from_checkpoint,
     load_esm_checkpoint,
 )
-from .hugging_face import is_hf_folder, load_hf_esm
+from .hugging_face import is_hf_folder, load_hf_esm, weight_files as hf_weight_files
 from .vocabularies import VOCABULARIES
 
 URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"
@@ -108,6 +108,19 @@ def weight_source(path: Optional[str], model: Optional[str], pretrained: bool,
         stem = model
     _fair_esm_file(path, stem)
     return "fair-esm", path, stem
+
+
+def weight_files(path: Optional[str], model: Optional[str], pretrained: bool,
+                 architecture: Optional[Tuple[int, int, int]]) -> Tuple[str, List[str]]:
+    """(the model's name, the files its weights are read from) for `ESM(path, model, pretrained, architecture)`
+    (see `weight_source`): the fair-esm .pt file, a Hugging Face folder's weight file(s), none for random weights."""
+    kind, where, stem = weight_source(path, model, pretrained, architecture)
+    if kind == "random":
+        return where or f"random ESM-2 {tuple(architecture)}", []
+    if kind == "hugging face":
+        folder = os.path.expanduser(str(where))
+        return model or os.path.basename(os.path.normpath(folder)), hf_weight_files(folder)
+    return model or stem, [_fair_esm_file(where, stem)]
 
 
 def _reads_hugging_face(path: Optional[str], model: Optional[str]) -> bool:
