@@ -64,20 +64,23 @@ def test_fsdp_and_ddp_equal_one_process_for_every_fusion_and_encoder(one_process
     """One launch per world size runs every variant under ddp and fsdp: 5 steps of fp32 training on the same
     global batches (clipped; one variant through the engine's loop with gradient accumulation, activation
     checkpointing and the varlen path, one with a frozen language model, one from a fair-esm file in fp16, which
-    fsdp casts unit by unit), losses and parameters within 1e-5 of one process; then (2 ranks) the 4-rank sharded
+    fsdp casts unit by unit, two with LoRA adapters), losses and parameters within 1e-5 of one process; then (2 ranks) the 4-rank sharded
     checkpoint is resharded: weights, optimizer state and step exactly as saved."""
     out = tmp_path / "ranks.pt"
     _launch(ranks, WORKER, out, weights=weights)
     results = torch.load(out)
-    assert len(results) == 2 * len(one_process) == 16
+    assert len(results) == 2 * len(one_process) == 20
     for key, result in results.items():
         reference = one_process[key.split("/")[0] + "/ddp"]
         assert len(reference["losses"]) == 1 or reference["losses"][0] != reference["losses"][-1]  # it trained
         np.testing.assert_allclose(result["losses"], reference["losses"], atol=1e-5, rtol=0, err_msg=key)
         assert set(result["state"]) == set(reference["state"]), key
         for name, value in reference["state"].items():
-            torch.testing.assert_close(result["state"][name].float(), value.float(), atol=1e-5, rtol=0,
-                                       msg=f"{key} {name}")
+            # under fsdp a file's fp16 weights are kept until sharded, and peft creates adapters in their base's
+            # dtype: their random start is rounded to fp16 (then trained in fp32)
+            rounded = "lora_fp16_file/fsdp" in key and "lora_A" in name
+            torch.testing.assert_close(result["state"][name].float(), value.float(), atol=1e-4 if rounded else 1e-5,
+                                       rtol=0, msg=f"{key} {name}")
     if ranks == 2:
         _launch(2, WORKER, "load", saved_by_four, weights=weights)
         saved, loaded = torch.load(saved_by_four / "expected.pt"), torch.load(saved_by_four / "loaded-2.pt")
