@@ -120,7 +120,7 @@ STEPS = [
          "step with LoRA and with full fine-tuning under fsdp + activation checkpointing: peak memory, tokens/s",
          ["benchmarks/sharding.py", "--part", "gpu", *COMMON], 180, 100,
          ["benchmarks/sharding.py", "--part", "gpu", "--small-esm", "2,64,4", "--big-esm", "2,64,4", "--length", "64",
-          "--steps", "2", *COMMON], 90, 30),
+          "--steps", "2", "--gearnet", "32,32", *COMMON], 75, 30),
     Step("graph_construction", "EC graph construction proteins/s",
          ["benchmarks/graph_construction.py", *COMMON], 45, 15,
          ["benchmarks/graph_construction.py", *COMMON, "--max-proteins", "8", "--repeats", "1"], 30, 6),

@@ -36,8 +36,9 @@ STRUCTURES = Path(os.environ.get("ESM_GEARNET_SHARED_DATA", ROOT.parent / "share
 PROTEINS = ["1ORC-A.pdb", "1D66-A.pdb", "2N2U-A.pdb", "6MRR-A.pdb"]  # 64-110 residues: the model dominates
 
 
-def config(esm, lora=None, checkpointing=False):
-    """The EC serial-fusion config with ESM-2 of `esm` (layers, width, heads), random weights."""
+def config(esm, lora=None, checkpointing=False, gearnet=None):
+    """The EC serial-fusion config with ESM-2 of `esm` (layers, width, heads), random weights (and GearNet's
+    hidden_dims when given: the CPU rehearsal's)."""
     from esm_gearnet.config import load_config
 
     cfg = load_config(str(ROOT / "config" / "EC" / "esm_gearnet.yaml"), {})
@@ -46,6 +47,8 @@ def config(esm, lora=None, checkpointing=False):
     if lora:
         sequence["lora"] = lora
     cfg.task.model.structure_model.pop("input_dim", None)
+    if gearnet:
+        cfg.task.model.structure_model.hidden_dims = list(gearnet)
     return cfg
 
 
@@ -163,7 +166,7 @@ def gpu(args):
     for precision in ("fp32", "bf16"):
         losses = {}
         for sharded in (False, True):
-            cfg = config(small)
+            cfg = config(small, gearnet=args.gearnet)
             task = task_of(cfg, device)
             optimizer = build_optimizer(cfg, task)
             if sharded:
@@ -178,7 +181,7 @@ def gpu(args):
                     loss, _ = task(batch)
                 stepper.backward(loss)
                 stepper.step(task.parameters())
-                losses[sharded].append(float(loss))
+                losses[sharded].append(float(loss.detach()))
         difference = max(abs(a - b) for a, b in zip(losses[False], losses[True]))
         print(f"fsdp on one {device.type} vs the plain run, {precision}: largest loss difference {difference:.2e}")
         report("sharding_one_gpu", precision=precision, steps=args.steps, max_loss_difference=difference,
@@ -189,7 +192,7 @@ def gpu(args):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        cfg = config(big, lora=lora, checkpointing=checkpointing)
+        cfg = config(big, lora=lora, checkpointing=checkpointing, gearnet=args.gearnet)
         task = task_of(cfg, device)
         optimizer = build_optimizer(cfg, task)
         if sharded:
@@ -212,9 +215,9 @@ def gpu(args):
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
         trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-        print(f"ESM-2 {args.big_esm} {name}: trainable {trainable / 1e6:.1f} M, peak {peak:.1f} GiB, "
-              f"{tokens / times[-1]:.0f} tokens/s")
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        print(f"ESM-2 {args.big_esm} {name}: trainable {trainable / 1e6:.1f} M, peak "
+              f"{'-' if peak is None else f'{peak:.1f}'} GiB, {tokens / times[-1]:.0f} tokens/s")
         report("sharding_3b_step", variant=name, esm=big, trainable=trainable, peak_gib=peak,
                tokens_per_s=tokens / times[-1], step_s=times[-1], device=device.type)
         del task, optimizer, stepper
@@ -234,6 +237,8 @@ def main():
     parser.add_argument("--big-esm", default="36,2560,40", help="part gpu: ESM-2 3B")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--gearnet", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="part gpu: GearNet's hidden_dims (default: the EC config's 6 x 512)")
     args = parser.parse_args()
     {"memory": memory, "gpu": gpu, "memory-worker": memory_worker}[args.part](args)
 
