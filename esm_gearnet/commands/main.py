@@ -7,6 +7,7 @@
     esm-gearnet report RUN_DIR... [--label NAME...] [-o report.png]
     esm-gearnet configs                  the configs that ship with the package (-c NAME finds them anywhere)
     esm-gearnet demo                     the built-in demo, offline, from any folder
+    esm-gearnet plan -c CONFIG --gpus N --gpu-memory GiB   the memory each GPU needs under ddp, fsdp, LoRA
     esm-gearnet downstream -c CONFIG ...   /   esm-gearnet pretrain -c CONFIG ...   /   ... --resume RUN_DIR
 
 Any key of the config can be set on the command line: --engine.batch_size 4 --dataset.path /data (see
@@ -23,7 +24,7 @@ from .exits import reader_left
 
 #: command -> its module in esm_gearnet.commands (imported when run: `--help` of one command loads no other)
 COMMANDS = {"embed": "embed", "predict": "predict", "pack": "pack", "report": "report", "downstream": "finetune",
-            "pretrain": "pretrain", "configs": "configs", "demo": "demo"}
+            "pretrain": "pretrain", "plan": "plan", "configs": "configs", "demo": "demo"}
 
 
 def command(name: str):
