@@ -114,6 +114,7 @@ def test_the_rules_of_sharding_freezing_optimizers_and_lora():
     configured = _plan(EC, ("task.model.sequence_model.lora", "{rank: 8, targets: [q_proj, v_proj]}"))
     assert _row(configured, lora=True)["trainable"] == esm + 33 * 2 * 8 * (1280 + 1280)
     assert _row(configured, lora=True)["configured"] and not _row(configured)["configured"]
+    assert configured["trainable"] == _row(configured, lora=True)["trainable"]  # "as configured"
     # bf16: the sharded parameters stay fp32, the gathered ones are bf16
     half = _plan(EC, ("engine.precision", "bf16"), gpus=4)
     assert _row(half, "fsdp")["bytes"]["parameters"] == fsdp["bytes"]["parameters"]

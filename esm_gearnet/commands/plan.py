@@ -577,8 +577,8 @@ def estimate(cfg, gpus: int, gpu_memory: Optional[float] = None, length: Optiona
             row["fits"] = bool(row["bytes"]["peak"] <= (1 - HEADROOM) * gpu_memory * GIB)
         rows.append(row)
     esm = {k: v for k, v in model.esm.items() if k != "lora"} if model.esm else None
-    return {"model": model.description, "parameters": sum(u.parameters for u in model.units),
-            "trainable": sum(u.trainable for u in model.units), "esm": esm, "structure": model.structure,
+    return {"model": model.description, "parameters": rows[0]["parameters"],
+            "trainable": rows[0]["trainable"], "esm": esm, "structure": model.structure,
             "gpus": gpus, "gpu_memory_gib": gpu_memory,
             "usable_gib": None if gpu_memory is None else round((1 - HEADROOM) * gpu_memory, 2),
             "batch_size": batch, "length": per_protein, "length_source": length_source,
