@@ -5,12 +5,16 @@
                                                          # one real training step: measured peak vs plan's estimate
 
 Each measurement builds the part alone (ESM-2 layers from fair-esm, a GearNet, GVP-GNN or CDConv) with random
-weights, and runs a forward pass (a mean-square loss) then a backward pass over synthetic proteins (ideal
-backbones, `data.synthetic`), at several widths and one, then three layers. What a layer keeps for the backward
-pass is the memory held after the forward pass; each layer's share is the difference between three layers and one,
-halved, divided by the tokens (ESM: `<cls>` and `<eos>` included) or residues. Least squares then fit, per token and
-layer, ESM: a·D + b·H·L + c (D the width, H the heads, L the padded length: only fair-esm's own attention keeps an
-L x L matrix); GearNet: a·R·D_in + b·D_out + c (R relations); GVP-GNN, CDConv: a·D + c (D the hidden width).
+weights, and runs a forward pass (a mean-square loss) then a backward pass, ESM on random tokens, the structure
+encoders on the largest real structures of ../shared/data (their graphs as real proteins have them), at several
+widths and one, then three layers (CDConv: stages), each configuration run once before it is measured. What a
+layer keeps for the backward pass is the memory held after the forward pass; each layer's share is the difference
+between three layers and one, halved, divided by the tokens (ESM: `<cls>` and `<eos>` included) or residues; what
+one layer's run holds beyond that is the part outside the layers. The working sets are the peaks above what is
+kept: the forward pass's, and the backward pass's with the parameters' gradients already there. Least squares
+then fit each figure, per token: ESM: a·D + b·H·L + c (D the width, H the heads, L the padded length: only
+fair-esm's own attention keeps an L x L matrix); GearNet: a·R·D_in + b·D_out + c, plus the short cut's and the
+first layer's terms (R relations); GVP-GNN, CDConv: a·D + c, plus the first layer's terms (D the hidden width).
 
 Memory is measured, not counted. On the CPU: the process's resident set (/proc/self/statm), its peak (VmHWM,
 reset through /proc/self/clear_refs before each run), with glibc told to map every block of 64 KiB or more on its
@@ -18,12 +22,13 @@ own (MALLOC_MMAP_THRESHOLD_, set by re-executing this script) so that a freed te
 once; one thread. On CUDA (--device cuda): torch's allocator statistics. Under bf16 the CPU runs
 `torch.autocast("cpu", bfloat16)`, whose lists of ops differ a little from CUDA's (the GPU check may re-measure
 with --device cuda); the bf16 copies of the weights that autocast keeps for the backward pass are taken out of each
-layer's figure (plan counts them with the parameters: 2 bytes each).
+layer's figure (plan counts them itself: 2 bytes a weight, under ddp).
 
-`--step` runs one real training step (two, the peak of the second: the optimizer's state exists by then, as in
-every step of a run) of the task a config builds, with the config's optimizer, in this process, on a batch of
-`engine.batch_size` synthetic proteins of `--length` residues, and prints its peak above the memory before the
-task existed next to `esm-gearnet plan`'s estimate for one process (ddp, as configured).
+`--step` runs real training steps of the task a config builds, with the config's optimizer, in this process, on a
+batch of `engine.batch_size` synthetic proteins of `--length` residues: a first task's step (what happens once per
+process, imports and kernels' caches, is not counted), then two steps of a fresh task, whose second (the optimizer's
+state exists, as in every step after the first) is measured as the peak above the memory before that task existed;
+it prints that peak next to `esm-gearnet plan`'s estimate for one CPU process (ddp, as configured).
 """
 import argparse
 import functools
