@@ -401,7 +401,9 @@ def measure(args):
     structure, structure_worst, edges = measure_structure(meter, device, structure_widths, 2 * args.batch,
                                                           structure_length, precisions)
     command = "python benchmarks/plan_table.py" + (" --quick" if args.quick else "") + \
-        (f" --device {args.device}" if args.device != "cpu" else "")
+        (f" --device {args.device}" if args.device != "cpu" else "") + \
+        (f" --batch {args.batch}" if args.batch != 2 else "") + \
+        (f" --length {args.length}" if args.length != 512 else "")
     tables = {"ESM_LAYER": esm["layer"], "ESM_OUTSIDE": esm["outside"], "ESM_BACKWARD": esm["backward"],
               "ESM_FROZEN": esm["frozen"], "STRUCTURE_LAYER": structure["layer"],
               "STRUCTURE_FORWARD": structure["forward"], "STRUCTURE_BACKWARD": structure["backward"]}
