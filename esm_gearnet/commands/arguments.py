@@ -226,8 +226,25 @@ def demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plan_parser() -> argparse.ArgumentParser:
+    parser = script_parser("The memory each GPU needs to train a config under ddp, fsdp, fsdp + activation "
+                           "checkpointing and LoRA (parameters, gradients, optimizer state, activations), and which "
+                           "fit. The model is built on the meta device: no weights are read.")
+    parser.add_argument("-c", "--config", default=None, help="the training config (a file or a packaged name)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs (processes) of the run (default 1)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per GPU (default 80)")
+    parser.add_argument("--length", type=int, default=None, help="residues per protein (default: the config's "
+                        "TruncateProtein max_length, else 1022)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="the LoRA rows' rank when the config has no "
+                        "sequence_model.lora (default 16, on q, k, v and out projections)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return parser
+
+
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of the `esm-gearnet` command `name`."""
+    if name == "plan":
+        return plan_parser()
     if name in DESCRIPTIONS:
         return downstream_parser(DESCRIPTIONS[name])
     return {"embed": embed_parser, "predict": predict_parser, "pack": pack_parser, "report": report_parser,

@@ -8,6 +8,7 @@
     esm-gearnet consolidate RUN_DIR_OR_FOLDER [-o FILE] [--encoder-only]   a sharded checkpoint as one file
     esm-gearnet configs                  the configs that ship with the package (-c NAME finds them anywhere)
     esm-gearnet demo                     the built-in demo, offline, from any folder
+    esm-gearnet plan -c CONFIG --gpus N --gpu-memory GiB   the memory each GPU needs under ddp, fsdp, LoRA
     esm-gearnet downstream -c CONFIG ...   /   esm-gearnet pretrain -c CONFIG ...   /   ... --resume RUN_DIR
 
 Any key of the config can be set on the command line: --engine.batch_size 4 --dataset.path /data (see
@@ -26,6 +27,7 @@ from .exits import reader_left
 COMMANDS = {"embed": "embed", "predict": "predict", "pack": "pack", "report": "report", "consolidate": "consolidate",
             "downstream": "finetune",
             "pretrain": "pretrain", "configs": "configs", "demo": "demo"}
+COMMANDS["plan"] = "plan"  # builds nothing but on the meta device, trains nothing (commands/plan.py)
 
 
 def command(name: str):
