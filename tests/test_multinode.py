@@ -1,6 +1,6 @@
 """Multi-node training through torchrun's c10d rendezvous: two "nodes" of one process each on this machine, started
 as two separate `torch.distributed.run --nnodes 2` launchers that find each other at one endpoint, as two machines
-would (docs/training.md: "Several machines"), train to the result of one process over the same global batches."""
+would (docs/scale.md: "Several machines"), train to the result of one process over the same global batches."""
 import subprocess
 import sys
 import time

@@ -253,6 +253,6 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 
 __all__ = ["DESCRIPTIONS", "add_input_options", "base_parser", "command_parser", "config_help", "configs_parser",
-           "consolidate_parser", "demo_parser", "downstream_parser",
+           "consolidate_parser", "demo_parser", "downstream_parser", "plan_parser",
            "embed_parser", "pack_parser", "parse_args", "predict_parser", "report_parser", "script_parser",
            "split_overrides"]

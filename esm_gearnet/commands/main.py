@@ -1,4 +1,4 @@
-"""The `esm-gearnet` command: embed, predict, pack, report, consolidate, downstream, pretrain, configs and demo.
+"""The `esm-gearnet` command: embed, predict, pack, report, consolidate, plan, downstream, pretrain, configs, demo.
 
     esm-gearnet embed -c CONFIG [--ckpt PATH] INPUT... -o OUT.npz [--per-residue] [--resume]
     esm-gearnet embed -c CONFIG [--ckpt PATH] FOLDCOMP_DB -o OUT/ [--shard-size K] [--resume]   (torchrun too)
@@ -25,9 +25,7 @@ from .exits import reader_left
 
 #: command -> its module in esm_gearnet.commands (imported when run: `--help` of one command loads no other)
 COMMANDS = {"embed": "embed", "predict": "predict", "pack": "pack", "report": "report", "consolidate": "consolidate",
-            "downstream": "finetune",
-            "pretrain": "pretrain", "configs": "configs", "demo": "demo"}
-COMMANDS["plan"] = "plan"  # builds nothing but on the meta device, trains nothing (commands/plan.py)
+            "plan": "plan", "downstream": "finetune", "pretrain": "pretrain", "configs": "configs", "demo": "demo"}
 
 
 def command(name: str):

@@ -707,7 +707,7 @@ def render(plan: Dict[str, Any]) -> str:
     lines += ["", "* as configured. AC: activation checkpointing of ESM's layers. grads under ddp with several GPUs "
               "include DDP's buckets; gathered: FSDP's whole units (root, two of the largest, one unit's gradients).",
               "peak < the sum of the columns: the backward pass frees activations as it makes gradients "
-              "(the rules: docs/training.md, \"Will it fit?\")."]
+              "(the rules: docs/scale.md, \"Will it fit?\")."]
     if plan["gpus"] == 1:
         lines.append("fsdp on one GPU is the plain run: nothing is sharded.")
     if plan["precision"] == "fp16":
