@@ -20,6 +20,9 @@ An ESM with LoRA adapters (`models.esm.lora`) leaves its base weights out of its
 the encoder holds the adapters, everything outside the base language model, and (`...lora._extra_state`) the
 base weight file's name, size and digest of its first and last MiB, checked when the file is loaded.
 
+Under `engine.strategy: fsdp` the same layout is a folder of every rank's shards (`save_folder`, `load_folder`,
+`read_folder`: the section at the end); `load` reads one whole, `locate` finds one in a run directory.
+
 The original wrote bare state_dicts of its model (FusionNetwork, GearNet, GVP-GNN, CDConv); `encoder_state`
 reads those too. Files are loaded with `weights_only=True` (no pickled code) and written atomically.
 
@@ -538,6 +541,35 @@ def folder_problem(path, share: Optional[Sequence[int]] = None) -> str:
     return ""
 
 
+def _refuse_damaged(path: Path, problems: Sequence[str]) -> None:
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise CheckpointError(f"sharded checkpoint {path} {problems[0]}; nothing was loaded: {CHECKPOINT_ADVICE}.")
+
+
+def load_folder(tensors: Dict[str, Any], path) -> None:
+    """Every rank fills `tensors` (`sharding.state_dicts` of its sharded task) from the sharded checkpoint `path`,
+    resharded for this number of processes, after every file was checked (the ranks share the hashing).
+
+    Raises:
+        CheckpointError: one sentence on every rank: a missing, truncated or foreign shard (nothing loaded), or a
+            checkpoint of another model (keys or shapes differ).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from . import distributed
+
+    path = Path(path)
+    share = (distributed.rank(), distributed.world_size())
+    _refuse_damaged(path, distributed.gather_objects(folder_problem(path, share)))
+    try:
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)))
+    except (Exception, dcp.api.CheckpointException) as error:  # noqa: BLE001 - another model's: keys, shapes
+        raise CheckpointError(f"sharded checkpoint {path} does not fit this run's model "
+                              f"({first_line(rank_failure(error))}); check that the config builds the model the "
+                              "checkpoint was saved from.") from None
+
+
 def read_folder(path, tensors: bool = True) -> Dict[str, Any]:
     """A sharded checkpoint as one checkpoint of this framework's layout, in this process (no process group): what
     `embed`, `predict`, `--ckpt` and `consolidate` read. Every shard is checked first (`folder_problem`).
@@ -551,9 +583,7 @@ def read_folder(path, tensors: bool = True) -> Dict[str, Any]:
     state = load(path / FOLDER_META)
     if not tensors:
         return state
-    problem = folder_problem(path)
-    if problem:
-        raise CheckpointError(f"sharded checkpoint {path} {problem}; nothing was loaded: {CHECKPOINT_ADVICE}.")
+    _refuse_damaged(path, [folder_problem(path)])
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict

@@ -479,23 +479,11 @@ class Engine:
 
     def _load_folder(self, path, with_optimizer: bool) -> None:
         """This rank's shards of the task (and the optimizer) from the sharded checkpoint `path`, resharded for this
-        world size; every shard file checked first, the ranks sharing the hashing (one sentence, nothing loaded)."""
-        import torch.distributed.checkpoint as dcp
-
-        problems = [p for p in distributed.gather_objects(checkpoint.folder_problem(path, (self.rank, self.world_size)))
-                    if p]
-        if problems:
-            raise checkpoint.CheckpointError(f"sharded checkpoint {path} {problems[0]}; nothing was loaded: "
-                                             f"{checkpoint.CHECKPOINT_ADVICE}.")
-        tensors = sharding.state_dicts(self.task, self.stepper.optimizer if with_optimizer else None)
-        try:
-            dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)))
-        except (Exception, dcp.api.CheckpointException) as error:  # noqa: BLE001 - another model's: keys, shapes
-            raise checkpoint.CheckpointError(
-                f"sharded checkpoint {path} does not fit this run's model "
-                f"({checkpoint.first_line(checkpoint.rank_failure(error))}); check that the config builds the model "
-                "the checkpoint was saved from.") from None
-        sharding.load_state_dicts(self.task, self.stepper.optimizer if with_optimizer else None, tensors)
+        world size (`checkpoint.load_folder`)."""
+        optimizer = self.stepper.optimizer if with_optimizer else None
+        tensors = sharding.state_dicts(self.task, optimizer)
+        checkpoint.load_folder(tensors, path)
+        sharding.load_state_dicts(self.task, optimizer, tensors)
 
     @_stalls_named
     def save_weights(self, name: str) -> None:
