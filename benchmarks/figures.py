@@ -233,6 +233,21 @@ def sharding_memory():
                      "ideal", "peak RSS MB"], rows) + provenance("sharding_memory"))
 
 
+def lora():
+    r = results("lora", "lora")[0]
+    rows = [[row, f"{f['trainable']:,}", f"{f['trainable_lm']:,} of {f['lm_parameters']:,}",
+             f"{f['parameters_mib'] + f['gradients_mib'] + f['adam_mib']:.0f}", f"{f['peak_mib']:.0f}"]
+            for row, f in r["rows"].items()]
+    return (f"ESM-2 {r['esm'].replace(',', ' × ')} (random weights) in serial fusion with the EC config's GearNet, "
+            f"LoRA rank {r['rank']} on q, k, v, out; a batch of {r['batch']} real proteins "
+            f"({r['rows']['full']['residues']} residues), {r['device']}; each row in a fresh process, its second "
+            "step (Adam's state exists from the first).\n\n"
+            + table(["row", "trainable parameters", "of the language model's", "parameters + gradients + Adam MiB",
+                     "peak MiB"], rows)
+            + f"\nLoRA trains {r['trainable_ratio']:.3f}× the parameters of full fine-tuning and peaks at "
+              f"{r['peak_ratio']:.2f}× its memory (GearNet and the head train fully in both).\n" + provenance("lora"))
+
+
 def peak():
     rows = [[r["device"], r["dtype"], f"{r['size']}³", r["tflops"]] for r in results("peak")]
     return table(["device", "dtype", "matrix product", "TFLOP/s"], rows) + provenance("peak")
@@ -269,7 +284,7 @@ def headline():
 
 RENDER = {f.__name__: f for f in (structure_io, graph_construction, three_di, encoders, dataset, esm_attention,
                                   embed, saprot_step, startup, train_step, train_step_stream, stream, peak,
-                                  sharding_memory,
+                                  sharding_memory, lora,
                                   headline)}
 
 

@@ -1,5 +1,7 @@
 """GVP-GNN: the original's state_dict layout, a reference written from the equations (one GVP, one message-passing
 layer, the whole network), invariant scalars, equivariant vectors, packing, gradients, fusion with ESM."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,31 @@ def test_esm_gvp_fusion_trains_every_parameter(all_proteins, fusion):
     assert out["graph_feature"].shape == (2, net.output_dim)
     out["graph_feature"].pow(2).mean().backward()
     assert_every_parameter_trained(net)
+
+
+def test_the_ec_config_trains_under_bf16_autocast():
+    """config/EC/esm_gvp.yaml, made small: ESM's features (fp32 out of its last layer norm) feed the GVP layers,
+    whose messages come out of linear layers in bf16 and were summed into fp32 features by index_add_ (a dtype
+    error in the second layer)."""
+    from conftest import small
+    from esm_gearnet.assembly import build_task, model_config
+    from esm_gearnet.config import load_config
+    from esm_gearnet.data import collate
+    from esm_gearnet.registry import build
+
+    root = Path(__file__).resolve().parents[1] / "config"
+    cfg = load_config(str(root / "EC" / "esm_gvp.yaml"), {})
+    cfg.dataset = load_config(str(root / "demo" / "esm_gearnet.yaml"), {"num_protein": 8}).dataset
+    small(model_config(cfg)[0])
+    dataset = build(cfg.dataset, "dataset")
+    torch.manual_seed(0)
+    task = build_task(cfg, list(range(len(dataset.tasks))))
+    batch = collate([dataset[i] for i in range(2)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = task(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in task.encoder.structure_model.parameters())
 
 
 # ---- the original's state_dict layout (tests/original_layouts.py, written from the original's code) -------------

@@ -168,9 +168,10 @@ class GVPConv(nn.Module):
         message_s, message_v = self.message_func(_cat((s[source], v[source]), edge_attr, (s[target], v[target])))
         num_node = len(s)
         count = torch.bincount(target, minlength=num_node).clamp(min=1).to(s.dtype)
-        out_s = s.new_zeros(num_node, message_s.shape[-1]).index_add_(0, target, message_s) / count[:, None]
-        out_v = v.new_zeros((num_node,) + message_v.shape[1:]).index_add_(0, target, message_v) / count[:, None, None]
-        return out_s, out_v
+        # summed in the features' dtype: under bf16 autocast the messages come out of linear layers in bf16
+        out_s = s.new_zeros(num_node, message_s.shape[-1]).index_add_(0, target, message_s.to(s.dtype))
+        out_v = v.new_zeros((num_node,) + message_v.shape[1:]).index_add_(0, target, message_v.to(v.dtype))
+        return out_s / count[:, None], out_v / count[:, None, None]
 
 
 class GVPConvLayer(nn.Module):
