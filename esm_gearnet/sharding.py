@@ -27,16 +27,12 @@ One process: `fsdp` is the plain run (nothing to shard).
 """
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
 
-logger = logging.getLogger("esm_gearnet")
-
-STRATEGIES = ("ddp", "fsdp")
 _CALL = "sharded_call"  # the method `call` enters a unit through
 
 
@@ -198,5 +194,5 @@ def full_state_dict(task: nn.Module) -> Dict[str, torch.Tensor]:
     return get_model_state_dict(task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["STRATEGIES", "call", "evened", "full_state_dict", "gathered", "gradient_sync", "is_sharded",
+__all__ = ["call", "evened", "full_state_dict", "gathered", "gradient_sync", "is_sharded",
            "load_state_dicts", "parameter_names", "rebind", "shard", "state_dicts"]
