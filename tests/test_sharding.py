@@ -259,3 +259,12 @@ def test_fsdp_with_one_process_is_the_plain_run():
     engine = Engine(task, [], None, None, torch.optim.Adam(parameters), strategy="fsdp", progress=False)
     assert not engine.sharded and engine.model is engine.task is task
     assert list(task.parameters()) == parameters  # nothing replaced: the optimizer's parameters are the task's
+
+
+def test_consolidate_refuses_what_is_not_a_sharded_checkpoint_in_one_sentence(tmp_path, cli):
+    code, _, err = cli("consolidate", tmp_path / "nowhere")
+    assert code == 2 and f"{tmp_path / 'nowhere'} does not exist" in err
+    file = tmp_path / "best.pth"
+    checkpoint.save_atomic(checkpoint.pack(torch.nn.Linear(2, 2), {}), file)
+    code, _, err = cli("consolidate", file)
+    assert code == 2 and "is not a sharded checkpoint" in err and "a .pth file is already one file" in err

@@ -31,6 +31,8 @@ def consolidate(path, output=None, encoder_only: bool = False) -> Path:
             sentence; nothing is written).
     """
     folder = checkpoint.locate(path)
+    if not folder.exists():
+        raise checkpoint.CheckpointError(f"{folder} does not exist; give a run directory or its best.pth / last.pth.")
     if not checkpoint.is_folder(folder):
         raise checkpoint.CheckpointError(f"{folder} is not a sharded checkpoint (a folder holding "
                                          f"{checkpoint.FOLDER_META}, written under engine.strategy: fsdp); a .pth "
