@@ -77,7 +77,9 @@ def test_esm2_15b_serial_fusion_does_not_fit_8_gpus_under_ddp_and_fits_under_fsd
     process.stdout.close(), process.stderr.close()
     assert process.returncode == 0, err[-3000:]
     assert not weights.exists()
-    assert usage.ru_maxrss < 2 * 2 ** 20  # KiB: under 2 GiB
+    # KiB: under 4 GiB, far below the 30 GiB of 15B's fp16 weights (measured: 0.3 GiB with torch's CPU build on
+    # 3.11; 1.0 and, in one CI run, 2.2 GiB with PyPI's CUDA build on 3.13, whose libraries the process maps)
+    assert usage.ru_maxrss < 4 * 2 ** 20
     plan = json.loads(out)
     assert plan["parameters"] > 15e9 and plan["esm"]["width"] == 5120 and plan["esm"]["layers"] == 48
     ddp, fsdp, fsdp_ac = _row(plan), _row(plan, "fsdp"), _row(plan, "fsdp", True)
