@@ -257,6 +257,10 @@ def resumable_training(state: Any, path, world_size: int) -> Dict[str, Any]:
         raise CheckpointError(f"{path} holds model weights only; resume needs a last.pth written during training "
                               "(use --ckpt to start from weights).")
     # streamed data continues at its sample with any number of processes (`engine.stream`)
+    if state.get("sharded") and world_size == 1:
+        raise CheckpointError(f"{path} is a sharded checkpoint of {training['world_size']} processes "
+                              "(engine.strategy: fsdp); resume it with several processes under torchrun, or start "
+                              "from its weights with --ckpt (esm-gearnet consolidate makes one file of it).")
     # a sharded checkpoint (engine.strategy: fsdp) is resharded for any number of processes at an epoch's end
     if training["world_size"] != world_size and not training.get("streamed") and not (
             state.get("sharded") and not training.get("within")):

@@ -64,8 +64,8 @@ def test_fsdp_and_ddp_equal_one_process_for_every_fusion_and_encoder(one_process
     """One launch per world size runs every variant under ddp and fsdp: 5 steps of fp32 training on the same
     global batches (clipped; one variant through the engine's loop with gradient accumulation, activation
     checkpointing and the varlen path, one with a frozen language model, one from a fair-esm file in fp16, which
-    fsdp casts unit by unit, two with LoRA adapters), losses and parameters within 1e-5 of one process; then (2 ranks) the 4-rank sharded
-    checkpoint is resharded: weights, optimizer state and step exactly as saved."""
+    fsdp casts unit by unit, two with LoRA adapters), losses and parameters within 1e-5 of one process; then (2
+    ranks) the 4-rank sharded checkpoint is resharded: weights, optimizer state and step exactly as saved."""
     out = tmp_path / "ranks.pt"
     _launch(ranks, WORKER, out, weights=weights)
     results = torch.load(out)
@@ -175,15 +175,18 @@ def test_embed_predict_and_ckpt_read_a_sharded_run_as_its_consolidated_file(shar
 def test_a_sharded_checkpoint_resumed_by_a_run_that_cannot_use_it_is_one_sentence(sharded_run, tmp_path, cli):
     copy = tmp_path / "run"
     shutil.copytree(sharded_run, copy)
-    code, _, err = cli("downstream", "--resume", copy, "--engine.strategy", "ddp", "--train.num_epoch", "3")
-    assert code == 2 and "was written under engine.strategy fsdp but this run is ddp with one process; resume " \
-        "with engine.strategy fsdp and several processes" in err, err
-    result = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "script/downstream.py", "--resume", str(copy), "--task.num_mlp_layer", "3",
-                          "--train.num_epoch", "3"], 300, cwd=ROOT, env=_env())
-    assert result.returncode != 0  # torchrun's own code; each rank ended with its sentence and exit code 2
-    assert "does not fit this run's model (ValueError: Size mismatch between saved" in result.stderr
-    assert "]: Traceback" not in result.stderr, result.stderr[-3000:]  # no rank's
+    code, _, err = cli("downstream", "--resume", copy, "--train.num_epoch", "3")  # refused before anything is built
+    assert code == 2 and "is a sharded checkpoint of 4 processes (engine.strategy: fsdp); resume it with several " \
+        "processes under torchrun" in err and "DemoFolds" not in err, err
+    for override, words in ((["--engine.strategy", "ddp"], "was written under engine.strategy fsdp but this run is "
+                             "ddp; resume with engine.strategy fsdp"),
+                            (["--task.num_mlp_layer", "3"], "does not fit this run's model (ValueError: Size mismatch "
+                             "between saved")):
+        result = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "script/downstream.py", "--resume", str(copy), *override, "--train.num_epoch", "3"],
+                             300, cwd=ROOT, env=_env())
+        assert result.returncode != 0  # torchrun's own code; each rank ended with its sentence and exit code 2
+        assert words in result.stderr and "]: Traceback" not in result.stderr, result.stderr[-3000:]  # no rank's
 
 
 # ---- in one process ------------------------------------------------------------------------------------------

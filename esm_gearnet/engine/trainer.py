@@ -501,15 +501,14 @@ class Engine:
                 this number of processes.
         """
         folder = checkpoint.is_folder(path)
+        weights_in_place = state is not None and not folder
+        state = checkpoint.load(path, verify=not folder) if state is None else state
+        training = checkpoint.resumable_training(state, path, self.world_size)  # (one process: not a folder)
         if folder != self.sharded:
             written, now = ("fsdp", "ddp") if folder else ("ddp", "fsdp")
             raise checkpoint.CheckpointError(
-                f"{path} was written under engine.strategy {written} but this run is {now}"
-                f"{' with one process' if folder and self.world_size == 1 else ''}; resume with engine.strategy "
-                f"{written}{' and several processes' if folder else ''} (or start from its weights with --ckpt).")
-        weights_in_place = state is not None and not folder
-        state = checkpoint.load(path, verify=not folder) if state is None else state
-        training = checkpoint.resumable_training(state, path, self.world_size)
+                f"{path} was written under engine.strategy {written} but this run is {now}; resume with "
+                f"engine.strategy {written} (or start from its weights with --ckpt).")
         if folder:
             self._load_folder(path, with_optimizer=True)
         elif not weights_in_place:
