@@ -200,7 +200,9 @@ def load(path, mmap: bool = False, what: str = "checkpoint", advice: str = CHECK
 
     Args:
         mmap: map the tensors' storage instead of reading it (the preprocessing caches).
-        verify: check the digest (`check_resumable` reads only metadata and leaves that to the real load).
+        verify: check the digest (`check_resumable` reads only metadata and leaves that to the real load). A
+            sharded checkpoint (a folder) is read whole and every shard checked (`read_folder`); with `verify`
+            False only its FOLDER_META is read.
         what, advice: the file's kind and what to do, for the error's sentence.
     Raises:
         CheckpointError: one sentence naming the file and what is wrong with it.
