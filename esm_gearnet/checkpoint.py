@@ -464,8 +464,10 @@ def is_folder(path) -> bool:
     return Path(path).is_dir() and (Path(path) / FOLDER_META).is_file()
 
 
-def _file_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
+def file_hexdigest(path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (`hashlib`'s `algorithm`), read in CHUNK blocks: the shards of a sharded
+    checkpoint here, downloaded archives' md5 (`data.datasets.download`)."""
+    hasher = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK), b""):
             hasher.update(block)
@@ -502,7 +504,7 @@ def save_folder(tensors: Dict[str, Any], content: Dict[str, Any], path) -> None:
         own = [f for f in temporary.iterdir() if f.name.startswith(f"__{rank}_")] + (
             [temporary / ".metadata"] if rank == 0 else [])
         files = {}
-        for part in distributed.gather_objects({f.name: [f.stat().st_size, _file_sha256(f)] for f in own}):
+        for part in distributed.gather_objects({f.name: [f.stat().st_size, file_hexdigest(f)] for f in own}):
             files.update(part)
         if rank == 0:
             save_atomic({**content, "sharded": {"world_size": distributed.world_size(), "files": files}},
@@ -542,7 +544,7 @@ def folder_problem(path, share: Optional[Sequence[int]] = None) -> str:
                     "rank's shard is missing)")
         if file.stat().st_size != expected_size:
             return f"holds {name} of {file.stat().st_size} bytes where {expected_size} were written (truncated)"
-        if _file_sha256(file) != expected_sha:
+        if file_hexdigest(file) != expected_sha:
             return f"holds {name} whose content differs from what was written (a shard of another checkpoint?)"
     return ""
 

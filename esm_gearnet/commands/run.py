@@ -101,8 +101,8 @@ def building(cfg):
 
 def resumed_state(path) -> Dict:
     """The checkpoint --resume continues from, read once: a file whole (the task is built from its weights), a
-    sharded checkpoint (`engine.strategy: fsdp`) without its tensors (`weights` False: each rank reads its own
-    shards when the engine resumes; the task is built as new)."""
+    sharded checkpoint (`engine.strategy: fsdp`) without its tensors (each rank reads its own shards when the
+    engine resumes; the task is built as new)."""
     return checkpoint.load(path, verify=not checkpoint.is_folder(path))
 
 

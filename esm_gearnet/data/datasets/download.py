@@ -1,7 +1,6 @@
 """Dataset archives: download with an md5 check, and extraction that never writes outside its folder."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -14,6 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from ...checkpoint import file_hexdigest
 from ...errors import UserError
 
 logger = logging.getLogger("esm_gearnet")
@@ -23,12 +23,8 @@ class DownloadError(UserError, RuntimeError):
     """An archive that cannot be fetched, fails its checksum or tries to escape its folder."""
 
 
-def md5sum(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def md5sum(path) -> str:
+    return file_hexdigest(path, "md5")
 
 
 def download(url: str, folder, md5: str = None, name: str = None, resume: bool = False) -> Path:
