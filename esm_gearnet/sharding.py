@@ -63,7 +63,7 @@ def _enter_through(module: nn.Module, methods: Iterable[str]) -> None:
         register_fsdp_forward_method(module, name)
 
 
-def _head_units(task: nn.Module) -> List[nn.Module]:
+def head_units(task: nn.Module) -> List[nn.Module]:
     """The modules of the task outside its encoder that hold parameters: its head (each called as a module)."""
     return [module for name, module in task.named_children()
             if name != "encoder" and any(True for _ in module.parameters())]
@@ -91,7 +91,7 @@ def shard(task: nn.Module, device: torch.device, precision: str = "fp32") -> nn.
         _to_fp32(unit)
         fully_shard(unit, mesh=mesh, mp_policy=policy)
         _enter_through(unit, methods)
-    for head in _head_units(task):
+    for head in head_units(task):
         _to_fp32(head)
         fully_shard(head, mesh=mesh, mp_policy=fp32)
     _to_fp32(task)
@@ -194,5 +194,5 @@ def full_state_dict(task: nn.Module) -> Dict[str, torch.Tensor]:
     return get_model_state_dict(task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["call", "evened", "full_state_dict", "gathered", "gradient_sync", "is_sharded",
+__all__ = ["call", "evened", "full_state_dict", "gathered", "gradient_sync", "head_units", "is_sharded",
            "load_state_dicts", "parameter_names", "rebind", "shard", "state_dicts"]

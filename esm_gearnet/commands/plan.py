@@ -302,30 +302,18 @@ def build_on_meta(cfg):
 
 
 def _units(task) -> List[Tuple[str, str, Any]]:
-    """[(name, kind, module)] of FSDP's units other than the root, in the order the forward pass runs them:
-    `Encoder.shard_units` where the encoder has it (`sharding.shard`'s own), else the same units found here; then
-    the head's modules."""
+    """[(name, kind, module)] of FSDP's units other than the root, in the order the forward pass runs them: those
+    `sharding.shard` makes (`Encoder.shard_units`, then `sharding.head_units`)."""
+    from .. import sharding
     from ..models.encoder import StructureEncoder
     from ..models.esm.encoder import ESM
 
-    encoder = task.encoder
-    if hasattr(encoder, "shard_units"):
-        modules = [unit for unit, _ in encoder.shard_units()]
-    else:
-        modules = []
-        for module in encoder.modules():
-            if isinstance(module, ESM):
-                modules += list(module.model.layers)
-            elif isinstance(module, StructureEncoder):
-                modules.append(module)
-        modules = modules or [encoder]
     layers = {id(layer) for m in task.modules() if isinstance(m, ESM) for layer in m.model.layers}
     names = {id(m): n for n, m in task.named_modules()}
     units = [(names.get(id(m), type(m).__name__),
               "esm_layer" if id(m) in layers else "structure" if isinstance(m, StructureEncoder) else "other", m)
-             for m in modules]
-    return units + [(n, "head", m) for n, m in task.named_children()
-                    if n != "encoder" and any(True for _ in m.parameters())]
+             for m, _ in task.encoder.shard_units()]
+    return units + [(names[id(m)], "head", m) for m in sharding.head_units(task)]
 
 
 def _lora(esm_config: Dict[str, Any], path: str, default_rank: int) -> Dict[str, Any]:
