@@ -36,6 +36,13 @@ from torch import nn
 _CALL = "sharded_call"  # the method `call` enters a unit through
 
 
+def applies(strategy: str) -> bool:
+    """Whether a run under `engine.strategy` `strategy` shards: fsdp with several processes (one is the plain run)."""
+    from . import distributed
+
+    return strategy == "fsdp" and distributed.world_size() > 1
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether `module` is a unit of FSDP2 (`fully_shard` was applied to it)."""
     from torch.distributed.fsdp import FSDPModule
@@ -194,5 +201,5 @@ def full_state_dict(task: nn.Module) -> Dict[str, torch.Tensor]:
     return get_model_state_dict(task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["call", "evened", "full_state_dict", "gathered", "gradient_sync", "head_units", "is_sharded",
+__all__ = ["applies", "call", "evened", "full_state_dict", "gathered", "gradient_sync", "head_units", "is_sharded",
            "load_state_dicts", "parameter_names", "rebind", "shard", "state_dicts"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from .. import checkpoint, distributed, writing
+from .. import checkpoint, distributed, sharding, writing
 from ..assembly import validate
 from ..config import ConfigError, load_config, load_run_config, plain
 from ..engine.stepper import CannotLearn
@@ -95,7 +95,7 @@ def make_run_dir(cfg, resume: Optional[str]) -> Path:
 def building(cfg):
     """The context a run's task is built in: under `engine.strategy: fsdp` with several processes, weights read
     from files keep their dtype until their unit is sharded (`checkpoint.keeping_dtypes`)."""
-    sharded = (cfg.get("engine") or {}).get("strategy") == "fsdp" and distributed.world_size() > 1
+    sharded = sharding.applies((cfg.get("engine") or {}).get("strategy", "ddp"))
     return checkpoint.keeping_dtypes() if sharded else nullcontext()
 
 

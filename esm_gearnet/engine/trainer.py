@@ -147,7 +147,7 @@ class Engine:
 
             raise ConfigError("config key `engine.precision`: fp16 does not shard (its loss scaler is per process); "
                               "use bf16 or fp32 with engine.strategy: fsdp.")
-        self.sharded = strategy == "fsdp" and self.world_size > 1
+        self.sharded = sharding.applies(strategy)
         if self.sharded:  # the optimizer's groups then point at the sharded parameters
             names = sharding.parameter_names(task)  # each unit is moved to the device as it is sharded
             if sync_batch_norm and self.device.type == "cuda":
