@@ -32,9 +32,9 @@ ALL_CONFIGS = sorted(p for folder in ("EC", "GO", "PSR", "MSP", "pretrain", "dem
 STREAMED = sorted((ROOT / "config" / "pretrain").glob("*_foldcomp.yaml"))
 CONFIGS = [p for p in ALL_CONFIGS if p not in STREAMED]
 EMBED_FILES = ["1D66-A.pdb", "2N2U-A.pdb", "1A7G-E.cif"]
-# config files per folder: 12 for each downstream task, 7 pre-training objectives (twice: AlphaFold DB's proteome
-# archives as the original, and a FoldComp database), 4 demos
-EXPECTED = {"EC": 12, "GO": 12, "PSR": 12, "MSP": 12, "pretrain": 14, "demo": 4}
+# config files per folder: 12 for each downstream task and its ESM C version, 7 pre-training objectives (twice:
+# AlphaFold DB's proteome archives as the original, and a FoldComp database), 5 demos
+EXPECTED = {"EC": 13, "GO": 13, "PSR": 13, "MSP": 13, "pretrain": 14, "demo": 5}
 
 
 def test_the_matrix_holds_every_config():
@@ -81,7 +81,8 @@ def _shrink(cfg, atom3d_root):
 
 
 def _original_settings(path, cfg):
-    """The config as the original wrote it: ESM-2-650M's 1280 in series fusion, the 21-dim one-hot otherwise."""
+    """The config as the original wrote it: ESM-2-650M's 1280 in series fusion (ESM C 600M's 1152 in its
+    configs), the 21-dim one-hot otherwise."""
     model, _ = model_config(cfg)
     if path.parent.name == "pretrain":
         assert cfg.dataset["class"] == "AlphaFoldDB"
@@ -92,7 +93,8 @@ def _original_settings(path, cfg):
     fused = model["class"] == "FusionNetwork"
     structure = model.structure_model if fused else model
     width = structure.get("input_dim") or structure.get("node_in_dim")[0]
-    assert width == (1280 if fused and model.get("fusion") in (None, "series", "serial") else 21)
+    series = 1152 if path.name.startswith("esmc_") else 1280
+    assert width == (series if fused and model.get("fusion") in (None, "series", "serial") else 21)
     if path.parent.name == "GO":
         assert cfg.dataset.branch == "MF"
 

@@ -23,8 +23,41 @@ ARCHITECTURES = {
     "ESM-2-3B": ("esm2_t36_3B_UR50D", 36, 2560, 40),
     "ESM-2-15B": ("esm2_t48_15B_UR50D", 48, 5120, 40),
     "ESM-1b": ("esm1b_t33_650M_UR50S", 33, 1280, 20),
+    # ESM C (EvolutionaryScale's open weights, `esmc`): 300M under the Cambrian Open License, 600M under the
+    # Cambrian Non-Commercial License
+    "ESM-C-300M": ("esmc_300m_2024_12_v0", 30, 960, 15),
+    "ESM-C-600M": ("esmc_600m_2024_12_v0", 36, 1152, 18),
 }
 DEFAULT_MODEL = "ESM-2-650M"  # when `model` is omitted and no Hugging Face checkpoint is given
+
+
+def family_of_stem(stem: str) -> str:
+    """The model family of a weight file's stem (`ARCHITECTURES`): "ESM-2", "ESM-1b" or "ESM C"."""
+    return "ESM C" if stem.startswith("esmc") else "ESM-1b" if stem.startswith("esm1") else "ESM-2"
+
+
+def family_of_name(model) -> str:
+    """The model family of a config's `model:` (a name of `ARCHITECTURES` or a file stem); ESM-2 when omitted."""
+    return family_of_stem(ARCHITECTURES[model][0] if model in ARCHITECTURES else str(model or "esm2"))
+
+
+def language_models(state) -> dict:
+    """{key prefix: "ESM-2 (33 layers, width 1280)"} for each language model whose weights a state dict holds (its
+    keys are enough: a model's `state_dict()` or a checkpoint's), to name the families when a checkpoint of one is
+    given to a model of another."""
+    found = {}
+    for key, value in state.items():
+        for suffix, family in (("embed_tokens.weight", "ESM-2"), ("embed.weight", "ESM C")):
+            prefix = key[:-len(suffix)]
+            if not key.endswith(suffix) or (family == "ESM C") != (prefix + "transformer.norm.weight" in state):
+                continue
+            if prefix + "embed_positions.weight" in state:
+                family = "ESM-1b"
+            pattern = re.compile(re.escape(prefix) + (r"transformer\.blocks\.(\d+)\." if family == "ESM C"
+                                                      else r"layers\.(\d+)\."))
+            layers = 1 + max((int(m.group(1)) for m in map(pattern.match, state) if m), default=-1)
+            found[prefix] = f"{family} ({layers} layers, width {value.shape[-1]})"
+    return found
 
 
 class WeightError(FileNotFoundError):

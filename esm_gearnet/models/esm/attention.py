@@ -1,4 +1,6 @@
-"""ESM-2's forward paths over fair-esm's `ESM2` weights (used as they are), besides fair-esm's own.
+"""ESM-2's forward paths over fair-esm's `ESM2` weights (used as they are), besides fair-esm's own; ESM C's
+(`esmc.ESMC`) are the same two paths: its blocks give their own `qkv` and `out`, it has no token dropout, no
+embedding scale, and its last norm is `transformer.norm` (`_embed`, `_final_norm`).
 
 - `esm2_forward_sdpa`: padded tokens through `scaled_dot_product_attention` with ESM-2's rotary embeddings
   (flash / memory-efficient kernels on CUDA); equal to fair-esm's forward to 1e-5 in fp32 (tests/test_models.py).
@@ -32,9 +34,24 @@ def _rotary(length: int, inv_freq: torch.Tensor, dtype) -> Tuple[torch.Tensor, t
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def _is_esmc(model) -> bool:
+    return getattr(model, "family", None) == "ESM C"
+
+
+def _inv_freq(model) -> torch.Tensor:
+    """The rotary embeddings' inverse frequencies [hd / 2] (one set for every layer)."""
+    return model.inv_freq if _is_esmc(model) else model.layers[0].self_attn.rot_emb.inv_freq
+
+
+def _final_norm(model, x: torch.Tensor) -> torch.Tensor:
+    return model.transformer.norm(x) if _is_esmc(model) else model.emb_layer_norm_after(x)
+
+
 def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Queries, keys and values [..., T, H, hd] of one ESM-2 layer for tokens x [..., T, D], rotary embeddings
-    applied (`cos`, `sin` [T, 1, hd]: each token's position)."""
+    """Queries, keys and values [..., T, H, hd] of one ESM-2 layer (or an ESM C block, its `qkv`) for tokens
+    x [..., T, D], rotary embeddings applied (`cos`, `sin` [T, 1, hd]: each token's position)."""
+    if hasattr(layer, "qkv"):
+        return layer.qkv(x, cos, sin)
     attn = layer.self_attn
     shape = (*x.shape[:-1], attn.num_heads, x.shape[-1] // attn.num_heads)
     h = layer.self_attn_layer_norm(x)
@@ -44,7 +61,9 @@ def _qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 def _layer_out(layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The layer's output from its input x [..., T, D] and the attention output h [..., T, H, hd]: the output
-    projection, the residual, then the feed-forward with its residual."""
+    projection, the residual, then the feed-forward with its residual (an ESM C block: its `out`)."""
+    if hasattr(layer, "out"):
+        return layer.out(x, h)
     x = x + layer.self_attn.out_proj(h.reshape(x.shape))
     return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
 
@@ -69,38 +88,41 @@ def sdpa_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def esm2_forward_sdpa(model, tokens: torch.Tensor, repr_layer: int, padding_idx: int, mask_idx: int,
                       checkpoint: bool = False, layer_fn=sdpa_layer) -> torch.Tensor:
-    """ESM-2 representations of layer `repr_layer` through `scaled_dot_product_attention`.
+    """ESM-2 (or ESM C) representations of layer `repr_layer` through `scaled_dot_product_attention`.
 
     Args:
-        model: a fair-esm `ESM2` (its weights are used as they are).
+        model: a fair-esm `ESM2` (its weights are used as they are) or an `esmc.ESMC`.
         tokens: [B, T] token ids, `<cls>` ... `<eos>` then padding.
         checkpoint: recompute each layer's activations in the backward pass instead of keeping them
             (activation checkpointing: memory per layer drops to its input, for one extra forward).
         layer_fn: the function computing one layer (`sdpa_layer`, or a `torch.compile`d version of it).
     Returns:
-        [B, T, D]; the last layer's output goes through `emb_layer_norm_after`, as in fair-esm.
+        [B, T, D]; the last layer's output goes through `emb_layer_norm_after`, as in fair-esm (ESM C:
+        `transformer.norm`).
     """
     padding = tokens.eq(padding_idx)  # [B, T]
-    x = model.embed_scale * model.embed_tokens(tokens)
-    if model.token_dropout:
-        is_mask = tokens.eq(mask_idx)
-        x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
-        mask_ratio_train = 0.15 * 0.8
-        lengths = (~padding).sum(-1)
-        mask_ratio_observed = is_mask.sum(-1).to(x.dtype) / lengths
-        x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[:, None, None]
-    x = x * (~padding).unsqueeze(-1).to(x.dtype)
+    if _is_esmc(model):
+        x = model.embed(tokens)
+    else:
+        x = model.embed_scale * model.embed_tokens(tokens)
+        if model.token_dropout:
+            is_mask = tokens.eq(mask_idx)
+            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+            mask_ratio_train = 0.15 * 0.8
+            lengths = (~padding).sum(-1)
+            mask_ratio_observed = is_mask.sum(-1).to(x.dtype) / lengths
+            x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[:, None, None]
+        x = x * (~padding).unsqueeze(-1).to(x.dtype)
     attn_mask = None if not padding.any() else (~padding)[:, None, None, :]
     cos = sin = None
     if repr_layer:
-        cos, sin = (t.unsqueeze(1) for t in _rotary(tokens.shape[1], model.layers[0].self_attn.rot_emb.inv_freq,
-                                                    x.dtype))  # [T, 1, hd]
+        cos, sin = (t.unsqueeze(1) for t in _rotary(tokens.shape[1], _inv_freq(model), x.dtype))  # [T, 1, hd]
     return _run_layers(model, x, repr_layer, checkpoint, layer_fn, cos, sin, attn_mask)
 
 
 def _run_layers(model, x: torch.Tensor, repr_layer: int, checkpoint: bool, layer_fn, *layer_args) -> torch.Tensor:
     """x through the first `repr_layer` layers (`layer_fn(layer, x, *layer_args)`, recomputed in the backward
-    pass with `checkpoint`), then `emb_layer_norm_after` when that is the last layer, as in fair-esm."""
+    pass with `checkpoint`), then the last norm when that is the last layer, as in fair-esm."""
     checkpoint = checkpoint and torch.is_grad_enabled()
     for layer in model.layers[:repr_layer]:  # a layer sharded under engine.strategy: fsdp gathers its weights
         if checkpoint:
@@ -108,7 +130,7 @@ def _run_layers(model, x: torch.Tensor, repr_layer: int, checkpoint: bool, layer
         else:
             x = sharding.call(layer, layer_fn, x, *layer_args)
     if repr_layer == len(model.layers):
-        x = model.emb_layer_norm_after(x)
+        x = _final_norm(model, x)
     return x
 
 
@@ -205,14 +227,14 @@ _varlen_layer = varlen_layer_fn()
 
 def esm2_forward_varlen(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor, repr_layer: int, mask_idx: int,
                         checkpoint: bool = False, layer_fn=_varlen_layer) -> torch.Tensor:
-    """ESM-2 representations of layer `repr_layer` on packed sequences, no padding anywhere.
+    """ESM-2 (or ESM C) representations of layer `repr_layer` on packed sequences, no padding anywhere.
 
     Equal to `esm2_forward_sdpa` on the padded batch of the same sequences, row for row: rotary embeddings
     take each token's position within its own sequence (restarting at every `<cls>`), and token dropout
     rescales each sequence by its own length and `<mask>` count, as fair-esm does per row.
 
     Args:
-        model: a fair-esm `ESM2`.
+        model: a fair-esm `ESM2` or an `esmc.ESMC`.
         tokens: [T] token ids of S sequences one after the other, each `<cls>` ... `<eos>`.
         cu_seqlens: [S + 1] int32 cumulative sequence lengths (0, L_1, L_1 + L_2, ..., T).
         checkpoint, layer_fn: as in `esm2_forward_sdpa` (`layer_fn`: `_varlen_layer` or its compiled version).
@@ -224,8 +246,11 @@ def esm2_forward_varlen(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor, r
     max_len = max(lengths, default=0)
     sequence = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), lengths_tensor)  # [T]
     position = torch.arange(len(tokens), device=tokens.device) - cu_seqlens[:-1].long()[sequence]  # [T]
-    x = model.embed_scale * model.embed_tokens(tokens)
-    if model.token_dropout:
+    if _is_esmc(model):
+        x = model.embed(tokens)
+    else:
+        x = model.embed_scale * model.embed_tokens(tokens)
+    if getattr(model, "token_dropout", False):
         is_mask = tokens.eq(mask_idx)
         x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
         mask_ratio_train = 0.15 * 0.8
@@ -234,7 +259,7 @@ def esm2_forward_varlen(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor, r
         x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[sequence, None]
     cos = sin = None
     if repr_layer:
-        cos, sin = _rotary(max_len, model.layers[0].self_attn.rot_emb.inv_freq, x.dtype)
+        cos, sin = _rotary(max_len, _inv_freq(model), x.dtype)
         cos, sin = cos[position].unsqueeze(1), sin[position].unsqueeze(1)  # [T, 1, hd]
     return _run_layers(model, x, repr_layer, checkpoint, layer_fn, cos, sin, cu_seqlens.to(torch.int32), max_len,
                        lengths)

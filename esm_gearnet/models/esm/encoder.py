@@ -22,8 +22,8 @@ from ..encoder import Encoder, Features
 from . import weights
 from .attention import esm2_forward_sdpa, esm2_forward_varlen, sdpa_layer, varlen_layer_fn
 from .cache import FeatureCache
-from .lora import LoRA, LoRASettings, adapter_parameters, settings_of, targets_of
-from .tokens import Tokenizer
+from .lora import LoRA, LoRASettings, adapter_parameters, family_of, settings_of, targets_of
+from .tokens import CONTEXT, Tokenizer
 
 logger = logging.getLogger("esm_gearnet")
 
@@ -33,11 +33,14 @@ class ESM(Encoder):
     """ESM protein language model over the residues of a ProteinBatch.
 
     Args:
-        path: folder of the official fair-esm weight files (`esm2_t33_650M_UR50D.pt`, ...), or of a Hugging Face
-            ESM checkpoint (`config.json` with `model_type: esm`, and `model.safetensors` or `pytorch_model.bin`,
-            as `save_pretrained` writes `EsmModel` / `EsmForMaskedLM`, e.g. facebook/esm2_t33_650M_UR50D); see
-            `hugging_face`. Neither needs network access or unpickles code; `transformers` is not needed.
-        model: ESM-2-8M, -35M, -150M, -650M, -3B, -15B or ESM-1b; or a checkpoint file stem in `path`.
+        path: folder of the official fair-esm weight files (`esm2_t33_650M_UR50D.pt`, ...), of EvolutionaryScale's
+            ESM C files (`esmc_600m_2024_12_v0.pth`, also under `data/weights/` as their Hugging Face repositories
+            hold it), or of a Hugging Face checkpoint (`config.json` with `model_type: esm` or `esmc`, and
+            `model.safetensors` or `pytorch_model.bin`, as `save_pretrained` writes `EsmModel` / `EsmForMaskedLM`,
+            e.g. facebook/esm2_t33_650M_UR50D, or `EsmcModel` / `EsmcForMaskedLM`); see `hugging_face` and
+            `esmc`. None needs network access or unpickles code; `transformers` is not needed.
+        model: ESM-2-8M, -35M, -150M, -650M, -3B, -15B, ESM-1b, ESM-C-300M or ESM-C-600M; or a checkpoint file
+            stem in `path`.
             How `model` and `path` decide what is loaded (pretrained weights):
             - `model` given and `path/<its stem>.pt` exists: that fair-esm file, exactly as without Hugging Face.
             - otherwise, `path` holds `config.json`: the Hugging Face checkpoint; its config.json decides the
@@ -45,7 +48,7 @@ class ESM(Encoder):
             - otherwise the fair-esm file of `model`, ESM-2-650M when `model` is omitted.
             With `pretrained: false`, `path` is not read: `model` (default ESM-2-650M) or `architecture` decides.
         readout: "mean" or "sum" over residues (special tokens excluded).
-        pretrained: False builds the architecture with random weights (no file needed; ESM-2 names only).
+        pretrained: False builds the architecture with random weights (no file needed; ESM-2 and ESM C names).
         repr_layer: layer whose output is the residue feature (default: the last).
         attention: "sdpa" (fast path, padded batch), "esm" (fair-esm's own forward) or "varlen" (ESM-2 only):
             the unpadded path. Every protein (each 1022-residue window of a long one) becomes its own
@@ -59,7 +62,11 @@ class ESM(Encoder):
             kernel (fp32 inputs are never silently cast to bf16). Equal to "sdpa" to
             1e-5 in fp32 (tests/test_esm_varlen.py). Works with activation checkpointing, compile (the dense
             parts of each layer; attention stays outside the compiled graphs) and the feature cache.
-        architecture: (num_layers, embed_dim, heads) for a custom random-weight ESM-2 (pretrained False).
+        architecture: (num_layers, embed_dim, heads) for a custom random-weight ESM-2 (pretrained False), or ESM C
+            when `model` names an ESM C.
+        context: tokens of a window, `<cls>` and `<eos>` included: longer proteins are cut into windows of
+            `context - 2` residues. Default: the model's training length, 1024 (ESM-2, ESM-1b, SaProt) or 2048
+            (ESM C).
         activation_checkpointing: recompute each layer in the backward pass instead of storing its activations
             (less memory for long proteins and big models, about one more forward of time; sdpa and varlen).
         feature_cache_gib: host memory (GiB) for the residue features of a *frozen* ESM (`freeze`, which
@@ -69,10 +76,11 @@ class ESM(Encoder):
             Masked residues (pre-training) bypass the cache. 0 turns it off.
         compile: run each transformer layer through `torch.compile` (dynamic shapes; sdpa and varlen). The first
             batches pay the compilation (tens of seconds); on CPU it needs a C++ compiler.
-        vocabulary: "ESM-2" or "SaProt" (SaProt's 446 structure-aware tokens). With `pretrained: false`, the
-            vocabulary of the random model (default ESM-2); pretrained models take theirs from their files, and
-            `vocabulary`, when given, is a check that they have it (so a config can name it and still build with
-            random weights when shrunk).
+        vocabulary: "ESM-2", "SaProt" (SaProt's 446 structure-aware tokens) or "ESM C" (ESM-2's 33 tokens but for
+            id 31, the chain break `|`; an unknown residue reads as `X`, see `vocabularies`). With
+            `pretrained: false`, the vocabulary of the random model (default ESM-2; an ESM C `model` has its own);
+            pretrained models take theirs from their files, and `vocabulary`, when given, is a check that they have
+            it (so a config can name it and still build with random weights when shrunk).
         plddt_mask: SaProt-format models only: replace the 3Di letter by `#` where the residue's pLDDT
             (`Protein.bfactor`, the CA B-factor, which AlphaFold DB files fill with pLDDT) is below
             `plddt_threshold`, as SaProt does for AlphaFold structures. Nothing in a parsed protein says whether
@@ -104,7 +112,12 @@ class ESM(Encoder):
     The feature cache of a frozen model keys on these tokens (amino acids and 3Di), so two proteins of one
     sequence and different structures never share features.
 
-    Proteins longer than 1022 residues are cut into windows (a DEVIATION from the original, see `tokens`).
+    **ESM C** (`model: ESM-C-300M` / `ESM-C-600M`, or its files; `esmc`) runs on the same paths (sdpa, varlen,
+    activation checkpointing, compile, the feature cache, `fsdp` units, LoRA on `layernorm_qkv.1` and `out_proj`
+    by default): no token dropout, `<mask>` is id 32 as in ESM-2.
+
+    Proteins longer than `context - 2` residues (1022 for ESM-2) are cut into windows (a DEVIATION from the
+    original, see `tokens`).
     """
 
     group = "sequence_model"
@@ -116,18 +129,17 @@ class ESM(Encoder):
         given = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                  if p.default is not p.empty}
         given.update(arguments)
-        kind, _, stem = weights.weight_source(given["path"], given["model"], given["pretrained"],
+        kind, where, stem = weights.weight_source(given["path"], given["model"], given["pretrained"],
                                               given["architecture"])
         if given["lora"] is not None:  # the family's projections, known from the weights' name
-            family = "ESM-1b" if kind == "fair-esm" and stem.startswith("esm1") else "ESM-2"
-            targets_of(family, settings_of(given["lora"]).targets)
+            targets_of(weights.family(kind, where, stem, given["model"]), settings_of(given["lora"]).targets)
 
     def __init__(self, path: Optional[str] = None, model: Optional[str] = None, readout: str = "mean",
                  pretrained: bool = True, repr_layer: Optional[int] = None, attention: str = "sdpa",
                  architecture: Optional[Tuple[int, int, int]] = None, activation_checkpointing: bool = False,
                  feature_cache_gib: float = 0.0, compile: bool = False, vocabulary: Optional[str] = None,
                  plddt_mask: bool = False, plddt_threshold: float = 70.0, lora: Optional[LoRASettings] = None,
-                 graph_construction_model: Optional[nn.Module] = None):
+                 context: Optional[int] = None, graph_construction_model: Optional[nn.Module] = None):
         super().__init__(graph_construction_model)
         if readout not in ("mean", "sum"):
             raise ValueError(f"ESM: readout must be 'mean' or 'sum', got {readout!r}.")
@@ -144,12 +156,17 @@ class ESM(Encoder):
         self.alphabet = alphabet
         self.readout = readout
         self.attention = attention
-        self.is_esm2 = type(esm_model).__name__ == "ESM2"
-        if (activation_checkpointing or compile) and not self.is_esm2:
-            raise ValueError("ESM: activation_checkpointing and compile are built for ESM-2 models; remove them "
-                             "for ESM-1b.")
-        if attention == "varlen" and not self.is_esm2:
-            raise ValueError("ESM: `attention: varlen` is built for ESM-2 models; use `attention: esm` for ESM-1b.")
+        self.family = family_of(esm_model)
+        if attention == "esm" and self.family == "ESM C":
+            raise ValueError("ESM: `attention: esm` is fair-esm's own forward, which ESM C has not; use sdpa or "
+                             "varlen.")
+        fast = self.family != "ESM-1b"  # the sdpa and varlen paths: ESM-2 (SaProt) and ESM C
+        if (activation_checkpointing or compile) and not fast:
+            raise ValueError("ESM: activation_checkpointing and compile are built for ESM-2 and ESM C models; remove "
+                             "them for ESM-1b.")
+        if attention == "varlen" and not fast:
+            raise ValueError("ESM: `attention: varlen` is built for ESM-2 and ESM C models; use `attention: esm` for "
+                             "ESM-1b.")
         self.activation_checkpointing = activation_checkpointing
         if attention == "varlen":
             self._layer_fn = varlen_layer_fn(compile)
@@ -163,12 +180,14 @@ class ESM(Encoder):
         self.output_dim = esm_model.embed_dim
         # the language-model and contact heads are never used for features: frozen, so DDP finds no unused
         # parameters (lm_head.weight is the token embedding itself, which stays trainable)
-        shared = {id(p) for p in esm_model.embed_tokens.parameters()}
-        for head in ("lm_head", "contact_head"):
+        shared = {id(p) for p in (esm_model.embed if self.family == "ESM C" else esm_model.embed_tokens).parameters()}
+        for head in ("lm_head", "contact_head", "sequence_head"):
             for parameter in getattr(esm_model, head).parameters() if hasattr(esm_model, head) else ():
                 if id(parameter) not in shared:
                     parameter.requires_grad_(False)
-        self.tokens = Tokenizer(alphabet, plddt_mask, plddt_threshold)
+        if context is None:
+            context = 2048 if self.family == "ESM C" else CONTEXT
+        self.tokens = Tokenizer(alphabet, plddt_mask, plddt_threshold, context)
         self.saprot = self.reads_three_di = self.tokens.saprot
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
@@ -207,7 +226,7 @@ class ESM(Encoder):
         return self.tokens.strings(batch, residue_mask)
 
     def tokenize(self, batch: ProteinBatch, residue_mask: Optional[torch.Tensor] = None):
-        """Padded ESM tokens of a batch, long proteins split into windows of at most 1022 residues.
+        """Padded ESM tokens of a batch, long proteins split into windows of at most `context - 2` residues.
 
         Args:
             batch: read: residue_type [N], num_residues [B] (and the 3Di states of SaProt-format models).
@@ -252,7 +271,7 @@ class ESM(Encoder):
                                          checkpoint=self.activation_checkpointing, layer_fn=self._layer_fn)
             return hidden[token]
         tokens, window, column = self.tokens.padded(residue_type, num_residues, residue_mask, structure)
-        if self.attention == "sdpa" and self.is_esm2:
+        if self.attention == "sdpa" and self.family != "ESM-1b":
             hidden = esm2_forward_sdpa(self.model, tokens, self.repr_layer, self.alphabet.padding_idx,
                                        self.alphabet.mask_idx, checkpoint=self.activation_checkpointing,
                                        layer_fn=self._layer_fn)
@@ -310,7 +329,8 @@ class ESM(Encoder):
                                              self.structure_tokens(batch))
         else:  # no gradient reaches a frozen ESM: keep no activations for one
             with torch.no_grad():
-                if self.feature_cache.budget > 0 and residue_mask is None and self.is_esm2 and batch.batch_size:
+                if self.feature_cache.budget > 0 and residue_mask is None and self.family != "ESM-1b" \
+                        and batch.batch_size:
                     residue_feature = self._cached_features(batch)
                 else:
                     residue_feature = self._features(batch.residue_type, batch.num_residues, residue_mask,

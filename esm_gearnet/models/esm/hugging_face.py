@@ -53,7 +53,8 @@ def is_hf_folder(path) -> bool:
 
 
 def read_config(folder: str) -> Dict:
-    """`config.json` of a Hugging Face ESM folder, transformers' defaults filled in."""
+    """`config.json` of a Hugging Face ESM-2 folder, transformers' defaults filled in (an ESM C folder's as it
+    is: `esmc.from_hugging_face` reads it)."""
     file = os.path.join(folder, "config.json")
     try:
         with open(file) as handle:
@@ -61,12 +62,12 @@ def read_config(folder: str) -> Dict:
     except (OSError, ValueError) as error:
         raise WeightError(f"ESM: {file} is not readable JSON ({error}); save the checkpoint again with "
                           "`save_pretrained`.") from None
-    if not isinstance(config, dict) or config.get("model_type") != "esm":
+    if not isinstance(config, dict) or config.get("model_type") not in ("esm", "esmc"):
         kind = config.get("model_type") if isinstance(config, dict) else None
-        raise WeightError(f"ESM: {file} describes a {kind!r} model, not a Hugging Face ESM checkpoint "
-                          "(model_type: esm); point `path` at an ESM-2 folder such as facebook/esm2_t33_650M_UR50D "
-                          "or at a folder of fair-esm .pt files.")
-    return {**HF_DEFAULTS, **config}
+        raise WeightError(f"ESM: {file} describes a {kind!r} model, not a Hugging Face ESM-2 or ESM C checkpoint "
+                          "(model_type: esm or esmc); point `path` at a folder such as facebook/esm2_t33_650M_UR50D, "
+                          "at a folder of fair-esm .pt files or of EvolutionaryScale's ESM C .pth files.")
+    return {**HF_DEFAULTS, **config} if config["model_type"] == "esm" else config
 
 
 # ---- vocabulary ------------------------------------------------------------------------------------------
@@ -280,9 +281,14 @@ def to_fair_esm(state: Dict[str, torch.Tensor], model, folder: str,
 
 
 def load_hf_esm(folder: str) -> Tuple[object, object, Dict]:
-    """fair-esm `ESM2` module with the weights of a Hugging Face ESM folder, its alphabet and its config.json."""
+    """fair-esm `ESM2` module with the weights of a Hugging Face ESM folder, its alphabet and its config.json (an
+    ESM C folder: the `esmc.ESMC` module)."""
     folder = os.path.expanduser(str(folder))
     config = read_config(folder)
+    if config["model_type"] == "esmc":
+        from .esmc import from_hugging_face
+
+        return (*from_hugging_face(read_weights(folder), folder, config), config)
     check_architecture(folder, config)
     _, alphabet = hf_alphabet(folder, config)
     state = read_weights(folder)

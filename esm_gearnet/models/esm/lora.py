@@ -38,10 +38,9 @@ TARGETS = {
     # multi_head_attention_forward, bypassing the modules: adapters there would be skipped silently. Only the
     # feed-forward can carry them, and there is no default.
     "ESM-1b": (("fc1", "fc2"), ()),
-    # ESM C (EvolutionaryScale), not built here yet: its attention has one fused projection, `layernorm_qkv` =
+    # ESM C (`esmc.ESMC`, EvolutionaryScale's names): its attention has one fused projection, `layernorm_qkv` =
     # Sequential(LayerNorm, Linear(D, 3 D)), whose Linear `layernorm_qkv.1` takes one adapter for q, k and v
-    # together; then `out_proj`, and the SwiGLU feed-forward `ffn.1`, `ffn.3`. Check the names against the module
-    # when its loader lands.
+    # together; then `out_proj`, and the SwiGLU feed-forward `ffn.1` (gate and up, fused), `ffn.3`.
     "ESM C": (("layernorm_qkv.1", "out_proj", "ffn.1", "ffn.3"), ("layernorm_qkv.1", "out_proj")),
 }
 
@@ -81,8 +80,8 @@ def settings_of(lora: Any) -> LoRASettings:
 
 
 def family_of(model: nn.Module) -> str:
-    """The family (`TARGETS`) of a fair-esm module: ESM-2 (SaProt-format models too) or ESM-1b."""
-    return "ESM-2" if type(model).__name__ == "ESM2" else "ESM-1b"
+    """The family (`TARGETS`) of a language model module: ESM-2 (SaProt-format models too), ESM-1b or ESM C."""
+    return getattr(model, "family", None) or ("ESM-2" if type(model).__name__ == "ESM2" else "ESM-1b")
 
 
 def targets_of(family: str, targets: Optional[Sequence[str]]) -> List[str]:
@@ -122,13 +121,13 @@ def _is_adapter(name: str) -> bool:
 
 
 class LoRA(nn.Module):
-    """Adapters on a fair-esm module's projections, its base frozen; in a state_dict, the adapters and (this
+    """Adapters on a language model's projections, its base frozen; in a state_dict, the adapters and (this
     module's extra state) the reference to the base weight files. An `ESM` holds it as `lora`, beside `model`.
 
     Args:
         settings: `LoRASettings` or its mapping.
-        model: the fair-esm module (ESM2 or ESM-1b), changed in place: each target becomes peft's LoRA Linear
-            (`base_layer`, `lora_A`, `lora_B`); every other parameter is frozen.
+        model: the language model module (fair-esm's ESM2 or ESM-1b, `esmc.ESMC`), changed in place: each target
+            becomes peft's LoRA Linear (`base_layer`, `lora_A`, `lora_B`); every other parameter is frozen.
         name: the base model's name (`ESM-2-650M`, a file stem, a folder), for messages.
         files: the base weight files (fair-esm .pt, Hugging Face weight files); empty for random weights, which the
             state_dict then keeps whole.

@@ -1,6 +1,7 @@
 """From a batch's residues to ESM tokens: one token per residue (SaProt-format models: per residue and its 3Di
-state), each protein cut into windows of at most `MAX_RESIDUES` residues, each window its own `<cls>` ... `<eos>`
-sequence, laid out padded ([W, T], `esm2_forward_sdpa` and fair-esm's forward) or packed ([T], `varlen`).
+state), each protein cut into windows of at most `context - 2` residues (`MAX_RESIDUES` = 1022 for ESM-2's 1024
+positions, 2046 for ESM C's 2048), each window its own `<cls>` ... `<eos>` sequence, laid out padded ([W, T],
+`esm2_forward_sdpa` and fair-esm's forward) or packed ([T], `varlen`).
 
 DEVIATION: proteins longer than 1022 residues were truncated by the original, which then failed in serial fusion
 (fewer ESM features than residues). Here they are cut into consecutive windows of at most 1022 residues, each run
@@ -19,17 +20,20 @@ from ...data.protein import ProteinBatch
 from ...layers import functional
 from .vocabularies import is_saprot
 
-MAX_RESIDUES = 1022  # ESM-2 was trained on 1024 positions, cls and eos included
+CONTEXT = 1024  # ESM-2 was trained on 1024 positions, cls and eos included
+MAX_RESIDUES = CONTEXT - 2
 
 
 def residue_tokens(alphabet) -> torch.Tensor:
     """The token of each residue type in the framework's order (G A S P V T C I L N D Q K E M H F R Y W), then
-    unknown -> `<unk>`.
+    unknown -> `<unk>` (ESM C: `X`, the alphabet's `unknown_residue`).
 
     Returns:
         [21] long token ids.
     """
-    tokens = [alphabet.get_idx(c) for c in constants.RESIDUE_LETTERS] + [alphabet.unk_idx]
+    unknown = getattr(alphabet, "unknown_residue", None)
+    tokens = [alphabet.get_idx(c) for c in constants.RESIDUE_LETTERS] + \
+        [alphabet.unk_idx if unknown is None else alphabet.get_idx(unknown)]
     return torch.tensor(tokens, dtype=torch.long)
 
 
@@ -55,11 +59,15 @@ class Tokenizer(nn.Module):
         alphabet: a fair-esm Alphabet (`vocabularies`).
         plddt_mask, plddt_threshold: SaProt-format alphabets only: `#` for the structure of residues whose pLDDT
             (`Protein.bfactor`) is below the threshold (see `ESM`).
+        context: tokens of a window, `<cls>` and `<eos>` included (the model's training length).
     """
 
-    def __init__(self, alphabet, plddt_mask: bool = False, plddt_threshold: float = 70.0):
+    def __init__(self, alphabet, plddt_mask: bool = False, plddt_threshold: float = 70.0, context: int = CONTEXT):
         super().__init__()
         self.alphabet = alphabet
+        self.max_residues = int(context) - int(alphabet.prepend_bos) - int(alphabet.append_eos)
+        if self.max_residues < 1:
+            raise ValueError(f"ESM: a context of {context} tokens leaves no room for a residue.")
         self.saprot = is_saprot(alphabet)
         self.plddt_mask = bool(plddt_mask)
         self.plddt_threshold = float(plddt_threshold)
@@ -133,13 +141,14 @@ class Tokenizer(nn.Module):
         0), and the residues of each window [W]."""
         ids = self.ids(residue_type, residue_mask, structure)
         position = functional.position_in_segment(num_residues)
-        windows_per_protein = (num_residues + MAX_RESIDUES - 1) // MAX_RESIDUES
-        if bool((num_residues > MAX_RESIDUES).any()):
-            warnings.warn(f"ESM: proteins longer than {MAX_RESIDUES} residues are embedded in windows of "
-                          f"{MAX_RESIDUES} residues.", stacklevel=5)
+        size = self.max_residues
+        windows_per_protein = (num_residues + size - 1) // size
+        if bool((num_residues > size).any()):
+            warnings.warn(f"ESM: proteins longer than {size} residues are embedded in windows of {size} residues.",
+                          stacklevel=5)
         residue2graph = functional.segment_ids(num_residues)
-        window = functional.offsets(windows_per_protein)[residue2graph] + position // MAX_RESIDUES
-        column = position % MAX_RESIDUES + int(self.alphabet.prepend_bos)
+        window = functional.offsets(windows_per_protein)[residue2graph] + position // size
+        column = position % size + int(self.alphabet.prepend_bos)
         window_length = torch.bincount(window, minlength=int(windows_per_protein.sum()))
         return ids, window, column, window_length
 

@@ -1,6 +1,6 @@
-"""The vocabularies ESM models read here, each a fair-esm `Alphabet`: ESM-2's 33 tokens and SaProt's 446
-structure-aware ones. The one place that knows them (name -> Alphabet factory); a Hugging Face folder's vocabulary
-is recognised among them (`hugging_face.hf_alphabet`)."""
+"""The vocabularies ESM models read here, each a fair-esm `Alphabet`: ESM-2's 33 tokens, SaProt's 446
+structure-aware ones and ESM C's 33. The one place that knows them (name -> Alphabet factory); a Hugging Face
+folder's vocabulary is recognised among them (`hugging_face.hf_alphabet`)."""
 from __future__ import annotations
 
 
@@ -32,9 +32,30 @@ def _saprot_alphabet():
     return alphabet
 
 
+# ESM C's vocabulary (EvolutionaryScale's `esm.utils.constants.esm3.SEQUENCE_VOCAB`, transformers' EsmcTokenizer):
+# ESM-2's 33 tokens in ESM-2's order, except id 31: the chain break `|` where ESM-2 has `<null_1>` (never written
+# here: each protein is embedded on its own). The model's embedding has 64 rows; ids 33..63 are unused.
+ESMC_TOKENS = ("<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-|", "<mask>")
+
+
+def _esmc_alphabet():
+    """fair-esm Alphabet of ESM C's 33 tokens (`<cls>` prepended, `<eos>` appended). A residue of unknown type reads
+    as `X`, as EvolutionaryScale's `esm` package writes a non-standard residue of a structure (ESM-2 reads
+    `<unk>`)."""
+    import esm
+
+    alphabet = esm.data.Alphabet(standard_toks=list(ESMC_TOKENS), prepend_toks=[], append_toks=[],
+                                 prepend_bos=True, append_eos=True, use_msa=False)
+    alphabet.all_toks = list(ESMC_TOKENS)
+    alphabet.tok_to_idx = {token: i for i, token in enumerate(alphabet.all_toks)}
+    alphabet.unique_no_split_tokens = alphabet.all_toks
+    alphabet.unknown_residue = "X"
+    return alphabet
+
+
 def is_saprot(alphabet) -> bool:
     """Whether a fair-esm Alphabet is SaProt's structure-aware vocabulary."""
     return list(alphabet.all_toks) == list(SAPROT_TOKENS)
 
 
-VOCABULARIES = {"ESM-2": _esm2_alphabet, "SaProt": _saprot_alphabet}
+VOCABULARIES = {"ESM-2": _esm2_alphabet, "SaProt": _saprot_alphabet, "ESM C": _esmc_alphabet}

@@ -1,6 +1,7 @@
-"""Where an ESM model's weights come from, and the model built with them: fair-esm's `.pt` files, a Hugging Face
-folder (`hugging_face`), or random weights of a named architecture (`pretrained: false`). `weight_source` decides
-without reading a file (also when a config is checked, before anything is built); `load` builds."""
+"""Where an ESM model's weights come from, and the model built with them: fair-esm's `.pt` files, EvolutionaryScale's
+ESM C `.pth` files (`esmc`), a Hugging Face folder of ESM-2 or ESM C (`hugging_face`), or random weights of a named
+architecture (`pretrained: false`). `weight_source` decides without reading a file (also when a config is checked,
+before anything is built); `load` builds."""
 from __future__ import annotations
 
 import os
@@ -16,16 +17,21 @@ from .architecture import (
     WeightError,
     build_esm2,
     esm2_from_checkpoint,
+    family_of_name,
+    family_of_stem,
     load_esm_checkpoint,
 )
-from .hugging_face import is_hf_folder, load_hf_esm, weight_files as hf_weight_files
+from .esmc import build_esmc, load_release, release_file
+from .hugging_face import is_hf_folder, load_hf_esm, read_config, weight_files as hf_weight_files
 from .vocabularies import VOCABULARIES
 
 URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"
 
 
 def _fair_esm_file(path: str, stem: str) -> str:
-    """`<path>/<stem>.pt`, or one sentence saying where to download it."""
+    """`<path>/<stem>.pt` (ESM C: `<stem>.pth`, `esmc.release_file`), or one sentence saying where to download it."""
+    if family_of_stem(stem) == "ESM C":
+        return release_file(path, stem)
     file = os.path.join(os.path.expanduser(str(path)), stem + ".pt")
     if not os.path.isfile(file):
         url = URL.format(stem)
@@ -68,9 +74,9 @@ def load_esm_model(path: str, stem: str):
 def weight_source(path: Optional[str], model: Optional[str], pretrained: bool,
                   architecture: Optional[Tuple[int, int, int]]) -> Tuple[str, Optional[str], Optional[str]]:
     """Where the weights of `ESM(path, model, pretrained, architecture)` come from, found without reading them:
-    ("random", fair-esm model name or None for `architecture`, None), ("hugging face", folder, None) or
-    ("fair-esm", folder, file stem). Raises the constructor's one sentence for weights that are not there (also
-    called when a config is checked, before anything is built or downloaded)."""
+    ("random", model name or None for `architecture`, None), ("hugging face", folder, None) or ("fair-esm", folder,
+    file stem; ESM C's EvolutionaryScale `.pth` files too). Raises the constructor's one sentence for weights that
+    are not there (also called when a config is checked, before anything is built or downloaded)."""
     if architecture is not None:
         if pretrained:
             raise ValueError("ESM: `architecture` builds random weights; set `pretrained: false` with it.")
@@ -96,12 +102,12 @@ def weight_source(path: Optional[str], model: Optional[str], pretrained: bool,
         stem = ARCHITECTURES[model][0]
         if not pretrained:
             if model == "ESM-1b":
-                raise ValueError("ESM: random weights are built for ESM-2 models only; use an ESM-2 name.")
+                raise ValueError("ESM: random weights are built for ESM-2 and ESM C models; use one of their names.")
             return "random", model, None
         if path is None:
+            file = f"{stem}.pth" if family_of_stem(stem) == "ESM C" else f"{stem}.pt (download {URL.format(stem)})"
             raise WeightError(f"ESM: no `path` given for the {model} weights; set `path:` to the folder "
-                              f"holding {stem}.pt (download {URL.format(stem)}) or to a Hugging Face ESM "
-                              "checkpoint folder, or `pretrained: false`.")
+                              f"holding {file} or to a Hugging Face checkpoint folder of it, or `pretrained: false`.")
     else:
         if path is None:
             raise WeightError(f"ESM: no `path` given for the checkpoint {model!r}.")
@@ -110,13 +116,21 @@ def weight_source(path: Optional[str], model: Optional[str], pretrained: bool,
     return "fair-esm", path, stem
 
 
+def family(kind: str, where: Optional[str], stem: Optional[str], model: Optional[str]) -> str:
+    """The model family ("ESM-2", "ESM-1b", "ESM C") of a `weight_source` (`kind`, `where`, `stem`), found without
+    reading weights (a Hugging Face folder's config.json is read)."""
+    if kind == "hugging face":
+        return "ESM C" if read_config(os.path.expanduser(str(where)))["model_type"] == "esmc" else "ESM-2"
+    return family_of_stem(stem) if stem else family_of_name(model)
+
+
 def weight_files(path: Optional[str], model: Optional[str], pretrained: bool,
                  architecture: Optional[Tuple[int, int, int]]) -> Tuple[str, List[str]]:
     """(the model's name, the files its weights are read from) for `ESM(path, model, pretrained, architecture)`
     (see `weight_source`): the fair-esm .pt file, a Hugging Face folder's weight file(s), none for random weights."""
     kind, where, stem = weight_source(path, model, pretrained, architecture)
     if kind == "random":
-        return where or f"random ESM-2 {tuple(architecture)}", []
+        return where or f"random {family_of_name(model)} {tuple(architecture)}", []
     if kind == "hugging face":
         folder = os.path.expanduser(str(where))
         return model or os.path.basename(os.path.normpath(folder)), hf_weight_files(folder)
@@ -131,17 +145,23 @@ def _reads_hugging_face(path: Optional[str], model: Optional[str]) -> bool:
     if model is None:
         return True
     stem = ARCHITECTURES[model][0] if model in ARCHITECTURES else model
-    return not os.path.isfile(os.path.join(os.path.expanduser(str(path)), stem + ".pt"))
+    try:
+        _fair_esm_file(path, stem)
+    except WeightError:
+        return True
+    return False
 
 
 def _load_hugging_face(path: str, model: Optional[str]):
-    """fair-esm ESM2 module and alphabet from a Hugging Face ESM folder; `model`, if given, must name its
+    """The module and alphabet from a Hugging Face ESM-2 or ESM C folder; `model`, if given, must name its
     architecture."""
     folder = os.path.expanduser(str(path))
     esm_model, alphabet, config = load_hf_esm(folder)
     if model is not None:
         shape = (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"])
-        names = [name for name, (_, *dims) in ARCHITECTURES.items() if tuple(dims) == shape and "ESM-2" in name]
+        family = "ESM C" if config["model_type"] == "esmc" else "ESM-2"
+        names = [name for name, (stem, *dims) in ARCHITECTURES.items()
+                 if tuple(dims) == shape and family_of_stem(stem) == family and name != "ESM-1b"]
         if model not in names:
             found = f"{shape[0]} layers, width {shape[1]}, {shape[2]} heads"
             if model in ARCHITECTURES:
@@ -161,11 +181,15 @@ def load(path: Optional[str], model: Optional[str], pretrained: bool, architectu
     if vocabulary is not None and vocabulary not in VOCABULARIES:
         raise ValueError(f"ESM: unknown vocabulary {vocabulary!r}; choose one of {', '.join(VOCABULARIES)}.")
     kind, where, stem = weight_source(path, model, pretrained, architecture)
-    if kind == "random":
+    if kind == "random" and family_of_name(model) == "ESM C":
+        esm_model, alphabet = build_esmc(*(architecture or ARCHITECTURES[where][1:]))
+    elif kind == "random":
         random_alphabet = VOCABULARIES[vocabulary]() if vocabulary is not None else None
         esm_model, alphabet = build_esm2(*(architecture or ARCHITECTURES[where][1:]), alphabet=random_alphabet)
     elif kind == "hugging face":
         esm_model, alphabet = _load_hugging_face(where, model)
+    elif family_of_stem(stem) == "ESM C":
+        esm_model, alphabet = load_release(_fair_esm_file(where, stem))
     else:
         esm_model, alphabet = load_esm_model(where, stem)
     if vocabulary is not None and list(alphabet.all_toks) != list(VOCABULARIES[vocabulary]().all_toks):
