@@ -34,7 +34,9 @@ VARIANTS = {"gearnet_series": "esm_gearnet", "gearnet_parallel": "esm_gearnet_pa
             # pretrained weights from a fair-esm file holding fp16 (cast unit by unit under fsdp)
             "gearnet_series_fp16_file": "esm_gearnet",
             # LoRA adapters on the language model (the base frozen), on random and on a file's weights
-            "gearnet_series_lora": "esm_gearnet", "gearnet_cross_lora_fp16_file": "esm_gearnet_cross"}
+            "gearnet_series_lora": "esm_gearnet", "gearnet_cross_lora_fp16_file": "esm_gearnet_cross",
+            # ESM C: its blocks as units, and LoRA on its fused projection
+            "esmc_series": "esm_gearnet", "esmc_series_lora": "esm_gearnet"}
 GLOBAL_BATCH, STEPS = 8, 5
 
 
@@ -45,6 +47,8 @@ def config(variant: str):
     small(model_config(cfg)[0])
     cfg.engine = {"batch_size": GLOBAL_BATCH // distributed.world_size(), "clip_norm": 1.0}
     sequence = model_config(cfg)[0]["sequence_model"]
+    if variant.startswith("esmc"):
+        sequence["model"] = "ESM-C-300M"
     if variant.endswith("accumulated"):
         sequence.update({"attention": "varlen", "activation_checkpointing": True})
         cfg.engine.update({"batch_size": GLOBAL_BATCH // 2 // distributed.world_size(), "gradient_interval": 2})
@@ -55,7 +59,8 @@ def config(variant: str):
         sequence.update({"pretrained": True, "path": str(fp16_file().parent), "model": fp16_file().stem})
         sequence.pop("architecture")
     if "lora" in variant:
-        sequence["lora"] = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj", "fc1"]}
+        sequence["lora"] = {"rank": 4, "alpha": 8.0, "targets": None if variant.startswith("esmc") else
+                            ["q_proj", "v_proj", "fc1"]}
         # SGD: the adapters' first gradients are near 0 (B starts at 0), where Adam's update g / (|g| + eps) turns
         # rounding differences of 1e-12 into differences of the learning rate's size
         cfg.optimizer = {"class": "SGD", "lr": 0.05, "momentum": 0.9}

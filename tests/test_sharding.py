@@ -64,12 +64,13 @@ def test_fsdp_and_ddp_equal_one_process_for_every_fusion_and_encoder(one_process
     """One launch per world size runs every variant under ddp and fsdp: 5 steps of fp32 training on the same
     global batches (clipped; one variant through the engine's loop with gradient accumulation, activation
     checkpointing and the varlen path, one with a frozen language model, one from a fair-esm file in fp16, which
-    fsdp casts unit by unit, two with LoRA adapters), losses and parameters within 1e-5 of one process; then (2
-    ranks) the 4-rank sharded checkpoint is resharded: weights, optimizer state and step exactly as saved."""
+    fsdp casts unit by unit, two with LoRA adapters, two with ESM C), losses and parameters within 1e-5 of one
+    process; then (2 ranks) the 4-rank sharded checkpoint is resharded: weights, optimizer state and step exactly as
+    saved."""
     out = tmp_path / "ranks.pt"
     _launch(ranks, WORKER, out, weights=weights)
     results = torch.load(out)
-    assert len(results) == 2 * len(one_process) == 20
+    assert len(results) == 2 * len(one_process) == 24
     for key, result in results.items():
         reference = one_process[key.split("/")[0] + "/ddp"]
         assert len(reference["losses"]) == 1 or reference["losses"][0] != reference["losses"][-1]  # it trained
