@@ -160,24 +160,29 @@ def startup():
 
 # the order of benchmarks/train_step.py: cumulative up to `sparse`, then each option on top of it
 TRAIN_STEP_LEVERS = ["baseline", "sdpa", "bucket", "sparse", "bf16", "unpadded", "unpadded_random", "compile",
-                     "checkpoint", "frozen", "cache"]
+                     "checkpoint", "frozen", "cache", "esmc"]
 
 
-def train_step():
-    r = results("train_step", "train_step")[0]
+def train_step(name="train_step", model="ESM-2"):
+    r = results(name, "train_step")[0]
     levers = {k: v for k, v in r.items() if isinstance(v, dict) and "proteins_per_s" in v}
     order = [name for name in TRAIN_STEP_LEVERS if name in levers] + sorted(set(levers) - set(TRAIN_STEP_LEVERS))
 
     def difference(value):
         return "—" if value is None else f"{value:.1e}" if value else "0"
 
-    rows = [[name, f["proteins_per_s"], f["residues_per_s"], f["padding"], f["peak_memory_gib"],
-             difference(f.get("loss_difference")), difference(f.get("gradient_difference")), ratio(f["ratio"])]
-            for name, f in ((name, levers[name]) for name in order)]
-    return (f"ESM-2 {' × '.join(map(str, r['esm']))} (layers × width × heads), batch {r['batch']}, "
+    rows = [[lever, f["proteins_per_s"], f["residues_per_s"], f["padding"], f["peak_memory_gib"],
+             f.get("esm_mfu", "—"), difference(f.get("loss_difference")), difference(f.get("gradient_difference")),
+             ratio(f["ratio"])] for lever, f in ((lever, levers[lever]) for lever in order)]
+    return (f"{model} {' × '.join(map(str, r['esm']))} (layers × width × heads), batch {r['batch']}, "
             f"{r['device']}.\n\n" + table(["lever", "proteins/s", "residues/s", "padded / real", "peak GiB",
-                                           "loss rel. diff", "grad rel. diff", "vs baseline"], rows)
-            + provenance("train_step"))
+                                           "ESM MFU", "loss rel. diff", "grad rel. diff", f"vs {order[0]}"], rows)
+            + provenance(name))
+
+
+def train_step_esmc():
+    """ESM C beside ESM-2 of the same layers, width and heads: the `sparse` step and the `esmc` lever."""
+    return train_step("train_step_esmc", "ESM-2 and ESM C")
 
 
 STREAM_PATHS = {"foldcomp": "FoldComp (`FoldCompDB.item`)", "foldcomp_3di": "FoldComp + 3Di (`three_di=True`)",
@@ -283,7 +288,8 @@ def headline():
 
 
 RENDER = {f.__name__: f for f in (structure_io, graph_construction, three_di, encoders, dataset, esm_attention,
-                                  embed, saprot_step, startup, train_step, train_step_stream, stream, peak,
+                                  embed, saprot_step, startup, train_step, train_step_esmc, train_step_stream,
+                                  stream, peak,
                                   sharding_memory, lora,
                                   headline)}
 

@@ -20,6 +20,9 @@ Levers, cumulative down to `sparse` (or `bf16` on CUDA), then each opt-in on top
     checkpoint   + activation checkpointing of the ESM layers (`activation_checkpointing: true`)
     frozen       + ESM frozen, run without autograd (esm_gearnet_freeze.yaml: changes the science)
     cache        + frozen ESM's features cached per protein (`feature_cache_gib`); the timed epochs hit it
+    esmc         + ESM C of the same layers, width and heads in place of ESM-2 (`model: ESM-C-*`): SwiGLU,
+                 query/key layer norms; checked against ESM C's own fp32 sdpa path (it has no fair-esm forward;
+                 its equality with transformers' EsmcModel is tests/test_esmc.py)
     stream       + the batches streamed from a FoldComp database (only when named in --levers): see below
 
 Every lever is checked against the plain path (fair-esm attention, index_add_, fp32) on one batch of
@@ -79,7 +82,7 @@ NUM_TASK = 538  # EC
 CHECK_BATCH = 4  # proteins of the batch every lever is checked on against the plain fp32 path
 OUT_OF_MEMORY = 3  # exit status of a lever process that ran out of GPU memory
 PLAIN = dict(attention="esm", bucket=False, aggregation="scatter", precision="fp32", ratio=0.1, compile=False,
-             checkpointing=False, cache_gib=0.0, stream=False, threads=0)
+             checkpointing=False, cache_gib=0.0, stream=False, threads=0, family="ESM-2")
 OPT_IN = ("stream",)  # levers run only when --levers names them
 DESCRIPTIONS = {
     "baseline": "baseline: fair-esm attention, random batches, fp32, index_add_ aggregation, ESM trained",
@@ -91,6 +94,7 @@ DESCRIPTIONS = {
     "checkpoint": "+ activation checkpointing of the ESM layers",
     "frozen": "+ ESM frozen, no autograd (a different experiment)",
     "cache": "+ ESM frozen, features cached per protein",
+    "esmc": "+ ESM C in place of ESM-2 (same layers, width, heads)",
     "stream": "+ batches streamed from a FoldComp database (1 worker, step at 1 thread)",
 }
 
@@ -107,6 +111,7 @@ def lever_options(cuda):
                          ("unpadded_random", {"attention": "varlen", "bucket": False}),
                          ("compile", {"compile": True}), ("checkpoint", {"checkpointing": True}),
                          ("frozen", {"ratio": 0.0}), ("cache", {"ratio": 0.0, "cache_gib": 8.0}),
+                         ("esmc", {"family": "ESM C"}),
                          ("stream", {"stream": True, "threads": 1})]:
         options[name] = {**current, **change}
     return options
@@ -116,6 +121,8 @@ def build_task(cfg, esm, options, device):
     cfg = copy.deepcopy(cfg)
     model, _ = model_config(cfg)
     layers, width, heads = esm
+    if options["family"] == "ESM C":  # random weights: the name only chooses the family
+        model.sequence_model["model"] = "ESM-C-300M"
     model.sequence_model.update({"pretrained": False, "architecture": [layers, width, heads],
                                  "attention": options["attention"], "compile": options["compile"],
                                  "activation_checkpointing": options["checkpointing"],
@@ -214,11 +221,14 @@ def loss_and_gradients(task, batch, options, passes=1):
 
 
 def check(cfg, esm, options, batch, device):
-    """Relative difference of the loss and the largest of the gradients, against the plain path."""
-    plain, _ = build_task(cfg, esm, PLAIN, device)
+    """Relative difference of the loss and the largest of the gradients, against the plain path (ESM C: its own
+    sdpa path, it has no fair-esm forward)."""
+    reference_options = dict(PLAIN, family=options["family"],
+                             attention="sdpa" if options["family"] == "ESM C" else PLAIN["attention"])
+    plain, _ = build_task(cfg, esm, reference_options, device)
     fast, _ = build_task(cfg, esm, options, device)
     fast.load_state_dict(plain.state_dict())
-    reference, reference_grads = loss_and_gradients(plain, batch, PLAIN)
+    reference, reference_grads = loss_and_gradients(plain, batch, reference_options)
     loss, grads = loss_and_gradients(fast, batch, options, passes=2 if options["cache_gib"] else 1)
     gradient = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-30))
                    for n, g in reference_grads.items() if n in grads)
@@ -262,7 +272,8 @@ def run_lever(args, name, cfg, esm, items, device):
     if not options["cache_gib"]:  # with the cache, ESM does not run in the timed epochs
         # each protein's tokens (<cls> + residues + <eos>): padding is not useful work, so the padded and
         # unpadded paths are credited the same FLOPs for the same data
-        flops = esm_flops(esm, [n + 2 for b in lengths for n in b.tolist()], options["ratio"] > 0)
+        flops = esm_flops(esm, [n + 2 for b in lengths for n in b.tolist()], options["ratio"] > 0,
+                          options["family"])
         figures["esm_mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 4)
     if options["stream"]:  # the timed epochs' waits: all of them, and those after each epoch's first batch
         waited, later = [w for f in feeds[1:] for w in f.waits], [w for f in feeds[1:] for w in f.waits[1:]]
@@ -319,7 +330,7 @@ def largest_batch(args, figures_at_batch):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default="config/EC/esm_gearnet.yaml")
-    parser.add_argument("--esm", default="6,320,20", help="layers,width,heads of the random ESM-2")
+    parser.add_argument("--esm", default="6,320,20", help="layers,width,heads of the random ESM-2 (and ESM C)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-proteins", type=int, default=48)
