@@ -238,3 +238,8 @@ def test_the_demo_trains_resumes_embeds_and_predicts(cli, tmp_path, structures_d
     code, _, err = cli("embed", "--ckpt", run_dir, *files, "-o", tmp_path / "x.npz", "-c",
                        "config/demo/esm_gearnet.yaml")
     assert code == 2 and "holds an ESM C (2 layers, width 64) language model" in err and "builds an ESM-2" in err
+
+
+def test_plan_refuses_esmc_in_one_sentence(cli):
+    code, _, err = cli("plan", "-c", "EC/esmc_gearnet.yaml", "--gpus", "4", "--gpu-memory", "24")
+    assert code == 2 and "plan covers ESM-2 models" in err and "not ESM C yet" in err

@@ -216,11 +216,15 @@ def load_plan_config(path: str, variables: Optional[Dict[str, Any]] = None, over
 def _esm_architecture(config: Dict[str, Any], path: str) -> Dict[str, Any]:
     """A copy of an ESM `class:` config that builds the same architecture with random weights (`pretrained:
     false`), so that no weight file is read; its `lora` block removed (the plan counts the adapters itself)."""
-    from ..models.esm.architecture import ARCHITECTURES, DEFAULT_MODEL
+    from ..models.esm.architecture import ARCHITECTURES, DEFAULT_MODEL, family_of_name
     from ..models.esm.hugging_face import is_hf_folder
 
     config = copy.deepcopy(dict(config))
     config.pop("lora", None)
+    family = family_of_name(config.get("model"))
+    if family != "ESM-2":
+        raise ValueError(f"config key `{path}.model`: plan covers ESM-2 models (their layers' activations are "
+                         f"measured), not {family}{' yet' if family == 'ESM C' else ''}.")
     if config.get("architecture") is not None or config.get("pretrained") is False:
         return config
     model, folder = config.get("model"), config.get("path")
@@ -231,6 +235,9 @@ def _esm_architecture(config: Dict[str, Any], path: str) -> Dict[str, Any]:
         # a Hugging Face folder: its config.json decides the architecture (read; the weights are not)
         with open(os.path.join(where, "config.json")) as handle:
             hf = json.load(handle)
+        if hf.get("model_type") == "esmc":
+            raise ValueError(f"config key `{path}.path`: {folder} holds an ESM C model; plan covers ESM-2 models "
+                             "(their layers' activations are measured), not ESM C yet.")
         config["architecture"] = [hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]]
         if hf.get("vocab_size", 33) > 33 and not config.get("vocabulary"):
             config["vocabulary"] = "SaProt"
@@ -247,9 +254,6 @@ def _esm_architecture(config: Dict[str, Any], path: str) -> Dict[str, Any]:
                 raise ValueError(f"config key `{path}.model`: {name!r} is no architecture plan knows; name one of "
                                  f"{', '.join(ARCHITECTURES)} (--{path}.model NAME).")
             name = by_stem[name]
-        if name == "ESM-1b":
-            raise ValueError(f"config key `{path}.model`: plan covers ESM-2 models (their layers are measured), not "
-                             "ESM-1b.")
         config["model"] = name
     config["pretrained"] = False
     config.pop("path", None)
