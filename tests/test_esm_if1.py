@@ -1,10 +1,12 @@
 """ESM-IF1's structure encoder against fair-esm's `GVPTransformerEncoder` (random weights of two sizes, one protein
 and packed, missing backbone atoms, pLDDT confidence), a file in the release's layout, the series projection
-starting at zero, and a training step in every fusion mode."""
+starting at zero, a training step in every fusion mode, and the demo config end to end."""
 import contextlib
+import os
 import sys
 import types
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +255,47 @@ def test_every_fusion_takes_a_training_step(fusion):
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     optimizer.step()
     assert np.isfinite(net(batch)["graph_feature"].sum().item())
+
+
+@pytest.mark.slow
+def test_the_demo_trains_resumes_embeds_and_fine_tunes_for_predict(tmp_path):
+    """config/demo/esm_if1_contrast.yaml: 2 epochs, resumed for a third, `embed` from its run directory; its
+    encoder fine-tuned (--ckpt) on the demo's EC-like task, whose run `predict` reads (predict needs target names,
+    which a pre-training checkpoint has none of)."""
+    import yaml
+
+    from conftest import STRUCTURES, run_command
+    from esm_gearnet.commands.embed import load_embeddings
+    from esm_gearnet.config import render_config
+
+    if not STRUCTURES.exists():
+        pytest.skip("../shared/data is absent: embed and predict read real structures")
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*command):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+        result = run_command([sys.executable, *command], 300, cwd=root, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    demo = "config/demo/esm_if1_contrast.yaml"
+    run("script/pretrain.py", "-c", demo, "--output_dir", str(tmp_path / "pre"), "--num_protein", "32")
+    (run_dir,) = (tmp_path / "pre").glob("SequenceStructureContrast/DemoFolds/FusionNetwork/*")
+    assert (run_dir / "model_epoch_2.pth").exists()
+    run("script/pretrain.py", "-c", demo, "--output_dir", str(tmp_path / "pre"), "--num_protein", "32",
+        "--num_epoch", "3", "--resume", str(run_dir))
+    assert (run_dir / "model_epoch_3.pth").exists()
+    files = [str(STRUCTURES / name) for name in ("1D66-A.pdb", "2N2U-A.pdb")]
+    run("script/embed.py", "--ckpt", str(run_dir), *files, "-o", str(tmp_path / "e.npz"), "--quiet")
+    embedding = load_embeddings(tmp_path / "e.npz")["embedding"]
+    assert embedding.shape == (2, 64 + 64) and torch.isfinite(torch.as_tensor(embedding)).all()
+
+    fine_tune = yaml.safe_load(render_config(str(root / "config/demo/esm_gearnet.yaml")))
+    fine_tune["task"]["model"] = yaml.safe_load(render_config(str(root / demo)))["task"]["model"]
+    del fine_tune["task"]["graph_construction_model"]  # ESM-IF1 builds its own graph
+    fine_tune["dataset"]["num_protein"], fine_tune["train"]["num_epoch"] = 24, 1
+    fine_tune["output_dir"] = str(tmp_path / "ft")
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(fine_tune))
+    run("script/downstream.py", "-c", str(tmp_path / "ft.yaml"), "--ckpt", str(run_dir / "model_epoch_3.pth"))
+    (best,) = (tmp_path / "ft").glob("*/*/*/*/best.pth")
+    run("script/predict.py", "--ckpt", str(best.parent), *files, "-o", str(tmp_path / "p.csv"), "--quiet")
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 3
