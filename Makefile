@@ -56,8 +56,11 @@ $(ENV)/.esm_gearnet-core: pyproject.toml setup.py | $(PY)
 	$(PIP) install -q -e .
 	@touch $@
 
+# torch-geometric: fair-esm's inverse folding, the reference of tests/test_esm_if1.py, imports it (a pure-Python wheel).
+# biotite<1, which it imports too, has no build for numpy 2: the test stands in for it (the encoder never calls it).
 $(ENV)/.esm_gearnet-test: $(ENV)/.esm_gearnet-core
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q "torch-geometric>=2.3"
 	@touch $@
 
 install: $(ENV)/.esm_gearnet-core

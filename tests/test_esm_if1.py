@@ -85,8 +85,8 @@ def _stand_ins():
 @pytest.fixture(scope="module")
 def fair_esm():
     """fair-esm's inverse-folding modules (the reference)."""
-    pytest.importorskip("torch_geometric", reason="fair-esm's inverse folding imports torch-geometric (the test "
-                                                  "extra installs it)")
+    pytest.importorskip("torch_geometric", reason="fair-esm's inverse folding imports torch-geometric (`make test` "
+                                                  "installs it)")
     pytest.importorskip("scipy", reason="fair-esm's inverse folding imports scipy (the test extra installs it)")
     with _stand_ins():
         import esm.inverse_folding.gvp_transformer

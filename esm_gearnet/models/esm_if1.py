@@ -94,7 +94,13 @@ def _normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def rbf(values: torch.Tensor, v_min: float, v_max: float, n_bins: int = 16) -> torch.Tensor:
-    """[*, n_bins] Gaussian radial basis of `values` [*]: centres evenly over [v_min, v_max], width the spacing."""
+    """Gaussian radial basis: centres evenly over [v_min, v_max], width the spacing.
+
+    Args:
+        values: [*] values.
+    Returns:
+        [*, n_bins]
+    """
     centers = torch.linspace(v_min, v_max, n_bins, device=values.device, dtype=values.dtype)
     return torch.exp(-(((values.unsqueeze(-1) - centers) / ((v_max - v_min) / n_bins)) ** 2))
 
@@ -105,7 +111,13 @@ def _rotate(v: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 
 
 def rotation_frames(coords: torch.Tensor) -> torch.Tensor:
-    """[B, L, 3, 3] rows e1 (CA->C), e2 (CA->N made orthogonal to e1), e3 = e1 x e2, from coords [B, L, 3, 3]."""
+    """Each residue's local frame: rows e1 (CA->C), e2 (CA->N made orthogonal to e1), e3 = e1 x e2.
+
+    Args:
+        coords: [B, L, 3, 3] N, CA, C.
+    Returns:
+        [B, L, 3, 3]
+    """
     v1, v2 = coords[:, :, 2] - coords[:, :, 1], coords[:, :, 0] - coords[:, :, 1]
     e1 = _normalize(v1)
     e2 = _normalize(v2 - e1 * torch.sum(e1 * v2, dim=-1, keepdim=True))
@@ -119,6 +131,8 @@ def backbone_dihedrals(coords: torch.Tensor, safe: bool) -> torch.Tensor:
         coords: [B, L, 3, 3] N, CA, C.
         safe: fair-esm's GVP featuriser normalises with its NaN-safe `normalize` (True); its `DihedralFeatures`,
             with `F.normalize` (False). Both are kept, each where fair-esm uses it.
+    Returns:
+        [B, L, 6]
     """
     normalize = _normalize if safe else F.normalize
     X = coords[:, :, :3].reshape(coords.shape[0], -1, 3)  # [B, 3L, 3] N, CA, C, N, ...
@@ -133,8 +147,14 @@ def backbone_dihedrals(coords: torch.Tensor, safe: bool) -> torch.Tensor:
 
 
 def node_vectors(coords: torch.Tensor) -> torch.Tensor:
-    """[B, L, 3, 3] unit vectors of each residue: to the next CA, to the previous CA (0 at the ends) and the
-    virtual Cβ direction from N, CA, C (coords [B, L, 3, 3])."""
+    """Unit vectors of each residue: to the next CA, to the previous CA (0 at the ends) and the virtual Cβ
+    direction from N, CA, C.
+
+    Args:
+        coords: [B, L, 3, 3] N, CA, C.
+    Returns:
+        [B, L, 3, 3]
+    """
     X = coords[:, :, 1]
     forward = F.pad(_normalize(X[:, 1:] - X[:, :-1]), [0, 0, 0, 1])
     backward = F.pad(_normalize(X[:, :-1] - X[:, 1:]), [0, 0, 1, 0])
@@ -165,7 +185,13 @@ class GVP(nn.Module):
             self.wg = nn.Linear(self.so, self.vo)
 
     def forward(self, x: GVPFeatures) -> GVPFeatures:
-        """(s [*, si], v [*, vi, 3]) -> (s [*, so], v [*, vo, 3])."""
+        """One perceptron.
+
+        Args:
+            x: (s [*, si], v [*, vi, 3]).
+        Returns:
+            (s [*, so], v [*, vo, 3]).
+        """
         s, v = x
         vh = self.wh(v.transpose(-1, -2))  # [*, 3, h]
         s = self.ws(torch.cat([s, _norm(vh, dim=-2)], -1))
@@ -187,7 +213,13 @@ class GVPLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: GVPFeatures) -> GVPFeatures:
-        """(s [*, S], v [*, V, 3]) normalised."""
+        """Normalised features.
+
+        Args:
+            x: (s [*, S], v [*, V, 3]).
+        Returns:
+            (s [*, S], v [*, V, 3]).
+        """
         s, v = x
         vn = torch.sum(torch.square(v), -1, keepdim=True) + self.eps  # [*, V, 1]
         nonzero = vn > 2 * self.eps
@@ -204,7 +236,13 @@ class GVPDropout(nn.Module):
         self.sdropout = nn.Dropout(drop_rate)
 
     def forward(self, x: GVPFeatures) -> GVPFeatures:
-        """(s [*, S], v [*, V, 3]) with dropout in training."""
+        """Dropout in training.
+
+        Args:
+            x: (s [*, S], v [*, V, 3]).
+        Returns:
+            (s [*, S], v [*, V, 3]).
+        """
         s, v = x
         if not self.training or not self.drop_rate:
             return s, v
@@ -254,7 +292,15 @@ class GVPConvLayer(nn.Module):
                                      GVP(hidden, node_dims, activations=(None, None)))
 
     def forward(self, x: GVPFeatures, source: torch.Tensor, target: torch.Tensor, edge: GVPFeatures) -> GVPFeatures:
-        """(s [M, S], v [M, V, 3]) -> the same shapes, over edges source -> target [E] with features `edge`."""
+        """One GVP convolution layer.
+
+        Args:
+            x: (s [M, S], v [M, V, 3]) node features.
+            source, target: [E] node indices of each edge.
+            edge: (s [E, Se], v [E, Ve, 3]).
+        Returns:
+            (s [M, S], v [M, V, 3]).
+        """
         dh = self.dropout[0](self.conv(x, source, target, edge))
         x = self.norm[0]((x[0] + dh[0], x[1] + dh[1]))
         dh = self.dropout[1](self.ff_func(x))
@@ -269,7 +315,9 @@ def knn_graph(ca: torch.Tensor, coord_mask: torch.Tensor, padding_mask: torch.Te
     distance), then padding; only pairs where both positions have coordinates become edges.
 
     Args:
-        ca: [B, L, 3] Cα (0 where missing); coord_mask, padding_mask: [B, L] bool.
+        ca: [B, L, 3] Cα (0 where missing).
+        coord_mask: [B, L] bool, positions with all three atoms.
+        padding_mask: [B, L] bool, padding (and residues without N, as fair-esm).
     Returns:
         distance [B, L, K], neighbour [B, L, K] long, edge [B, L, K] bool (kept: both have coordinates).
     """
@@ -340,7 +388,11 @@ class GVPEncoder(nn.Module):
         self.encoder_layers = nn.ModuleList(GVPConvLayer(node_dims, edge_dims, dropout) for _ in range(num_layers))
 
     def forward(self, coords, coord_mask, padding_mask, confidence) -> GVPFeatures:
-        """(s [B, L, S], v [B, L, V, 3]) of a padded batch (arguments as `GVPGraphEmbedding`)."""
+        """GVP features of a padded batch (arguments as `GVPGraphEmbedding`).
+
+        Returns:
+            (s [B, L, S], v [B, L, V, 3]).
+        """
         nodes, edge, source, target = self.embed_graph(coords, coord_mask, padding_mask, confidence)
         for layer in self.encoder_layers:
             nodes = layer(nodes, source, target, edge)
@@ -358,7 +410,13 @@ class Normalize(nn.Module):
         self.epsilon = epsilon
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[*, D] -> [*, D]."""
+        """Normalised x.
+
+        Args:
+            x: [*, D].
+        Returns:
+            [*, D]
+        """
         sigma = torch.sqrt(x.var(-1, keepdim=True) + self.epsilon)
         return self.gain * (x - x.mean(-1, keepdim=True)) / (sigma + self.epsilon) + self.bias
 
@@ -372,7 +430,13 @@ class DihedralFeatures(nn.Module):
         self.norm_nodes = Normalize(embed_dim)
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] from coords [B, L, 3, 3]."""
+        """Embedded dihedrals.
+
+        Args:
+            coords: [B, L, 3, 3] N, CA, C.
+        Returns:
+            [B, L, D]
+        """
         return self.norm_nodes(self.node_embedding(backbone_dihedrals(coords, safe=False)))
 
 
@@ -385,7 +449,14 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D], key_mask [B, L] bool (True: may be attended to) -> [B, L, D]."""
+        """Self-attention.
+
+        Args:
+            x: [B, L, D].
+            key_mask: [B, L] bool, True where a position may be attended to.
+        Returns:
+            [B, L, D]
+        """
         B, L, D = x.shape
         q, k, v = (proj(x).view(B, L, self.num_heads, -1).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))  # [B, H, L, D / H]
@@ -406,13 +477,26 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D], key_mask [B, L] bool -> [B, L, D]."""
+        """One layer.
+
+        Args:
+            x: [B, L, D].
+            key_mask: [B, L] bool, True where a position may be attended to.
+        Returns:
+            [B, L, D]
+        """
         x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), key_mask))
         return x + self.dropout(self.fc2(F.relu(self.fc1(self.final_layer_norm(x)))))
 
 
 def sinusoidal_positions(padding_mask: torch.Tensor, embed_dim: int, padding_idx: int = 1) -> torch.Tensor:
-    """[B, L, D] fair-esm's `SinusoidalPositionalEmbedding`: position l is padding_idx + 1 + l, 0 on padding."""
+    """fair-esm's `SinusoidalPositionalEmbedding`: position l is padding_idx + 1 + l, 0 on padding.
+
+    Args:
+        padding_mask: [B, L] bool.
+    Returns:
+        [B, L, D]
+    """
     half = embed_dim // 2
     frequency = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000) / (half - 1)))
     position = torch.arange(padding_mask.shape[1], dtype=torch.float) + padding_idx + 1
@@ -446,7 +530,11 @@ def release_file(path: str, download: bool = False) -> str:
 
 def read_release(file: str) -> Tuple[argparse.Namespace, Dict[str, torch.Tensor]]:
     """(args, model state dict) of a release file, read with `torch.load(weights_only=True)` allowing only
-    `argparse.Namespace` (as ESM-2's `load_esm_checkpoint`)."""
+    `argparse.Namespace` (as ESM-2's `load_esm_checkpoint`).
+
+    Returns:
+        (args, {name: tensor [*]}): the release's architecture and its whole state dict (encoder and decoder).
+    """
     from .esm.architecture import load_esm_checkpoint
 
     try:
@@ -461,7 +549,13 @@ def read_release(file: str) -> Tuple[argparse.Namespace, Dict[str, torch.Tensor]
 def encoder_state(release_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The encoder's state dict (this module's names) from a release's `model` state dict: fair-esm's renaming
     (`RELEASE_NAMES`), the `encoder.` part only (the decoder's keys dropped), the `<mask>` row of `embed_tokens`
-    as `mask_embedding`, and the positional embedding's placeholder buffer dropped."""
+    as `mask_embedding`, and the positional embedding's placeholder buffer dropped.
+
+    Args:
+        release_state: {name: tensor [*]} the release's `model` (internal names).
+    Returns:
+        {name: tensor [*]} loadable into `ESMIF1` (`mask_embedding` [D]).
+    """
     import esm
 
     mask_idx = esm.data.Alphabet.from_architecture("invariant_gvp").mask_idx
@@ -604,7 +698,9 @@ class ESMIF1(StructureEncoder):
         embeddings, plus the position embedding.
 
         Args:
-            coords: [B, L, 3, 3] (non-finite where missing); padding_mask: [B, L] bool; confidence: [B, L].
+            coords: [B, L, 3, 3] (non-finite where missing).
+            padding_mask: [B, L] bool.
+            confidence: [B, L].
         Returns:
             [B, L, D]
         """
@@ -626,7 +722,9 @@ class ESMIF1(StructureEncoder):
         """fair-esm's `GVPTransformerEncoder.forward` on a padded batch (its BOS/EOS included).
 
         Args:
-            coords: [B, L, 3, 3]; padding_mask: [B, L] bool; confidence: [B, L].
+            coords: [B, L, 3, 3].
+            padding_mask: [B, L] bool.
+            confidence: [B, L].
             extra: [B, L, D] (optional) added to the embedding (the series projection of the language model).
         Returns:
             [B, L, D] the last layer's features after the final layer norm.
