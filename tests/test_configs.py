@@ -21,8 +21,8 @@ from esm_gearnet.data import collate, load_structures
 from esm_gearnet.engine import Engine
 from esm_gearnet.commands.embed import embed_proteins, load_embeddings, run_embed
 from esm_gearnet.commands.predict import run_predict
-from esm_gearnet.registry import build
-from esm_gearnet.tasks import MultipleBinaryClassification, PropertyPrediction
+from esm_gearnet.registry import build, resolve
+from esm_gearnet.tasks import MultipleBinaryClassification, PropertyPrediction, SequenceStructureContrast
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted(p for folder in ("EC", "GO", "PSR", "MSP", "pretrain", "demo")
@@ -33,8 +33,8 @@ STREAMED = sorted((ROOT / "config" / "pretrain").glob("*_foldcomp.yaml"))
 CONFIGS = [p for p in ALL_CONFIGS if p not in STREAMED]
 EMBED_FILES = ["1D66-A.pdb", "2N2U-A.pdb", "1A7G-E.cif"]
 # config files per folder: 12 for each downstream task and its ESM C version, 7 pre-training objectives (twice:
-# AlphaFold DB's proteome archives as the original, and a FoldComp database), 5 demos
-EXPECTED = {"EC": 13, "GO": 13, "PSR": 13, "MSP": 13, "pretrain": 14, "demo": 5}
+# AlphaFold DB's proteome archives as the original, and a FoldComp database) and the ESM-IF1 contrast, 6 demos
+EXPECTED = {"EC": 13, "GO": 13, "PSR": 13, "MSP": 13, "pretrain": 15, "demo": 6}
 
 
 def test_the_matrix_holds_every_config():
@@ -108,7 +108,9 @@ def test_config_trains_saves_loads_and_embeds(path, atom3d_root, tmp_path):
     cfg = _shrink(cfg, atom3d_root)
     torch.manual_seed(0)
     dataset = build(cfg.dataset, "dataset")
-    pretraining = path.parent.name == "pretrain" or path.name.startswith("pretrain_")
+    # a pre-training config: under pretrain/, a demo named pretrain_*, or a demo of the sequence-structure contrast
+    pretraining = path.parent.name == "pretrain" or path.name.startswith("pretrain_") or \
+        issubclass(resolve(cfg.task["class"]), SequenceStructureContrast)
     task = build_task(cfg) if pretraining else build_task(cfg, runtime_task_list(cfg, dataset.tasks))
     optimizer = build(cfg.optimizer, "optimizer", params=optimizer_groups(cfg, task, float(cfg.optimizer.lr)))
     if cfg.get("scheduler"):
