@@ -426,14 +426,11 @@ def load_state_dict_checked(module: nn.Module, state: Dict[str, torch.Tensor], s
     # the ESM wrapper checks and drops the original's `mapping` buffer itself
     unexpected = [k for k in unexpected if not k.endswith("sequence_model.mapping") and k != "mapping"]
     if missing or unexpected or misshaped:
-        from .models.esm.architecture import language_models
-
-        theirs, ours = language_models(state), language_models(own)
-        for prefix, family in ours.items():
-            if prefix in theirs and theirs[prefix].split(" (")[0] != family.split(" (")[0]:
-                raise CheckpointError(f"{source} holds an {theirs[prefix]} language model at {prefix.rstrip('.')}, "
-                                      f"but the config builds an {family}; weights load only into the family that "
-                                      "trained them: use the config of the run that wrote the checkpoint.")
+        for name, part in module.named_modules():  # a part that can say in one sentence why the state is not its
+            mismatch = getattr(part, "checkpoint_mismatch", None)
+            sentence = mismatch(state, name + "." if name else "") if mismatch is not None else None
+            if sentence:
+                raise CheckpointError(f"{source} {sentence}")
 
         def show(keys):
             return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"

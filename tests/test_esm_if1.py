@@ -240,10 +240,11 @@ def test_series_projection_starts_at_zero_and_learns():
     assert alone.input_projection is None  # the one-hot input is not read: no projection
 
 
+@pytest.mark.parametrize("language_model", ["ESM-2-8M", "ESM-C-300M"])
 @pytest.mark.parametrize("fusion", ["series", "parallel", "cross"])
-def test_every_fusion_takes_a_training_step(fusion):
+def test_every_fusion_takes_a_training_step(fusion, language_model):
     torch.manual_seed(0)
-    esm = ESM(pretrained=False, architecture=(1, 32, 4))
+    esm = ESM(model=language_model, pretrained=False, architecture=(1, 32, 4))
     structure = ESMIF1(input_dim=32 if fusion == "series" else 21, pretrained=False, **SIZES["small"])
     net = FusionNetwork(esm, structure, fusion=fusion, cross_dim=16)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)

@@ -593,9 +593,10 @@ class ESMIF1(StructureEncoder):
         confidence: "one" (1.0 for every residue, as fair-esm's `get_encoder_output`) or "plddt" (`bfactor / 100`
             of AlphaFold DB structures, clamped to [0, 1]).
         readout: "mean" or "sum" of the residue features: the graph feature.
-        embed_dim, layers, attention_heads, ffn_dim, gvp_layers, gvp_node_dims, gvp_edge_dims, top_k_neighbors,
-            dropout, attention_dropout, gvp_dropout: the architecture with `pretrained: false` (with the release
-            they come from its `args`; a value given must then agree).
+        embed_dim, layers, attention_heads, ffn_dim: the Transformer's architecture with `pretrained: false` (with
+            the release they come from its `args`; a value given must then agree).
+        gvp_layers, gvp_node_dims, gvp_edge_dims, top_k_neighbors: the GVP-GNN's, likewise.
+        dropout, attention_dropout, gvp_dropout: the dropout rates, likewise.
         graph_construction_model: unused (ESM-IF1 builds its own kNN graph); allowed for configs that have one.
     `network(graph, input)` returns residue_feature [N, embed_dim] and graph_feature [B, embed_dim].
     """

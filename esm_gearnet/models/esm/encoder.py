@@ -20,6 +20,7 @@ from ...layers import functional
 from ...registry import register
 from ..encoder import Encoder, Features
 from . import weights
+from .architecture import language_models
 from .attention import esm2_forward_sdpa, esm2_forward_varlen, sdpa_layer, varlen_layer_fn
 from .cache import FeatureCache
 from .lora import LoRA, LoRASettings, adapter_parameters, family_of, settings_of, targets_of
@@ -246,6 +247,20 @@ class ESM(Encoder):
             tokens [T], cu_seqlens [W + 1] and the token of every packed residue [N].
         """
         return self.tokens.packed(batch.residue_type, batch.num_residues, residue_mask, self.structure_tokens(batch))
+
+    def checkpoint_mismatch(self, state: Dict[str, torch.Tensor], prefix: str) -> Optional[str]:
+        """Why `state` cannot load here, when it holds another family's language model where this one's belongs
+        (`checkpoint.load_state_dict_checked` asks); None otherwise.
+
+        Args:
+            state: {name: tensor [that parameter's shape]}, a whole state dict; this encoder's keys under `prefix`.
+        """
+        theirs = language_models(state).get(prefix + "model.")
+        ours = language_models(self.model.state_dict())[""]
+        if theirs is None or theirs.split(" (")[0] == ours.split(" (")[0]:
+            return None
+        return (f"holds an {theirs} language model at {prefix}model, but the config builds an {ours}; weights load "
+                "only into the family that trained them: use the config of the run that wrote the checkpoint.")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The original saved a `mapping` buffer (unknown residues -> -1, which ESM cannot embed). It must agree

@@ -57,6 +57,13 @@ class SwiGLU(nn.Module):
     """silu(first half) * second half of the last dimension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The gated half.
+
+        Args:
+            x: [*, 2 F] gate then up.
+        Returns:
+            [*, F]
+        """
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -90,8 +97,14 @@ class Block(nn.Module):
         self.scaling_factor = math.sqrt(num_layers / 36)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Queries, keys and values [..., T, H, hd] for tokens x [..., T, D], rotary embeddings applied (`cos`,
-        `sin` [T, 1, hd]: each token's position)."""
+        """Queries, keys and values of the block's attention, rotary embeddings applied.
+
+        Args:
+            x: [..., T, D] tokens.
+            cos, sin: [T, 1, hd] the rotary embeddings of each token's position.
+        Returns:
+            q, k, v [..., T, H, hd].
+        """
         attn = self.attn
         q, k, v = attn.layernorm_qkv(x).chunk(3, dim=-1)
         q, k = attn.q_ln(q).to(q.dtype), attn.k_ln(k).to(q.dtype)
@@ -100,7 +113,14 @@ class Block(nn.Module):
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
     def out(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The block's output from its input x [..., T, D] and the attention output h [..., T, H, hd]."""
+        """The block's output: the attention's projection and residual, then the feed-forward's.
+
+        Args:
+            x: [..., T, D] the block's input.
+            h: [..., T, H, hd] the attention output.
+        Returns:
+            [..., T, D]
+        """
         x = x + self.attn.out_proj(h.reshape(x.shape)) / self.scaling_factor
         return x + self.ffn(x) / self.scaling_factor
 
@@ -139,13 +159,14 @@ class ESMC(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.transformer.blocks
 
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer.norm(x)
-
 
 def architecture_of(state: Dict[str, torch.Tensor], source: str) -> Tuple[int, int, int, int]:
     """(layers, width, heads, feed-forward width) of an ESM C state dict in EvolutionaryScale's names. The number of
-    heads is not in the weights: EvolutionaryScale's models all have heads of 64."""
+    heads is not in the weights: EvolutionaryScale's models all have heads of 64.
+
+    Args:
+        state: {name: tensor [that parameter's shape]}.
+    """
     blocks = {int(m.group(1)) for m in map(re.compile(r"^transformer\.blocks\.(\d+)\.").match, state) if m}
     if "embed.weight" not in state or not blocks:
         raise WeightError(f"ESM C: {source} holds no ESM C weights (embed.weight, transformer.blocks.*); point "
@@ -236,7 +257,7 @@ def from_hugging_face(state: Dict[str, torch.Tensor], folder: str, config: Dict)
     """ESM C module and vocabulary with the weights of a Hugging Face `EsmcModel` / `EsmcForMaskedLM` state dict.
 
     Args:
-        state: {Hugging Face name: tensor}.
+        state: {Hugging Face name: tensor [that parameter's shape]}.
         config: the folder's config.json.
     Raises:
         WeightError: missing, unexpected or mis-shaped keys, named in one sentence with the folder.
