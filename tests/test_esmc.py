@@ -11,7 +11,7 @@ import pytest
 import torch
 
 try:
-    from transformers import EsmcConfig, EsmcModel
+    from transformers import EsmcConfig, EsmcModel, EsmcTokenizer
     from transformers.models.esmc.tokenization_esmc import SEQUENCE_VOCAB
 except ImportError:  # an optional (test) dependency, EsmcModel since transformers 5.16: loading never needs it
     pytest.skip("transformers>=5.16 is not installed (pip install -e '.[test]'); these tests compare with "
@@ -45,6 +45,7 @@ def reference(request, tmp_path_factory):
                 parameter.add_(0.2 * torch.randn_like(parameter))
     folder = tmp_path_factory.mktemp("esmc")
     model.save_pretrained(folder)
+    EsmcTokenizer().save_pretrained(folder)  # its tokenizer.json: the vocabulary is checked against ESM C's
     return model, folder
 
 
@@ -143,6 +144,20 @@ def test_evolutionaryscale_layout_loads_to_the_same_features(reference, all_prot
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_a_folder_of_another_vocabulary_is_one_sentence(reference, tmp_path):
+    import json
+    import shutil
+
+    _, folder = reference
+    shutil.copytree(folder, tmp_path / "other")
+    tokenizer = json.loads((tmp_path / "other" / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["|"], tokenizer["model"]["vocab"]["<mask>"] = 32, 31
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(WeightError, match=r"has another vocabulary than ESM C's: '\|' is id 32 \(ESM C: 31\); "
+                                          r"'<mask>' is id 31 \(ESM C: 32\)"):
+        ESM(path=str(tmp_path / "other"))
+
+
 def test_names_and_files_that_are_not_there_say_where_to_download(tmp_path):
     with pytest.raises(WeightError, match=r"esmc_600m_2024_12_v0\.pth not found in .*; download https://huggingface"
                                           r"\.co/EvolutionaryScale/esmc-600m-2024-12/resolve/main/data/weights/"):
@@ -184,6 +199,37 @@ def test_every_fusion_mode_and_structure_encoder_trains_with_esmc(name):
     gradients = [p.grad for p in task.encoder.sequence_model.model.transformer.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in gradients)
     assert any(g.abs().sum() > 0 for g in gradients)
+
+
+@pytest.mark.parametrize("name", ["attr_esm_gearnet", "contrast_esm_gearnet"])
+def test_pretraining_objectives_train_with_esmc(name):
+    """Residue-type masking (ESM C's `<mask>`) and the sequence-structure contrast, with a small random ESM C."""
+    cfg = load_config(str(ROOT / "config" / "pretrain" / f"{name}.yaml"))
+    cfg.dataset = {"class": "DemoFolds", "num_protein": 4, "transform": cfg.dataset.get("transform")}
+    model, _ = model_config(cfg)
+    model.sequence_model = {"class": "ESM", "model": "ESM-C-300M"}
+    small(model)
+    torch.manual_seed(0)
+    dataset = build(cfg.dataset, "dataset")
+    task = build_task(cfg).train()
+    loss, _ = task(collate([dataset[i] for i in range(4)]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.parameters())
+
+
+def test_a_frozen_esmc_caches_its_features(all_proteins):
+    torch.manual_seed(0)
+    esm = ESM(model="ESM-C-300M", pretrained=False, architecture=(2, 64, 4), feature_cache_gib=0.1)
+    esm.freeze("sequence_model")
+    uncached = ESM(model="ESM-C-300M", pretrained=False, architecture=(2, 64, 4))
+    uncached.load_state_dict(esm.state_dict())
+    batch = ProteinBatch.pack(_proteins(all_proteins))
+    first = esm.eval()(batch)["residue_feature"]
+    assert len(esm.feature_cache) == batch.batch_size
+    again = esm(batch)["residue_feature"]  # from the cache
+    assert torch.equal(again, first)
+    torch.testing.assert_close(first, uncached.eval()(batch)["residue_feature"], atol=1e-5, rtol=0)
 
 
 def test_lora_adapts_the_fused_projection_and_merges(all_proteins):

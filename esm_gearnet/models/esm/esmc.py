@@ -26,6 +26,7 @@ Agreement, ESM C 600M under the Cambrian Non-Commercial License Agreement; large
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -235,8 +236,33 @@ HF_HEAD = {"lm_head.dense": "sequence_head.0", "lm_head.layer_norm": "sequence_h
            "lm_head.decoder": "sequence_head.3"}
 
 
+def check_vocabulary(folder: str, config: Dict) -> None:
+    """One sentence when the folder's vocabulary is not ESM C's (`vocabularies.ESMC_TOKENS`): its special-token ids
+    in config.json, and the token ids of its `tokenizer.json` when it has one (as `EsmcTokenizer` saves it)."""
+    from .vocabularies import ESMC_TOKENS
+
+    index = {token: i for i, token in enumerate(ESMC_TOKENS)}
+    wrong = [f"{key} {config[key]} (ESM C: {index[token]})"
+             for key, token in (("pad_token_id", "<pad>"), ("mask_token_id", "<mask>"), ("bos_token_id", "<cls>"))
+             if config.get(key) is not None and config[key] != index[token]]
+    file = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(file):
+        try:
+            with open(file) as handle:
+                vocabulary = json.load(handle)["model"]["vocab"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise WeightError(f"ESM C: {file} is not a tokenizer file transformers writes ({type(error).__name__}); "
+                              "remove it or save the tokenizer again.") from None
+        wrong += [f"{token!r} is id {vocabulary.get(token)} (ESM C: {i})" for token, i in index.items()
+                  if vocabulary.get(token) != i]
+    if wrong:
+        raise WeightError(f"ESM C: {folder} has another vocabulary than ESM C's: {'; '.join(wrong[:4])}; point "
+                          "`path` at an ESM C checkpoint of EvolutionaryScale's vocabulary.")
+
+
 def check_hf_config(folder: str, config: Dict) -> None:
     """One sentence for an ESM C config.json this module cannot reproduce."""
+    check_vocabulary(folder, config)
     problems = []
     for key, value in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if config.get(key, value) != value:
