@@ -36,6 +36,12 @@ def family_of_stem(stem: str) -> str:
     return "ESM C" if stem.startswith("esmc") else "ESM-1b" if stem.startswith("esm1") else "ESM-2"
 
 
+def family_of_module(model) -> str:
+    """The model family of a language model module: "ESM-2" (fair-esm's ESM2, SaProt-format models too), "ESM C"
+    (`esmc.ESMC`) or "ESM-1b"."""
+    return getattr(model, "family", None) or ("ESM-2" if type(model).__name__ == "ESM2" else "ESM-1b")
+
+
 def family_of_name(model) -> str:
     """The model family of a config's `model:` (a name of `ARCHITECTURES` or a file stem); ESM-2 when omitted."""
     return family_of_stem(ARCHITECTURES[model][0] if model in ARCHITECTURES else str(model or "esm2"))

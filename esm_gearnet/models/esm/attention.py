@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from ... import sharding
+from .architecture import family_of_module
 
 
 def _rotate_half(x):
@@ -35,7 +36,7 @@ def _rotary(length: int, inv_freq: torch.Tensor, dtype) -> Tuple[torch.Tensor, t
 
 
 def _is_esmc(model) -> bool:
-    return getattr(model, "family", None) == "ESM C"
+    return family_of_module(model) == "ESM C"
 
 
 def _inv_freq(model) -> torch.Tensor:

@@ -20,10 +20,11 @@ from ...layers import functional
 from ...registry import register
 from ..encoder import Encoder, Features
 from . import weights
-from .architecture import language_models
+from .architecture import family_of_module, language_models
 from .attention import esm2_forward_sdpa, esm2_forward_varlen, sdpa_layer, varlen_layer_fn
 from .cache import FeatureCache
-from .lora import LoRA, LoRASettings, adapter_parameters, family_of, settings_of, targets_of
+from .esmc import CONTEXT as ESMC_CONTEXT
+from .lora import LoRA, LoRASettings, adapter_parameters, settings_of, targets_of
 from .tokens import CONTEXT, Tokenizer
 
 logger = logging.getLogger("esm_gearnet")
@@ -43,7 +44,8 @@ class ESM(Encoder):
         model: ESM-2-8M, -35M, -150M, -650M, -3B, -15B, ESM-1b, ESM-C-300M or ESM-C-600M; or a checkpoint file
             stem in `path`.
             How `model` and `path` decide what is loaded (pretrained weights):
-            - `model` given and `path/<its stem>.pt` exists: that fair-esm file, exactly as without Hugging Face.
+            - `model` given and `path/<its stem>.pt` exists: that fair-esm file, exactly as without Hugging Face
+              (ESM C: `<stem>.pth`, EvolutionaryScale's file, in `path` or `path/data/weights`).
             - otherwise, `path` holds `config.json`: the Hugging Face checkpoint; its config.json decides the
               architecture, and `model`, when given, must be the ESM-2 name of that architecture (a check).
             - otherwise the fair-esm file of `model`, ESM-2-650M when `model` is omitted.
@@ -157,7 +159,7 @@ class ESM(Encoder):
         self.alphabet = alphabet
         self.readout = readout
         self.attention = attention
-        self.family = family_of(esm_model)
+        self.family = family_of_module(esm_model)
         if attention == "esm" and self.family == "ESM C":
             raise ValueError("ESM: `attention: esm` is fair-esm's own forward, which ESM C has not; use sdpa or "
                              "varlen.")
@@ -187,7 +189,7 @@ class ESM(Encoder):
                 if id(parameter) not in shared:
                     parameter.requires_grad_(False)
         if context is None:
-            context = 2048 if self.family == "ESM C" else CONTEXT
+            context = ESMC_CONTEXT if self.family == "ESM C" else CONTEXT
         self.tokens = Tokenizer(alphabet, plddt_mask, plddt_threshold, context)
         self.saprot = self.reads_three_di = self.tokens.saprot
 

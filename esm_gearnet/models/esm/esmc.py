@@ -39,6 +39,7 @@ from torch import nn
 from ...checkpoint import load_state_dict_checked, skipping_init
 from .architecture import WeightError
 
+CONTEXT = 2048  # ESM C's training length, <cls> and <eos> included: the default window (`ESM(context=...)`)
 VOCABULARY_ROWS = 64  # the embedding and the sequence head have 64 rows; the vocabulary uses 33 (see vocabularies)
 # EvolutionaryScale's Hugging Face repositories of the open weights, and the file inside each
 RELEASES = {

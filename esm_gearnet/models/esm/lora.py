@@ -24,6 +24,7 @@ from torch import nn
 
 from ...checkpoint import CheckpointError
 from ...registry import ArgumentRefused
+from .architecture import family_of_module
 
 logger = logging.getLogger("esm_gearnet")
 MIB = 1 << 20
@@ -77,11 +78,6 @@ class LoRASettings:
 def settings_of(lora: Any) -> LoRASettings:
     """`LoRASettings` of a config's `lora:` mapping (or the settings themselves)."""
     return lora if isinstance(lora, LoRASettings) else LoRASettings(**lora)
-
-
-def family_of(model: nn.Module) -> str:
-    """The family (`TARGETS`) of a language model module: ESM-2 (SaProt-format models too), ESM-1b or ESM C."""
-    return getattr(model, "family", None) or ("ESM-2" if type(model).__name__ == "ESM2" else "ESM-1b")
 
 
 def targets_of(family: str, targets: Optional[Sequence[str]]) -> List[str]:
@@ -140,7 +136,7 @@ class LoRA(nn.Module):
         except ImportError:
             raise ImportError("ESM: `lora` needs the peft library: pip install peft (or esm_gearnet[lora]).") from None
         self.settings = settings_of(settings)
-        self.targets = targets_of(family_of(model), self.settings.targets)
+        self.targets = targets_of(family_of_module(model), self.settings.targets)
         config = peft.LoraConfig(r=self.settings.rank, lora_alpha=self.settings.alpha,
                                  lora_dropout=self.settings.dropout, target_modules=self.targets, bias="none")
         peft.inject_adapter_in_model(config, model)
