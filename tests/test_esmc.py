@@ -177,17 +177,21 @@ def test_a_checkpoint_of_the_other_family_is_refused_naming_both():
         load_state_dict_checked(esm2, esmc.state_dict(), "esmc.pth")
 
 
-# every fusion mode with every structure encoder: the EC configs with a small random ESM C
+# every fusion mode with every structure encoder: the EC configs with a small random ESM C (CDConv has no cross
+# fusion config: its series config is set to cross); ESM-IF1's are in tests/test_esm_if1.py
 FUSED = ["esm_gearnet", "esm_gearnet_parallel", "esm_gearnet_cross", "esm_gvp", "esm_gvp_parallel", "esm_gvp_cross",
-         "esm_cdconv", "esm_cdconv_parallel"]
+         "esm_cdconv", "esm_cdconv_parallel", "esm_cdconv:cross"]
 
 
 @pytest.mark.parametrize("name", FUSED)
 def test_every_fusion_mode_and_structure_encoder_trains_with_esmc(name):
+    name, _, fusion = name.partition(":")
     cfg = load_config(str(ROOT / "config" / "EC" / f"{name}.yaml"))
     cfg.dataset = {"class": "DemoFolds", "num_protein": 4, "transform": cfg.dataset.get("transform")}
     model, _ = model_config(cfg)
     model.sequence_model = {"class": "ESM", "model": "ESM-C-300M"}
+    if fusion:
+        model.update({"fusion": fusion, "cross_dim": 16})
     small(model)
     torch.manual_seed(0)
     dataset = build(cfg.dataset, "dataset")
