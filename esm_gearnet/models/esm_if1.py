@@ -46,6 +46,7 @@ orientation vector depend on where the protein lies; the features are not exactl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 from typing import Any, Dict, Optional, Tuple
@@ -54,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_state_dict_checked, skipping_init
 from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
@@ -630,7 +632,8 @@ class ESMIF1(StructureEncoder):
             if path is None:
                 raise ValueError(f"ESMIF1: pretrained weights need `path` (the release file {RELEASE}.pt or its "
                                  "folder), or set `pretrained: false` for random weights.")
-            args, release_state = read_release(release_file(path, download))
+            file = release_file(path, download)
+            args, release_state = read_release(file)
             arch = _architecture(args)
             for key, value in given.items():
                 if value is not None and value != arch[key]:
@@ -644,20 +647,23 @@ class ESMIF1(StructureEncoder):
         self.confidence, self.readout = confidence, readout
         node_dims = (arch["gvp_node_hidden_dim_scalar"], arch["gvp_node_hidden_dim_vector"])
         edge_dims = (arch["gvp_edge_hidden_dim_scalar"], arch["gvp_edge_hidden_dim_vector"])
-        self.mask_embedding = nn.Parameter(torch.randn(D) * D ** -0.5)  # fair-esm's nn.Embedding: N(0, D^-1/2)
-        self.embed_gvp_input_features = nn.Linear(15, D)
-        self.embed_confidence = nn.Linear(16, D)
-        self.embed_dihedrals = DihedralFeatures(D)
-        self.gvp_encoder = GVPEncoder(node_dims, edge_dims, arch["gvp_top_k_neighbors"],
-                                      arch["gvp_num_encoder_layers"], arch["gvp_dropout"])
-        self.embed_gvp_output = nn.Linear(node_dims[0] + 3 * node_dims[1], D)
-        self.dropout_module = nn.Dropout(arch["dropout"])
-        self.layers = nn.ModuleList(
-            TransformerEncoderLayer(D, arch["encoder_ffn_embed_dim"], arch["encoder_attention_heads"],
-                                    arch["dropout"], arch["attention_dropout"]) for _ in range(arch["encoder_layers"]))
-        self.layer_norm = nn.LayerNorm(D)
+        # the release's parts are built without initialising what its weights replace (`checkpoint.skipping_init`)
+        with skipping_init() if state is not None else contextlib.nullcontext():
+            self.mask_embedding = nn.Parameter(torch.randn(D) * D ** -0.5)  # fair-esm's nn.Embedding: N(0, D^-1/2)
+            self.embed_gvp_input_features = nn.Linear(15, D)
+            self.embed_confidence = nn.Linear(16, D)
+            self.embed_dihedrals = DihedralFeatures(D)
+            self.gvp_encoder = GVPEncoder(node_dims, edge_dims, arch["gvp_top_k_neighbors"],
+                                          arch["gvp_num_encoder_layers"], arch["gvp_dropout"])
+            self.embed_gvp_output = nn.Linear(node_dims[0] + 3 * node_dims[1], D)
+            self.dropout_module = nn.Dropout(arch["dropout"])
+            self.layers = nn.ModuleList(
+                TransformerEncoderLayer(D, arch["encoder_ffn_embed_dim"], arch["encoder_attention_heads"],
+                                        arch["dropout"], arch["attention_dropout"])
+                for _ in range(arch["encoder_layers"]))
+            self.layer_norm = nn.LayerNorm(D)
         if state is not None:
-            self.load_state_dict(state, strict=True)
+            load_state_dict_checked(self, state, file, assign=True)
         # series fusion: the language model's features enter through a projection that starts at zero
         self.input_projection = None
         if input_dim != ONE_HOT_DIM:
