@@ -158,6 +158,15 @@ def test_a_folder_of_another_vocabulary_is_one_sentence(reference, tmp_path):
         ESM(path=str(tmp_path / "other"))
 
 
+def test_vocabulary_and_family_must_agree_in_one_sentence():
+    with pytest.raises(ValueError, match=r"`vocabulary: ESM C` is ESM C's own; name an ESM C model"):
+        ESM(pretrained=False, architecture=(1, 32, 4), vocabulary="ESM C")
+    with pytest.raises(WeightError, match=r"`vocabulary: ESM-2` was asked for, but the random ESM C model has another"):
+        ESM(model="ESM-C-300M", pretrained=False, architecture=(1, 32, 4), vocabulary="ESM-2")
+    with pytest.raises(ValueError, match="`attention: esm` is fair-esm's own forward, which ESM C does not have"):
+        ESM(model="ESM-C-300M", pretrained=False, architecture=(1, 32, 4), attention="esm")
+
+
 def test_names_and_files_that_are_not_there_say_where_to_download(tmp_path):
     with pytest.raises(WeightError, match=r"esmc_600m_2024_12_v0\.pth not found in .*; download https://huggingface"
                                           r"\.co/EvolutionaryScale/esmc-600m-2024-12/resolve/main/data/weights/"):

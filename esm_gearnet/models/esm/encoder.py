@@ -161,7 +161,7 @@ class ESM(Encoder):
         self.attention = attention
         self.family = family_of_module(esm_model)
         if attention == "esm" and self.family == "ESM C":
-            raise ValueError("ESM: `attention: esm` is fair-esm's own forward, which ESM C has not; use sdpa or "
+            raise ValueError("ESM: `attention: esm` is fair-esm's own forward, which ESM C does not have; use sdpa or "
                              "varlen.")
         fast = self.family != "ESM-1b"  # the sdpa and varlen paths: ESM-2 (SaProt) and ESM C
         if (activation_checkpointing or compile) and not fast:

@@ -161,7 +161,7 @@ def _load_hugging_face(path: str, model: Optional[str]):
         shape = (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"])
         family = "ESM C" if config["model_type"] == "esmc" else "ESM-2"
         names = [name for name, (stem, *dims) in ARCHITECTURES.items()
-                 if tuple(dims) == shape and family_of_stem(stem) == family and name != "ESM-1b"]
+                 if tuple(dims) == shape and family_of_stem(stem) == family]
         if model not in names:
             found = f"{shape[0]} layers, width {shape[1]}, {shape[2]} heads"
             if model in ARCHITECTURES:
@@ -184,6 +184,9 @@ def load(path: Optional[str], model: Optional[str], pretrained: bool, architectu
     if kind == "random" and family_of_name(model) == "ESM C":
         esm_model, alphabet = build_esmc(*(architecture or ARCHITECTURES[where][1:]))
     elif kind == "random":
+        if vocabulary == "ESM C":
+            raise ValueError("ESM: `vocabulary: ESM C` is ESM C's own; name an ESM C model with it (`model: "
+                             "ESM-C-300M` or ESM-C-600M).")
         random_alphabet = VOCABULARIES[vocabulary]() if vocabulary is not None else None
         esm_model, alphabet = build_esm2(*(architecture or ARCHITECTURES[where][1:]), alphabet=random_alphabet)
     elif kind == "hugging face":
@@ -193,7 +196,8 @@ def load(path: Optional[str], model: Optional[str], pretrained: bool, architectu
     else:
         esm_model, alphabet = load_esm_model(where, stem)
     if vocabulary is not None and list(alphabet.all_toks) != list(VOCABULARIES[vocabulary]().all_toks):
-        raise WeightError(f"ESM: `vocabulary: {vocabulary}` was asked for, but the weights loaded from {path} "
-                          f"have another vocabulary ({len(alphabet.all_toks)} tokens); point `path` at a "
-                          f"{vocabulary} checkpoint or remove `vocabulary:`.")
+        source = f"the weights loaded from {path}" if kind != "random" else f"the random {family_of_name(model)} model"
+        raise WeightError(f"ESM: `vocabulary: {vocabulary}` was asked for, but {source} has another vocabulary "
+                          f"({len(alphabet.all_toks)} tokens); point `path` at a {vocabulary} checkpoint or remove "
+                          "`vocabulary:`.")
     return esm_model, alphabet
