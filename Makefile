@@ -67,7 +67,7 @@ demo: $(ENV)/.esm_gearnet-core
 	$(PY) script/downstream.py -c config/demo/esm_gearnet.yaml --output_dir output/demo
 
 test: $(ENV)/.esm_gearnet-test
-	@echo "make test: the whole suite, about 12 minutes on 2 cores (make test-fast: without the slow tests)"
+	@echo "make test: the whole suite, about 14 minutes on 2 cores (make test-fast: without the slow tests)"
 	$(PY) -m pytest -q tests
 
 test-fast: $(ENV)/.esm_gearnet-test
