@@ -60,6 +60,7 @@ from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
 from .encoder import ONE_HOT_DIM, Features, StructureEncoder
+from .gvp import GVPDropout  # gvp-pytorch's, which fair-esm's is
 
 RELEASE = "esm_if1_gvp4_t16_142M_UR50"
 URL = f"https://dl.fbaipublicfiles.com/fair-esm/models/{RELEASE}.pt"
@@ -227,29 +228,6 @@ class GVPLayerNorm(nn.Module):
         nonzero = vn > 2 * self.eps
         vn = torch.sum(vn * nonzero, dim=-2, keepdim=True) / (self.eps + torch.sum(nonzero, dim=-2, keepdim=True))
         return self.scalar_norm(s), nonzero * (v / torch.sqrt(vn + self.eps))
-
-
-class GVPDropout(nn.Module):
-    """Dropout of scalar channels and of whole vector channels."""
-
-    def __init__(self, drop_rate: float):
-        super().__init__()
-        self.drop_rate = drop_rate
-        self.sdropout = nn.Dropout(drop_rate)
-
-    def forward(self, x: GVPFeatures) -> GVPFeatures:
-        """Dropout in training.
-
-        Args:
-            x: (s [*, S], v [*, V, 3]).
-        Returns:
-            (s [*, S], v [*, V, 3]).
-        """
-        s, v = x
-        if not self.training or not self.drop_rate:
-            return s, v
-        keep = torch.bernoulli((1 - self.drop_rate) * torch.ones(v.shape[:-1], device=v.device)).unsqueeze(-1)
-        return self.sdropout(s), keep * v / (1 - self.drop_rate)
 
 
 class GVPConv(nn.Module):
