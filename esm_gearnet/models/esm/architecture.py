@@ -66,6 +66,11 @@ def language_models(state) -> dict:
     return found
 
 
+def show_keys(keys) -> str:
+    """At most 8 state-dict keys for a message, and how many more."""
+    return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"
+
+
 class WeightError(FileNotFoundError):
     """A missing or unreadable weight file; the message says where it was looked for and what to do."""
 

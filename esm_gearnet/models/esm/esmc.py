@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...checkpoint import load_state_dict_checked, skipping_init
-from .architecture import WeightError
+from .architecture import WeightError, show_keys
 
 CONTEXT = 2048  # ESM C's training length, <cls> and <eos> included: the default window (`ESM(context=...)`)
 VOCABULARY_ROWS = 64  # the embedding and the sequence head have 64 rows; the vocabulary uses 33 (see vocabularies)
@@ -127,6 +127,12 @@ class Block(nn.Module):
         return x + self.ffn(x) / self.scaling_factor
 
 
+def sequence_head(dim: int) -> nn.Sequential:
+    """The language-model head (EvolutionaryScale's `RegressionHead`): Linear, GELU, LayerNorm, Linear to the 64
+    vocabulary rows; never used for features."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, VOCABULARY_ROWS))
+
+
 class Transformer(nn.Module):
     def __init__(self, dim: int, heads: int, num_layers: int, hidden: Optional[int] = None):
         super().__init__()
@@ -151,8 +157,7 @@ class ESMC(nn.Module):
         self.num_layers, self.embed_dim, self.attention_heads = num_layers, embed_dim, attention_heads
         self.embed = nn.Embedding(VOCABULARY_ROWS, embed_dim)
         self.transformer = Transformer(embed_dim, attention_heads, num_layers, hidden)
-        self.sequence_head = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.LayerNorm(embed_dim),
-                                           nn.Linear(embed_dim, VOCABULARY_ROWS))
+        self.sequence_head = sequence_head(embed_dim)
         head_dim = embed_dim // attention_heads
         self.register_buffer("inv_freq", 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)),
                              persistent=False)
@@ -325,14 +330,11 @@ def from_hugging_face(state: Dict[str, torch.Tensor], folder: str, config: Dict)
     ignored = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$|^classifier\.|^score\.")
     unexpected = [k for k in state if k not in used and not ignored.search(k)]
     if missing or unexpected:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"
         raise WeightError(f"ESM C: the weights in {folder} do not fit the ESM C architecture of its config.json: "
-                          f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}.")
+                          f"missing keys: {show_keys(missing)}; unexpected keys: {show_keys(unexpected)}.")
     dim = ours["embed.weight"].shape[1]
     if not any(k.startswith("sequence_head.") for k in ours):  # EsmcModel has no head; it is never used for
-        head = ESMC(1, dim, 1).sequence_head                     # features: zeros, so loading stays deterministic
-        for key, value in head.state_dict().items():
+        for key, value in sequence_head(dim).state_dict().items():  # features: zeros, so loading is deterministic
             ours[f"sequence_head.{key}"] = torch.ones_like(value) if key == "2.weight" else torch.zeros_like(value)
     if ours["embed.weight"].shape[0] != VOCABULARY_ROWS:
         raise WeightError(f"ESM C: {folder} has an embedding of {ours['embed.weight'].shape[0]} rows; ESM C's "

@@ -26,7 +26,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ...checkpoint import load_state_dict_checked, skipping_init
-from .architecture import WeightError, build_esm2
+from .architecture import WeightError, build_esm2, show_keys
 from .vocabularies import VOCABULARIES
 
 # config.json values absent from the file take transformers' EsmConfig defaults (it writes only some keys)
@@ -186,10 +186,6 @@ def read_weights(folder: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _show(keys: List[str]) -> str:
-    return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"
-
-
 def to_fair_esm(state: Dict[str, torch.Tensor], model, folder: str,
                 rope_theta: float = 10000.0) -> Dict[str, torch.Tensor]:
     """Rename a Hugging Face ESM state_dict onto the fair-esm `ESM2` module `model` (its full state_dict).
@@ -267,8 +263,8 @@ def to_fair_esm(state: Dict[str, torch.Tensor], model, folder: str,
         found[key] = value
     if missing or unexpected or misshaped:
         raise WeightError(f"ESM: the weights in {folder} do not fit the ESM-2 architecture of its config.json: "
-                          f"missing keys: {_show(missing)}; unexpected keys: {_show(unexpected)}; mis-shaped keys "
-                          f"(file vs model): {_show(misshaped)}.")
+                          f"missing keys: {show_keys(missing)}; unexpected keys: {show_keys(unexpected)}; "
+                          f"mis-shaped keys (file vs model): {show_keys(misshaped)}.")
     embedding = found["embed_tokens.weight"]
     if tied_decoder is not None and not torch.equal(tied_decoder.to(embedding.dtype), embedding):
         raise WeightError(f"ESM: {folder} has a language-model decoder (lm_head.decoder.weight) that differs from "
