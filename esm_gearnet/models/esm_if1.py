@@ -60,7 +60,7 @@ from ..data.protein import ProteinBatch
 from ..layers import functional
 from ..registry import register
 from .encoder import ONE_HOT_DIM, Features, StructureEncoder
-from .gvp import GVPDropout  # gvp-pytorch's, which fair-esm's is
+from .gvp import GVPDropout, rbf  # gvp-pytorch's dropout and radial basis, which fair-esm's are
 
 RELEASE = "esm_if1_gvp4_t16_142M_UR50"
 URL = f"https://dl.fbaipublicfiles.com/fair-esm/models/{RELEASE}.pt"
@@ -94,18 +94,6 @@ def _norm(x: torch.Tensor, dim: int = -1, keepdim: bool = False, eps: float = 1e
 def _normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """x / (|x| + ε), non-finite results set to 0."""
     return _nan_to_num(x / _norm(x, dim=dim, keepdim=True))
-
-
-def rbf(values: torch.Tensor, v_min: float, v_max: float, n_bins: int = 16) -> torch.Tensor:
-    """Gaussian radial basis: centres evenly over [v_min, v_max], width the spacing.
-
-    Args:
-        values: [*] values.
-    Returns:
-        [*, n_bins]
-    """
-    centers = torch.linspace(v_min, v_max, n_bins, device=values.device, dtype=values.dtype)
-    return torch.exp(-(((values.unsqueeze(-1) - centers) / ((v_max - v_min) / n_bins)) ** 2))
 
 
 def _rotate(v: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -347,14 +335,14 @@ class GVPGraphEmbedding(nn.Module):
             vector = _normalize(ca.unsqueeze(2) - torch.gather(ca, 1, neighbour.reshape(B, L * K, 1).expand(-1, -1, 3))
                                 .view(B, L, K, 3))
             no_coords = (~coord_mask).to(coords.dtype)
-            edge_s = torch.cat([_nan_to_num(rbf(distance, 0.0, 20.0)), torch.cos(angles), torch.sin(angles),
+            edge_s = torch.cat([_nan_to_num(rbf(distance, 16, 0.0, 20.0)), torch.cos(angles), torch.sin(angles),
                                 no_coords.unsqueeze(-1).expand(B, L, K).unsqueeze(-1),
                                 torch.gather(no_coords, 1, neighbour.reshape(B, L * K)).view(B, L, K, 1)], -1)
             base = (torch.arange(B, device=ca.device) * L).view(B, 1, 1)
             edge_source, edge_target = (source + base)[kept], (neighbour + base)[kept]
             edge_s, edge_v = edge_s[kept], vector[kept].unsqueeze(-2)
         node_s, node_v = self.embed_node((node_s, node_v))
-        node_s = node_s + self.embed_confidence(rbf(confidence, 0.0, 1.0))
+        node_s = node_s + self.embed_confidence(rbf(confidence, 16, 0.0, 1.0))
         edge = self.embed_edge((edge_s, edge_v))
         return (node_s.flatten(0, 1), node_v.flatten(0, 1)), edge, edge_source, edge_target
 
@@ -698,7 +686,7 @@ class ESMIF1(StructureEncoder):
         input_features = torch.cat([backbone_dihedrals(coords, safe=True), _rotate(node_vectors(coords), R)
                                     .flatten(-2, -1)], -1)
         embedding = (tokens + self.embed_dihedrals(coords) + gvp_out
-                     + self.embed_confidence(rbf(confidence, 0.0, 1.0))
+                     + self.embed_confidence(rbf(confidence, 16, 0.0, 1.0))
                      + self.embed_gvp_input_features(input_features))
         return embedding + sinusoidal_positions(padding_mask, self.output_dim).to(embedding.dtype)
 

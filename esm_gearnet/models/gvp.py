@@ -203,12 +203,13 @@ class GVPConvLayer(nn.Module):
 
 
 def rbf(distance: torch.Tensor, num: int, d_min: float = 0.0, d_max: float = 20.0) -> torch.Tensor:
-    """Gaussian radial basis of distances, `num` centres evenly over [d_min, d_max], width (d_max - d_min) / num.
+    """Gaussian radial basis of distances (or any values), `num` centres evenly over [d_min, d_max], width
+    (d_max - d_min) / num.
 
     Args:
-        distance: [E] distances (Å).
+        distance: [*] distances (Å), or ESM-IF1's confidences in [0, 1].
     Returns:
-        [E, num]
+        [*, num]
     """
     mu = torch.linspace(d_min, d_max, num, device=distance.device, dtype=distance.dtype)
     sigma = (d_max - d_min) / num
